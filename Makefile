@@ -1,0 +1,32 @@
+# `make demo` and `make test` work as the first command on a fresh machine: each builds .venv
+# when it is missing or older than pyproject.toml.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# A CPU build of torch; an unpinned torch pulls several GB of CUDA packages.
+TORCH  := torch==2.13.0
+
+.PHONY: demo test test-all bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[cpu,dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ''
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+bench: $(STAMP)
+	$(PY) benchmarks/convert_speed.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache examples/out

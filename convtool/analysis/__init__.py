@@ -1,0 +1,1 @@
+"""Analysis: parameters and FLOPs, output fidelity, onnxruntime checks, reports."""

@@ -1,0 +1,1 @@
+"""Conversion: the decomposition math, the separable module, the fx pass, ONNX export."""

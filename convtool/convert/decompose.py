@@ -1,0 +1,185 @@
+"""The algebra of separation: SVD factors of a convolution weight.
+
+A dense conv weight W has shape (N, M/g, kh, kw). Two factorisations are exact at full rank:
+
+* ``"dw-pw"`` (depthwise then pointwise, MobileNet): for each input channel m, the slice
+  W[:, m] is an (N/g) x (kh*kw) matrix A = U S V^T. Its rank-r truncation gives r depthwise
+  filters for channel m (rows of V^T) and the pointwise weights that mix them (columns of U).
+* ``"pw-dw"`` (pointwise then depthwise, BSConv-U / Network Decoupling): for each output channel
+  n, the slice W[n] is an (M/g) x (kh*kw) matrix; its rank-r truncation gives r pointwise
+  combinations of the input channels and one spatial filter per combination.
+
+By Eckart-Young the truncation is the best rank-r approximation of every slice in Frobenius
+norm, so the relative error of the whole weight is a function of the discarded singular values
+alone. The singular values are split evenly (sqrt(S) to each factor) so neither factor carries
+the whole dynamic range, which matters when the factors are cast to float16.
+
+Everything here is pure: tensors in, tensors out, computed in float64 and cast back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Order = Literal["dw-pw", "pw-dw"]
+ORDERS: tuple[str, ...] = ("dw-pw", "pw-dw")
+
+
+@dataclass(frozen=True)
+class Factors:
+    """The weights of a separable pair.
+
+    For ``"dw-pw"``: ``spatial`` is the depthwise weight (M*r, 1, kh, kw), applied with
+    groups=M; ``mixing`` is the pointwise weight (N, M/g*r, 1, 1), applied with groups=g.
+    For ``"pw-dw"``: ``mixing`` is the pointwise weight (N*r, M/g, 1, 1), applied with groups=g;
+    ``spatial`` is the weight (N, r, kh, kw) applied with groups=N.
+    """
+
+    spatial: Tensor
+    mixing: Tensor
+    rank: int
+    order: str
+    relative_error: float
+
+
+def _check(weight: Tensor, groups: int, order: str) -> None:
+    if weight.dim() != 4:
+        raise ValueError(f"expected a 4-d conv weight, got shape {tuple(weight.shape)}")
+    if groups < 1 or weight.shape[0] % groups:
+        raise ValueError(f"out channels {weight.shape[0]} are not divisible by groups={groups}")
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+
+
+def _slices(weight: Tensor, groups: int, order: str) -> Tensor:
+    """The batch of matrices whose SVDs give the factors, in float64.
+
+    ``"dw-pw"``: one (N/g) x K matrix per input channel, shape (M, N/g, K), channels in order.
+    ``"pw-dw"``: one (M/g) x K matrix per output channel, shape (N, M/g, K).
+    """
+    n, m_g, kh, kw = weight.shape
+    w = weight.detach().to(torch.float64).reshape(n, m_g, kh * kw)
+    if order == "pw-dw":
+        return w
+    n_g = n // groups
+    # (g, N/g, M/g, K) -> (g, M/g, N/g, K): input channel m = gi * M/g + j sits at index m.
+    return w.reshape(groups, n_g, m_g, kh * kw).transpose(1, 2).reshape(groups * m_g, n_g, kh * kw)
+
+
+def max_rank(weight: Tensor, groups: int = 1, order: str = "dw-pw") -> int:
+    """The rank at which the factorisation is exact: min of the slice matrix's two sides."""
+    _check(weight, groups, order)
+    n, m_g, kh, kw = weight.shape
+    rows = n // groups if order == "dw-pw" else m_g
+    return min(rows, kh * kw)
+
+
+def singular_values(weight: Tensor, groups: int = 1, order: str = "dw-pw") -> Tensor:
+    """Singular values of every slice, shape (slices, max_rank), descending, float64."""
+    _check(weight, groups, order)
+    return torch.linalg.svdvals(_slices(weight, groups, order))
+
+
+def rank_errors(weight: Tensor, groups: int = 1, order: str = "dw-pw") -> Tensor:
+    """Relative Frobenius error of the rank-r truncation for r = 0 .. max_rank (float64).
+
+    Entry r is sqrt(sum of the discarded squared singular values / ||W||^2); entry 0 is 1
+    (or 0 for an all-zero weight) and the last entry is 0.
+    """
+    s2 = singular_values(weight, groups, order).pow(2)
+    total = s2.sum()
+    # tail[r] = sum over slices of the squared singular values from index r on.
+    tail = torch.flip(torch.cumsum(torch.flip(s2.sum(0), [0]), 0), [0])
+    tail = torch.cat([tail, tail.new_zeros(1)])
+    if total == 0:
+        return torch.zeros_like(tail)
+    return (tail / total).clamp_min(0).sqrt()
+
+
+def separable_factors(
+    weight: Tensor, rank: int, groups: int = 1, order: str = "dw-pw"
+) -> Factors:
+    """The rank-``rank`` separable factors of a dense conv weight.
+
+    Args:
+        weight: dense conv weight (N, M/g, kh, kw), any float dtype and device.
+        rank: factors per slice; clamped to :func:`max_rank`, where the result is exact.
+        groups: the dense conv's groups; the mixing factor keeps them.
+        order: ``"dw-pw"`` or ``"pw-dw"``.
+
+    Returns:
+        :class:`Factors` in the weight's dtype and device, with the relative Frobenius error
+        of the approximation.
+
+    Example:
+        >>> w = torch.randn(8, 4, 3, 3)
+        >>> f = separable_factors(w, rank=9)
+        >>> f.spatial.shape, f.mixing.shape, f.relative_error < 1e-12
+        (torch.Size([32, 1, 3, 3]), torch.Size([8, 32, 1, 1]), True)
+    """
+    _check(weight, groups, order)
+    if rank < 1:
+        raise ValueError(f"rank must be at least 1, got {rank}")
+    n, m_g, kh, kw = weight.shape
+    r = min(rank, max_rank(weight, groups, order))
+    u, s, vh = torch.linalg.svd(_slices(weight, groups, order), full_matrices=False)
+    root = s[:, :r].sqrt()
+    left = u[:, :, :r] * root[:, None, :]  # (slices, rows, r)
+    right = vh[:, :r, :] * root[:, :, None]  # (slices, r, K)
+
+    s2 = s.pow(2)
+    total = s2.sum()
+    error = float((s2[:, r:].sum() / total).sqrt()) if total > 0 else 0.0
+
+    if order == "dw-pw":
+        # Depthwise channel m*r + i holds filter i of input channel m.
+        spatial = right.reshape(groups * m_g * r, 1, kh, kw)
+        n_g = n // groups
+        # Pointwise: output n of group gi reads channels (m, i) of that group's inputs, in order.
+        mixing = (
+            left.reshape(groups, m_g, n_g, r).permute(0, 2, 1, 3).reshape(n, m_g * r, 1, 1)
+        )
+    else:
+        # Pointwise channel n*r + i is combination i for output channel n; the grouped
+        # spatial conv (groups=N, r inputs each) sums the r filtered combinations.
+        mixing = left.transpose(1, 2).reshape(n * r, m_g, 1, 1)
+        spatial = right.reshape(n, r, kh, kw)
+    cast = dict(dtype=weight.dtype, device=weight.device)
+    return Factors(
+        spatial=spatial.to(**cast).contiguous(),
+        mixing=mixing.to(**cast).contiguous(),
+        rank=r,
+        order=order,
+        relative_error=error,
+    )
+
+
+def dense_params(out_channels: int, in_channels: int, kernel: tuple[int, int], groups: int, bias: bool) -> int:
+    """Parameters of a dense conv: N * M/g * kh * kw (+ N)."""
+    return out_channels * (in_channels // groups) * kernel[0] * kernel[1] + (out_channels if bias else 0)
+
+
+def separable_params(
+    out_channels: int,
+    in_channels: int,
+    kernel: tuple[int, int],
+    groups: int,
+    bias: bool,
+    rank: int,
+    order: str = "dw-pw",
+) -> int:
+    """Parameters of a rank-r separable pair.
+
+    ``"dw-pw"``: M*r*kh*kw + N*(M/g)*r (+ N). ``"pw-dw"``: N*r*(M/g) + N*r*kh*kw (+ N).
+    """
+    k = kernel[0] * kernel[1]
+    m_g = in_channels // groups
+    if order == "dw-pw":
+        count = in_channels * rank * k + out_channels * m_g * rank
+    else:
+        count = out_channels * rank * m_g + out_channels * rank * k
+    return count + (out_channels if bias else 0)

@@ -1,0 +1,156 @@
+"""SeparableConv2d: the module a dense Conv2d becomes."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .decompose import ORDERS, separable_factors
+
+
+class SeparableConv2d(nn.Module):
+    """A dense Conv2d factored into a depthwise (spatial) and a pointwise (1x1) conv.
+
+    ``order="dw-pw"`` runs ``depthwise`` then ``pointwise`` (MobileNet); ``order="pw-dw"``
+    runs ``pointwise`` then ``depthwise`` (BSConv-U). Either way the spatial conv carries the
+    original stride, padding, dilation and padding mode, and the last conv carries the bias,
+    so the pair has the same input/output contract as the conv it replaces. Both halves are
+    plain ``nn.Conv2d`` modules, so the pair exports to standard ONNX ``Conv`` nodes.
+
+    The dense conv's hyper-parameters stay readable as attributes (``in_channels``,
+    ``kernel_size``, ...) because surrounding code often reads them from the layer it calls.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        rank: int = 1,
+        order: str = "dw-pw",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        if rank < 1:
+            raise ValueError(f"rank must be at least 1, got {rank}")
+        pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.dilation = pair(kernel_size), pair(stride), pair(dilation)
+        self.padding = padding if isinstance(padding, str) else pair(padding)
+        self.groups, self.padding_mode = groups, padding_mode
+        self.rank, self.order = rank, order
+        # Relative Frobenius error of the weights this pair was built from (0.0 = exact);
+        # NaN for a pair built empty rather than from a dense conv.
+        self.relative_error = float("nan")
+        spatial_opts = dict(
+            kernel_size=self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            padding_mode=padding_mode,
+            device=device,
+            dtype=dtype,
+        )
+        if order == "dw-pw":
+            self.depthwise = nn.Conv2d(
+                in_channels, in_channels * rank, groups=in_channels, bias=False, **spatial_opts
+            )
+            self.pointwise = nn.Conv2d(
+                in_channels * rank, out_channels, 1, groups=groups, bias=bias, device=device, dtype=dtype
+            )
+        else:
+            self.pointwise = nn.Conv2d(
+                in_channels, out_channels * rank, 1, groups=groups, bias=False, device=device, dtype=dtype
+            )
+            self.depthwise = nn.Conv2d(
+                out_channels * rank, out_channels, groups=out_channels, bias=bias, **spatial_opts
+            )
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The pair's bias, held by whichever conv runs last."""
+        last = self.pointwise if self.order == "dw-pw" else self.depthwise
+        return last.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.order == "dw-pw":
+            return self.pointwise(self.depthwise(x))
+        return self.depthwise(self.pointwise(x))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, rank={self.rank}, order={self.order!r}"
+        )
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, rank: int = 1, order: str = "dw-pw") -> "SeparableConv2d":
+        """The rank-``rank`` separable pair closest to ``conv``, on its device and dtype.
+
+        ``rank`` is clamped to the rank at which the factorisation is exact. The result is
+        in the same train/eval mode as ``conv`` and its parameters keep ``requires_grad``.
+        """
+        return cls.from_weight(
+            conv.weight,
+            conv.bias,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            padding_mode=conv.padding_mode,
+            rank=rank,
+            order=order,
+        ).train(conv.training)
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: Tensor,
+        bias: Tensor | None,
+        *,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] | str = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        padding_mode: str = "zeros",
+        rank: int = 1,
+        order: str = "dw-pw",
+    ) -> "SeparableConv2d":
+        """The separable pair for a conv given by its tensors (as in ``F.conv2d``)."""
+        factors = separable_factors(weight, rank, groups=groups, order=order)
+        n, m_g, kh, kw = weight.shape
+        module = cls(
+            m_g * groups,
+            n,
+            (kh, kw),
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=bias is not None,
+            padding_mode=padding_mode,
+            rank=factors.rank,
+            order=order,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            module.depthwise.weight.copy_(factors.spatial)
+            module.pointwise.weight.copy_(factors.mixing)
+            if bias is not None:
+                module.bias.copy_(bias.detach())
+        grad = weight.requires_grad
+        for p in module.parameters():
+            p.requires_grad_(grad)
+        module.relative_error = factors.relative_error
+        return module
