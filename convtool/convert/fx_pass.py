@@ -307,8 +307,8 @@ def _replace_calls(gm: fx.GraphModule, calls: list[FunctionalConv], prefix: str,
     wanted = {
         (local(c.weight), local(c.bias), _key(c.stride, c.padding, c.dilation, c.groups)): c for c in calls
     }
-    built: dict[tuple, tuple[str, FunctionalConv]] = {}
-    for node in list(gm.graph.nodes):
+    matches: list[tuple[fx.Node, tuple, fx.Node]] = []
+    for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in CONV_FUNCTIONS:
             continue
         args = _conv_call_args(node)
@@ -317,48 +317,52 @@ def _replace_calls(gm: fx.GraphModule, calls: list[FunctionalConv], prefix: str,
             continue
         bias_target = bias.target if isinstance(bias, fx.Node) else None
         key = (weight.target, bias_target, _key(args["stride"], args["padding"], args["dilation"], args["groups"]))
-        if key not in wanted:
-            continue
-        if key not in built:
-            pair = build(wanted[key], _attr(gm, weight.target), _attr(gm, bias_target) if bias_target else None)
-            temporary = f"_convtool_pair{len(built)}"
-            gm.add_submodule(temporary, pair)
-            built[key] = (temporary, wanted[key])
+        if key in wanted:
+            matches.append((node, key, args["input"]))
+
+    # A weight read only by the replaced calls disappears, and its pair takes its name: the
+    # name the user knows the conv by. A weight still read elsewhere stays beside its pair.
+    replaced = {node for node, _, _ in matches}
+    still_read = {
+        n.target for n in gm.graph.nodes if n.op == "get_attr" and any(u not in replaced for u in n.users)
+    }
+    pairs: dict[tuple, SeparableConv2d] = {}
+    for _, key, _ in matches:
+        if key not in pairs:
+            weight, bias, _ = key
+            pairs[key] = build(wanted[key], _attr(gm, weight), _attr(gm, bias) if bias else None)
+    doomed = {t for key in pairs for t in key[:2] if t and t not in still_read}
+    names: dict[tuple, str] = {}
+    for key in pairs:
+        weight, i = key[0], 1
+        name = weight
+        while name in names.values() or (name not in doomed and _attr_or_none(gm, name) is not None):
+            i += 1
+            name = f"{weight}_separated" + (str(i) if i > 2 else "")
+        names[key] = name
+    for tensor in doomed:
+        owner_path, _, attr = tensor.rpartition(".")
+        delattr(gm.get_submodule(owner_path), attr)
+    for key, pair in pairs.items():
+        gm.add_submodule(names[key], pair)
+    for node, key, source in matches:
         with gm.graph.inserting_after(node):
-            new = gm.graph.call_module(built[key][0], (args["input"],))
+            new = gm.graph.call_module(names[key], (source,))
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-    gm.graph.eliminate_dead_code()
-
-    # Now that the old weights may be unused, move each pair to its weight's name.
-    read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    final: dict[str, str] = {}
-    for (weight, bias, _), (temporary, _conv) in built.items():
-        for tensor in (weight, bias):
-            if tensor is not None and tensor not in read and _has_attr(gm, tensor):
-                owner_path, _, attr = tensor.rpartition(".")
-                delattr(gm.get_submodule(owner_path), attr)
-        name, i = weight if weight not in read else f"{weight}_separated", 1
-        while _has_attr(gm, name):
-            i += 1
-            name = f"{weight}_separated{i}"
-        gm.add_submodule(name, gm.get_submodule(temporary))
-        delattr(gm, temporary)
-        final[temporary] = name
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and node.target in final:
-            node.target = final[node.target]
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
-    return [conv for _, conv in built.values()]
+    return [wanted[key] for key in names]
 
 
-def _has_attr(root: nn.Module, target: str) -> bool:
+def _attr_or_none(root: nn.Module, target: str) -> Any:
     try:
-        _attr(root, target)
+        return _attr(root, target)
     except AttributeError:
-        return False
-    return True
+        return None
 
 
 def _key(stride: Any, padding: Any, dilation: Any, groups: int) -> tuple:
@@ -381,7 +385,8 @@ def module_names(model: nn.Module) -> dict[int, list[str]]:
 def iter_convs(model: nn.Module) -> Iterator[tuple[list[str], nn.Conv2d]]:
     """Each distinct Conv2d (subclasses included) with all the names it is reachable by."""
     names = module_names(model)
-    seen: set[int] = set()
+    # The halves of pairs already separated are depthwise and pointwise by construction.
+    seen: set[int] = {id(m) for pair in model.modules() if isinstance(pair, SeparableConv2d) for m in pair.children()}
     for _, module in model.named_modules():
         if isinstance(module, nn.Conv2d) and id(module) not in seen:
             seen.add(id(module))

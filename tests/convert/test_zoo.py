@@ -1,0 +1,111 @@
+"""Every feature of the separation engine, on every architecture of the zoo."""
+
+import pytest
+import torch
+from torch import nn
+
+import convtool
+from convtool import NothingToSeparateError, SeparableConv2d
+
+from ..helpers import assert_outputs_close, assert_same_state, state_snapshot
+from ..zoo import ZOO, MobileNetLike, build
+
+SEPARABLE = [e for e in ZOO if e.name != "mobilenet"]
+
+
+@pytest.mark.parametrize("entry", SEPARABLE, ids=lambda e: e.name)
+def test_full_rank_reproduces_outputs(entry):
+    model, inputs = build(entry)
+    snapshot, before = state_snapshot(model), repr(model)
+    result = convtool.separate(model, inputs, rank="full")
+    with torch.no_grad():
+        assert_outputs_close(result.model(*inputs), model(*inputs), rtol=1e-4, atol=1e-5)
+    assert result.layers and all(layer.relative_error < 1e-6 for layer in result.layers)
+    assert_same_state(model, snapshot)
+    assert repr(model) == before
+
+
+@pytest.mark.parametrize("entry", SEPARABLE, ids=lambda e: e.name)
+def test_rank_one_leaves_no_standard_conv(entry):
+    model, inputs = build(entry)
+    result = convtool.separate(model, inputs, rank=1)
+    assert all(layer.rank == 1 for layer in result.layers)
+    # Separating the result again finds nothing left that could be separated.
+    with pytest.raises(NothingToSeparateError):
+        convtool.separate(result.model, inputs, rank=1, exclude=list(entry.stays_dense))
+    skipped = {s.name: s.reason for s in result.skipped}
+    for name, word in entry.stays_dense.items():
+        assert word in skipped[name], (name, skipped.get(name))
+    for name in entry.untraced:
+        assert "fx cannot trace" in skipped[name]
+    with torch.no_grad():
+        out, ref = result.model(*inputs), model(*inputs)
+    assert torch.utils._pytree.tree_structure(out) == torch.utils._pytree.tree_structure(ref)
+
+
+@pytest.mark.parametrize("entry", SEPARABLE, ids=lambda e: e.name)
+def test_rank_one_pays_for_every_layer_it_can(entry):
+    model, inputs = build(entry)
+    result = convtool.separate(model, inputs, rank=1)
+    after = sum(p.numel() for p in result.model.parameters())
+    assert after < sum(p.numel() for p in model.parameters())
+    for layer in result.layers:
+        m, n, (kh, kw) = layer.in_channels, layer.out_channels, layer.kernel_size
+        bias = layer.params_before - n * (m // layer.groups) * kh * kw
+        assert layer.params_after == m * kh * kw + n * (m // layer.groups) + bias
+
+
+def test_mobilenet_stem_is_the_only_standard_conv():
+    model = MobileNetLike(stem=True).eval()
+    result = convtool.separate(model, torch.randn(1, 3, 32, 32))
+    assert [layer.name for layer in result.layers] == ["features.0.0"]
+    reasons = {s.reason for s in result.skipped}
+    assert reasons == {"already depthwise", "1x1 conv: already pointwise"}
+
+
+def test_mobilenet_without_standard_convs_has_nothing_to_do():
+    with pytest.raises(NothingToSeparateError, match="already depthwise"):
+        convtool.separate(MobileNetLike(stem=False).eval(), torch.randn(1, 3, 32, 32))
+
+
+def test_training_only_branch_is_kept_and_separated():
+    entry = next(e for e in ZOO if e.name == "inception")
+    model, inputs = build(entry)
+    model.train()
+    result = convtool.separate(model, inputs, rank="full")
+    assert result.model.training
+    assert isinstance(result.model.aux[0], SeparableConv2d)
+    torch.manual_seed(0)
+    logits, aux = result.model(*inputs)
+    ref_logits, ref_aux = model(*inputs)
+    torch.testing.assert_close(aux, ref_aux, rtol=1e-4, atol=1e-5)
+
+
+def test_reused_conv_is_separated_once_and_stays_shared():
+    entry = next(e for e in ZOO if e.name == "reused")
+    model, inputs = build(entry)
+    result = convtool.separate(model, inputs, rank=2)
+    assert [layer.name for layer in result.layers] == ["stem", "body"]
+    assert result.model.body is result.model.alias
+    assert isinstance(result.model.body, SeparableConv2d)
+
+
+def test_functional_convs_become_named_pairs():
+    entry = next(e for e in ZOO if e.name == "functional")
+    model, inputs = build(entry)
+    result = convtool.separate(model, inputs, rank="full")
+    names = sorted(layer.name for layer in result.layers)
+    # One weight at two dilations gives two pairs; the stem pair takes its weight's name.
+    assert names == ["shared", "shared", "stem_weight"]
+    assert all(layer.source == "function" for layer in result.layers)
+    assert isinstance(result.model.stem_weight, SeparableConv2d)
+    assert "stem_bias" not in dict(result.model.named_parameters())
+
+
+def test_untraceable_model_keeps_its_class_and_control_flow():
+    entry = next(e for e in ZOO if e.name == "refine_loop")
+    model, inputs = build(entry)
+    result = convtool.separate(model, inputs, rank=1)
+    assert type(result.model) is type(model)
+    assert isinstance(result.model.update, SeparableConv2d)
+    assert isinstance(result.model.encoder[0], SeparableConv2d)
