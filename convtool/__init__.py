@@ -8,6 +8,9 @@ Example:
     (896, 155)
 """
 
+from .analysis.compare import Comparison, LayerCost, compare
+from .analysis.counts import Analysis, ModuleCost, analyze
+from .analysis.fidelity import Fidelity, OutputFidelity
 from .convert.decompose import separable_factors
 from .convert.modules import SeparableConv2d
 from .convert.separate import LayerChange, Separation, SkippedLayer, separate
@@ -26,6 +29,14 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Analysis",
+    "Comparison",
+    "Fidelity",
+    "LayerCost",
+    "ModuleCost",
+    "OutputFidelity",
+    "analyze",
+    "compare",
     "ConvtoolError",
     "ExportError",
     "InvalidOptionError",

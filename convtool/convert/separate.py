@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import logging
 from dataclasses import dataclass, field
@@ -86,7 +87,8 @@ class Separation:
         """The before/after comparison of the whole model on ``example_inputs``."""
         from ..analysis.compare import compare
 
-        return compare(self.original, self.model, example_inputs)
+        comparison = compare(self.original, self.model, example_inputs)
+        return dataclasses.replace(comparison, skipped=tuple((s.name, s.reason) for s in self.skipped))
 
 
 def _check_rank(rank: Rank) -> Rank:

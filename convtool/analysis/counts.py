@@ -1,0 +1,156 @@
+"""Parameters and FLOPs per module, through fvcore.
+
+fvcore counts one multiply-add as one flop (a MAC); every number called ``flops`` here is in
+that unit. fvcore traces the model with ``torch.jit``: the counts are those of the path the
+example inputs take, in eval mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+FLOPS_UNIT = "fvcore flops: one multiply-add counts as one flop"
+
+
+@dataclass(frozen=True)
+class ModuleCost:
+    """One module's own and nested cost: ``params`` and ``flops`` include its submodules."""
+
+    name: str
+    type: str
+    params: int
+    flops: int
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """What a model costs on given inputs.
+
+    Attributes:
+        params: parameters of the whole model.
+        flops: fvcore flops (multiply-adds) of one forward pass on the example inputs.
+        modules: one row per module, in model order; the model itself is the row named "".
+        unsupported_ops: ops fvcore has no counter for, with how often each ran (their cost
+            is missing from ``flops``; elementwise ops fvcore ignores by design are not listed).
+        input_shapes: the shapes of the example inputs the counts are for.
+    """
+
+    params: int
+    flops: int
+    modules: tuple[ModuleCost, ...]
+    unsupported_ops: dict[str, int] = field(default_factory=dict)
+    input_shapes: tuple[tuple[int, ...], ...] = ()
+
+    def module(self, name: str) -> ModuleCost | None:
+        """The row for the module at qualified ``name`` ("" for the model), if any."""
+        return next((m for m in self.modules if m.name == name), None)
+
+
+def as_inputs(example_inputs: Any) -> tuple:
+    """A tuple of example inputs from a tensor, a list or a tuple."""
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def on_device(inputs: tuple, device: torch.device) -> tuple:
+    return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
+
+
+def _convolution_mode_flops(inputs: list, outputs: list) -> int:
+    """fvcore's conv count for ``aten::_convolution_mode``, the op of ``padding="same"/"valid"``.
+
+    fvcore has no handle for it (its conv handle would read the ``groups`` argument as
+    ``transposed``), so these convs would silently count as zero.
+    """
+    from fvcore.nn.jit_handles import conv_flop_count, get_shape
+
+    return conv_flop_count(get_shape(inputs[0]), get_shape(inputs[1]), get_shape(outputs[0]), transposed=False)
+
+
+class _TupleOutputs(nn.Module):
+    """Flattens dict and list outputs, which torch.jit tracing refuses, into a tuple."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs):
+        leaves, _ = torch.utils._pytree.tree_flatten(self.model(*inputs))
+        return tuple(leaves)
+
+
+class eval_mode:
+    """Runs a block with the model in eval mode, so BatchNorm statistics are not updated."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.modes = model, {}
+
+    def __enter__(self) -> nn.Module:
+        self.modes = {m: m.training for m in self.model.modules()}
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        for module, mode in self.modes.items():
+            module.training = mode
+
+
+def analyze(model: nn.Module, example_inputs: Any) -> Analysis:
+    """Parameters and fvcore FLOPs of ``model``, in total and per module.
+
+    Args:
+        model: any module fvcore (torch.jit tracing) can run.
+        example_inputs: a tensor or tuple of tensors, as the model's forward takes them.
+
+    Returns:
+        An :class:`Analysis`; flops count one multiply-add as one flop.
+
+    Example:
+        >>> a = analyze(nn.Conv2d(16, 32, 3, bias=False), torch.randn(1, 16, 10, 10))
+        >>> a.params, a.flops
+        (4608, 294912)
+    """
+    with warnings.catch_warnings():  # fvcore's import touches deprecated torch.jit APIs
+        warnings.simplefilter("ignore")
+        from fvcore.nn import FlopCountAnalysis, parameter_count
+
+    inputs = on_device(as_inputs(example_inputs), model_device(model))
+    wrapper = _TupleOutputs(model)
+    with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        counter = FlopCountAnalysis(wrapper, inputs)
+        counter.set_op_handle("aten::_convolution_mode", _convolution_mode_flops)
+        counter.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
+        fvcore_log = logging.getLogger("fvcore")
+        level, fvcore_log.level = fvcore_log.level, logging.ERROR
+        try:
+            by_module = counter.by_module()
+            unsupported = dict(Counter(counter.unsupported_ops()))
+        finally:
+            fvcore_log.setLevel(level)
+    params = parameter_count(model)
+    rows = []
+    for name, module in model.named_modules():
+        flops = by_module.get(f"model.{name}" if name else "model", 0)
+        rows.append(ModuleCost(name, type(module).__name__, int(params.get(name, 0)), int(flops)))
+    shapes = tuple(tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor))
+    return Analysis(
+        params=int(params.get("", 0)),
+        flops=int(by_module.get("model", 0)),
+        modules=tuple(rows),
+        unsupported_ops=unsupported,
+        input_shapes=shapes,
+    )
