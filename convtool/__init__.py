@@ -11,8 +11,10 @@ Example:
 from .analysis.compare import Comparison, LayerCost, compare
 from .analysis.counts import Analysis, ModuleCost, analyze
 from .analysis.fidelity import Fidelity, OutputFidelity
+from .analysis.runtime import Benchmark, ProviderCheck, benchmark, verify_onnx
 from .convert.decompose import separable_factors
 from .convert.modules import SeparableConv2d
+from .convert.onnx import OnnxExport, export_onnx
 from .convert.separate import LayerChange, Separation, SkippedLayer, separate
 from .errors import (
     ConvtoolError,
@@ -30,13 +32,18 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Analysis",
+    "Benchmark",
     "Comparison",
     "Fidelity",
     "LayerCost",
     "ModuleCost",
+    "OnnxExport",
     "OutputFidelity",
+    "ProviderCheck",
     "analyze",
+    "benchmark",
     "compare",
+    "export_onnx",
     "ConvtoolError",
     "ExportError",
     "InvalidOptionError",
@@ -52,4 +59,5 @@ __all__ = [
     "UnsafeModelError",
     "separable_factors",
     "separate",
+    "verify_onnx",
 ]

@@ -10,7 +10,8 @@ from torch import nn
 
 from ..convert.decompose import dense_params
 from ..convert.modules import SeparableConv2d
-from .counts import FLOPS_UNIT, Analysis, analyze, as_inputs, eval_mode, model_device, on_device
+from ..inputs import as_inputs, eval_mode, model_device, on_device
+from .counts import FLOPS_UNIT, Analysis, analyze
 from .fidelity import Fidelity, output_fidelity
 
 

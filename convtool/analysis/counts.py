@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..inputs import as_inputs, eval_mode, model_device, on_device
+
 FLOPS_UNIT = "fvcore flops: one multiply-add counts as one flop"
 
 
@@ -53,22 +55,6 @@ class Analysis:
         return next((m for m in self.modules if m.name == name), None)
 
 
-def as_inputs(example_inputs: Any) -> tuple:
-    """A tuple of example inputs from a tensor, a list or a tuple."""
-    if isinstance(example_inputs, (tuple, list)):
-        return tuple(example_inputs)
-    return (example_inputs,)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-def on_device(inputs: tuple, device: torch.device) -> tuple:
-    return tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in inputs)
-
-
 def _convolution_mode_flops(inputs: list, outputs: list) -> int:
     """fvcore's conv count for ``aten::_convolution_mode``, the op of ``padding="same"/"valid"``.
 
@@ -90,22 +76,6 @@ class _TupleOutputs(nn.Module):
     def forward(self, *inputs):
         leaves, _ = torch.utils._pytree.tree_flatten(self.model(*inputs))
         return tuple(leaves)
-
-
-class eval_mode:
-    """Runs a block with the model in eval mode, so BatchNorm statistics are not updated."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model, self.modes = model, {}
-
-    def __enter__(self) -> nn.Module:
-        self.modes = {m: m.training for m in self.model.modules()}
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc: object) -> None:
-        for module, mode in self.modes.items():
-            module.training = mode
 
 
 def analyze(model: nn.Module, example_inputs: Any) -> Analysis:

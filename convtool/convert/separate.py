@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 import torch
 from torch import nn
 
+from ..inputs import as_inputs, eval_mode, model_device, on_device
 from ..errors import InvalidOptionError, NothingToSeparateError, SeparationError
 from .decompose import ORDERS, dense_params
 from .fx_pass import (
@@ -148,19 +149,6 @@ def _layer_change(name: str, pair: SeparableConv2d, groups: int, weight: torch.T
     )
 
 
-def _as_tuple(example_inputs: Any) -> tuple:
-    if example_inputs is None:
-        return ()
-    return tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-
-
-def _to_device(inputs: tuple, model: nn.Module) -> tuple:
-    param = next(model.parameters(), None)
-    if param is None:
-        return inputs
-    return tuple(x.to(param.device) if isinstance(x, torch.Tensor) else x for x in inputs)
-
-
 def separate(
     model: nn.Module,
     example_inputs: Any = None,
@@ -208,7 +196,7 @@ def separate(
         raise InvalidOptionError(f"order must be one of {', '.join(ORDERS)}; got {order!r}")
     if not isinstance(model, nn.Module):
         raise InvalidOptionError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    inputs = _as_tuple(example_inputs)
+    inputs = as_inputs(example_inputs)
     work = copy.deepcopy(model)
     layers: list[LayerChange] = []
     skipped: list[SkippedLayer] = []
@@ -287,15 +275,11 @@ def _is_param(model: nn.Module, name: str) -> bool:
 
 def _check_runs(model: nn.Module, inputs: tuple) -> None:
     """Run the separated model once, in eval mode so BatchNorm statistics stay as trained."""
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            model(*_to_device(inputs, model))
+        with eval_mode(model), torch.no_grad():
+            model(*on_device(inputs, model_device(model)))
     except Exception as error:
         raise SeparationError(
             f"the separated model fails on the example inputs ({type(error).__name__}: {error}); "
             "exclude the layer involved with exclude=[...] / --exclude"
         ) from error
-    finally:
-        model.train(was_training)
