@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 from .compare import Comparison
-from .counts import FLOPS_UNIT
+from .counts import FLOPS_UNIT, Analysis, ModuleCost
 
 SCHEMA_VERSION = 1
 
@@ -113,11 +113,11 @@ def _fidelity_line(c: Comparison) -> str:
 def _totals_rows(c: Comparison) -> list[tuple[str, str, str, str]]:
     return [
         ("params", human(c.before.params), human(c.after.params), _ratio(c.params_ratio)),
-        ("FLOPs (MACs)", human(c.before.flops), human(c.after.flops), _ratio(c.flops_ratio)),
+        ("FLOPs (multiply-adds)", human(c.before.flops), human(c.after.flops), _ratio(c.flops_ratio)),
     ]
 
 
-_LAYER_HEAD = ("layer", "shape", "rank", "params", "FLOPs", "weight error")
+_LAYER_HEAD = ("layer", "shape", "rank", "params", "FLOPs", "FLOPs ratio", "weight error")
 
 
 def _layer_rows(c: Comparison) -> list[tuple[str, ...]]:
@@ -134,8 +134,9 @@ def _layer_rows(c: Comparison) -> list[tuple[str, ...]]:
                 layer.name,
                 shape,
                 f"{layer.rank} {layer.order}",
-                f"{human(layer.params_before)} -> {human(layer.params_after)} ({_ratio(layer.params_ratio)})",
-                f"{human(layer.flops_before)} -> {human(layer.flops_after)} ({_ratio(layer.flops_ratio)})",
+                f"{human(layer.params_before)} -> {human(layer.params_after)}",
+                f"{human(layer.flops_before)} -> {human(layer.flops_after)}",
+                _ratio(layer.flops_ratio),
                 f"{layer.relative_error:.3f}",
             )
         )
@@ -162,7 +163,7 @@ def to_markdown(comparison: Comparison) -> str:
             f"### Separated layers ({len(c.layers)})",
             "",
             "| " + " | ".join(_LAYER_HEAD) + " |",
-            "|---|---|---|---:|---:|---:|",
+            "|---|---|---|---:|---:|---:|---:|",
             *("| " + " | ".join(row) + " |" for row in _layer_rows(c)),
             "",
         ]
@@ -178,7 +179,7 @@ def to_rich(comparison: Comparison, *, max_layers: int | None = 40) -> list[Any]
     from rich.table import Table
 
     c = comparison
-    totals = Table(title="convtool: before / after", caption=FLOPS_UNIT, title_justify="left")
+    totals = Table(title="convtool: before / after", title_justify="left")
     for head, justify in (("", "left"), ("before", "right"), ("after", "right"), ("ratio", "right")):
         totals.add_column(head, justify=justify)
     for row in _totals_rows(c):
@@ -193,7 +194,7 @@ def to_rich(comparison: Comparison, *, max_layers: int | None = 40) -> list[Any]
         for row in shown:
             layers.add_row(*row)
         if len(shown) < len(rows):
-            layers.add_row(f"... {len(rows) - len(shown)} more (see --report)", "", "", "", "", "")
+            layers.add_row(f"... {len(rows) - len(shown)} more (see --report)", *[""] * (len(_LAYER_HEAD) - 1))
         out.append(layers)
     if c.skipped:
         skipped = Table(title=f"Left as they were ({len(c.skipped)})", title_justify="left")
@@ -202,4 +203,67 @@ def to_rich(comparison: Comparison, *, max_layers: int | None = 40) -> list[Any]
         for name, reason in c.skipped:
             skipped.add_row(name, reason)
         out.append(skipped)
+    return out
+
+
+def analysis_to_dict(analysis: Analysis) -> dict[str, Any]:
+    """One model's costs as JSON-ready data (``convtool analyze --report x.json``)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "flops_unit": FLOPS_UNIT,
+        "input_shapes": [list(s) for s in analysis.input_shapes],
+        "params": analysis.params,
+        "flops": analysis.flops,
+        "modules": [
+            {"name": m.name, "type": m.type, "params": m.params, "flops": m.flops} for m in analysis.modules if m.name
+        ],
+        "unsupported_ops": analysis.unsupported_ops,
+    }
+
+
+def _leaf_rows(analysis: Analysis, limit: int | None) -> list[ModuleCost]:
+    """Modules without submodules that cost something, most FLOPs first."""
+    names = [m.name for m in analysis.modules]
+    leaves = [
+        m for m in analysis.modules
+        if m.name and not any(n.startswith(m.name + ".") for n in names) and (m.params or m.flops)
+    ]
+    leaves.sort(key=lambda m: -m.flops)
+    return leaves if limit is None else leaves[:limit]
+
+
+def analysis_markdown(analysis: Analysis, *, limit: int | None = None) -> str:
+    """One model's costs as Markdown."""
+    lines = [
+        "## convtool analysis",
+        "",
+        f"Inputs: {', '.join('x'.join(map(str, s)) for s in analysis.input_shapes)}. {FLOPS_UNIT}.",
+        "",
+        f"Parameters: {human(analysis.params)} ({analysis.params}). FLOPs: {human(analysis.flops)} ({analysis.flops}).",
+        "",
+        "| module | type | params | FLOPs |",
+        "|---|---|---:|---:|",
+        *(f"| {m.name} | {m.type} | {human(m.params)} | {human(m.flops)} |" for m in _leaf_rows(analysis, limit)),
+    ]
+    if analysis.unsupported_ops:
+        ops = ", ".join(f"{k} x{v}" for k, v in sorted(analysis.unsupported_ops.items()))
+        lines += ["", f"Not counted (fvcore has no counter): {ops}."]
+    return "\n".join(lines) + "\n"
+
+
+def analysis_rich(analysis: Analysis, *, limit: int | None = 30) -> list[Any]:
+    """Renderables for a rich Console: totals, then the costliest layers."""
+    from rich.table import Table
+
+    table = Table(
+        title=f"convtool: {human(analysis.params)} params, {human(analysis.flops)} FLOPs (multiply-adds)",
+        title_justify="left",
+    )
+    for head, justify in (("module", "left"), ("type", "left"), ("params", "right"), ("FLOPs", "right")):
+        table.add_column(head, justify=justify)
+    for m in _leaf_rows(analysis, limit):
+        table.add_row(m.name, m.type, human(m.params), human(m.flops))
+    out: list[Any] = [table]
+    if analysis.unsupported_ops:
+        out.append("Not counted (fvcore has no counter): " + ", ".join(sorted(analysis.unsupported_ops)))
     return out

@@ -114,7 +114,7 @@ def _shape_reason(weight_shape: Sequence[int], groups: int) -> str | None:
     if (kh, kw) == (1, 1):
         return "1x1 conv: already pointwise"
     if m_g == 1:
-        return "already depthwise"
+        return "already depthwise" if groups > 1 else "already depthwise (a single input channel)"
     return None
 
 

@@ -60,7 +60,7 @@ def test_mobilenet_stem_is_the_only_standard_conv():
     result = convtool.separate(model, torch.randn(1, 3, 32, 32))
     assert [layer.name for layer in result.layers] == ["features.0.0"]
     reasons = {s.reason for s in result.skipped}
-    assert reasons == {"already depthwise", "1x1 conv: already pointwise"}
+    assert reasons == {"already depthwise", "1x1 conv: already pointwise"}, reasons
 
 
 def test_mobilenet_without_standard_convs_has_nothing_to_do():

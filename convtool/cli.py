@@ -1,0 +1,409 @@
+"""The ``convtool`` command: parse, call the library, print.
+
+Exit codes: 0 done (and verified, with --onnx); 1 verification failed; 2 bad usage or bad
+input (a one-line message, no traceback; --debug shows it); 3 an internal error.
+torch is imported inside the commands so that ``convtool --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from .errors import ConvtoolError, InvalidOptionError
+
+EXIT_VERIFY_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 3
+
+
+class UserError(click.ClickException):
+    exit_code = EXIT_BAD_INPUT
+
+
+class Ui:
+    """Where output goes: reports on stdout, progress and notes on stderr; -q keeps only errors."""
+
+    def __init__(self, quiet: bool, as_json: bool) -> None:
+        from rich.console import Console
+
+        self.quiet, self.as_json = quiet, as_json
+        # Piped output gets a width that fits the tables rather than rich's 80 columns.
+        self.out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 120)
+        self.err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            self.err.print(text, markup=False, highlight=False)
+
+    def status(self, text: str):
+        import contextlib
+
+        if self.quiet or not self.err.is_terminal:
+            return contextlib.nullcontext()
+        return self.err.status(text)
+
+    def show(self, renderables: list[Any]) -> None:
+        if not self.quiet and not self.as_json:
+            for item in renderables:
+                self.out.print(item)
+
+    def line(self, text: str) -> None:
+        if not self.quiet and not self.as_json:
+            self.out.print(text, markup=False, highlight=False)
+
+
+def _command(func: Callable) -> Callable:
+    """Turn library errors into one line and exit code 2; --debug re-raises with the traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, debug: bool = False, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except ConvtoolError as error:
+            if debug:
+                raise
+            raise UserError(str(error)) from None
+        except (click.ClickException, click.exceptions.Exit, KeyboardInterrupt):
+            raise
+        except Exception as error:
+            if debug:
+                raise
+            click.echo(f"Error: internal error: {type(error).__name__}: {error} (run with --debug for the traceback)", err=True)
+            sys.exit(EXIT_INTERNAL)
+
+    return click.option("--debug", is_flag=True, help="Show tracebacks of errors.")(wrapper)
+
+
+def _model_options(func: Callable) -> Callable:
+    options = [
+        click.option("--input-shape", "input_shapes", multiple=True, metavar="1,3,224,224",
+                     help="Shape of an example input; repeat for models with several inputs."),
+        click.option("--arch", metavar="MODULE:CALLABLE",
+                     help="Callable that builds the model, for files holding only weights (a state_dict)."),
+        click.option("--allow-pickle", is_flag=True,
+                     help="Allow loading a pickled module (torch.save(model)); this runs code from the file."),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                     help="Where the model runs."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _output_options(func: Callable) -> Callable:
+    func = click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout, for pipelines.")(func)
+    func = click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")(func)
+    return func
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(d < 1 for d in shape):
+        raise InvalidOptionError(f"--input-shape {text!r} should be positive integers separated by commas, like 1,3,224,224")
+    return shape
+
+
+def _load(model_path: str, arch: str | None, allow_pickle: bool, device: str, ui: Ui):
+    import torch
+
+    from .io import load_model
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InvalidOptionError("CUDA is not available to PyTorch here; use --device cpu")
+    with ui.status(f"loading {model_path}"):
+        loaded = load_model(model_path, arch=arch, allow_pickle=allow_pickle)
+    return loaded.model.to(device)
+
+
+def _example_inputs(model, input_shapes: tuple[str, ...], device: str, ui: Ui) -> tuple:
+    """Seeded random inputs of the given shapes, or (1, C, 224, 224) from the first conv."""
+    import torch
+    from torch import nn
+
+    shapes = [_parse_shape(s) for s in input_shapes]
+    if not shapes:
+        conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if conv is None:
+            raise InvalidOptionError("the model has no Conv2d to infer an input shape from; pass --input-shape")
+        shapes = [(1, conv.in_channels, 224, 224)]
+        ui.note(f"note: no --input-shape given; assuming {','.join(map(str, shapes[0]))}")
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    inputs = tuple(torch.randn(s, generator=generator, dtype=dtype).to(device) for s in shapes)
+    from .inputs import eval_mode
+
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(*inputs)
+    except Exception as error:
+        shown = " and ".join(",".join(map(str, s)) for s in shapes)
+        message = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise InvalidOptionError(f"the model does not run on inputs of shape {shown} ({message}); check --input-shape") from None
+    return inputs
+
+
+def _write_report(path: str, data_json: Callable[[], dict], markdown: Callable[[], str], force: bool, inputs: tuple) -> None:
+    from .io import check_output, write_atomic
+
+    target = check_output(path, force=force, inputs=inputs)
+    if target.suffix == ".json":
+        text = json.dumps(data_json(), indent=2, allow_nan=False) + "\n"
+    elif target.suffix in (".md", ".markdown"):
+        text = markdown()
+    else:
+        raise InvalidOptionError(f"--report {path}: use a .json or .md file")
+    write_atomic(target, lambda tmp: tmp.write_text(text))
+
+
+def _check_report_suffix(path: str | None) -> None:
+    if path and Path(path).suffix not in (".json", ".md", ".markdown"):
+        raise InvalidOptionError(f"--report {path}: use a .json or .md file")
+
+
+def _provider_lines(checks) -> list[str]:
+    lines = []
+    for c in checks:
+        if c.passed:
+            lines.append(
+                f"{c.provider}: passed (max abs error {c.max_abs_error:.3g}, {c.latency_ms:.2f} ms, "
+                f"batch sizes {', '.join(map(str, c.batch_sizes))})"
+            )
+        else:
+            state = "unavailable" if not c.available else "not used" if not c.used else "FAILED"
+            lines.append(f"{c.provider}: {state}: {c.reason}")
+    return lines
+
+
+def _verify_exit(checks, asked: bool) -> int:
+    """1 when a provider that ran failed, or one the user named explicitly could not run."""
+    for c in checks:
+        if (c.used and not c.passed) or (asked and not c.passed):
+            return EXIT_VERIFY_FAILED
+    return 0 if any(c.passed for c in checks) else EXIT_VERIFY_FAILED
+
+
+def _providers(text: str | None) -> tuple[list[str], bool]:
+    from .analysis.runtime import DEFAULT_PROVIDERS, provider_name
+
+    if not text:
+        return list(DEFAULT_PROVIDERS), False
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    for name in names:
+        provider_name(name)  # fail before any work on a typo
+    return names, True
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="convtool")
+def main() -> None:
+    """convtool: make a trained model's convolutions depthwise-separable, measure it, ship it to ONNX."""
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to save the separated model [MODEL's stem + .separated.pt].")
+@click.option("--rank", default="1", show_default=True, help="Separable filters per channel: a positive integer, or 'full' (exact).")
+@click.option("--include", multiple=True, metavar="GLOB", help="Separate only convs whose qualified name matches; repeatable.")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave convs whose qualified name matches dense; repeatable.")
+@click.option("--order", type=click.Choice(["dw-pw", "pw-dw"]), default="dw-pw", show_default=True,
+              help="Depthwise then pointwise (MobileNet) or pointwise then depthwise (BSConv-U).")
+@_model_options
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), help="Also export the separated model to this ONNX file and verify it.")
+@click.option("--providers", help="onnxruntime providers to verify on, comma-separated [cpu,cuda].")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report to FILE.json or FILE.md.")
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+@_output_options
+@_command
+def separate(model, output, rank, include, exclude, order, input_shapes, arch, allow_pickle, device, onnx_path,
+             providers, report_path, force, quiet, as_json):
+    """Rewrite every standard Conv2d of MODEL into a depthwise + pointwise pair.
+
+    Prints the before/after report, writes the separated model and, with --onnx, exports and
+    verifies it on onnxruntime.
+
+    \b
+    Example:
+      convtool separate resnet.pt --arch mymodels:resnet18 --rank 2 --onnx resnet.sep.onnx
+    """
+    import convtool
+
+    from .analysis.report import to_dict, to_markdown, to_rich
+    from .io import check_output, save_model
+
+    ui = Ui(quiet, as_json)
+    rank_value: int | str = rank if rank == "full" else _parse_rank(rank)
+    output = output or str(Path(model).with_name(Path(model).stem + ".separated.pt"))
+    _check_report_suffix(report_path)
+    provider_names, asked = _providers(providers)
+    for path in filter(None, (output, onnx_path, report_path)):
+        check_output(path, force=force, inputs=(model,))
+
+    original = _load(model, arch, allow_pickle, device, ui)
+    inputs = _example_inputs(original, input_shapes, device, ui)
+    with ui.status("tracing and separating"):
+        result = convtool.separate(original, inputs, rank=rank_value, include=include, exclude=exclude, order=order)
+    with ui.status("counting parameters and FLOPs"):
+        report = result.report(inputs)
+    ui.show(to_rich(report))
+    if as_json and not quiet:
+        click.echo(json.dumps(to_dict(report), indent=2, allow_nan=False))
+    if report_path:
+        _write_report(report_path, lambda: to_dict(report), lambda: to_markdown(report), force, (model,))
+
+    portable = save_model(result.model, check_output(output, force=force, inputs=(model,)), inputs)
+    ui.note(f"wrote {output}" + ("" if portable else " (loading it needs the model's own code importable)"))
+    if onnx_path:
+        return _export_and_verify(result.model, inputs, onnx_path, provider_names, asked, force, model, ui)
+    return 0
+
+
+def _parse_rank(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise InvalidOptionError(f"--rank {text!r} should be a positive integer or 'full'")
+    return value
+
+
+def _export_and_verify(model, inputs, onnx_path, provider_names, asked, force, source, ui) -> int:
+    import convtool
+
+    from .io import check_output
+
+    check_output(onnx_path, force=force, inputs=(source,))
+    with ui.status("exporting ONNX"):
+        exported = convtool.export_onnx(model, inputs, onnx_path)
+    ui.note(_export_line(exported))
+    with ui.status("verifying on onnxruntime"):
+        checks = convtool.verify_onnx(exported, model, inputs, providers=provider_names)
+    for text in _provider_lines(checks):
+        ui.note(text)
+    code = _verify_exit(checks, asked)
+    if code:
+        click.echo("Error: ONNX verification failed", err=True)
+    sys.exit(code)
+
+
+def _export_line(exported) -> str:
+    text = f"wrote {exported.path} (opset {exported.opset}, {exported.exporter} exporter)"
+    if exported.fallback_reason:
+        text += f"; torch.export refused the model: {exported.fallback_reason}"
+    for warning in exported.warnings[:3]:
+        text += f"\nwarning: the trace may not fit other inputs: {warning}"
+    return text
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@_model_options
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the analysis to FILE.json or FILE.md.")
+@click.option("--force", is_flag=True, help="Overwrite an existing report file.")
+@_output_options
+@_command
+def analyze(model, input_shapes, arch, allow_pickle, device, report_path, force, quiet, as_json):
+    """Count MODEL's parameters and FLOPs (fvcore: one multiply-add is one flop), per layer.
+
+    \b
+    Example:
+      convtool analyze model.pt --allow-pickle --input-shape 1,3,224,224 --report costs.md
+    """
+    import convtool
+
+    from .analysis.report import analysis_markdown, analysis_rich, analysis_to_dict
+    from .io import check_output
+
+    ui = Ui(quiet, as_json)
+    _check_report_suffix(report_path)
+    if report_path:
+        check_output(report_path, force=force, inputs=(model,))
+    loaded = _load(model, arch, allow_pickle, device, ui)
+    inputs = _example_inputs(loaded, input_shapes, device, ui)
+    with ui.status("counting parameters and FLOPs"):
+        analysis = convtool.analyze(loaded, inputs)
+    ui.show(analysis_rich(analysis))
+    if as_json and not quiet:
+        click.echo(json.dumps(analysis_to_dict(analysis), indent=2))
+    if report_path:
+        _write_report(report_path, lambda: analysis_to_dict(analysis), lambda: analysis_markdown(analysis), force, (model,))
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The ONNX file to write.")
+@_model_options
+@click.option("--opset", type=int, help="ONNX opset [the exporter's default].")
+@click.option("--static-batch", is_flag=True, help="Keep the batch dimension fixed instead of dynamic.")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@_command
+def export(model, output, input_shapes, arch, allow_pickle, device, opset, static_batch, force, quiet):
+    """Export MODEL to ONNX (torch.export, with the TorchScript exporter as fallback).
+
+    \b
+    Example:
+      convtool export resnet.separated.pt --allow-pickle -o resnet.onnx --input-shape 1,3,224,224
+    """
+    import convtool
+
+    from .io import check_output
+
+    ui = Ui(quiet, False)
+    check_output(output, force=force, inputs=(model,))
+    loaded = _load(model, arch, allow_pickle, device, ui)
+    inputs = _example_inputs(loaded, input_shapes, device, ui)
+    with ui.status("exporting ONNX"):
+        exported = convtool.export_onnx(loaded, inputs, output, opset=opset, dynamic_batch=not static_batch)
+    ui.note(_export_line(exported))
+
+
+@main.command()
+@click.argument("onnx_file", type=click.Path(dir_okay=False))
+@click.option("--against", required=True, type=click.Path(dir_okay=False), help="The PyTorch model the file should agree with.")
+@_model_options
+@click.option("--providers", help="onnxruntime providers, comma-separated [cpu,cuda].")
+@click.option("--rtol", type=float, default=1e-3, show_default=True, help="Relative tolerance.")
+@click.option("--atol", type=float, default=1e-4, show_default=True, help="Absolute tolerance.")
+@_output_options
+@_command
+def verify(onnx_file, against, input_shapes, arch, allow_pickle, device, providers, rtol, atol, quiet, as_json):
+    """Check that ONNX_FILE gives the same outputs as the model --against, on each provider.
+
+    Exits with 1 when a provider that ran disagrees, or one named in --providers cannot run.
+
+    \b
+    Example:
+      convtool verify resnet.onnx --against resnet.separated.pt --allow-pickle --providers cpu,cuda
+    """
+    import dataclasses
+
+    import convtool
+
+    ui = Ui(quiet, as_json)
+    provider_names, asked = _providers(providers)
+    reference = _load(against, arch, allow_pickle, device, ui)
+    inputs = _example_inputs(reference, input_shapes, device, ui)
+    with ui.status("verifying on onnxruntime"):
+        checks = convtool.verify_onnx(onnx_file, reference, inputs, providers=provider_names, rtol=rtol, atol=atol)
+    if as_json and not quiet:
+        click.echo(json.dumps([dataclasses.asdict(c) for c in checks], indent=2))
+    for text in _provider_lines(checks):
+        ui.line(text)
+    code = _verify_exit(checks, asked)
+    if code:
+        click.echo("Error: ONNX verification failed", err=True)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
