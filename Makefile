@@ -22,8 +22,13 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ''
 
+# The main job on the bundled example: separate a digits CNN, report, export to ONNX, verify.
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	mkdir -p examples/out
+	$(VENV)/bin/convtool separate examples/digits_cnn.safetensors \
+		--arch examples/digits_cnn.py:DigitsCNN --input-shape 1,1,8,8 --rank 2 \
+		-o examples/out/digits_cnn.separated.pt --onnx examples/out/digits_cnn.separated.onnx \
+		--report examples/out/report.md --force
 
 bench: $(STAMP)
 	$(PY) benchmarks/convert_speed.py

@@ -122,7 +122,11 @@ def _weights(obj: Any) -> dict[str, torch.Tensor] | None:
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> nn.Module:
     if all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
         state = {k[len("module."):]: v for k, v in state.items()}
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shape mismatches raise even when strict=False
+        detail = " ".join(str(error).split())[:300]
+        raise ModelLoadError(f"the weights in {path} do not fit --arch {arch} ({detail})") from None
     if result.missing_keys or result.unexpected_keys:
         def some(keys):
             return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")

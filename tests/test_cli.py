@@ -1,0 +1,273 @@
+"""The command line: exit codes, safety, and what it writes."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+from torch import nn
+
+from convtool.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ARCHS = '''
+import torch
+from torch import nn
+
+
+def small():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+def depthwise_only():
+    return nn.Sequential(nn.Conv2d(3, 3, 3, groups=3), nn.Conv2d(3, 8, 1))
+'''
+
+
+@pytest.fixture
+def project(tmp_path):
+    (tmp_path / "archs.py").write_text(ARCHS)
+    namespace: dict = {}
+    exec(ARCHS, namespace)
+    model = namespace["small"]().eval()
+    torch.save(model.state_dict(), tmp_path / "small.pt")
+    save_file(model.state_dict(), str(tmp_path / "small.safetensors"))
+    torch.save(namespace["depthwise_only"]().state_dict(), tmp_path / "dw.pt")
+    return tmp_path
+
+
+def run(*args, cwd=None):
+    runner = CliRunner()
+    old = os.getcwd()
+    os.chdir(cwd or old)
+    try:
+        return runner.invoke(main, [str(a) for a in args], catch_exceptions=False)
+    finally:
+        os.chdir(old)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def arch(project, name="small"):
+    return f"{project / 'archs.py'}:{name}"
+
+
+def test_every_command_has_help_and_is_in_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    for name, command in main.commands.items():
+        assert command.help and "Example" in command.help, name
+        assert f"convtool {name}" in readme, name
+        assert run(name, "--help").exit_code == 0
+
+
+def test_separate_writes_a_portable_model(project):
+    before = digest(project / "small.pt")
+    result = run("separate", project / "small.pt", "--arch", arch(project), "--input-shape", "2,3,16,16")
+    assert result.exit_code == 0, result.output
+    out = project / "small.separated.pt"
+    assert out.exists() and digest(project / "small.pt") == before
+    assert "before / after" in result.output
+    # Loads where the architecture's code is not importable: a GraphModule of torch + convtool classes.
+    code = f"import torch; m = torch.load({str(out)!r}, weights_only=False); print(m(torch.randn(1, 3, 16, 16)).shape)"
+    loaded = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True)
+    assert loaded.returncode == 0, loaded.stderr
+    assert "torch.Size([1, 4])" in loaded.stdout
+
+
+def test_separate_with_safetensors_onnx_and_reports(project):
+    result = run(
+        "separate", project / "small.safetensors", "--arch", arch(project), "--input-shape", "1,3,16,16",
+        "-o", project / "out.pt", "--onnx", project / "out.onnx", "--providers", "cpu",
+        "--report", project / "report.json", "--rank", "full",
+    )
+    assert result.exit_code == 0, result.output
+    assert "CPUExecutionProvider: passed" in result.output
+    report = json.loads((project / "report.json").read_text())
+    assert report["schema_version"] == 1 and report["totals"]["params_before"] > 0
+    assert [layer["name"] for layer in report["layers"]] == ["0", "3"]
+
+
+def test_json_goes_to_stdout_and_quiet_prints_nothing(project):
+    result = run("separate", project / "small.pt", "--arch", arch(project), "--input-shape", "1,3,16,16", "--json",
+                 "-o", project / "a.pt")
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["totals"]["flops_before"] > 0
+    quiet = run("separate", project / "small.pt", "--arch", arch(project), "--input-shape", "1,3,16,16", "-q",
+                "-o", project / "b.pt")
+    assert quiet.exit_code == 0 and quiet.output == ""
+
+
+def test_default_input_shape_is_assumed_and_said(project):
+    result = run("analyze", project / "small.pt", "--arch", arch(project))
+    assert result.exit_code == 0
+    assert "assuming 1,3,224,224" in result.stderr
+
+
+def test_nothing_to_separate_writes_nothing(project):
+    result = run("separate", project / "dw.pt", "--arch", arch(project, "depthwise_only"), "--input-shape", "1,3,8,8")
+    assert result.exit_code == 2
+    assert "nothing to separate" in result.output
+    assert not (project / "dw.separated.pt").exists()
+
+
+def test_existing_output_needs_force(project):
+    out = project / "taken.pt"
+    out.write_bytes(b"keep me")
+    args = ["separate", project / "small.pt", "--arch", arch(project), "--input-shape", "1,3,8,8", "-o", out]
+    result = run(*args)
+    assert result.exit_code == 2 and "--force" in result.output
+    assert out.read_bytes() == b"keep me"
+    assert run(*args, "--force").exit_code == 0
+    assert out.read_bytes() != b"keep me"
+
+
+def test_output_equal_to_input_is_refused_even_with_force(project):
+    before = digest(project / "small.pt")
+    result = run("separate", project / "small.pt", "--arch", arch(project), "-o", project / "small.pt", "--force")
+    assert result.exit_code == 2 and "input file" in result.output
+    assert digest(project / "small.pt") == before
+
+
+class Hostile:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_hostile_pickle_is_never_unpickled(project):
+    marker = project / "pwned"
+    torch.save(Hostile(str(marker)), project / "evil.pt")
+    for command in (["separate"], ["analyze"], ["export", "-o", project / "evil.onnx"]):
+        result = run(*command[:1], project / "evil.pt", *command[1:])
+        assert result.exit_code == 2, result.output
+        assert "--allow-pickle" in result.output
+    assert not marker.exists()
+
+
+def test_pickled_module_loads_with_allow_pickle(project):
+    torch.save(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), project / "whole.pt")
+    refused = run("separate", project / "whole.pt", "--input-shape", "1,3,8,8")
+    assert refused.exit_code == 2 and "runs code from the file" in refused.output
+    allowed = run("separate", project / "whole.pt", "--input-shape", "1,3,8,8", "--allow-pickle")
+    assert allowed.exit_code == 0, allowed.output
+
+
+@pytest.mark.parametrize("content", [os.urandom(2048), b"", b"PK\x03\x04truncated zip"])
+def test_random_empty_and_truncated_files(project, content):
+    path = project / "bad.pt"
+    path.write_bytes(content)
+    result = run("separate", path, "--arch", arch(project))
+    assert result.exit_code == 2
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_truncated_checkpoint(project):
+    data = (project / "small.pt").read_bytes()
+    (project / "cut.pt").write_bytes(data[: len(data) // 2])
+    result = run("separate", project / "cut.pt", "--arch", arch(project))
+    assert result.exit_code == 2 and "truncated or corrupted" in result.output
+
+
+def test_state_dict_without_arch_and_torchscript(project):
+    result = run("separate", project / "small.pt")
+    assert result.exit_code == 2 and "--arch" in result.output
+    scripted = torch.jit.trace(nn.Conv2d(3, 8, 3), torch.randn(1, 3, 8, 8))
+    scripted.save(str(project / "ts.pt"))
+    result = run("separate", project / "ts.pt")
+    assert result.exit_code == 2 and "TorchScript" in result.output
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--input-shape", "1,3,abc"], "positive integers"),
+        (["--input-shape", "1,5,16,16"], "check --input-shape"),
+        (["--rank", "0"], "--rank"),
+        (["--providers", "cpu,quantum"], "unknown provider"),
+        (["--report", "r.txt"], ".json or .md"),
+        (["--arch", "nosuchmodule:build"], "cannot import"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(project, args, message):
+    base = ["separate", project / "small.pt", "--arch", arch(project)]
+    result = run(*base, *args, cwd=project)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_weights_that_do_not_fit_the_arch(project):
+    result = run("separate", project / "dw.pt", "--arch", arch(project))
+    assert result.exit_code == 2 and "do not fit" in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_device_without_cuda(project):
+    result = run("separate", project / "small.pt", "--arch", arch(project), "--device", "cuda")
+    assert result.exit_code == 2 and "CUDA is not available" in result.output
+
+
+def test_export_then_verify_exit_codes(project):
+    onnx_path = project / "small.onnx"
+    exported = run("export", project / "small.pt", "--arch", arch(project), "--input-shape", "1,3,16,16", "-o", onnx_path)
+    assert exported.exit_code == 0, exported.output
+    ok = run("verify", onnx_path, "--against", project / "small.pt", "--arch", arch(project), "--input-shape", "1,3,16,16",
+             "--providers", "cpu")
+    assert ok.exit_code == 0 and "passed" in ok.output
+    # Against other weights the outputs differ: verification fails with exit code 1.
+    namespace: dict = {}
+    exec(ARCHS, namespace)
+    torch.manual_seed(1)
+    different = namespace["small"]()
+    for p in different.parameters():
+        torch.nn.init.normal_(p)
+    torch.save(different.state_dict(), project / "different.pt")
+    bad = run("verify", onnx_path, "--against", project / "different.pt", "--arch", arch(project),
+              "--input-shape", "1,3,16,16", "--providers", "cpu")
+    assert bad.exit_code == 1 and "FAILED" in bad.output
+    # Asking for CUDA where onnxruntime has none is a failed verification too.
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        cuda = run("verify", onnx_path, "--against", project / "small.pt", "--arch", arch(project),
+                   "--input-shape", "1,3,16,16", "--providers", "cuda")
+        assert cuda.exit_code == 1 and "convtool[gpu]" in cuda.output
+
+
+def test_corrupted_onnx_is_exit_2(project):
+    (project / "bad.onnx").write_bytes(b"\x08\x07garbage")
+    result = run("verify", project / "bad.onnx", "--against", project / "small.pt", "--arch", arch(project),
+                 "--input-shape", "1,3,16,16", "--providers", "cpu")
+    assert result.exit_code == 2 and "not a valid ONNX model" in result.output
+
+
+def test_as_a_subprocess_user_errors_have_no_traceback(project):
+    completed = subprocess.run(
+        [sys.executable, "-m", "convtool", "separate", str(project / "small.pt")],
+        capture_output=True, text=True, cwd=project,
+    )
+    assert completed.returncode == 2
+    assert "Traceback" not in completed.stderr and "--arch" in completed.stderr
+    debug = subprocess.run(
+        [sys.executable, "-m", "convtool", "separate", str(project / "small.pt"), "--debug"],
+        capture_output=True, text=True, cwd=project,
+    )
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_help_does_not_import_torch():
+    code = "import sys, convtool.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
