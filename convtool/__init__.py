@@ -26,6 +26,8 @@ _WHERE = {
     "benchmark": ".analysis.runtime",
     "verify_onnx": ".analysis.runtime",
     "separable_factors": ".convert.decompose",
+    "Distillation": ".convert.distill",
+    "distill": ".convert.distill",
     "SeparableConv2d": ".convert.modules",
     "OnnxExport": ".convert.onnx",
     "export_onnx": ".convert.onnx",
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
     from .analysis.fidelity import Fidelity, OutputFidelity
     from .analysis.runtime import Benchmark, ProviderCheck, benchmark, verify_onnx
     from .convert.decompose import separable_factors
+    from .convert.distill import Distillation, distill
     from .convert.modules import SeparableConv2d
     from .convert.onnx import OnnxExport, export_onnx
     from .convert.separate import LayerChange, Separation, SkippedLayer, separate
@@ -85,8 +88,10 @@ __all__ = [
     "analyze",
     "benchmark",
     "compare",
+    "distill",
     "export_onnx",
     "ConvtoolError",
+    "Distillation",
     "ExportError",
     "InvalidOptionError",
     "LayerChange",

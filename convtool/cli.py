@@ -124,12 +124,16 @@ def _load(model_path: str, arch: str | None, allow_pickle: bool, device: str, ui
     return loaded.model.to(device)
 
 
-def _example_inputs(model, input_shapes: tuple[str, ...], device: str, ui: Ui) -> tuple:
-    """Seeded random inputs of the given shapes, or (1, C, 224, 224) from the first conv."""
+def _example_inputs(model, input_shapes: tuple[str, ...], device: str, ui: Ui, data=None) -> tuple:
+    """Seeded random inputs of the given shapes, the first calibration sample, or (1, C, 224, 224)."""
     import torch
     from torch import nn
 
     shapes = [_parse_shape(s) for s in input_shapes]
+    if not shapes and data is not None:
+        shapes = [(1, *t.shape[1:]) for t in (data if isinstance(data, tuple) else (data,))]
+        sample = tuple(t[:1].to(device) for t in (data if isinstance(data, tuple) else (data,)))  # real data
+        return _checked(model, sample, shapes)
     if not shapes:
         conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
         if conv is None:
@@ -139,6 +143,13 @@ def _example_inputs(model, input_shapes: tuple[str, ...], device: str, ui: Ui) -
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     generator = torch.Generator().manual_seed(0)
     inputs = tuple(torch.randn(s, generator=generator, dtype=dtype).to(device) for s in shapes)
+    return _checked(model, inputs, shapes)
+
+
+def _checked(model, inputs: tuple, shapes) -> tuple:
+    """The inputs, once the model has run on them; else a one-line error naming the shapes."""
+    import torch
+
     from .inputs import eval_mode
 
     try:
@@ -211,11 +222,21 @@ def main() -> None:
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to save the separated model [MODEL's stem + .separated.pt].")
-@click.option("--rank", default="1", show_default=True, help="Separable filters per channel: a positive integer, or 'full' (exact).")
+@click.option("--rank", help="Separable filters per channel: a positive integer, 'full' (exact) or 'auto' [1; auto with --flops-target or --energy].")
+@click.option("--flops-target", type=float, help="With --rank auto: all convs' FLOPs after, as a fraction of before (e.g. 0.25).")
+@click.option("--energy", type=float, help="With --rank auto: per layer, the smallest rank keeping this share of spectral energy (e.g. 0.9).")
 @click.option("--include", multiple=True, metavar="GLOB", help="Separate only convs whose qualified name matches; repeatable.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave convs whose qualified name matches dense; repeatable.")
-@click.option("--order", type=click.Choice(["dw-pw", "pw-dw"]), default="dw-pw", show_default=True,
-              help="Depthwise then pointwise (MobileNet) or pointwise then depthwise (BSConv-U).")
+@click.option("--order", type=click.Choice(["dw-pw", "pw-dw", "auto"]), default="dw-pw", show_default=True,
+              help="Depthwise then pointwise (MobileNet), pointwise then depthwise (BSConv-U), or per layer the better.")
+@click.option("--calibration", type=click.Path(exists=False), metavar="FILE|DIR",
+              help="Unlabeled inputs (.pt/.npy/.npz tensor, or a folder of images) to fit the separated layers on.")
+@click.option("--image-size", metavar="H,W", help="Size images of a --calibration folder are resized to.")
+@click.option("--mean", metavar="R,G,B", help="Per-channel mean subtracted from --calibration images (after scaling to [0, 1]).")
+@click.option("--std", metavar="R,G,B", help="Per-channel std dividing --calibration images.")
+@click.option("--recalibrate-bn", is_flag=True, help="Also re-estimate BatchNorm statistics on the calibration data.")
+@click.option("--distill-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Label-free distillation steps from the original model on the --calibration data.")
 @_model_options
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), help="Also export the separated model to this ONNX file and verify it.")
 @click.option("--providers", help="onnxruntime providers to verify on, comma-separated [cpu,cuda].")
@@ -223,24 +244,33 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @_output_options
 @_command
-def separate(model, output, rank, include, exclude, order, input_shapes, arch, allow_pickle, device, onnx_path,
-             providers, report_path, force, quiet, as_json):
+def separate(model, output, rank, flops_target, energy, include, exclude, order, calibration, image_size, mean, std,
+             recalibrate_bn, distill_steps, input_shapes, arch, allow_pickle, device, onnx_path, providers, report_path,
+             force, quiet, as_json):
     """Rewrite every standard Conv2d of MODEL into a depthwise + pointwise pair.
 
     Prints the before/after report, writes the separated model and, with --onnx, exports and
-    verifies it on onnxruntime.
+    verifies it on onnxruntime. With --calibration (unlabeled inputs) the separated layers are
+    refit to reproduce the original's outputs, and --distill-steps fine-tunes the result
+    against the original, without labels.
 
     \b
-    Example:
+    Examples:
       convtool separate resnet.pt --arch mymodels:resnet18 --rank 2 --onnx resnet.sep.onnx
+      convtool separate net.pt --allow-pickle --rank auto --flops-target 0.25 \\
+          --calibration images/ --image-size 224,224 --distill-steps 300
     """
+    import dataclasses
+
     import convtool
 
     from .analysis.report import to_dict, to_markdown, to_rich
     from .io import check_output, save_model
 
     ui = Ui(quiet, as_json)
-    rank_value: int | str = rank if rank == "full" else _parse_rank(rank)
+    rank_value = _parse_rank(rank, flops_target, energy)
+    if distill_steps and not calibration:
+        raise InvalidOptionError("--distill-steps needs unlabeled inputs: pass --calibration FILE|DIR")
     output = output or str(Path(model).with_name(Path(model).stem + ".separated.pt"))
     _check_report_suffix(report_path)
     provider_names, asked = _providers(providers)
@@ -248,31 +278,103 @@ def separate(model, output, rank, include, exclude, order, input_shapes, arch, a
         check_output(path, force=force, inputs=(model,))
 
     original = _load(model, arch, allow_pickle, device, ui)
-    inputs = _example_inputs(original, input_shapes, device, ui)
-    with ui.status("tracing and separating"):
-        result = convtool.separate(original, inputs, rank=rank_value, include=include, exclude=exclude, order=order)
+    data = _calibration(calibration, original, image_size, mean, std) if calibration else None
+    inputs = _example_inputs(original, input_shapes, device, ui, data)
+    with ui.status("tracing and separating" + (" and calibrating" if data is not None else "")):
+        result = convtool.separate(
+            original, inputs, rank=rank_value, include=include, exclude=exclude, order=order,
+            flops_target=flops_target, energy=energy, calibration=data, recalibrate_bn=recalibrate_bn,
+        )
+    if result.budget_met is False:
+        ui.note(f"note: the FLOP target {flops_target} cannot be met; every separated layer is at its cheapest")
+    separated = result.model
+    if distill_steps:
+        separated = _distill(separated, original, data, distill_steps, ui)
     with ui.status("counting parameters and FLOPs"):
-        report = result.report(inputs)
+        report = dataclasses.replace(
+            convtool.compare(original, separated, inputs), skipped=tuple((s.name, s.reason) for s in result.skipped)
+        )
     ui.show(to_rich(report))
     if as_json and not quiet:
         click.echo(json.dumps(to_dict(report), indent=2, allow_nan=False))
     if report_path:
         _write_report(report_path, lambda: to_dict(report), lambda: to_markdown(report), force, (model,))
 
-    portable = save_model(result.model, check_output(output, force=force, inputs=(model,)), inputs)
+    portable = save_model(separated, check_output(output, force=force, inputs=(model,)), inputs)
     ui.note(f"wrote {output}" + ("" if portable else " (loading it needs the model's own code importable)"))
     if onnx_path:
-        return _export_and_verify(result.model, inputs, onnx_path, provider_names, asked, force, model, ui)
+        return _export_and_verify(separated, inputs, onnx_path, provider_names, asked, force, model, ui)
     return 0
 
 
-def _parse_rank(text: str) -> int:
+def _calibration(path, model, image_size, mean, std):
+    from torch import nn
+
+    from .io import load_calibration
+
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    param = next(model.parameters(), None)
+    data = load_calibration(
+        path,
+        channels=conv.in_channels if conv is not None else None,
+        image_size=_parse_ints(image_size, "--image-size", 2) if image_size else None,
+        mean=_parse_floats(mean, "--mean") if mean else None,
+        std=_parse_floats(std, "--std") if std else None,
+    )
+    if param is None:
+        return data
+    cast = lambda t: t.to(param.dtype) if t.is_floating_point() else t  # noqa: E731
+    return tuple(map(cast, data)) if isinstance(data, tuple) else cast(data)
+
+
+def _distill(student, teacher, data, steps, ui):
+    import convtool
+
+    if ui.quiet:
+        return convtool.distill(student, teacher, data, steps=steps).student
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("distilling"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn())
+    with Progress(*columns, console=ui.err, transient=not ui.err.is_terminal) as progress:
+        task = progress.add_task("distill", total=steps, loss="-")
+        result = convtool.distill(
+            student, teacher, data, steps=steps,
+            on_step=lambda step, loss: progress.update(task, completed=step, loss=f"{loss:.4f}"),
+        )
+    ui.note(f"distilled {steps} steps in {result.seconds:.1f} s: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
+    return result.student
+
+
+def _parse_ints(text: str, option: str, count: int) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        values = ()
+    if len(values) == 1:
+        values = values * count
+    if len(values) != count or any(v < 1 for v in values):
+        raise InvalidOptionError(f"{option} {text!r} should be {count} positive integers separated by commas")
+    return values
+
+
+def _parse_floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise InvalidOptionError(f"{option} {text!r} should be numbers separated by commas") from None
+
+
+def _parse_rank(text: str | None, flops_target: float | None, energy: float | None) -> int | str | None:
+    if text is None:
+        return None  # 1, or "auto" when a target or an energy is given
+    if text in ("full", "auto"):
+        return text
     try:
         value = int(text)
     except ValueError:
         value = 0
     if value < 1:
-        raise InvalidOptionError(f"--rank {text!r} should be a positive integer or 'full'")
+        raise InvalidOptionError(f"--rank {text!r} should be a positive integer, 'full' or 'auto'")
     return value
 
 

@@ -271,3 +271,67 @@ def test_as_a_subprocess_user_errors_have_no_traceback(project):
 def test_help_does_not_import_torch():
     code = "import sys, convtool.cli; assert 'torch' not in sys.modules, 'torch imported'"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_auto_rank_with_calibration_and_distillation(project):
+    import numpy as np
+
+    np.save(project / "images.npy", torch.randn(32, 3, 16, 16).numpy())
+    result = run("separate", project / "small.pt", "--arch", arch(project), "--rank", "auto", "--flops-target", "0.5",
+                 "--calibration", project / "images.npy", "--distill-steps", "5", "--report", project / "r.json")
+    assert result.exit_code == 0, result.output
+    assert "distilled 5 steps" in result.stderr
+    report = json.loads((project / "r.json").read_text())
+    assert report["input_shapes"] == [[1, 3, 16, 16]]  # the first calibration sample
+
+
+def test_energy_and_order_options(project):
+    result = run("separate", project / "small.pt", "--arch", arch(project), "--input-shape", "1,3,16,16",
+                 "--energy", "0.9", "--order", "auto", "--json", "-o", project / "e.pt")
+    assert result.exit_code == 0, result.output
+    assert all(layer["rank"] >= 1 for layer in json.loads(result.stdout)["layers"])
+
+
+@pytest.mark.parametrize("kind", ["npz", "pt", "images"])
+def test_calibration_formats(project, kind):
+    import numpy as np
+    from PIL import Image
+
+    data = torch.rand(8, 3, 16, 16)
+    if kind == "npz":
+        path = project / "cal.npz"
+        np.savez(path, images=data.numpy())
+    elif kind == "pt":
+        path = project / "cal.pt"
+        torch.save(data, path)
+    else:
+        path = project / "photos"
+        path.mkdir()
+        for i in range(4):
+            Image.fromarray((data[i].permute(1, 2, 0).numpy() * 255).astype("uint8")).save(path / f"{i}.png")
+    extra = ["--image-size", "16,16", "--mean", "0.5", "--std", "0.25"] if kind == "images" else []
+    result = run("separate", project / "small.pt", "--arch", arch(project), "--calibration", path, *extra,
+                 "-o", project / f"{kind}.pt")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--distill-steps", "5"], "--calibration"),
+        (["--rank", "2", "--flops-target", "0.5"], "rank='auto'"),
+        (["--calibration", "missing.npy"], "does not exist"),
+    ],
+)
+def test_bad_accuracy_options(project, args, message):
+    result = run("separate", project / "small.pt", "--arch", arch(project), *args, cwd=project)
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_image_folder_needs_a_size(project):
+    from PIL import Image
+
+    (project / "photos").mkdir()
+    Image.new("RGB", (8, 8)).save(project / "photos" / "a.png")
+    result = run("separate", project / "small.pt", "--arch", arch(project), "--calibration", project / "photos")
+    assert result.exit_code == 2 and "--image-size" in result.output

@@ -117,7 +117,7 @@ def _totals_rows(c: Comparison) -> list[tuple[str, str, str, str]]:
     ]
 
 
-_LAYER_HEAD = ("layer", "shape", "rank", "params", "FLOPs", "FLOPs ratio", "weight error")
+_LAYER_HEAD = ("layer", "shape", "rank", "params", "FLOPs", "FLOPs ratio", "SVD weight error")
 
 
 def _layer_rows(c: Comparison) -> list[tuple[str, ...]]:

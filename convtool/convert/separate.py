@@ -23,7 +23,10 @@ from .fx_pass import (
     set_module,
     trace_regions,
 )
+from .calibrate import calibration_batches, recalibrate_batchnorm, refit
 from .modules import SeparableConv2d
+from .plan import Candidate, make_plan
+from .ranks import conv_shapes
 
 if TYPE_CHECKING:
     from ..analysis.compare import Comparison
@@ -67,12 +70,18 @@ class Separation:
         layers: one record per separated conv, in model order.
         skipped: every conv left dense and every part of the model fx could not trace.
         original: the caller's model, untouched (kept for :meth:`report`).
+        budget_met: with a FLOP target, whether it was reached (None without one).
+        conv_flops_before, conv_flops_after: with a FLOP target, all convs' multiply-adds on
+            the example inputs before and after.
     """
 
     model: nn.Module
     layers: tuple[LayerChange, ...]
     skipped: tuple[SkippedLayer, ...]
     original: nn.Module = field(repr=False, compare=False)
+    budget_met: bool | None = None
+    conv_flops_before: float | None = None
+    conv_flops_after: float | None = None
 
     @property
     def params_before(self) -> int:
@@ -149,14 +158,36 @@ def _layer_change(name: str, pair: SeparableConv2d, groups: int, weight: torch.T
     )
 
 
+def _check_options(rank, order, flops_target, energy) -> int | str:
+    if rank is None:
+        rank = "auto" if (flops_target is not None or energy is not None) else 1
+    if rank != "auto":
+        rank = _check_rank(rank)
+        if flops_target is not None or energy is not None:
+            raise InvalidOptionError("flops_target and energy choose the ranks: use them with rank='auto'")
+    if order not in (*ORDERS, "auto"):
+        raise InvalidOptionError(f"order must be one of {', '.join((*ORDERS, 'auto'))}; got {order!r}")
+    if flops_target is not None and energy is not None:
+        raise InvalidOptionError("give flops_target or energy, not both")
+    if flops_target is not None and not 0 < flops_target <= 1:
+        raise InvalidOptionError(f"flops_target is a fraction of the original FLOPs in (0, 1]; got {flops_target}")
+    if energy is not None and not 0 < energy <= 1:
+        raise InvalidOptionError(f"energy is a share of spectral energy in (0, 1]; got {energy}")
+    return rank
+
+
 def separate(
     model: nn.Module,
     example_inputs: Any = None,
     *,
-    rank: Rank = 1,
+    rank: Rank | None = None,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     order: str = "dw-pw",
+    flops_target: float | None = None,
+    energy: float | None = None,
+    calibration: Any = None,
+    recalibrate_bn: bool = False,
 ) -> Separation:
     """Replace every standard ``Conv2d`` of ``model`` by a depthwise-separable pair.
 
@@ -168,20 +199,35 @@ def separate(
         model: any ``nn.Module``, a bare ``nn.Conv2d`` included; parts fx cannot trace are
             kept and reported.
         example_inputs: a tensor or tuple of tensors; when given, the separated model is run
-            on them to prove it still works.
-        rank: separable filters per channel, a positive int or ``"full"``; an explicit rank
-            separates every eligible conv, even where it costs more than the dense conv.
+            on them to prove it still works, and FLOP budgets are costed on them.
+        rank: separable filters per channel: a positive int, ``"full"`` (exact), or ``"auto"``
+            (chosen per layer by ``flops_target`` or ``energy``). Default 1, or ``"auto"``
+            when ``flops_target`` or ``energy`` is given. An explicit rank separates every
+            eligible conv, even where it costs more than the dense conv.
         include: glob patterns on qualified names (``"layer1.*"``); when given, only matching
             convs are separated.
         exclude: glob patterns of convs to leave dense; they win over ``include``.
-        order: ``"dw-pw"`` (depthwise then pointwise) or ``"pw-dw"`` (pointwise then depthwise).
+        order: ``"dw-pw"`` (depthwise then pointwise), ``"pw-dw"`` (pointwise then
+            depthwise), or ``"auto"`` (per layer, the lower error at the rank or budget).
+        flops_target: with ``rank="auto"``: all convs' FLOPs after separation, as a fraction
+            of before (0.25 = four times fewer); layers may stay dense where that is cheaper.
+        energy: with ``rank="auto"``: per layer, the smallest rank keeping this share of the
+            squared singular values.
+        calibration: unlabeled model inputs (a tensor, a tuple of tensors for several inputs,
+            or an iterable of batches). The rank choice then weighs output error instead of
+            weight error, and every separated layer's last conv is refit by least squares to
+            reproduce the original layer's outputs.
+        recalibrate_bn: after calibration, re-estimate BatchNorm statistics on the data. Off
+            by default: the refit already matches each layer's original outputs, so the
+            trained statistics still fit, and re-estimating them on a few hundred images
+            lowered accuracy in every setting of benchmarks/accuracy.py.
 
     Returns:
         A :class:`Separation` with the new model, a record per separated layer and the
         reason for every conv left dense.
 
     Raises:
-        InvalidOptionError: bad ``rank`` or ``order``.
+        InvalidOptionError: bad ``rank``, ``order``, ``flops_target``, ``energy`` or data.
         NothingToSeparateError: no conv can be separated under these options.
         SeparationError: the separated model fails on ``example_inputs``.
 
@@ -191,78 +237,132 @@ def separate(
         >>> [layer.name for layer in result.layers]
         ['0']
     """
-    rank = _check_rank(rank)
-    if order not in ORDERS:
-        raise InvalidOptionError(f"order must be one of {', '.join(ORDERS)}; got {order!r}")
+    rank = _check_options(rank, order, flops_target, energy)
+    if rank == "auto" and flops_target is None and energy is None:
+        flops_target = 0.25
     if not isinstance(model, nn.Module):
         raise InvalidOptionError(f"expected a torch.nn.Module, got {type(model).__name__}")
     inputs = as_inputs(example_inputs)
+    batches = calibration_batches(calibration) if calibration is not None else []
     work = copy.deepcopy(model)
-    layers: list[LayerChange] = []
     skipped: list[SkippedLayer] = []
 
-    def pair_rank(weight: torch.Tensor, groups: int) -> int:
-        return 10**9 if rank == "full" else int(rank)  # clamped to the exact rank in from_weight
+    tracing, uses = (None, None) if isinstance(work, nn.Conv2d) else _trace(work, skipped)
+    module_convs, functional = _candidates(work, uses, include, exclude, skipped)
+    candidates = [c for c, _ in module_convs] + [c for c, _ in functional]
+    if not candidates:
+        detail = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:5]) or "the model has no Conv2d"
+        raise NothingToSeparateError(f"nothing to separate ({detail})")
 
-    if isinstance(work, nn.Conv2d):
-        tracing, uses = None, None
-        read_directly: set[str] = set()
-    else:
-        tracing = trace_regions(work)
-        uses = find_conv_uses(tracing, work)
-        read_directly = uses.read_directly
-        skipped += [SkippedLayer(name, reason) for name, reason in tracing.untraced.items()]
-        skipped += [SkippedLayer(name, reason) for name, reason in uses.unusable]
+    shape_inputs = inputs or (tuple(t[:1] for t in batches[0]) if batches else ())
+    plan = make_plan(
+        work, candidates, rank=rank, order=order, flops_target=flops_target, energy=energy,
+        shape_inputs=tuple(on_device(shape_inputs, model_device(work))),
+        calibration_batch=tuple(on_device(batches[0], model_device(work))) if batches else None,
+    )
+    skipped += [SkippedLayer(name, reason) for name, reason in plan.dense_reasons.items()]
 
-    for names, conv in list(iter_convs(work)):
-        reason = _pattern_reason(names, include, exclude) or _module_reason(
-            conv, any(n in read_directly for n in names)
-        )
-        label = names[0] or "<model>"
-        if reason:
-            skipped.append(SkippedLayer(label, reason))
+    layers: list[LayerChange] = []
+    built: dict[str, SeparableConv2d] = {}
+
+    def make_pair(c: Candidate, source: str) -> SeparableConv2d:
+        order_, rank_ = plan.picks[c.name]
+        pair = SeparableConv2d.from_weight(c.weight, c.bias, groups=c.groups, rank=rank_, order=order_, **c.options)
+        pair.train(work.training)
+        layers.append(_layer_change(c.name, pair, c.groups, c.weight, c.bias is not None, source))
+        built[c.name] = pair
+        return pair
+
+    for c, names in module_convs:
+        if plan.picks.get(c.name) is None:
             continue
-        pair = SeparableConv2d.from_conv(conv, rank=pair_rank(conv.weight, conv.groups), order=order)
-        layers.append(_layer_change(label, pair, conv.groups, conv.weight, conv.bias is not None, "module"))
+        pair = make_pair(c, "module")
         for name in names:
             if name:
                 set_module(work, name, pair)
             else:
                 work = pair
-
-    if uses is not None and uses.functional:
-        eligible: list[FunctionalConv] = []
-        for call in uses.functional:
-            weight = work.get_parameter(call.name) if _is_param(work, call.name) else None
-            reason = _pattern_reason([call.name], include, exclude) or (
-                "weight is not a 4-d float parameter" if weight is None or weight.dim() != 4 or not weight.is_floating_point()
-                else _shape_reason(weight.shape, call.groups)
-            )
-            if reason:
-                skipped.append(SkippedLayer(call.name, reason))
-            else:
-                eligible.append(call)
-
-        def build(call: FunctionalConv, weight: torch.Tensor, bias: torch.Tensor | None) -> SeparableConv2d:
-            pair = SeparableConv2d.from_weight(
-                weight, bias, stride=call.stride, padding=call.padding, dilation=call.dilation,
-                groups=call.groups, rank=pair_rank(weight, call.groups), order=order,
-            ).train(work.training)
-            layers.append(_layer_change(call.name, pair, call.groups, weight, bias is not None, "function"))
-            return pair
-
-        work, done = rewrite_functional(work, tracing, eligible, build)
-        for call in eligible:
-            if call not in done:
-                skipped.append(SkippedLayer(call.name, "conv2d call could not be rewritten where it is made"))
-
+    planned = [call for c, call in functional if plan.picks.get(c.name) is not None]
+    if planned:
+        by_call = {id(call): c for c, call in functional}
+        work, done = rewrite_functional(
+            work, tracing, planned, lambda call, w, b: make_pair(by_call[id(call)], "function")
+        )
+        skipped += [
+            SkippedLayer(call.name, "conv2d call could not be rewritten where it is made") for call in planned if call not in done
+        ]
     if not layers:
-        detail = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:5]) or "the model has no Conv2d"
-        raise NothingToSeparateError(f"nothing to separate ({detail})")
+        raise NothingToSeparateError("nothing to separate: the FLOP budget keeps every conv dense")
+
     work.train(model.training)
+    if batches:
+        _calibrate(model, work, built, batches, recalibrate_bn)
     if inputs:
         _check_runs(work, inputs)
-    return Separation(model=work, layers=tuple(layers), skipped=tuple(skipped), original=model)
+    return Separation(
+        model=work, layers=tuple(layers), skipped=tuple(skipped), original=model,
+        budget_met=plan.budget_met, conv_flops_before=plan.flops_before, conv_flops_after=plan.flops_after,
+    )
+
+
+def _trace(work: nn.Module, skipped: list[SkippedLayer]):
+    tracing = trace_regions(work)
+    uses = find_conv_uses(tracing, work)
+    skipped += [SkippedLayer(name, reason) for name, reason in tracing.untraced.items()]
+    skipped += [SkippedLayer(name, reason) for name, reason in uses.unusable]
+    return tracing, uses
+
+
+def _candidates(work, uses, include, exclude, skipped):
+    """Module convs (with all their names) and functional calls that may be separated."""
+    read_directly = uses.read_directly if uses is not None else set()
+    module_convs: list[tuple[Candidate, list[str]]] = []
+    for names, conv in iter_convs(work):
+        label = names[0] or "<model>"
+        reason = _pattern_reason(names, include, exclude) or _module_reason(conv, any(n in read_directly for n in names))
+        if reason:
+            skipped.append(SkippedLayer(label, reason))
+            continue
+        options = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, padding_mode=conv.padding_mode)
+        module_convs.append((Candidate(label, conv.weight, conv.bias, conv.groups, options), names))
+    functional: list[tuple[Candidate, FunctionalConv]] = []
+    for call in uses.functional if uses is not None else []:
+        weight = work.get_parameter(call.name) if _is_param(work, call.name) else None
+        bias = work.get_parameter(_join_region(call.region, call.bias)) if call.bias else None
+        if weight is None or weight.dim() != 4 or not weight.is_floating_point():
+            reason = "weight is not a 4-d float parameter"
+        else:
+            reason = _pattern_reason([call.name], include, exclude) or _shape_reason(weight.shape, call.groups)
+        if reason:
+            skipped.append(SkippedLayer(call.name, reason))
+            continue
+        options = dict(stride=call.stride, padding=call.padding, dilation=call.dilation, padding_mode="zeros")
+        functional.append((Candidate(call.name, weight, bias, call.groups, options), call))
+    return module_convs, functional
+
+
+def _join_region(region: str, target: str) -> str:
+    return f"{region}.{target}" if region else target
+
+
+def _calibrate(original, work, built, batches, recalibrate_bn) -> None:
+    """Refit the pairs in the order the original model first runs their convs, then BatchNorm."""
+    weights = {name: _original_weight(original, name) for name in built}
+    shapes, _, _ = conv_shapes(original, tuple(on_device(tuple(t[:1] for t in batches[0]), model_device(original))))
+    position = {key: i for i, key in enumerate(shapes)}
+    ordered = sorted(built, key=lambda name: position.get(id(weights[name]), len(position)))
+    refit(original, work, [(weights[name], built[name]) for name in ordered], batches)
+    if recalibrate_bn:
+        recalibrate_batchnorm(work, batches)
+
+
+def _original_weight(original: nn.Module, name: str) -> torch.Tensor:
+    if name == "<model>":
+        return original.weight
+    try:
+        return original.get_submodule(name).weight
+    except AttributeError:
+        return original.get_parameter(name)
 
 
 def _is_param(model: nn.Module, name: str) -> bool:
