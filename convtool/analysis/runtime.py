@@ -255,6 +255,33 @@ def time_sessions(sessions: Sequence[Any], feed: dict[str, Any], runs: int, warm
     return [statistics.median(t) * 1000 for t in times]
 
 
+def time_modules(
+    modules: Sequence[nn.Module],
+    example_inputs: Any,
+    *,
+    provider: str = "cpu",
+    runs: int = 50,
+    warmup: int = 5,
+    threads: int | None = None,
+    exporter: str = "auto",
+) -> tuple[list[float], bool]:
+    """Export each module and time them all on one provider, round-robin: medians in ms.
+
+    Returns the medians and whether every session really ran on ``provider``.
+    """
+    from ..convert.onnx import export_onnx
+
+    name = provider_name(provider)
+    inputs = as_inputs(example_inputs)
+    with tempfile.TemporaryDirectory(prefix="convtool-bench-") as tmp:
+        sessions = []
+        for i, module in enumerate(modules):
+            exported = export_onnx(module, inputs, Path(tmp) / f"m{i}.onnx", dynamic_batch=False, exporter=exporter)
+            sessions.append(open_session(exported.path, name, threads))
+        used = all(s.get_providers()[0] == name for s in sessions)
+        return time_sessions(sessions, _feed(sessions[0], inputs), runs, warmup), used
+
+
 def benchmark(
     original: nn.Module,
     separated: nn.Module,
@@ -267,6 +294,9 @@ def benchmark(
 ) -> Benchmark:
     """Export both models and time them on one onnxruntime provider, interleaved.
 
+    The separated model is timed in the form :func:`~convtool.export_onnx` ships (BatchNorm
+    folded, pairs in their fastest layout).
+
     Args:
         original, separated: the two models; exported with the same exporter settings.
         example_inputs: the inputs both are timed on (their batch size is used as is).
@@ -277,15 +307,7 @@ def benchmark(
     Returns:
         A :class:`Benchmark` with the medians and the speedup.
     """
-    from ..convert.onnx import export_onnx
-
-    name = provider_name(provider)
-    inputs = as_inputs(example_inputs)
-    with tempfile.TemporaryDirectory(prefix="convtool-bench-") as tmp:
-        sessions = []
-        for label, model in (("original", original), ("separated", separated)):
-            exported = export_onnx(model, inputs, Path(tmp) / f"{label}.onnx", dynamic_batch=False)
-            sessions.append(open_session(exported.path, name, threads))
-        used = all(s.get_providers()[0] == name for s in sessions)
-        original_ms, separated_ms = time_sessions(sessions, _feed(sessions[0], inputs), runs, warmup)
-    return Benchmark(name, used, original_ms, separated_ms, runs, threads)
+    (original_ms, separated_ms), used = time_modules(
+        [original, separated], example_inputs, provider=provider, runs=runs, warmup=warmup, threads=threads
+    )
+    return Benchmark(provider_name(provider), used, original_ms, separated_ms, runs, threads)

@@ -154,3 +154,54 @@ class SeparableConv2d(nn.Module):
             p.requires_grad_(grad)
         module.relative_error = factors.relative_error
         return module
+
+
+class BranchedSeparableConv2d(nn.Module):
+    """A depthwise-then-pointwise pair of rank r written as r depthwise convs of multiplier 1.
+
+    The same function as the ``"dw-pw"`` :class:`SeparableConv2d` it is built from: branch i
+    holds filter i of every channel, the branches are concatenated, and the pointwise weight's
+    columns are permuted to match. Runtimes run multiplier-1 depthwise convs on fast paths that
+    a channel multiplier misses (see benchmarks/RESULTS.md), so this is the form convtool
+    exports for ranks above 1.
+    """
+
+    def __init__(self, pair: SeparableConv2d) -> None:
+        super().__init__()
+        if pair.order != "dw-pw":
+            raise ValueError("only depthwise-then-pointwise pairs have a branched form")
+        dw, pw, r, m = pair.depthwise, pair.pointwise, pair.rank, pair.in_channels
+        self.in_channels, self.out_channels, self.rank = pair.in_channels, pair.out_channels, r
+        self.kernel_size, self.stride, self.padding = pair.kernel_size, pair.stride, pair.padding
+        self.dilation, self.groups, self.order = pair.dilation, pair.groups, pair.order
+        self.relative_error = pair.relative_error
+        options = dict(
+            kernel_size=dw.kernel_size, stride=dw.stride, padding=dw.padding, dilation=dw.dilation,
+            padding_mode=dw.padding_mode, bias=False, device=dw.weight.device, dtype=dw.weight.dtype,
+        )
+        self.branches = nn.ModuleList(nn.Conv2d(m, m, groups=m, **options) for _ in range(r))
+        self.pointwise = nn.Conv2d(
+            m * r, pair.out_channels, 1, groups=pw.groups, bias=pw.bias is not None,
+            device=pw.weight.device, dtype=pw.weight.dtype,
+        )
+        g = pw.groups
+        with torch.no_grad():
+            for i, branch in enumerate(self.branches):
+                branch.weight.copy_(dw.weight[i::r])
+            # Pointwise input (m, i) moves from m*r + i to i*M + m; per group the same holds,
+            # since the concatenation keeps each group's channels apart only when g == 1.
+            order = torch.arange(m * r).reshape(m, r).t().reshape(-1)  # new channel j <- old order[j]
+            if g == 1:
+                self.pointwise.weight.copy_(pw.weight[:, order])
+            else:
+                raise ValueError("grouped pointwise convs keep the multiplier form")
+            if pw.bias is not None:
+                self.pointwise.bias.copy_(pw.bias)
+        self.train(pair.training)
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.pointwise.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pointwise(torch.cat([branch(x) for branch in self.branches], 1))

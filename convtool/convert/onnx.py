@@ -45,6 +45,8 @@ class OnnxExport:
     dynamic_batch: bool
     fallback_reason: str | None = None  # why torch.export was not used, when it was not
     warnings: tuple[str, ...] = ()  # tracer warnings: where a TorchScript trace may be wrong
+    folded_batchnorms: tuple[str, ...] = ()  # BatchNorms folded into the conv before them
+    branched_layers: tuple[str, ...] = ()  # rank > 1 pairs written as multiplier-1 branches
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -126,6 +128,8 @@ def export_onnx(
     opset: int | None = None,
     dynamic_batch: bool = True,
     exporter: str = "auto",
+    fold_bn: bool = True,
+    layout: str = "branches",
 ) -> OnnxExport:
     """Export ``model`` to ONNX at ``path``, checked with ``onnx.checker`` (full check).
 
@@ -137,6 +141,11 @@ def export_onnx(
         opset: ONNX opset; the exporter's default when ``None``.
         dynamic_batch: make dimension 0 of every input and output symbolic.
         exporter: ``"auto"`` (torch.export, then TorchScript if it refuses), or either one.
+        fold_bn: fold each BatchNorm that follows a conv (dense or separated) into that conv.
+        layout: ``"branches"`` writes rank > 1 depthwise-then-pointwise pairs as multiplier-1
+            depthwise branches, which onnxruntime runs faster than one conv with a channel
+            multiplier (benchmarks/RESULTS.md); ``"multiplier"`` keeps the module's form. Both
+            rewrites are checked on the example inputs and dropped if outputs would change.
 
     Returns:
         An :class:`OnnxExport` that says which exporter produced the file, and why.
@@ -160,6 +169,12 @@ def export_onnx(
         raise InvalidOptionError(f"directory {path.parent} does not exist; create it first")
     inputs = on_device(as_inputs(example_inputs), model_device(model))
     input_names, output_names = io_names(model, inputs)
+    folded: tuple[str, ...] = ()
+    branched: tuple[str, ...] = ()
+    if fold_bn or layout != "multiplier":
+        from .runtime_form import for_runtime
+
+        model, folded, branched = for_runtime(model, inputs, fold_bn=fold_bn, layout=layout)
     external = sum(p.numel() * p.element_size() for p in model.parameters()) > _EXTERNAL_DATA_BYTES
 
     errors: dict[str, str] = {}
@@ -206,6 +221,8 @@ def export_onnx(
         dynamic_batch=dynamic_batch,
         fallback_reason=errors.get("torch.export"),
         warnings=tracer_warnings,
+        folded_batchnorms=folded,
+        branched_layers=branched,
     )
 
 

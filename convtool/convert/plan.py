@@ -32,7 +32,7 @@ class Plan:
     picks: dict[str, tuple[str, int] | None]
     dense_reasons: dict[str, str]
     budget_met: bool | None = None
-    flops_before: float | None = None  # all convs' FLOPs on the example inputs, when costed
+    flops_before: float | None = None  # the model's FLOPs on the example inputs, when costed
     flops_after: float | None = None
 
 
@@ -81,8 +81,9 @@ def make_plan(
 
     ``rank`` an int or "full": that rank everywhere (order per ``order``). ``energy``: per layer
     the smallest rank keeping that share of spectral energy. ``flops_target``: the ranks that
-    bring all convs' FLOPs (on ``shape_inputs``) to that fraction with the least summed squared
-    relative error, measured on ``calibration_batch`` activations when given.
+    bring the model's FLOPs (fvcore's count on ``shape_inputs``) to that fraction with the
+    least summed squared relative error, measured on ``calibration_batch`` activations when
+    given.
     """
     if rank != "auto":
         picks = {}
@@ -114,9 +115,12 @@ def _budget_plan(model, candidates, order, flops_target, shape_inputs, calibrati
     keep = [c.weight for c in candidates] if calibration_batch is not None else []
     shapes, weights, _ = conv_shapes(model, shape_inputs)
     activations = conv_shapes(model, calibration_batch, keep)[2] if calibration_batch is not None else {}
-    total = sum(dense_cost(tuple(weights[k].shape), shapes[k]) for k in shapes)
+    conv_total = sum(dense_cost(tuple(weights[k].shape), shapes[k]) for k in shapes)
     mine = {id(c.weight) for c in candidates}
-    fixed = sum(dense_cost(tuple(weights[k].shape), shapes[k]) for k in shapes if k not in mine)
+    # The target is a fraction of the whole model's FLOPs as fvcore counts them (what the
+    # report shows): everything but the separable convs is a fixed cost.
+    total = _model_flops(model, shape_inputs, conv_total)
+    fixed = total - conv_total + sum(dense_cost(tuple(weights[k].shape), shapes[k]) for k in shapes if k not in mine)
     choices, ran = [], []
     reasons: dict[str, str] = {}
     for c in candidates:
@@ -140,3 +144,13 @@ def _budget_plan(model, candidates, order, flops_target, shape_inputs, calibrati
         else:
             picks[c.name] = pick
     return Plan(picks, reasons, met, total, after)
+
+
+def _model_flops(model: nn.Module, inputs: tuple, conv_total: float) -> float:
+    """fvcore's count for the whole model; the convs alone where fvcore cannot trace it."""
+    from ..analysis.counts import analyze
+
+    try:
+        return float(max(analyze(model, inputs).flops, conv_total))
+    except Exception:  # fvcore's jit tracing refuses some models; their convs still count
+        return conv_total

@@ -71,8 +71,8 @@ class Separation:
         skipped: every conv left dense and every part of the model fx could not trace.
         original: the caller's model, untouched (kept for :meth:`report`).
         budget_met: with a FLOP target, whether it was reached (None without one).
-        conv_flops_before, conv_flops_after: with a FLOP target, all convs' multiply-adds on
-            the example inputs before and after.
+        flops_before, flops_after: with a FLOP target, the model's multiply-adds on the
+            example inputs before and after, as the budget counted them.
     """
 
     model: nn.Module
@@ -80,8 +80,8 @@ class Separation:
     skipped: tuple[SkippedLayer, ...]
     original: nn.Module = field(repr=False, compare=False)
     budget_met: bool | None = None
-    conv_flops_before: float | None = None
-    conv_flops_after: float | None = None
+    flops_before: float | None = None
+    flops_after: float | None = None
 
     @property
     def params_before(self) -> int:
@@ -209,8 +209,9 @@ def separate(
         exclude: glob patterns of convs to leave dense; they win over ``include``.
         order: ``"dw-pw"`` (depthwise then pointwise), ``"pw-dw"`` (pointwise then
             depthwise), or ``"auto"`` (per layer, the lower error at the rank or budget).
-        flops_target: with ``rank="auto"``: all convs' FLOPs after separation, as a fraction
-            of before (0.25 = four times fewer); layers may stay dense where that is cheaper.
+        flops_target: with ``rank="auto"``: the model's FLOPs after separation (fvcore's
+            count on the example inputs), as a fraction of before (0.25 = four times fewer);
+            layers may stay dense where that is cheaper.
         energy: with ``rank="auto"``: per layer, the smallest rank keeping this share of the
             squared singular values.
         calibration: unlabeled model inputs (a tensor, a tuple of tensors for several inputs,
@@ -301,7 +302,7 @@ def separate(
         _check_runs(work, inputs)
     return Separation(
         model=work, layers=tuple(layers), skipped=tuple(skipped), original=model,
-        budget_met=plan.budget_met, conv_flops_before=plan.flops_before, conv_flops_after=plan.flops_after,
+        budget_met=plan.budget_met, flops_before=plan.flops_before, flops_after=plan.flops_after,
     )
 
 

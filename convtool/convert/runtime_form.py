@@ -1,0 +1,136 @@
+"""The form a separated model is shipped in: BatchNorm folded, pairs laid out as runtimes like.
+
+These rewrites change how the model computes, never what: each is checked on example inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from ..inputs import as_inputs, eval_mode, model_device, on_device
+from .fx_pass import set_module, trace_regions
+from .modules import BranchedSeparableConv2d, SeparableConv2d
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("multiplier", "branches")
+
+
+def _last_conv_name(module: nn.Module) -> str | None:
+    if isinstance(module, SeparableConv2d):
+        return "pointwise" if module.order == "dw-pw" else "depthwise"
+    if isinstance(module, (nn.Conv2d, BranchedSeparableConv2d)):
+        return "" if isinstance(module, nn.Conv2d) else "pointwise"
+    return None
+
+
+def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """Fold each eval-mode BatchNorm2d that only follows a conv (dense or separated) into it.
+
+    The BatchNorm becomes ``nn.Identity`` and its scale and shift move into the weights and
+    bias of the conv that runs last (the pointwise of a ``"dw-pw"`` pair). Only patterns the
+    traced graphs prove are folded: the conv's output feeds the BatchNorm alone, and each is
+    called once. Works on a copy, in eval mode; returns it with the names of the folded
+    BatchNorms.
+    """
+    model = copy.deepcopy(model).eval()  # folding is an inference rewrite: BatchNorm in eval
+    tracing = trace_regions(model)
+    calls: dict[str, int] = {}
+    edges: list[tuple[str, str]] = []
+    for region in tracing.regions:
+        prefix = f"{region.name}." if region.name else ""
+        for node in region.graph.nodes:
+            if node.op != "call_module":
+                continue
+            calls[prefix + node.target] = calls.get(prefix + node.target, 0) + 1
+            module = region.module.get_submodule(node.target)
+            if _last_conv_name(module) is None or len(node.users) != 1:
+                continue
+            (user,) = node.users
+            if user.op == "call_module" and isinstance(region.module.get_submodule(user.target), nn.BatchNorm2d):
+                if len(user.args) == 1 and not user.kwargs:
+                    edges.append((prefix + node.target, prefix + user.target))
+    folded = []
+    for conv_name, bn_name in edges:
+        if calls.get(conv_name) != 1 or calls.get(bn_name) != 1:
+            continue
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        if bn.training or conv.training or not bn.track_running_stats:
+            continue
+        last = _last_conv_name(conv)
+        target = conv if last == "" else getattr(conv, last)
+        fused = fuse_conv_bn_eval(target, bn)
+        if last == "":
+            set_module(model, conv_name, fused)
+        else:
+            setattr(conv, last, fused)
+        set_module(model, bn_name, nn.Identity())
+        folded.append(bn_name)
+    return model, folded
+
+
+def branch_layout(model: nn.Module) -> tuple[nn.Module, list[str]]:
+    """Rewrite every ``"dw-pw"`` pair of rank > 1 (ungrouped) as multiplier-1 branches, on a copy."""
+    model = copy.deepcopy(model)
+    changed = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, SeparableConv2d) and module.order == "dw-pw" and module.rank > 1 and module.groups == 1:
+            if name:
+                set_module(model, name, BranchedSeparableConv2d(module))
+            else:
+                model = BranchedSeparableConv2d(module)
+            changed.append(name)
+    return model, changed
+
+
+def for_runtime(
+    model: nn.Module, example_inputs: Any, *, fold_bn: bool = True, layout: str = "branches"
+) -> tuple[nn.Module, tuple[str, ...], tuple[str, ...]]:
+    """The model as convtool ships it: BatchNorm folded and pairs in ``layout``, checked equal.
+
+    Each rewrite is kept only if the outputs on ``example_inputs`` stay within float tolerance
+    of the model's (eval mode); otherwise it is dropped and logged. Returns the model (the
+    caller's when nothing changed), the folded BatchNorms and the branched pairs.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}")
+    inputs = on_device(as_inputs(example_inputs), model_device(model))
+    with eval_mode(model), torch.no_grad():
+        reference = model(*inputs)
+    result, done = model, {}
+    steps = []
+    if fold_bn:
+        steps.append(("fold BatchNorm", fold_batchnorm))
+    if layout == "branches":
+        steps.append(("branch layout", branch_layout))
+    for label, rewrite in steps:
+        candidate, names = rewrite(result)
+        if not names:
+            continue
+        with eval_mode(candidate), torch.no_grad():
+            output = candidate(*inputs)
+        if _close(output, reference):
+            result, done[label] = candidate, tuple(names)
+        else:
+            log.warning("%s changed the outputs; shipping without it", label)
+    return result, done.get("fold BatchNorm", ()), done.get("branch layout", ())
+
+
+def _close(actual: Any, expected: Any) -> bool:
+    a, spec_a = torch.utils._pytree.tree_flatten(actual)
+    e, spec_e = torch.utils._pytree.tree_flatten(expected)
+    if spec_a != spec_e:
+        return False
+    for x, y in zip(a, e):
+        if not isinstance(y, torch.Tensor):
+            continue
+        scale = float(y.abs().max()) if y.numel() else 0.0
+        if not torch.allclose(x.float(), y.float(), rtol=1e-3, atol=1e-4 * max(scale, 1.0)):
+            return False
+    return True
