@@ -80,7 +80,7 @@ class ResNet(nn.Module):
 
 
 class VGG(nn.Module):
-    def __init__(self, config: list, classes: int = 1000) -> None:
+    def __init__(self, config: list, classes: int = 1000, hidden: int = 4096) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         cin = 3
@@ -93,8 +93,8 @@ class VGG(nn.Module):
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(7)
         self.classifier = nn.Sequential(
-            nn.Linear(512 * 49, 4096), nn.ReLU(True), nn.Dropout(), nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(),
-            nn.Linear(4096, classes),
+            nn.Linear(cin * 49, hidden), nn.ReLU(True), nn.Dropout(), nn.Linear(hidden, hidden), nn.ReLU(True),
+            nn.Dropout(), nn.Linear(hidden, classes),
         )
 
     def forward(self, x):
@@ -115,7 +115,7 @@ def vgg16() -> VGG:
 
 def vgg11_narrow() -> VGG:
     """A VGG-11 at half width: VGG's shape at a size that fits latency runs on two cores."""
-    return VGG([32, "M", 64, "M", 128, 128, "M", 256, 256, "M", 256, 256, "M"], classes=1000)
+    return VGG([32, "M", 64, "M", 128, 128, "M", 256, 256, "M", 256, 256, "M"], classes=1000, hidden=1024)
 
 
 ARCHITECTURES = {"resnet18": resnet18, "resnet50": resnet50, "vgg16": vgg16, "vgg11-narrow": vgg11_narrow}

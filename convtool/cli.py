@@ -225,6 +225,9 @@ def main() -> None:
 @click.option("--rank", help="Separable filters per channel: a positive integer, 'full' (exact) or 'auto' [1; auto with --flops-target or --energy].")
 @click.option("--flops-target", type=float, help="With --rank auto: all convs' FLOPs after, as a fraction of before (e.g. 0.25).")
 @click.option("--energy", type=float, help="With --rank auto: per layer, the smallest rank keeping this share of spectral energy (e.g. 0.9).")
+@click.option("--latency", "latency_provider", metavar="PROVIDER",
+              help="With --rank auto: time each layer on this onnxruntime provider (cpu, cuda); layers whose "
+                   "separated form is not faster stay dense.")
 @click.option("--include", multiple=True, metavar="GLOB", help="Separate only convs whose qualified name matches; repeatable.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave convs whose qualified name matches dense; repeatable.")
 @click.option("--order", type=click.Choice(["dw-pw", "pw-dw", "auto"]), default="dw-pw", show_default=True,
@@ -244,7 +247,7 @@ def main() -> None:
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @_output_options
 @_command
-def separate(model, output, rank, flops_target, energy, include, exclude, order, calibration, image_size, mean, std,
+def separate(model, output, rank, flops_target, energy, latency_provider, include, exclude, order, calibration, image_size, mean, std,
              recalibrate_bn, distill_steps, input_shapes, arch, allow_pickle, device, onnx_path, providers, report_path,
              force, quiet, as_json):
     """Rewrite every standard Conv2d of MODEL into a depthwise + pointwise pair.
@@ -284,6 +287,7 @@ def separate(model, output, rank, flops_target, energy, include, exclude, order,
         result = convtool.separate(
             original, inputs, rank=rank_value, include=include, exclude=exclude, order=order,
             flops_target=flops_target, energy=energy, calibration=data, recalibrate_bn=recalibrate_bn,
+            latency_provider=latency_provider,
         )
     if result.budget_met is False:
         ui.note(f"note: the FLOP target {flops_target} cannot be met; every separated layer is at its cheapest")
@@ -398,7 +402,12 @@ def _export_and_verify(model, inputs, onnx_path, provider_names, asked, force, s
 
 
 def _export_line(exported) -> str:
-    text = f"wrote {exported.path} (opset {exported.opset}, {exported.exporter} exporter)"
+    text = f"wrote {exported.path} (opset {exported.opset}, {exported.exporter} exporter"
+    if exported.folded_batchnorms:
+        text += f", {len(exported.folded_batchnorms)} BatchNorms folded"
+    if exported.branched_layers:
+        text += f", {len(exported.branched_layers)} pairs as multiplier-1 branches"
+    text += ")"
     if exported.fallback_reason:
         text += f"; torch.export refused the model: {exported.fallback_reason}"
     for warning in exported.warnings[:3]:
@@ -446,10 +455,13 @@ def analyze(model, input_shapes, arch, allow_pickle, device, report_path, force,
 @_model_options
 @click.option("--opset", type=int, help="ONNX opset [the exporter's default].")
 @click.option("--static-batch", is_flag=True, help="Keep the batch dimension fixed instead of dynamic.")
+@click.option("--no-fold-bn", is_flag=True, help="Keep BatchNorm layers instead of folding them into the conv before.")
+@click.option("--layout", type=click.Choice(["branches", "multiplier"]), default="branches", show_default=True,
+              help="How rank > 1 pairs are written: multiplier-1 depthwise branches (faster on onnxruntime) or one conv.")
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @_command
-def export(model, output, input_shapes, arch, allow_pickle, device, opset, static_batch, force, quiet):
+def export(model, output, input_shapes, arch, allow_pickle, device, opset, static_batch, no_fold_bn, layout, force, quiet):
     """Export MODEL to ONNX (torch.export, with the TorchScript exporter as fallback).
 
     \b
@@ -465,7 +477,9 @@ def export(model, output, input_shapes, arch, allow_pickle, device, opset, stati
     loaded = _load(model, arch, allow_pickle, device, ui)
     inputs = _example_inputs(loaded, input_shapes, device, ui)
     with ui.status("exporting ONNX"):
-        exported = convtool.export_onnx(loaded, inputs, output, opset=opset, dynamic_batch=not static_batch)
+        exported = convtool.export_onnx(
+            loaded, inputs, output, opset=opset, dynamic_batch=not static_batch, fold_bn=not no_fold_bn, layout=layout
+        )
     ui.note(_export_line(exported))
 
 

@@ -335,3 +335,14 @@ def test_image_folder_needs_a_size(project):
     Image.new("RGB", (8, 8)).save(project / "photos" / "a.png")
     result = run("separate", project / "small.pt", "--arch", arch(project), "--calibration", project / "photos")
     assert result.exit_code == 2 and "--image-size" in result.output
+
+
+def test_latency_guided_rank_and_export_layout(project):
+    result = run("separate", project / "small.pt", "--arch", arch(project), "--input-shape", "1,3,16,16",
+                 "--rank", "auto", "--flops-target", "0.9", "--latency", "cpu", "-o", project / "l.pt")
+    assert result.exit_code in (0, 2), result.output  # 2: nothing was faster than dense on this machine
+    if result.exit_code == 2:
+        assert "dense" in result.output
+    exported = run("export", project / "small.pt", "--arch", arch(project), "--input-shape", "1,3,16,16",
+                   "-o", project / "x.onnx", "--no-fold-bn", "--layout", "multiplier")
+    assert exported.exit_code == 0 and "BatchNorms folded" not in exported.output

@@ -264,9 +264,12 @@ def time_modules(
     warmup: int = 5,
     threads: int | None = None,
     exporter: str = "auto",
+    fold_bn: bool = True,
+    layout: str = "branches",
 ) -> tuple[list[float], bool]:
     """Export each module and time them all on one provider, round-robin: medians in ms.
 
+    ``exporter``, ``fold_bn`` and ``layout`` are passed to :func:`~convtool.export_onnx`.
     Returns the medians and whether every session really ran on ``provider``.
     """
     from ..convert.onnx import export_onnx
@@ -276,7 +279,10 @@ def time_modules(
     with tempfile.TemporaryDirectory(prefix="convtool-bench-") as tmp:
         sessions = []
         for i, module in enumerate(modules):
-            exported = export_onnx(module, inputs, Path(tmp) / f"m{i}.onnx", dynamic_batch=False, exporter=exporter)
+            exported = export_onnx(
+                module, inputs, Path(tmp) / f"m{i}.onnx", dynamic_batch=False, exporter=exporter,
+                fold_bn=fold_bn, layout=layout,
+            )
             sessions.append(open_session(exported.path, name, threads))
         used = all(s.get_providers()[0] == name for s in sessions)
         return time_sessions(sessions, _feed(sessions[0], inputs), runs, warmup), used

@@ -76,6 +76,7 @@ def make_plan(
     energy: float | None,
     shape_inputs: tuple,
     calibration_batch: tuple | None,
+    latency_provider: str | None = None,
 ) -> Plan:
     """Decide each candidate's (order, rank).
 
@@ -83,7 +84,8 @@ def make_plan(
     the smallest rank keeping that share of spectral energy. ``flops_target``: the ranks that
     bring the model's FLOPs (fvcore's count on ``shape_inputs``) to that fraction with the
     least summed squared relative error, measured on ``calibration_batch`` activations when
-    given.
+    given. ``latency_provider``: with ``"auto"`` ranks, options not faster than the dense conv
+    on that onnxruntime provider (measured at the layer's input shape) are dropped.
     """
     if rank != "auto":
         picks = {}
@@ -93,14 +95,29 @@ def make_plan(
             picks[c.name] = (picked, min(r, max_rank(c.weight, c.groups, picked)))
         return Plan(picks, {})
     if energy is not None:
-        picks = {}
+        picks: dict[str, tuple[str, int] | None] = {}
+        reasons: dict[str, str] = {}
+        shapes = _require_shapes(model, shape_inputs) if latency_provider else {}
         for c in candidates:
             ranks = {o: energy_rank(c.weight, c.groups, o, energy) for o in _orders(order)}
             costs = {o: _unit_cost(c, o, ranks[o]) for o in ranks}
             best = min(ranks, key=lambda o: costs[o])
             picks[c.name] = (best, ranks[best])
-        return Plan(picks, {})
-    return _budget_plan(model, candidates, order, flops_target, shape_inputs, calibration_batch)
+            shape = shapes.get(id(c.weight))
+            if shape is not None:
+                single = Choice({DENSE: (0.0, 0.0), (best, ranks[best]): (0.0, 0.0)})
+                if (best, ranks[best]) not in faster_than_dense(c, single, shape, latency_provider).options:
+                    picks[c.name] = None
+                    reasons[c.name] = f"kept dense: rank {ranks[best]} is not faster than the dense conv on {latency_provider}"
+        return Plan(picks, reasons)
+    return _budget_plan(model, candidates, order, flops_target, shape_inputs, calibration_batch, latency_provider)
+
+
+def _require_shapes(model: nn.Module, shape_inputs: tuple, with_weights: bool = False):
+    if not shape_inputs:
+        raise InvalidOptionError("rank='auto' with a FLOP target or a latency provider needs example inputs (or calibration data) to cost each layer")
+    shapes, weights, _ = conv_shapes(model, shape_inputs)
+    return (shapes, weights) if with_weights else shapes
 
 
 def _unit_cost(c: Candidate, order: str, r: int) -> float:
@@ -109,11 +126,9 @@ def _unit_cost(c: Candidate, order: str, r: int) -> float:
     return separable_cost(order, r, tuple(c.weight.shape), c.groups, ConvShape(1, 1, 1))
 
 
-def _budget_plan(model, candidates, order, flops_target, shape_inputs, calibration_batch) -> Plan:
-    if not shape_inputs:
-        raise InvalidOptionError("rank='auto' with a FLOP target needs example inputs (or calibration data) to cost each layer")
+def _budget_plan(model, candidates, order, flops_target, shape_inputs, calibration_batch, latency_provider) -> Plan:
     keep = [c.weight for c in candidates] if calibration_batch is not None else []
-    shapes, weights, _ = conv_shapes(model, shape_inputs)
+    shapes, weights = _require_shapes(model, shape_inputs, with_weights=True)
     activations = conv_shapes(model, calibration_batch, keep)[2] if calibration_batch is not None else {}
     conv_total = sum(dense_cost(tuple(weights[k].shape), shapes[k]) for k in shapes)
     mine = {id(c.weight) for c in candidates}
@@ -132,6 +147,8 @@ def _budget_plan(model, candidates, order, flops_target, shape_inputs, calibrati
         # A conv with a padding mode other than zeros receives its input already padded.
         if id(c.weight) in activations and c.options.get("padding_mode", "zeros") == "zeros":
             choice = _output_errors(c, activations[id(c.weight)], choice)
+        if latency_provider is not None:
+            choice = faster_than_dense(c, choice, shape, latency_provider)
         choices.append(choice)
         ran.append(c)
     picks_list, met = allocate(choices, flops_target * total - fixed)
@@ -154,3 +171,41 @@ def _model_flops(model: nn.Module, inputs: tuple, conv_total: float) -> float:
         return float(max(analyze(model, inputs).flops, conv_total))
     except Exception:  # fvcore's jit tracing refuses some models; their convs still count
         return conv_total
+
+
+_LATENCY_CACHE: dict[tuple, float] = {}
+
+
+def _latency(module: nn.Module, input_shape: tuple[int, ...], provider: str, key: tuple) -> float:
+    """Median onnxruntime latency (ms) of one layer alone, cached per shape and provider."""
+    from ..analysis.runtime import time_modules
+
+    if key not in _LATENCY_CACHE:
+        x = torch.randn(input_shape, dtype=next(module.parameters()).dtype)
+        (ms,), _ = time_modules([module.cpu()], x, provider=provider, runs=15, warmup=3, exporter="torchscript")
+        _LATENCY_CACHE[key] = ms
+    return _LATENCY_CACHE[key]
+
+
+def faster_than_dense(c: Candidate, choice: Choice, shape: ConvShape, provider: str) -> Choice:
+    """Drop the options that onnxruntime does not run faster than the dense conv.
+
+    Ranks are measured from 1 up, per order, and stop at the first that is not faster: higher
+    ranks of the same order cost more still.
+    """
+    weight = c.weight.detach().cpu()
+    bias = c.bias.detach().cpu() if c.bias is not None else None
+    config = (tuple(weight.shape), c.groups, tuple(sorted((k, str(v)) for k, v in c.options.items())), shape.input_shape, provider)
+    dense = nn.Conv2d(weight.shape[1] * c.groups, weight.shape[0], tuple(weight.shape[2:]), groups=c.groups,
+                      bias=bias is not None, **c.options)
+    with torch.no_grad():
+        dense.weight.copy_(weight)
+    dense_ms = _latency(dense.eval(), shape.input_shape, provider, ("dense", *config))
+    kept = {DENSE: choice.options[DENSE]}
+    for order in sorted({key[0] for key in choice.options if key != DENSE}):
+        for r in sorted(key[1] for key in choice.options if key[0] == order):
+            pair = SeparableConv2d.from_weight(weight, bias, groups=c.groups, rank=r, order=order, **c.options).eval()
+            if _latency(pair, shape.input_shape, provider, (order, r, *config)) >= dense_ms:
+                break
+            kept[(order, r)] = choice.options[(order, r)]
+    return Choice(kept)

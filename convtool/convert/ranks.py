@@ -25,6 +25,7 @@ class ConvShape:
     in_pixels: int  # sum over calls of batch * H_in * W_in
     out_pixels: int  # sum over calls of batch * H_out * W_out
     calls: int
+    input_shape: tuple[int, ...] = ()  # of the first call
 
 
 class _RecordConvs(TorchFunctionMode):
@@ -32,7 +33,7 @@ class _RecordConvs(TorchFunctionMode):
 
     def __init__(self, keep_inputs: set[int] | None = None) -> None:
         super().__init__()
-        self.shapes: dict[int, list[int]] = {}
+        self.shapes: dict[int, list] = {}
         self.weights: dict[int, torch.Tensor] = {}
         self.keep_inputs = keep_inputs or set()
         self.inputs: dict[int, torch.Tensor] = {}
@@ -44,7 +45,7 @@ class _RecordConvs(TorchFunctionMode):
             x = args[0] if args else kwargs["input"]
             w = args[1] if len(args) > 1 else kwargs["weight"]
             key = id(w)
-            rec = self.shapes.setdefault(key, [0, 0, 0])
+            rec = self.shapes.setdefault(key, [0, 0, 0, tuple(x.shape)])
             batch = x.shape[0] if x.dim() == 4 else 1
             rec[0] += batch * x.shape[-2] * x.shape[-1]
             rec[1] += batch * out.shape[-2] * out.shape[-1]

@@ -176,6 +176,16 @@ def _check_options(rank, order, flops_target, energy) -> int | str:
     return rank
 
 
+def _check_latency(latency_provider: str | None, rank: int | str) -> None:
+    if latency_provider is None:
+        return
+    if rank != "auto":
+        raise InvalidOptionError("latency_provider guides the automatic rank choice: use it with rank='auto'")
+    from ..analysis.runtime import provider_name
+
+    provider_name(latency_provider)
+
+
 def separate(
     model: nn.Module,
     example_inputs: Any = None,
@@ -188,6 +198,7 @@ def separate(
     energy: float | None = None,
     calibration: Any = None,
     recalibrate_bn: bool = False,
+    latency_provider: str | None = None,
 ) -> Separation:
     """Replace every standard ``Conv2d`` of ``model`` by a depthwise-separable pair.
 
@@ -218,6 +229,10 @@ def separate(
             or an iterable of batches). The rank choice then weighs output error instead of
             weight error, and every separated layer's last conv is refit by least squares to
             reproduce the original layer's outputs.
+        latency_provider: with ``rank="auto"``: an onnxruntime provider (``"cpu"``, ``"cuda"``)
+            on which each layer's options are timed at the layer's input shape; a layer whose
+            separated forms are not faster than its dense conv there stays dense. An explicit
+            rank is never overridden.
         recalibrate_bn: after calibration, re-estimate BatchNorm statistics on the data. Off
             by default: the refit already matches each layer's original outputs, so the
             trained statistics still fit, and re-estimating them on a few hundred images
@@ -239,6 +254,7 @@ def separate(
         ['0']
     """
     rank = _check_options(rank, order, flops_target, energy)
+    _check_latency(latency_provider, rank)
     if rank == "auto" and flops_target is None and energy is None:
         flops_target = 0.25
     if not isinstance(model, nn.Module):
@@ -260,6 +276,7 @@ def separate(
         work, candidates, rank=rank, order=order, flops_target=flops_target, energy=energy,
         shape_inputs=tuple(on_device(shape_inputs, model_device(work))),
         calibration_batch=tuple(on_device(batches[0], model_device(work))) if batches else None,
+        latency_provider=latency_provider,
     )
     skipped += [SkippedLayer(name, reason) for name, reason in plan.dense_reasons.items()]
 
@@ -293,7 +310,8 @@ def separate(
             SkippedLayer(call.name, "conv2d call could not be rewritten where it is made") for call in planned if call not in done
         ]
     if not layers:
-        raise NothingToSeparateError("nothing to separate: the FLOP budget keeps every conv dense")
+        reason = next(iter(plan.dense_reasons.values()), "every conv stays dense")
+        raise NothingToSeparateError(f"nothing to separate: every conv stays dense ({reason})")
 
     work.train(model.training)
     if batches:

@@ -1,0 +1,98 @@
+"""The shipped form: BatchNorm folding, the branch layout, latency-aware rank choice."""
+
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import convtool
+from convtool.convert import plan as plan_module
+from convtool.convert.modules import BranchedSeparableConv2d
+from convtool.convert.runtime_form import branch_layout, fold_batchnorm
+
+from ..helpers import assert_outputs_close
+from ..zoo import ZOO, ResNetLike, build, randomize_batchnorm
+
+
+@pytest.mark.parametrize("order", ["dw-pw", "pw-dw"])
+def test_folding_batchnorm_keeps_the_outputs(order):
+    model = randomize_batchnorm(ResNetLike()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    separated = convtool.separate(model, x, rank=2, order=order).model
+    folded, names = fold_batchnorm(separated)
+    assert "bn1" in names and isinstance(folded.bn1, nn.Identity)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), separated(x), rtol=1e-4, atol=1e-5)
+    assert isinstance(separated.bn1, nn.BatchNorm2d)  # the input model is untouched
+
+
+def test_batchnorm_used_twice_or_after_other_ops_is_not_folded():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) + self.bn(x)
+
+    model = randomize_batchnorm(Shared()).eval()
+    folded, names = fold_batchnorm(model)
+    assert names == []
+    x = torch.randn(1, 4, 8, 8)
+    torch.testing.assert_close(folded(x), model(x))
+
+
+@pytest.mark.parametrize("entry", [e for e in ZOO if e.name in ("vgg", "resnet", "unet", "detector", "two_inputs")],
+                         ids=lambda e: e.name)
+def test_branch_layout_is_the_same_function(entry):
+    model, inputs = build(entry)
+    separated = convtool.separate(model, inputs, rank=3).model
+    branched, names = branch_layout(separated)
+    assert names and all(isinstance(branched.get_submodule(n) if n else branched, BranchedSeparableConv2d) for n in names)
+    with torch.no_grad():
+        assert_outputs_close(branched(*inputs), separated(*inputs), rtol=1e-4, atol=1e-5)
+
+
+def test_export_ships_the_runtime_form(tmp_path):
+    model = randomize_batchnorm(ResNetLike()).eval()
+    x = torch.randn(1, 3, 32, 32)
+    separated = convtool.separate(model, x, rank=2).model
+    exported = convtool.export_onnx(separated, x, tmp_path / "m.onnx", exporter="torchscript")
+    assert exported.folded_batchnorms and exported.branched_layers
+    ops = [n.op_type for n in onnx.load(exported.path).graph.node]
+    assert "BatchNormalization" not in ops and "Concat" in ops
+    groups = {a.i for n in onnx.load(exported.path).graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "group"}
+    plain = convtool.export_onnx(separated, x, tmp_path / "p.onnx", exporter="torchscript", fold_bn=False, layout="multiplier")
+    assert not plain.folded_batchnorms and not plain.branched_layers
+    for path in (exported.path, plain.path):
+        (check,) = convtool.verify_onnx(path, separated, x, providers=["cpu"], runs=1)
+        assert check.passed, check.reason
+    assert groups  # depthwise convs are there
+
+
+def test_slow_separated_forms_stay_dense(monkeypatch):
+    """Options onnxruntime does not run faster than the dense conv are dropped."""
+    timings = {"dense": 1.0}
+
+    def fake_latency(module, shape, provider, key):
+        if key[0] == "dense":
+            return timings["dense"]
+        order, rank = key[0], key[1]
+        return 0.5 if (order, rank) == ("dw-pw", 1) else 2.0
+
+    monkeypatch.setattr(plan_module, "_latency", fake_latency)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
+    x = torch.randn(1, 16, 16, 16)
+    result = convtool.separate(model, x, flops_target=0.9, order="auto", latency_provider="cpu")
+    assert {(layer.order, layer.rank) for layer in result.layers} == {("dw-pw", 1)}
+    timings["dense"] = 0.1  # now nothing beats the dense conv
+    with pytest.raises(convtool.NothingToSeparateError, match="dense"):
+        convtool.separate(model, x, flops_target=0.9, latency_provider="cpu")
+    with pytest.raises(convtool.NothingToSeparateError, match="not faster than the dense conv"):
+        convtool.separate(model, x, energy=0.99, latency_provider="cpu")
+
+
+def test_latency_option_needs_auto_rank():
+    with pytest.raises(convtool.InvalidOptionError, match="rank='auto'"):
+        convtool.separate(nn.Conv2d(3, 8, 3), torch.randn(1, 3, 8, 8), rank=1, latency_provider="cpu")
