@@ -194,6 +194,16 @@ def _provider_lines(checks) -> list[str]:
     return lines
 
 
+def _finish_verification(checks, asked: bool, emit: Callable[[str], None]) -> None:
+    """One line per provider, then exit: 0 verified, 1 failed."""
+    for text in _provider_lines(checks):
+        emit(text)
+    code = _verify_exit(checks, asked)
+    if code:
+        click.echo("Error: ONNX verification failed", err=True)
+    sys.exit(code)
+
+
 def _verify_exit(checks, asked: bool) -> int:
     """1 when a provider that ran failed, or one the user named explicitly could not run."""
     for c in checks:
@@ -226,8 +236,8 @@ def main() -> None:
 @click.option("--flops-target", type=float, help="With --rank auto: all convs' FLOPs after, as a fraction of before (e.g. 0.25).")
 @click.option("--energy", type=float, help="With --rank auto: per layer, the smallest rank keeping this share of spectral energy (e.g. 0.9).")
 @click.option("--latency", "latency_provider", metavar="PROVIDER",
-              help="With --rank auto: time each layer on this onnxruntime provider (cpu, cuda); layers whose "
-                   "separated form is not faster stay dense.")
+              help="Time each layer on this onnxruntime provider (cpu, cuda); layers whose "
+                   "separated form is not faster stay dense (also with an explicit --rank).")
 @click.option("--include", multiple=True, metavar="GLOB", help="Separate only convs whose qualified name matches; repeatable.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave convs whose qualified name matches dense; repeatable.")
 @click.option("--order", type=click.Choice(["dw-pw", "pw-dw", "auto"]), default="dw-pw", show_default=True,
@@ -393,12 +403,7 @@ def _export_and_verify(model, inputs, onnx_path, provider_names, asked, force, s
     ui.note(_export_line(exported))
     with ui.status("verifying on onnxruntime"):
         checks = convtool.verify_onnx(exported, model, inputs, providers=provider_names)
-    for text in _provider_lines(checks):
-        ui.note(text)
-    code = _verify_exit(checks, asked)
-    if code:
-        click.echo("Error: ONNX verification failed", err=True)
-    sys.exit(code)
+    _finish_verification(checks, asked, ui.note)
 
 
 def _export_line(exported) -> str:
@@ -513,12 +518,7 @@ def verify(onnx_file, against, input_shapes, arch, allow_pickle, device, provide
         checks = convtool.verify_onnx(onnx_file, reference, inputs, providers=provider_names, rtol=rtol, atol=atol)
     if as_json and not quiet:
         click.echo(json.dumps([dataclasses.asdict(c) for c in checks], indent=2))
-    for text in _provider_lines(checks):
-        ui.line(text)
-    code = _verify_exit(checks, asked)
-    if code:
-        click.echo("Error: ONNX verification failed", err=True)
-    sys.exit(code)
+    _finish_verification(checks, asked, ui.line)
 
 
 if __name__ == "__main__":

@@ -10,28 +10,18 @@ from torch import nn
 
 from ..convert.decompose import dense_params
 from ..convert.modules import SeparableConv2d
+from ..convert.separate import PairShape
 from ..inputs import as_inputs, eval_mode, model_device, on_device
 from .counts import FLOPS_UNIT, Analysis, analyze
 from .fidelity import Fidelity, output_fidelity
 
 
 @dataclass(frozen=True)
-class LayerCost:
+class LayerCost(PairShape):
     """One separated layer, before and after. FLOPs count one multiply-add as one flop."""
 
-    name: str
-    in_channels: int
-    out_channels: int
-    kernel_size: tuple[int, int]
-    stride: tuple[int, int]
-    groups: int
-    rank: int
-    order: str
-    params_before: int
-    params_after: int
-    flops_before: int
-    flops_after: int
-    relative_error: float
+    flops_before: int = 0
+    flops_after: int = 0
 
     @property
     def params_ratio(self) -> float:

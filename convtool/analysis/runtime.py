@@ -288,6 +288,25 @@ def time_modules(
         return time_sessions(sessions, _feed(sessions[0], inputs), runs, warmup), used
 
 
+_LATENCY_CACHE: dict[tuple, float] = {}
+
+
+def module_latency(module: nn.Module, input_shape: tuple[int, ...], provider: str, key: tuple, runs: int = 15) -> float:
+    """Median latency (ms) of one small module alone on ``provider``, cached under ``key``.
+
+    For per-layer decisions: exported with the TorchScript exporter (fast, exact for a single
+    conv or pair), as is, so the caller decides the form being timed.
+    """
+    key = (*key, provider_name(provider))
+    if key not in _LATENCY_CACHE:
+        x = torch.randn(input_shape, dtype=next(module.parameters()).dtype)
+        (ms,), _ = time_modules(
+            [module.cpu()], x, provider=provider, runs=runs, warmup=3, exporter="torchscript", fold_bn=False, layout="multiplier"
+        )
+        _LATENCY_CACHE[key] = ms
+    return _LATENCY_CACHE[key]
+
+
 def benchmark(
     original: nn.Module,
     separated: nn.Module,

@@ -130,6 +130,7 @@ def export_onnx(
     exporter: str = "auto",
     fold_bn: bool = True,
     layout: str = "branches",
+    provider: str = "cpu",
 ) -> OnnxExport:
     """Export ``model`` to ONNX at ``path``, checked with ``onnx.checker`` (full check).
 
@@ -144,8 +145,11 @@ def export_onnx(
         fold_bn: fold each BatchNorm that follows a conv (dense or separated) into that conv.
         layout: ``"branches"`` writes rank > 1 depthwise-then-pointwise pairs as multiplier-1
             depthwise branches, which onnxruntime runs faster than one conv with a channel
-            multiplier (benchmarks/RESULTS.md); ``"multiplier"`` keeps the module's form. Both
-            rewrites are checked on the example inputs and dropped if outputs would change.
+            multiplier end to end (benchmarks/RESULTS.md); ``"multiplier"`` keeps the module's
+            form; ``"measured"`` times both forms of each pair on ``provider`` and keeps the
+            faster. Every rewrite is checked on the example inputs and dropped if outputs
+            would change.
+        provider: the onnxruntime provider ``layout="measured"`` times on.
 
     Returns:
         An :class:`OnnxExport` that says which exporter produced the file, and why.
@@ -174,7 +178,7 @@ def export_onnx(
     if fold_bn or layout != "multiplier":
         from .runtime_form import for_runtime
 
-        model, folded, branched = for_runtime(model, inputs, fold_bn=fold_bn, layout=layout)
+        model, folded, branched = for_runtime(model, inputs, fold_bn=fold_bn, layout=layout, provider=provider)
     external = sum(p.numel() * p.element_size() for p in model.parameters()) > _EXTERNAL_DATA_BYTES
 
     errors: dict[str, str] = {}

@@ -87,30 +87,35 @@ def make_plan(
     given. ``latency_provider``: with ``"auto"`` ranks, options not faster than the dense conv
     on that onnxruntime provider (measured at the layer's input shape) are dropped.
     """
-    if rank != "auto":
-        picks = {}
-        for c in candidates:
-            r = 10**9 if rank == "full" else int(rank)
-            picked = _best_order(c, r, order)
-            picks[c.name] = (picked, min(r, max_rank(c.weight, c.groups, picked)))
-        return Plan(picks, {})
-    if energy is not None:
+    if rank != "auto" or energy is not None:
         picks: dict[str, tuple[str, int] | None] = {}
-        reasons: dict[str, str] = {}
-        shapes = _require_shapes(model, shape_inputs) if latency_provider else {}
         for c in candidates:
-            ranks = {o: energy_rank(c.weight, c.groups, o, energy) for o in _orders(order)}
-            costs = {o: _unit_cost(c, o, ranks[o]) for o in ranks}
-            best = min(ranks, key=lambda o: costs[o])
-            picks[c.name] = (best, ranks[best])
-            shape = shapes.get(id(c.weight))
-            if shape is not None:
-                single = Choice({DENSE: (0.0, 0.0), (best, ranks[best]): (0.0, 0.0)})
-                if (best, ranks[best]) not in faster_than_dense(c, single, shape, latency_provider).options:
-                    picks[c.name] = None
-                    reasons[c.name] = f"kept dense: rank {ranks[best]} is not faster than the dense conv on {latency_provider}"
+            if energy is not None:
+                ranks = {o: energy_rank(c.weight, c.groups, o, energy) for o in _orders(order)}
+                best = min(ranks, key=lambda o: _unit_cost(c, o, ranks[o]))
+                picks[c.name] = (best, ranks[best])
+            else:
+                r = 10**9 if rank == "full" else int(rank)
+                best = _best_order(c, r, order)
+                picks[c.name] = (best, min(r, max_rank(c.weight, c.groups, best)))
+        reasons = _drop_slow(model, candidates, picks, shape_inputs, latency_provider) if latency_provider else {}
         return Plan(picks, reasons)
     return _budget_plan(model, candidates, order, flops_target, shape_inputs, calibration_batch, latency_provider)
+
+
+def _drop_slow(model, candidates, picks, shape_inputs, provider) -> dict[str, str]:
+    """Set to dense (None) each pick that onnxruntime does not run faster than the dense conv."""
+    shapes = _require_shapes(model, shape_inputs)
+    reasons = {}
+    for c in candidates:
+        pick, shape = picks[c.name], shapes.get(id(c.weight))
+        if pick is None or shape is None:
+            continue
+        single = Choice({DENSE: (0.0, 0.0), pick: (0.0, 0.0)})
+        if pick not in faster_than_dense(c, single, shape, provider).options:
+            picks[c.name] = None
+            reasons[c.name] = f"kept dense: rank {pick[1]} ({pick[0]}) is not faster than the dense conv on {provider}"
+    return reasons
 
 
 def _require_shapes(model: nn.Module, shape_inputs: tuple, with_weights: bool = False):
@@ -173,18 +178,10 @@ def _model_flops(model: nn.Module, inputs: tuple, conv_total: float) -> float:
         return conv_total
 
 
-_LATENCY_CACHE: dict[tuple, float] = {}
-
-
 def _latency(module: nn.Module, input_shape: tuple[int, ...], provider: str, key: tuple) -> float:
-    """Median onnxruntime latency (ms) of one layer alone, cached per shape and provider."""
-    from ..analysis.runtime import time_modules
+    from ..analysis.runtime import module_latency
 
-    if key not in _LATENCY_CACHE:
-        x = torch.randn(input_shape, dtype=next(module.parameters()).dtype)
-        (ms,), _ = time_modules([module.cpu()], x, provider=provider, runs=15, warmup=3, exporter="torchscript")
-        _LATENCY_CACHE[key] = ms
-    return _LATENCY_CACHE[key]
+    return module_latency(module, input_shape, provider, key)
 
 
 def faster_than_dense(c: Candidate, choice: Choice, shape: ConvShape, provider: str) -> Choice:

@@ -19,7 +19,7 @@ from .modules import BranchedSeparableConv2d, SeparableConv2d
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = ("multiplier", "branches")
+LAYOUTS = ("multiplier", "branches", "measured")
 
 
 def _last_conv_name(module: nn.Module) -> str | None:
@@ -89,8 +89,51 @@ def branch_layout(model: nn.Module) -> tuple[nn.Module, list[str]]:
     return model, changed
 
 
+def measured_layout(model: nn.Module, example_inputs: Any, provider: str = "cpu") -> tuple[nn.Module, list[str]]:
+    """Per rank > 1 pair, the layout onnxruntime runs faster at the pair's input shape, on a copy.
+
+    Each pair is timed alone in both layouts (cached per shape), so the choice is measured,
+    not assumed: channel-multiplier kernels beat the branches at some shapes.
+    """
+    from ..analysis.runtime import module_latency
+
+    eligible = {
+        name: m for name, m in model.named_modules()
+        if isinstance(m, SeparableConv2d) and m.order == "dw-pw" and m.rank > 1 and m.groups == 1
+    }
+    shapes: dict[str, tuple[int, ...]] = {}
+    def record(name: str):
+        def hook(_module, args) -> None:  # a pre-hook's return value would replace the inputs
+            shapes.setdefault(name, tuple(args[0].shape))
+
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(name)) for name, m in eligible.items()]
+    inputs = on_device(as_inputs(example_inputs), model_device(model))
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(*inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    model = copy.deepcopy(model)
+    changed = []
+    for name, shape in shapes.items():
+        pair = model.get_submodule(name)
+        branched = BranchedSeparableConv2d(pair)
+        key = (pair.in_channels, pair.out_channels, pair.kernel_size, pair.stride, str(pair.padding), pair.dilation,
+               pair.padding_mode, pair.rank, shape)
+        if module_latency(branched, shape, provider, ("branches", *key)) < module_latency(pair, shape, provider, ("multiplier", *key)):
+            if name:
+                set_module(model, name, branched)
+            else:
+                model = branched
+            changed.append(name)
+    return model, changed
+
+
 def for_runtime(
-    model: nn.Module, example_inputs: Any, *, fold_bn: bool = True, layout: str = "branches"
+    model: nn.Module, example_inputs: Any, *, fold_bn: bool = True, layout: str = "branches", provider: str = "cpu"
 ) -> tuple[nn.Module, tuple[str, ...], tuple[str, ...]]:
     """The model as convtool ships it: BatchNorm folded and pairs in ``layout``, checked equal.
 
@@ -109,6 +152,8 @@ def for_runtime(
         steps.append(("fold BatchNorm", fold_batchnorm))
     if layout == "branches":
         steps.append(("branch layout", branch_layout))
+    elif layout == "measured":
+        steps.append(("branch layout", lambda m: measured_layout(m, inputs, provider)))
     for label, rewrite in steps:
         candidate, names = rewrite(result)
         if not names:

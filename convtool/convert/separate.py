@@ -37,8 +37,8 @@ Rank = int | str
 
 
 @dataclass(frozen=True)
-class LayerChange:
-    """One dense conv that was replaced by a separable pair."""
+class PairShape:
+    """What a separated layer is: the dense conv's shape and the pair that replaced it."""
 
     name: str
     in_channels: int
@@ -50,8 +50,14 @@ class LayerChange:
     order: str
     params_before: int
     params_after: int
-    relative_error: float
-    source: str  # "module" (an nn.Conv2d) or "function" (an F.conv2d call on a parameter)
+    relative_error: float  # relative Frobenius error of the SVD initialisation's weights
+
+
+@dataclass(frozen=True)
+class LayerChange(PairShape):
+    """One dense conv that was replaced by a separable pair."""
+
+    source: str = "module"  # "module" (an nn.Conv2d) or "function" (an F.conv2d call on a parameter)
 
 
 class SkippedLayer(NamedTuple):
@@ -176,14 +182,11 @@ def _check_options(rank, order, flops_target, energy) -> int | str:
     return rank
 
 
-def _check_latency(latency_provider: str | None, rank: int | str) -> None:
-    if latency_provider is None:
-        return
-    if rank != "auto":
-        raise InvalidOptionError("latency_provider guides the automatic rank choice: use it with rank='auto'")
-    from ..analysis.runtime import provider_name
+def _check_latency(latency_provider: str | None) -> None:
+    if latency_provider is not None:
+        from ..analysis.runtime import provider_name
 
-    provider_name(latency_provider)
+        provider_name(latency_provider)
 
 
 def separate(
@@ -229,10 +232,10 @@ def separate(
             or an iterable of batches). The rank choice then weighs output error instead of
             weight error, and every separated layer's last conv is refit by least squares to
             reproduce the original layer's outputs.
-        latency_provider: with ``rank="auto"``: an onnxruntime provider (``"cpu"``, ``"cuda"``)
-            on which each layer's options are timed at the layer's input shape; a layer whose
-            separated forms are not faster than its dense conv there stays dense. An explicit
-            rank is never overridden.
+        latency_provider: an onnxruntime provider (``"cpu"``, ``"cuda"``) on which each
+            layer's separated forms are timed at the layer's input shape (needs example
+            inputs); a layer whose separated form is not faster than its dense conv there stays
+            dense, whatever the rank option. Without it, an explicit rank is applied everywhere.
         recalibrate_bn: after calibration, re-estimate BatchNorm statistics on the data. Off
             by default: the refit already matches each layer's original outputs, so the
             trained statistics still fit, and re-estimating them on a few hundred images
@@ -254,7 +257,7 @@ def separate(
         ['0']
     """
     rank = _check_options(rank, order, flops_target, energy)
-    _check_latency(latency_provider, rank)
+    _check_latency(latency_provider)
     if rank == "auto" and flops_target is None and energy is None:
         flops_target = 0.25
     if not isinstance(model, nn.Module):

@@ -93,6 +93,27 @@ def test_slow_separated_forms_stay_dense(monkeypatch):
         convtool.separate(model, x, energy=0.99, latency_provider="cpu")
 
 
-def test_latency_option_needs_auto_rank():
-    with pytest.raises(convtool.InvalidOptionError, match="rank='auto'"):
-        convtool.separate(nn.Conv2d(3, 8, 3), torch.randn(1, 3, 8, 8), rank=1, latency_provider="cpu")
+def test_explicit_rank_with_latency_keeps_slow_layers_dense(monkeypatch):
+    monkeypatch.setattr(plan_module, "_latency", lambda module, shape, provider, key: 1.0 if key[0] == "dense" else 2.0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
+    x = torch.randn(1, 16, 16, 16)
+    with pytest.raises(convtool.NothingToSeparateError, match="not faster"):
+        convtool.separate(model, x, rank=2, latency_provider="cpu")
+    assert len(convtool.separate(model, x, rank=2).layers) == 2  # without a provider, the rank is forced
+
+
+def test_measured_layout_is_the_same_function_and_exports(tmp_path):
+    from convtool.convert.runtime_form import measured_layout
+
+    model = randomize_batchnorm(ResNetLike()).eval()
+    x = torch.randn(1, 3, 32, 32)
+    separated = convtool.separate(model, x, rank=2).model
+    chosen, names = measured_layout(separated, x, "cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(chosen(x), separated(x), rtol=1e-4, atol=1e-5)
+    assert all(isinstance(chosen.get_submodule(n), BranchedSeparableConv2d) for n in names)
+    exported = convtool.export_onnx(separated, x, tmp_path / "m.onnx", exporter="torchscript", layout="measured")
+    eligible = {n for n, m in separated.named_modules() if isinstance(m, convtool.SeparableConv2d) and m.rank > 1}
+    assert set(exported.branched_layers) <= eligible  # which ones depends on this machine's timings
+    (check,) = convtool.verify_onnx(exported, separated, x, providers=["cpu"], runs=1)
+    assert check.passed
