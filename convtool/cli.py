@@ -461,8 +461,9 @@ def analyze(model, input_shapes, arch, allow_pickle, device, report_path, force,
 @click.option("--opset", type=int, help="ONNX opset [the exporter's default].")
 @click.option("--static-batch", is_flag=True, help="Keep the batch dimension fixed instead of dynamic.")
 @click.option("--no-fold-bn", is_flag=True, help="Keep BatchNorm layers instead of folding them into the conv before.")
-@click.option("--layout", type=click.Choice(["branches", "multiplier"]), default="branches", show_default=True,
-              help="How rank > 1 pairs are written: multiplier-1 depthwise branches (faster on onnxruntime) or one conv.")
+@click.option("--layout", type=click.Choice(["branches", "multiplier", "measured"]), default="branches", show_default=True,
+              help="How rank > 1 pairs are written: multiplier-1 depthwise branches (faster on onnxruntime), one conv, "
+                   "or per pair whichever is measured faster on the CPU provider.")
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @_command

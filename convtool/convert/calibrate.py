@@ -176,7 +176,7 @@ def refit(
                 inputs.append(z)
             before = _relative_error(conv, inputs, targets)
             solution = equations.solve()  # (g, f[+1], o_g)
-            g, f = conv.groups, conv.weight[0].numel()
+            f = conv.weight[0].numel()
             weight_new = solution[:, :f, :].permute(0, 2, 1).reshape(conv.weight.shape)
             old_w = conv.weight.detach().clone()
             old_b = conv.bias.detach().clone() if conv.bias is not None else None

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch import nn
 
 import convtool
 from convtool import NothingToSeparateError, SeparableConv2d
