@@ -233,7 +233,7 @@ def main() -> None:
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to save the separated model [MODEL's stem + .separated.pt].")
 @click.option("--rank", help="Separable filters per channel: a positive integer, 'full' (exact) or 'auto' [1; auto with --flops-target or --energy].")
-@click.option("--flops-target", type=float, help="With --rank auto: all convs' FLOPs after, as a fraction of before (e.g. 0.25).")
+@click.option("--flops-target", type=float, help="With --rank auto: the model's FLOPs after, as a fraction of before (e.g. 0.25).")
 @click.option("--energy", type=float, help="With --rank auto: per layer, the smallest rank keeping this share of spectral energy (e.g. 0.9).")
 @click.option("--latency", "latency_provider", metavar="PROVIDER",
               help="Time each layer on this onnxruntime provider (cpu, cuda); layers whose "
@@ -287,7 +287,10 @@ def separate(model, output, rank, flops_target, energy, latency_provider, includ
     output = output or str(Path(model).with_name(Path(model).stem + ".separated.pt"))
     _check_report_suffix(report_path)
     provider_names, asked = _providers(providers)
-    for path in filter(None, (output, onnx_path, report_path)):
+    outputs = [p for p in (output, onnx_path, report_path) if p]
+    if len({Path(p).resolve() for p in outputs}) < len(outputs):
+        raise InvalidOptionError("-o, --onnx and --report must name different files")
+    for path in outputs:
         check_output(path, force=force, inputs=(model,))
 
     original = _load(model, arch, allow_pickle, device, ui)

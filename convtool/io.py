@@ -52,10 +52,11 @@ def resolve_arch(spec: str) -> Callable[[], nn.Module]:
             file = Path(module_name)
             if not file.is_file():
                 raise InvalidOptionError(f"--arch file {file} does not exist")
-            name = file.stem
+            # Classes pickle by their module's name; never shadow a module already imported.
+            name = file.stem if file.stem not in sys.modules else f"convtool_arch_{file.stem}"
             spec_ = importlib.util.spec_from_file_location(name, file)
             module = importlib.util.module_from_spec(spec_)
-            sys.modules[name] = module  # so classes pickle by the module's name
+            sys.modules[name] = module
             spec_.loader.exec_module(module)
         else:
             if os.getcwd() not in sys.path:
@@ -197,7 +198,7 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, allow_pickle
                     f"{path} is a pickled Python object; loading it runs code from the file. "
                     "If you trust the file, pass --allow-pickle; else save model.state_dict() and pass --arch"
                 ) from None
-            return _load_pickled(path)
+            return _load_pickled(path, arch)
         raise ModelLoadError(f"{path} is not a PyTorch model file, or it is truncated or corrupted") from None
 
     state = _weights(obj)
@@ -208,7 +209,7 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, allow_pickle
     raise ModelLoadError(f"{path} holds a {type(obj).__name__}, neither a module nor a state_dict")
 
 
-def _load_pickled(path: Path) -> LoadedModel:
+def _load_pickled(path: Path, arch: str | None) -> LoadedModel:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:
@@ -218,6 +219,11 @@ def _load_pickled(path: Path) -> LoadedModel:
         ) from None
     if isinstance(obj, nn.Module):
         return LoadedModel(obj, "pickled module", path)
+    state = _weights(obj)  # a training checkpoint: weights beside pickled extras (args, optimizer...)
+    if state is not None and arch is not None:
+        return LoadedModel(_load_state(_build(arch), state, path, arch), "state_dict", path)
+    if state is not None:
+        raise ModelLoadError(f"{path} holds a state_dict ({len(state)} tensors); pass --arch MODULE:CALLABLE that builds the model")
     raise ModelLoadError(f"{path} holds a {type(obj).__name__}, not a torch.nn.Module")
 
 
@@ -284,6 +290,8 @@ def portable(model: nn.Module, example_inputs: tuple) -> nn.Module | None:
             # String annotations (PEP 563) would land in the code's globals and break pickling.
             node.type = None
         gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+        if _depends_on_mode(model):
+            return None
     except Exception:
         return None
     if any(not type(m).__module__.startswith(("torch.", "convtool.")) for m in gm.modules() if m is not gm):
@@ -300,6 +308,22 @@ def portable(model: nn.Module, example_inputs: tuple) -> nn.Module | None:
     except Exception:
         return None
     return gm.train(model.training)
+
+
+def _depends_on_mode(model: nn.Module) -> bool:
+    """Whether the model's own code reads ``self.training``: tracing would freeze it.
+
+    Traced once per mode (on a copy); different code means a branch or argument depends on
+    the mode (``F.dropout(x, training=self.training)``, auxiliary heads).
+    """
+    import copy
+
+    probe = copy.deepcopy(model)
+    codes = []
+    for mode in (True, False):
+        probe.train(mode)
+        codes.append(fx.GraphModule(probe, _StandardLeaves().trace(probe)).code)
+    return codes[0] != codes[1]
 
 
 def save_model(model: nn.Module, path: str | os.PathLike, example_inputs: tuple = ()) -> bool:

@@ -346,3 +346,24 @@ def test_latency_guided_rank_and_export_layout(project):
     exported = run("export", project / "small.pt", "--arch", arch(project), "--input-shape", "1,3,16,16",
                    "-o", project / "x.onnx", "--no-fold-bn", "--layout", "multiplier")
     assert exported.exit_code == 0 and "BatchNorms folded" not in exported.output
+
+
+def test_pickled_training_checkpoint_with_arch(project):
+    import argparse
+
+    namespace: dict = {}
+    exec(ARCHS, namespace)
+    state = namespace["small"]().state_dict()
+    torch.save({"state_dict": state, "args": argparse.Namespace(lr=0.1), "epoch": 3}, project / "ckpt.pt")
+    refused = run("separate", project / "ckpt.pt", "--arch", arch(project), "--input-shape", "1,3,16,16")
+    assert refused.exit_code == 2 and "--allow-pickle" in refused.output
+    allowed = run("separate", project / "ckpt.pt", "--arch", arch(project), "--input-shape", "1,3,16,16",
+                  "--allow-pickle", "-o", project / "c.pt")
+    assert allowed.exit_code == 0, allowed.output
+
+
+def test_outputs_must_differ(project):
+    result = run("separate", project / "small.pt", "--arch", arch(project), "--input-shape", "1,3,16,16",
+                 "-o", project / "same.json", "--report", project / "same.json", "--force")
+    assert result.exit_code == 2 and "different files" in result.output
+    assert not (project / "same.json").exists()

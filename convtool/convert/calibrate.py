@@ -48,8 +48,11 @@ def calibration_batches(calibration: Any, batch_size: int = BATCH) -> list[tuple
     return batches
 
 
-class _Stop(Exception):
-    """Raised by a capture hook to end a forward pass once it has what it needs."""
+class _Stop(BaseException):
+    """Raised by a capture hook to end a forward pass once it has what it needs.
+
+    A BaseException, so a model's own ``except Exception`` cannot swallow it.
+    """
 
 
 class _CaptureOutput(TorchFunctionMode):
@@ -69,16 +72,34 @@ class _CaptureOutput(TorchFunctionMode):
         return out
 
 
-def _original_output(model: nn.Module, weight: Tensor, batch: tuple) -> Tensor:
-    capture = _CaptureOutput(weight)
-    try:
-        with capture:
+def _original_output(model: nn.Module, source: nn.Module | Tensor, batch: tuple) -> Tensor:
+    """The output of the original layer: a conv module (hooked) or a functional conv's weight."""
+    if isinstance(source, nn.Module):
+        captured: list[Tensor] = []
+
+        def hook(_m, _args, output):
+            captured.append(output.detach())
+            raise _Stop
+
+        handle = source.register_forward_hook(hook)
+        try:
             model(*batch)
-    except _Stop:
-        pass
-    if capture.output is None:
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        output = captured[0] if captured else None
+    else:
+        capture = _CaptureOutput(source)
+        try:
+            with capture:
+                model(*batch)
+        except _Stop:
+            pass
+        output = capture.output
+    if output is None:
         raise RuntimeError("the original layer did not run on the calibration batch")
-    return capture.output
+    return output
 
 
 def _input_of(model: nn.Module, module: nn.Module, batch: tuple) -> Tensor:
@@ -146,7 +167,7 @@ def _last_conv(pair: SeparableConv2d) -> nn.Conv2d:
 def refit(
     original: nn.Module,
     separated: nn.Module,
-    layers: Sequence[tuple[Tensor, SeparableConv2d]],
+    layers: Sequence[tuple[nn.Module | Tensor, SeparableConv2d]],
     batches: list[tuple],
 ) -> list[tuple[float, float]]:
     """Refit each pair's last conv so its outputs match the original layer's, in order.
@@ -154,7 +175,7 @@ def refit(
     Args:
         original: the dense model (run, never changed).
         separated: the model holding the pairs.
-        layers: (original weight, pair) in execution order.
+        layers: (original conv module, or a functional conv's weight; pair), in execution order.
         batches: calibration input tuples.
 
     Returns:
@@ -163,13 +184,13 @@ def refit(
     errors = []
     device = model_device(separated)
     with eval_mode(original), eval_mode(separated), torch.no_grad():
-        for weight, pair in layers:
+        for source, pair in layers:
             conv = _last_conv(pair)
             equations = _NormalEquations()
             targets, inputs = [], []
             for batch in batches:
                 batch = on_device(batch, device)
-                target = _original_output(original, weight, batch)
+                target = _original_output(original, source, batch)
                 z = _input_of(separated, conv, batch)
                 equations.add(_columns(conv, z), target, conv.bias is not None)
                 targets.append(target)

@@ -108,7 +108,7 @@ def _drop_slow(model, candidates, picks, shape_inputs, provider) -> dict[str, st
     shapes = _require_shapes(model, shape_inputs)
     reasons = {}
     for c in candidates:
-        pick, shape = picks[c.name], shapes.get(id(c.weight))
+        pick, shape = picks[c.name], _shape_of(c, shapes)
         if pick is None or shape is None:
             continue
         single = Choice({DENSE: (0.0, 0.0), pick: (0.0, 0.0)})
@@ -126,9 +126,34 @@ def _require_shapes(model: nn.Module, shape_inputs: tuple, with_weights: bool = 
 
 
 def _unit_cost(c: Candidate, order: str, r: int) -> float:
+    """Cost per output pixel; a pointwise-first pair's pointwise runs at the input resolution."""
     from .ranks import separable_cost
 
-    return separable_cost(order, r, tuple(c.weight.shape), c.groups, ConvShape(1, 1, 1))
+    stride = c.options["stride"]
+    sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    return separable_cost(order, r, tuple(c.weight.shape), c.groups, ConvShape(sh * sw, 1, 1))
+
+
+def _shape_of(c: Candidate, shapes: dict[int, ConvShape]) -> ConvShape | None:
+    """The candidate's recorded shape, with the input as the layer sees it before padding.
+
+    A conv with a padding mode other than zeros pads its input before calling conv2d, so the
+    recorder saw the padded size; the pair's pointwise (``"pw-dw"``) runs on the unpadded one.
+    """
+    shape = shapes.get(id(c.weight))
+    if shape is None or c.options.get("padding_mode", "zeros") == "zeros" or len(shape.input_shape) < 2:
+        return shape
+    probe = nn.Conv2d(c.weight.shape[1] * c.groups, c.weight.shape[0], tuple(c.weight.shape[2:]), groups=c.groups,
+                      device="meta", **c.options)
+    left, right, top, bottom = probe._reversed_padding_repeated_twice
+    *lead, h, w = shape.input_shape
+    inner = (h - top - bottom) * (w - left - right)
+    return ConvShape(
+        in_pixels=round(shape.in_pixels * inner / (h * w)),
+        out_pixels=shape.out_pixels,
+        calls=shape.calls,
+        input_shape=(*lead, h - top - bottom, w - left - right),
+    )
 
 
 def _budget_plan(model, candidates, order, flops_target, shape_inputs, calibration_batch, latency_provider) -> Plan:
@@ -144,7 +169,7 @@ def _budget_plan(model, candidates, order, flops_target, shape_inputs, calibrati
     choices, ran = [], []
     reasons: dict[str, str] = {}
     for c in candidates:
-        shape = shapes.get(id(c.weight))
+        shape = _shape_of(c, shapes)
         if shape is None:
             reasons[c.name] = "did not run on the example inputs, so its cost is unknown"
             continue

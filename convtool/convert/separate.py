@@ -264,7 +264,7 @@ def separate(
         raise InvalidOptionError(f"expected a torch.nn.Module, got {type(model).__name__}")
     inputs = as_inputs(example_inputs)
     batches = calibration_batches(calibration) if calibration is not None else []
-    work = copy.deepcopy(model)
+    work = _bake_parametrizations(copy.deepcopy(model))
     skipped: list[SkippedLayer] = []
 
     tracing, uses = (None, None) if isinstance(work, nn.Conv2d) else _trace(work, skipped)
@@ -350,7 +350,7 @@ def _candidates(work, uses, include, exclude, skipped):
     functional: list[tuple[Candidate, FunctionalConv]] = []
     for call in uses.functional if uses is not None else []:
         weight = work.get_parameter(call.name) if _is_param(work, call.name) else None
-        bias = work.get_parameter(_join_region(call.region, call.bias)) if call.bias else None
+        bias = _tensor(work, _join_region(call.region, call.bias)) if call.bias else None
         if weight is None or weight.dim() != 4 or not weight.is_floating_point():
             reason = "weight is not a 4-d float parameter"
         else:
@@ -359,8 +359,47 @@ def _candidates(work, uses, include, exclude, skipped):
             skipped.append(SkippedLayer(call.name, reason))
             continue
         options = dict(stride=call.stride, padding=call.padding, dilation=call.dilation, padding_mode="zeros")
-        functional.append((Candidate(call.name, weight, bias, call.groups, options), call))
+        # One weight called with several configurations gives several pairs: label each apart.
+        seen = sum(c.name.split("@")[0] == call.name for c, _ in functional)
+        label = f"{call.name}@{seen + 1}" if seen else call.name
+        functional.append((Candidate(label, weight, bias, call.groups, options), call))
     return module_convs, functional
+
+
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+    """A parameter or a buffer by qualified name (a functional conv's bias may be either)."""
+    owner, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(owner), attr)
+
+
+def _bake_parametrizations(work: nn.Module) -> nn.Module:
+    """Replace parametrized convs (weight_norm, spectral_norm...) of our copy by plain ones.
+
+    Their weight is recomputed at each access, so it has no stable identity to match in calls;
+    the pair that replaces such a conv holds the computed weight anyway. A new module is put in
+    place rather than calling ``remove_parametrizations``, which edits the parametrized class
+    that the caller's model shares with our deep copy.
+    """
+    from torch.nn.utils import parametrize
+
+    for names, conv in list(iter_convs(work)):
+        if not parametrize.is_parametrized(conv):
+            continue
+        plain = nn.Conv2d(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+            conv.groups, conv.bias is not None, conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
+        ).train(conv.training)
+        with torch.no_grad():
+            plain.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                plain.bias.copy_(conv.bias)
+        plain.weight.requires_grad_(conv.weight.requires_grad)
+        for name in names:
+            if name:
+                set_module(work, name, plain)
+            else:
+                work = plain
+    return work
 
 
 def _join_region(region: str, target: str) -> str:
@@ -368,21 +407,34 @@ def _join_region(region: str, target: str) -> str:
 
 
 def _calibrate(original, work, built, batches, recalibrate_bn) -> None:
-    """Refit the pairs in the order the original model first runs their convs, then BatchNorm."""
-    weights = {name: _original_weight(original, name) for name in built}
+    """Refit the pairs in the order the original model first runs their convs, then BatchNorm.
+
+    The original layer's output is caught by a hook on its module (a functional conv's by its
+    weight); a weight called with several configurations keeps its SVD initialisation, as
+    its calls cannot be told apart.
+    """
+    shared = {name.split("@")[0] for name in built if "@" in name}
+    sources = {name: _original_layer(original, name) for name in built if name.split("@")[0] not in shared}
     shapes, _, _ = conv_shapes(original, tuple(on_device(tuple(t[:1] for t in batches[0]), model_device(original))))
     position = {key: i for i, key in enumerate(shapes)}
-    ordered = sorted(built, key=lambda name: position.get(id(weights[name]), len(position)))
-    refit(original, work, [(weights[name], built[name]) for name in ordered], batches)
+
+    def first_run(name: str) -> int:
+        source = sources[name]
+        weight = source.weight if isinstance(source, nn.Module) else source
+        return position.get(id(weight), len(position))
+
+    ordered = sorted(sources, key=first_run)
+    refit(original, work, [(sources[name], built[name]) for name in ordered], batches)
     if recalibrate_bn:
         recalibrate_batchnorm(work, batches)
 
 
-def _original_weight(original: nn.Module, name: str) -> torch.Tensor:
+def _original_layer(original: nn.Module, name: str) -> nn.Module | torch.Tensor:
+    """The original conv module at ``name``, or the weight parameter of a functional conv."""
     if name == "<model>":
-        return original.weight
+        return original
     try:
-        return original.get_submodule(name).weight
+        return original.get_submodule(name)
     except AttributeError:
         return original.get_parameter(name)
 

@@ -94,8 +94,8 @@ def test_functional_convs_become_named_pairs():
     model, inputs = build(entry)
     result = convtool.separate(model, inputs, rank="full")
     names = sorted(layer.name for layer in result.layers)
-    # One weight at two dilations gives two pairs; the stem pair takes its weight's name.
-    assert names == ["shared", "shared", "stem_weight"]
+    # One weight at two dilations gives two pairs, labelled apart; the stem pair takes its weight's name.
+    assert names == ["shared", "shared@2", "stem_weight"]
     assert all(layer.source == "function" for layer in result.layers)
     assert isinstance(result.model.stem_weight, SeparableConv2d)
     assert "stem_bias" not in dict(result.model.named_parameters())
