@@ -122,17 +122,6 @@ def _dynamic_batch(session) -> bool:
     return all(not isinstance(i.shape[0], int) for i in session.get_inputs() if i.shape)
 
 
-def _median_ms(run, warmup: int, runs: int) -> float:
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
-
-
 def verify_onnx(
     path: str | os.PathLike,
     reference_model: nn.Module,
@@ -213,7 +202,7 @@ def _check(session, name, model, inputs, rtol, atol, runs, warmup) -> ProviderCh
             if not np.allclose(actual, expected, rtol=rtol, atol=atol):
                 failures.append(f"output {i} differs at batch {size}")
     feed = _feed(session, _batched(inputs, sizes[0]))
-    latency = _median_ms(lambda: session.run(None, feed), warmup, runs)
+    (latency,) = time_sessions([session], feed, runs, warmup)
     reason = None
     if failures:
         reason = f"{'; '.join(failures[:3])} (max abs error {worst:.3g}, rtol={rtol}, atol={atol})"

@@ -72,23 +72,31 @@ class _CaptureOutput(TorchFunctionMode):
         return out
 
 
+def _hooked(model: nn.Module, module: nn.Module, batch: tuple, *, before: bool) -> Tensor | None:
+    """Run ``model`` until ``module`` is first called; its input (``before``) or its output."""
+    captured: list[Tensor] = []
+
+    def keep(value: Tensor) -> None:
+        captured.append(value.detach())
+        raise _Stop
+
+    if before:
+        handle = module.register_forward_pre_hook(lambda _m, args: keep(args[0]))
+    else:
+        handle = module.register_forward_hook(lambda _m, _args, output: keep(output))
+    try:
+        model(*batch)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return captured[0] if captured else None
+
+
 def _original_output(model: nn.Module, source: nn.Module | Tensor, batch: tuple) -> Tensor:
     """The output of the original layer: a conv module (hooked) or a functional conv's weight."""
     if isinstance(source, nn.Module):
-        captured: list[Tensor] = []
-
-        def hook(_m, _args, output):
-            captured.append(output.detach())
-            raise _Stop
-
-        handle = source.register_forward_hook(hook)
-        try:
-            model(*batch)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        output = captured[0] if captured else None
+        output = _hooked(model, source, batch, before=False)
     else:
         capture = _CaptureOutput(source)
         try:
@@ -103,22 +111,10 @@ def _original_output(model: nn.Module, source: nn.Module | Tensor, batch: tuple)
 
 
 def _input_of(model: nn.Module, module: nn.Module, batch: tuple) -> Tensor:
-    captured: list[Tensor] = []
-
-    def hook(_m, args):
-        captured.append(args[0].detach())
-        raise _Stop
-
-    handle = module.register_forward_pre_hook(hook)
-    try:
-        model(*batch)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    if not captured:
+    z = _hooked(model, module, batch, before=True)
+    if z is None:
         raise RuntimeError("the separated layer did not run on the calibration batch")
-    return captured[0]
+    return z
 
 
 def _columns(conv: nn.Conv2d, z: Tensor) -> Tensor:

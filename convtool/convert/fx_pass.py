@@ -156,12 +156,16 @@ class FunctionalConv:
         """Qualified name of the weight parameter: how the report names this layer."""
         return _join(self.region, self.weight)
 
+    @property
+    def bias_name(self) -> str | None:
+        """Qualified name of the bias tensor (a parameter or a buffer), if any."""
+        return _join(self.region, self.bias) if self.bias else None
+
 
 @dataclass
 class ConvUses:
-    """How conv modules and conv functions appear in the traced graphs."""
+    """What the traced graphs say about convs: direct reads of conv weights, functional convs."""
 
-    calls: dict[str, int] = field(default_factory=dict)  # conv module qualname -> call count
     read_directly: set[str] = field(default_factory=set)  # conv modules whose tensors are read
     functional: list[FunctionalConv] = field(default_factory=list)
     unusable: list[tuple[str, str]] = field(default_factory=list)  # functional convs left alone
@@ -196,12 +200,7 @@ def find_conv_uses(tracing: Tracing, model: nn.Module) -> ConvUses:
     for region in tracing.regions:
         root = region.module
         for node in region.graph.nodes:
-            if node.op == "call_module":
-                module = root.get_submodule(node.target)
-                if isinstance(module, nn.Conv2d):
-                    qualname = _join(region.name, node.target)
-                    uses.calls[qualname] = uses.calls.get(qualname, 0) + 1
-            elif node.op == "get_attr":
+            if node.op == "get_attr":
                 owner_path, owner = _owner_of_attr(root, node.target)
                 if isinstance(owner, nn.Conv2d):
                     uses.read_directly.add(_join(region.name, owner_path))

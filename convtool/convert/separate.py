@@ -350,7 +350,7 @@ def _candidates(work, uses, include, exclude, skipped):
     functional: list[tuple[Candidate, FunctionalConv]] = []
     for call in uses.functional if uses is not None else []:
         weight = work.get_parameter(call.name) if _is_param(work, call.name) else None
-        bias = _tensor(work, _join_region(call.region, call.bias)) if call.bias else None
+        bias = _tensor(work, call.bias_name) if call.bias_name else None
         if weight is None or weight.dim() != 4 or not weight.is_floating_point():
             reason = "weight is not a 4-d float parameter"
         else:
@@ -400,10 +400,6 @@ def _bake_parametrizations(work: nn.Module) -> nn.Module:
             else:
                 work = plain
     return work
-
-
-def _join_region(region: str, target: str) -> str:
-    return f"{region}.{target}" if region else target
 
 
 def _calibrate(original, work, built, batches, recalibrate_bn) -> None:
