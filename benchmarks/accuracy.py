@@ -35,10 +35,9 @@ def accuracy(model, x, y) -> float:
 
 
 def conv_flops(model, x) -> float:
-    from convtool.convert.ranks import conv_shapes, dense_cost
+    from convtool.measure.conv_calls import record
 
-    shapes, weights, _ = conv_shapes(model, (x,))
-    return sum(dense_cost(tuple(weights[k].shape), shapes[k]) for k in shapes)
+    return sum(call.flops for call in record(model, (x,)).calls)
 
 
 def train(seed: int) -> DigitsCNN:
@@ -76,7 +75,7 @@ def main() -> None:
           "| + distillation | ORT CPU latency (orig / sep) | wall s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     base_conv = conv_flops(model, x1)
-    settings = [("rank 1", dict(rank=1)), *((f"target {t}", dict(rank="auto", flops_target=t, order="auto")) for t in (0.15, 0.25, 0.5))]
+    settings = [("rank 1", dict(rank=1)), *((f"target {t}", dict(rank=convtool.FlopsTarget(t), order="auto")) for t in (0.15, 0.25, 0.5))]
     for label, options in settings:
         start = time.perf_counter()
         svd = convtool.separate(model, x1, **options)
@@ -84,13 +83,13 @@ def main() -> None:
         distilled = convtool.distill(calibrated.model, model, train_x, steps=args.distill_steps, seed=args.seed)
         wall = time.perf_counter() - start  # convtool's steps: two separations and the distillation
         with_bn = convtool.separate(model, x1, calibration=calibration, recalibrate_bn=True, **options)
-        flops = convtool.analyze(distilled.student, x1).flops
-        timing = convtool.benchmark(model, distilled.student, x1, runs=args.latency_runs, threads=2)
+        flops = convtool.analyze(distilled.model, x1).flops
+        timing = convtool.benchmark(model, distilled.model, x1, runs=args.latency_runs, threads=2)
         print(
-            f"| {label} | {flops} | {flops / base_flops:.3f} / {conv_flops(distilled.student, x1) / base_conv:.3f} "
+            f"| {label} | {flops} | {flops / base_flops:.3f} / {conv_flops(distilled.model, x1) / base_conv:.3f} "
             f"| {accuracy(svd.model, test_x, test_y):.2%} "
             f"| {accuracy(calibrated.model, test_x, test_y):.2%} | ({accuracy(with_bn.model, test_x, test_y):.2%}) "
-            f"| {accuracy(distilled.student, test_x, test_y):.2%} "
+            f"| {accuracy(distilled.model, test_x, test_y):.2%} "
             f"| {timing.original_ms:.3f} / {timing.separated_ms:.3f} ms ({timing.speedup:.2f}x) | {wall:.1f} |"
         )
 

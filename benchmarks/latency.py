@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from architectures import resnet18, vgg11_narrow  # noqa: E402
 
 import convtool  # noqa: E402
-from convtool.analysis.runtime import time_modules  # noqa: E402
-from convtool.convert.runtime_form import branch_layout, measured_layout  # noqa: E402
+from convtool.deploy.runtime_form import branch_layout, measured_layout  # noqa: E402
+from convtool.measure.onnxrt import time_modules  # noqa: E402
 
 
 def flops(model: nn.Module, x: torch.Tensor) -> int:
@@ -54,13 +54,14 @@ def variants(model: nn.Module, x: torch.Tensor, provider: str) -> dict[str, nn.M
 
 def end_to_end(name: str, model: nn.Module, x: torch.Tensor, args) -> None:
     models = variants(model, x, args.provider)
-    # layout="multiplier" so each variant is timed in exactly the form named in its row.
-    times, used = time_modules(
+    # Exported as they are, so each variant is timed in exactly the form named in its row
+    # (time_modules refuses a provider that does not run here rather than time the CPU).
+    times = time_modules(
         list(models.values()), x, provider=args.provider, runs=args.runs, warmup=3, threads=args.threads,
-        exporter="torchscript", layout="multiplier",
+        exporter="torchscript",
     )
     base_flops, base_ms = flops(model, x), times[0]
-    print(f"\n### {name}, end to end ({args.provider}, {args.threads} threads, {args.runs} runs, used={used})\n")
+    print(f"\n### {name}, end to end ({args.provider}, {args.threads} threads, {args.runs} runs)\n")
     print("| variant | latency ms (median) | speedup | FLOPs | FLOP ratio | efficiency |")
     print("|---|---:|---:|---:|---:|---:|")
     for (label, variant), ms in zip(models.items(), times):
@@ -104,9 +105,9 @@ def per_layer(name: str, model: nn.Module, x: torch.Tensor, args) -> None:
         r1 = convtool.separate(conv, xi, rank=1).model
         r2 = convtool.separate(conv, xi, rank=2).model
         r2b = branch_layout(r2)[0]
-        times, _ = time_modules(
+        times = time_modules(
             [conv, r1, r2, r2b], xi, provider=args.provider, runs=args.runs, warmup=3, threads=args.threads,
-            exporter="torchscript", layout="multiplier", fold_bn=False,
+            exporter="torchscript",
         )
         f = [flops(m, xi) for m in (conv, r1, r2)]
         eff = lambda i, fi: (times[0] / times[i]) / (f[0] / f[fi])  # noqa: E731

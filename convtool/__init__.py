@@ -1,11 +1,19 @@
 """convtool: depthwise-separable versions of trained PyTorch models, measured and shipped to ONNX.
 
+The package is a stack; each layer imports only the ones below it:
+
+    cli.py            parse, one library call, render
+    report/           renderings: JSON, Markdown, rich tables
+    convert/ deploy/  separate, plan, prove, calibrate, distill / runtime form, export, verify
+    measure/          fvcore counts, conv calls, fidelity, compare, ONNX files, onnxruntime timing
+    core/             SVD math, the separable modules, the records, names and inputs
+
 Example:
     >>> import torch, convtool
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.ReLU())
     >>> result = convtool.separate(net, torch.randn(1, 3, 32, 32), rank=1)
-    >>> result.layers[0].params_before, result.layers[0].params_after
-    (896, 155)
+    >>> result.layers[0].params_before, result.layers[0].params_after, result.verified
+    (896, 155, True)
 """
 
 import importlib
@@ -13,31 +21,33 @@ from typing import TYPE_CHECKING, Any
 
 # Names are imported on first use so that `convtool --help` answers without importing torch.
 _WHERE = {
-    "Analysis": ".analysis.counts",
-    "ModuleCost": ".analysis.counts",
-    "analyze": ".analysis.counts",
-    "Comparison": ".analysis.compare",
-    "LayerCost": ".analysis.compare",
-    "compare": ".analysis.compare",
-    "Fidelity": ".analysis.fidelity",
-    "OutputFidelity": ".analysis.fidelity",
-    "Benchmark": ".analysis.runtime",
-    "ProviderCheck": ".analysis.runtime",
-    "benchmark": ".analysis.runtime",
-    "verify_onnx": ".analysis.runtime",
-    "separable_factors": ".convert.decompose",
+    "separable_factors": ".core.decompose",
+    "SeparableConv2d": ".core.modules",
+    "Energy": ".core.records",
+    "FlopsTarget": ".core.records",
+    "LayerChange": ".core.records",
+    "SkippedLayer": ".core.records",
+    "Analysis": ".measure.counts",
+    "ModuleCost": ".measure.counts",
+    "analyze": ".measure.counts",
+    "Comparison": ".measure.compare",
+    "compare": ".measure.compare",
+    "Fidelity": ".measure.fidelity",
+    "OutputFidelity": ".measure.fidelity",
+    "OnnxExport": ".measure.onnx_file",
     "Distillation": ".convert.distill",
     "distill": ".convert.distill",
-    "SeparableConv2d": ".convert.modules",
-    "OnnxExport": ".convert.onnx",
-    "export_onnx": ".convert.onnx",
-    "LayerChange": ".convert.separate",
     "Separation": ".convert.separate",
-    "SkippedLayer": ".convert.separate",
     "separate": ".convert.separate",
+    "export_onnx": ".deploy.export",
+    "Benchmark": ".deploy.verify",
+    "ProviderCheck": ".deploy.verify",
+    "benchmark": ".deploy.verify",
+    "verify_onnx": ".deploy.verify",
 }
 
 from .errors import (  # noqa: E402  (errors import nothing heavy)
+    AnalysisError,
     ConvtoolError,
     ExportError,
     InvalidOptionError,
@@ -45,20 +55,23 @@ from .errors import (  # noqa: E402  (errors import nothing heavy)
     NothingToSeparateError,
     OnnxFileError,
     OutputExistsError,
+    ProviderUnavailableError,
     SeparationError,
     UnsafeModelError,
 )
 
 if TYPE_CHECKING:
-    from .analysis.compare import Comparison, LayerCost, compare
-    from .analysis.counts import Analysis, ModuleCost, analyze
-    from .analysis.fidelity import Fidelity, OutputFidelity
-    from .analysis.runtime import Benchmark, ProviderCheck, benchmark, verify_onnx
-    from .convert.decompose import separable_factors
     from .convert.distill import Distillation, distill
-    from .convert.modules import SeparableConv2d
-    from .convert.onnx import OnnxExport, export_onnx
-    from .convert.separate import LayerChange, Separation, SkippedLayer, separate
+    from .convert.separate import Separation, separate
+    from .core.decompose import separable_factors
+    from .core.modules import SeparableConv2d
+    from .core.records import Energy, FlopsTarget, LayerChange, SkippedLayer
+    from .deploy.export import export_onnx
+    from .deploy.verify import Benchmark, ProviderCheck, benchmark, verify_onnx
+    from .measure.compare import Comparison, compare
+    from .measure.counts import Analysis, ModuleCost, analyze
+    from .measure.fidelity import Fidelity, OutputFidelity
+    from .measure.onnx_file import OnnxExport
 
 
 def __getattr__(name: str) -> Any:
@@ -73,37 +86,40 @@ def __dir__() -> list[str]:
     return sorted(__all__)
 
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "AnalysisError",
     "Analysis",
     "Benchmark",
     "Comparison",
-    "Fidelity",
-    "LayerCost",
-    "ModuleCost",
-    "OnnxExport",
-    "OutputFidelity",
-    "ProviderCheck",
-    "analyze",
-    "benchmark",
-    "compare",
-    "distill",
-    "export_onnx",
     "ConvtoolError",
     "Distillation",
+    "Energy",
     "ExportError",
+    "Fidelity",
+    "FlopsTarget",
     "InvalidOptionError",
     "LayerChange",
     "ModelLoadError",
+    "ModuleCost",
     "NothingToSeparateError",
+    "OnnxExport",
     "OnnxFileError",
     "OutputExistsError",
+    "OutputFidelity",
+    "ProviderCheck",
+    "ProviderUnavailableError",
     "SeparableConv2d",
     "Separation",
     "SeparationError",
     "SkippedLayer",
     "UnsafeModelError",
+    "analyze",
+    "benchmark",
+    "compare",
+    "distill",
+    "export_onnx",
     "separable_factors",
     "separate",
     "verify_onnx",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -69,7 +70,7 @@ def _command(func: Callable) -> Callable:
             if debug:
                 raise
             raise UserError(str(error)) from None
-        except (click.ClickException, click.exceptions.Exit, KeyboardInterrupt):
+        except (click.ClickException, click.exceptions.Exit):
             raise
         except Exception as error:
             if debug:
@@ -124,41 +125,44 @@ def _load(model_path: str, arch: str | None, allow_pickle: bool, device: str, ui
     return loaded.model.to(device)
 
 
-def _example_inputs(model, input_shapes: tuple[str, ...], device: str, ui: Ui, data=None) -> tuple:
+def _example_inputs(model, input_shapes: tuple[str, ...], device: str, ui: Ui, data=None, data_path: str | None = None) -> tuple:
     """Seeded random inputs of the given shapes, the first calibration sample, or (1, C, 224, 224)."""
     import torch
-    from torch import nn
+
+    from .core.inputs import first_conv_channels, model_dtype
 
     shapes = [_parse_shape(s) for s in input_shapes]
     if not shapes and data is not None:
-        shapes = [(1, *t.shape[1:]) for t in (data if isinstance(data, tuple) else (data,))]
-        sample = tuple(t[:1].to(device) for t in (data if isinstance(data, tuple) else (data,)))  # real data
-        return _checked(model, sample, shapes)
+        tensors = data if isinstance(data, tuple) else (data,)
+        sample = tuple(t[:1].to(device) for t in tensors)  # real data
+        channels = first_conv_channels(model)
+        expected = f"; the model's first conv takes {channels} channels, e.g. (N, {channels}, H, W)" if channels else ""
+        shown = " and ".join("(N, " + ", ".join(map(str, t.shape[1:])) + ")" for t in tensors)
+        return _checked(model, sample, f"--calibration {data_path} holds samples of shape {shown}, which the model does not run on", expected)
     if not shapes:
-        conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-        if conv is None:
+        channels = first_conv_channels(model)
+        if channels is None:
             raise InvalidOptionError("the model has no Conv2d to infer an input shape from; pass --input-shape")
-        shapes = [(1, conv.in_channels, 224, 224)]
+        shapes = [(1, channels, 224, 224)]
         ui.note(f"note: no --input-shape given; assuming {','.join(map(str, shapes[0]))}")
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     generator = torch.Generator().manual_seed(0)
-    inputs = tuple(torch.randn(s, generator=generator, dtype=dtype).to(device) for s in shapes)
-    return _checked(model, inputs, shapes)
+    inputs = tuple(torch.randn(s, generator=generator, dtype=model_dtype(model)).to(device) for s in shapes)
+    shown = " and ".join(",".join(map(str, s)) for s in shapes)
+    return _checked(model, inputs, f"the model does not run on inputs of shape {shown}", "; check --input-shape")
 
 
-def _checked(model, inputs: tuple, shapes) -> tuple:
-    """The inputs, once the model has run on them; else a one-line error naming the shapes."""
+def _checked(model, inputs: tuple, problem: str, advice: str) -> tuple:
+    """The inputs, once the model has run on them; else one line: the problem, the error, the advice."""
     import torch
 
-    from .inputs import eval_mode
+    from .core.inputs import eval_mode
+    from .core.names import describe_error
 
     try:
         with eval_mode(model), torch.no_grad():
             model(*inputs)
     except Exception as error:
-        shown = " and ".join(",".join(map(str, s)) for s in shapes)
-        message = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise InvalidOptionError(f"the model does not run on inputs of shape {shown} ({message}); check --input-shape") from None
+        raise InvalidOptionError(f"{problem} ({describe_error(error)}){advice}") from None
     return inputs
 
 
@@ -213,7 +217,7 @@ def _verify_exit(checks, asked: bool) -> int:
 
 
 def _providers(text: str | None) -> tuple[list[str], bool]:
-    from .analysis.runtime import DEFAULT_PROVIDERS, provider_name
+    from .measure.onnxrt import DEFAULT_PROVIDERS, provider_name
 
     if not text:
         return list(DEFAULT_PROVIDERS), False
@@ -273,17 +277,21 @@ def separate(model, output, rank, flops_target, energy, latency_provider, includ
       convtool separate net.pt --allow-pickle --rank auto --flops-target 0.25 \\
           --calibration images/ --image-size 224,224 --distill-steps 300
     """
-    import dataclasses
-
     import convtool
 
-    from .analysis.report import to_dict, to_markdown, to_rich
     from .io import check_output, save_model
+    from .report.render import to_dict, to_markdown, to_rich
 
     ui = Ui(quiet, as_json)
     rank_value = _parse_rank(rank, flops_target, energy)
-    if distill_steps and not calibration:
-        raise InvalidOptionError("--distill-steps needs unlabeled inputs: pass --calibration FILE|DIR")
+    _needs("--distill-steps", bool(distill_steps), "--calibration FILE|DIR (the unlabeled inputs to distil on)", calibration)
+    for option, value in (("--recalibrate-bn", recalibrate_bn), ("--image-size", image_size), ("--mean", mean), ("--std", std)):
+        _needs(option, bool(value), "--calibration FILE|DIR", calibration)
+    _needs("--providers", bool(providers), "--onnx OUT.onnx (the file to verify)", onnx_path)
+    if latency_provider:
+        from .measure.onnxrt import require_provider
+
+        require_provider(latency_provider)  # refuse before any work: nothing is timed on a provider that cannot run
     output = output or str(Path(model).with_name(Path(model).stem + ".separated.pt"))
     _check_report_suffix(report_path)
     provider_names, asked = _providers(providers)
@@ -292,52 +300,64 @@ def separate(model, output, rank, flops_target, energy, latency_provider, includ
         raise InvalidOptionError("-o, --onnx and --report must name different files")
     for path in outputs:
         check_output(path, force=force, inputs=(model,))
+    data_options = _data_options(image_size, mean, std)
 
     original = _load(model, arch, allow_pickle, device, ui)
-    data = _calibration(calibration, original, image_size, mean, std) if calibration else None
-    inputs = _example_inputs(original, input_shapes, device, ui, data)
+    data = _calibration(calibration, original, *data_options) if calibration else None
+    inputs = _example_inputs(original, input_shapes, device, ui, data, calibration)
     with ui.status("tracing and separating" + (" and calibrating" if data is not None else "")):
         result = convtool.separate(
             original, inputs, rank=rank_value, include=include, exclude=exclude, order=order,
-            flops_target=flops_target, energy=energy, calibration=data, recalibrate_bn=recalibrate_bn,
-            latency_provider=latency_provider,
+            calibration=data, recalibrate_bn=recalibrate_bn, latency_provider=latency_provider,
         )
     if result.budget_met is False:
-        ui.note(f"note: the FLOP target {flops_target} cannot be met; every separated layer is at its cheapest")
+        ui.note(f"note: the FLOP target {rank_value.fraction} cannot be met; every separated layer is at its cheapest")
     separated = result.model
     if distill_steps:
         separated = _distill(separated, original, data, distill_steps, ui)
     with ui.status("counting parameters and FLOPs"):
-        report = dataclasses.replace(
-            convtool.compare(original, separated, inputs), skipped=tuple((s.name, s.reason) for s in result.skipped)
-        )
+        report = convtool.compare(original, separated, inputs, separation=result)
     ui.show(to_rich(report))
     if as_json and not quiet:
         click.echo(json.dumps(to_dict(report), indent=2, allow_nan=False))
+    # The ONNX export is the one write that can still fail on the model: do it first, so a
+    # refused export leaves no other output behind.
+    exported = _export(separated, inputs, onnx_path, ui) if onnx_path else None
     if report_path:
         _write_report(report_path, lambda: to_dict(report), lambda: to_markdown(report), force, (model,))
-
     portable = save_model(separated, check_output(output, force=force, inputs=(model,)), inputs)
     ui.note(f"wrote {output}" + ("" if portable else " (loading it needs the model's own code importable)"))
-    if onnx_path:
-        return _export_and_verify(separated, inputs, onnx_path, provider_names, asked, force, model, ui)
+    if exported is not None:
+        with ui.status("verifying on onnxruntime"):
+            checks = convtool.verify_onnx(exported, separated, inputs, providers=provider_names)
+        _finish_verification(checks, asked, ui.note)
     return 0
 
 
-def _calibration(path, model, image_size, mean, std):
-    from torch import nn
+def _needs(option: str, given: bool, other: str, other_value: Any) -> None:
+    """Refuse an option that means nothing without another one."""
+    if given and not other_value:
+        raise InvalidOptionError(f"{option} needs {other}")
 
+
+def _data_options(image_size: str | None, mean: str | None, std: str | None) -> tuple:
+    """--image-size, --mean and --std parsed and checked before any work."""
+    size = _parse_ints(image_size, "--image-size", 2) if image_size else None
+    mean_values = _parse_floats(mean, "--mean") if mean else None
+    std_values = _parse_floats(std, "--std") if std else None
+    if std_values is not None and not all(v > 0 and math.isfinite(v) for v in std_values):
+        raise InvalidOptionError(f"--std {std!r}: every value must be a positive number (it divides the images)")
+    if mean_values is not None and not all(math.isfinite(v) for v in mean_values):
+        raise InvalidOptionError(f"--mean {mean!r}: every value must be a finite number")
+    return size, mean_values, std_values
+
+
+def _calibration(path, model, image_size, mean, std):
+    from .core.inputs import first_conv_channels
     from .io import load_calibration
 
-    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     param = next(model.parameters(), None)
-    data = load_calibration(
-        path,
-        channels=conv.in_channels if conv is not None else None,
-        image_size=_parse_ints(image_size, "--image-size", 2) if image_size else None,
-        mean=_parse_floats(mean, "--mean") if mean else None,
-        std=_parse_floats(std, "--std") if std else None,
-    )
+    data = load_calibration(path, channels=first_conv_channels(model), image_size=image_size, mean=mean, std=std)
     if param is None:
         return data
     cast = lambda t: t.to(param.dtype) if t.is_floating_point() else t  # noqa: E731
@@ -348,7 +368,7 @@ def _distill(student, teacher, data, steps, ui):
     import convtool
 
     if ui.quiet:
-        return convtool.distill(student, teacher, data, steps=steps).student
+        return convtool.distill(student, teacher, data, steps=steps).model
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("distilling"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn())
@@ -359,7 +379,7 @@ def _distill(student, teacher, data, steps, ui):
             on_step=lambda step, loss: progress.update(task, completed=step, loss=f"{loss:.4f}"),
         )
     ui.note(f"distilled {steps} steps in {result.seconds:.1f} s: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
-    return result.student
+    return result.model
 
 
 def _parse_ints(text: str, option: str, count: int) -> tuple[int, ...]:
@@ -381,10 +401,18 @@ def _parse_floats(text: str, option: str) -> tuple[float, ...]:
         raise InvalidOptionError(f"{option} {text!r} should be numbers separated by commas") from None
 
 
-def _parse_rank(text: str | None, flops_target: float | None, energy: float | None) -> int | str | None:
-    if text is None:
-        return None  # 1, or "auto" when a target or an energy is given
-    if text in ("full", "auto"):
+def _parse_rank(text: str | None, flops_target: float | None, energy: float | None):
+    """The flags as one typed rank: an int, "full", FlopsTarget or Energy (auto alone means a quarter of the FLOPs)."""
+    from .core.records import Energy, FlopsTarget
+
+    if flops_target is not None and energy is not None:
+        raise InvalidOptionError("give --flops-target or --energy, not both")
+    chosen = FlopsTarget(flops_target) if flops_target is not None else Energy(energy) if energy is not None else None
+    if text is None or text == "auto":
+        return chosen or (FlopsTarget(0.25) if text == "auto" else 1)
+    if chosen is not None:
+        raise InvalidOptionError(f"--{'flops-target' if flops_target is not None else 'energy'} chooses the ranks: use it with --rank auto, not --rank {text}")
+    if text == "full":
         return text
     try:
         value = int(text)
@@ -395,18 +423,13 @@ def _parse_rank(text: str | None, flops_target: float | None, energy: float | No
     return value
 
 
-def _export_and_verify(model, inputs, onnx_path, provider_names, asked, force, source, ui) -> int:
+def _export(model, inputs, onnx_path, ui):
     import convtool
 
-    from .io import check_output
-
-    check_output(onnx_path, force=force, inputs=(source,))
     with ui.status("exporting ONNX"):
         exported = convtool.export_onnx(model, inputs, onnx_path)
     ui.note(_export_line(exported))
-    with ui.status("verifying on onnxruntime"):
-        checks = convtool.verify_onnx(exported, model, inputs, providers=provider_names)
-    _finish_verification(checks, asked, ui.note)
+    return exported
 
 
 def _export_line(exported) -> str:
@@ -439,7 +462,7 @@ def analyze(model, input_shapes, arch, allow_pickle, device, report_path, force,
     """
     import convtool
 
-    from .analysis.report import analysis_markdown, analysis_rich, analysis_to_dict
+    from .report.render import analysis_markdown, analysis_rich, analysis_to_dict
     from .io import check_output
 
     ui = Ui(quiet, as_json)
@@ -481,7 +504,10 @@ def export(model, output, input_shapes, arch, allow_pickle, device, opset, stati
 
     from .io import check_output
 
+    from .measure.onnx_file import check_opset
+
     ui = Ui(quiet, False)
+    check_opset(opset)
     check_output(output, force=force, inputs=(model,))
     loaded = _load(model, arch, allow_pickle, device, ui)
     inputs = _example_inputs(loaded, input_shapes, device, ui)

@@ -40,3 +40,11 @@ class OnnxFileError(ConvtoolError):
 
 class OutputExistsError(ConvtoolError):
     """An output file exists already and overwriting it was not allowed."""
+
+
+class AnalysisError(ConvtoolError):
+    """fvcore cannot count a model's FLOPs (its torch.jit tracing refuses the model)."""
+
+
+class ProviderUnavailableError(ConvtoolError):
+    """An onnxruntime execution provider asked for cannot run here, so nothing can be timed on it."""

@@ -21,6 +21,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import fx, nn
 
+from .core.inputs import eval_mode
+from .core.modules import SeparableConv2d
 from .errors import InvalidOptionError, ModelLoadError, OutputExistsError, UnsafeModelError
 
 log = logging.getLogger(__name__)
@@ -59,8 +61,7 @@ def resolve_arch(spec: str) -> Callable[[], nn.Module]:
             sys.modules[name] = module
             spec_.loader.exec_module(module)
         else:
-            if os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())
+            _importable_here()
             module = importlib.import_module(module_name)
     except InvalidOptionError:
         raise
@@ -209,7 +210,14 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, allow_pickle
     raise ModelLoadError(f"{path} holds a {type(obj).__name__}, neither a module nor a state_dict")
 
 
+def _importable_here() -> None:
+    """The current directory on the import path, as a user running a command in their project expects."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
 def _load_pickled(path: Path, arch: str | None) -> LoadedModel:
+    _importable_here()  # a pickled module names its classes by module: the user's project must import
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:
@@ -228,17 +236,31 @@ def _load_pickled(path: Path, arch: str | None) -> LoadedModel:
 
 
 def check_output(path: str | os.PathLike, *, force: bool, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
-    """Refuse to write over an input, or over an existing file without ``force``."""
+    """Refuse, before any work, an output that is an input, exists (without ``force``) or cannot be written.
+
+    Writability is probed by creating (and removing) a temporary file where the output will
+    be renamed into place: that is the one test that holds for read-only directories, special
+    file systems (``/proc``) and a file standing where a directory should be.
+    """
     path = Path(path)
     for source in map(Path, inputs):
         if source.resolve() == path.resolve() or (path.exists() and source.exists() and os.path.samefile(path, source)):
             raise OutputExistsError(f"{path} is the input file; write the output somewhere else")
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} exists; pass --force to overwrite it")
     if path.is_dir():
         raise OutputExistsError(f"{path} is a directory; give a file path")
-    if not path.parent.exists():
-        raise InvalidOptionError(f"directory {path.parent} does not exist; create it first")
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} exists; pass --force to overwrite it")
+    parent = path.parent
+    if not parent.exists():
+        raise InvalidOptionError(f"directory {parent} does not exist; create it first")
+    if not parent.is_dir():
+        raise InvalidOptionError(f"cannot write {path}: {parent} is a file, not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise InvalidOptionError(f"cannot write {path}: {error.strerror or error} in {parent}") from None
     return path
 
 
@@ -270,8 +292,6 @@ class _StandardLeaves(fx.Tracer):
     """Traces through every module but torch's own and convtool's pairs."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        from .convert.modules import SeparableConv2d
-
         return isinstance(m, SeparableConv2d) or super().is_leaf_module(m, qualname)
 
 
@@ -282,8 +302,6 @@ def portable(model: nn.Module, example_inputs: tuple) -> nn.Module | None:
     original model. None when fx cannot trace it, or the traced module does not give the same
     outputs on the example inputs.
     """
-    from .inputs import eval_mode
-
     try:
         graph = _StandardLeaves().trace(model)
         for node in graph.nodes:

@@ -1,1 +1,4 @@
-"""Conversion: the decomposition math, the separable module, the fx pass, ONNX export."""
+"""Turning dense convs into separable pairs: find, plan, rewrite, prove, calibrate, distill.
+
+Imports ``convtool.core`` and ``convtool.measure``; never ``deploy``, ``report`` or the CLI.
+"""

@@ -6,27 +6,37 @@ of what the layer computes on data. With a few unlabeled inputs, the last conv o
 the pair's outputs match the original layer's outputs. Layers are taken in execution order and
 each is fed the activations of the already-refit layers before it, so later layers also absorb
 the error of earlier ones.
+
+Every call of a layer counts: a conv module run three times, or a weight called with two
+settings, is refit on all its calls at once. The calls are read by the conv recorder, keyed by
+weight, so a layer that did not run on the data is never "refit" on nothing: it keeps its SVD
+initialisation and says so.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.overrides import TorchFunctionMode
 
+from ..core.inputs import eval_mode, model_device, on_device
+from ..core.modules import SeparableConv2d
 from ..errors import InvalidOptionError
-from ..inputs import eval_mode, model_device, on_device
-from .modules import SeparableConv2d
+from ..measure.conv_calls import ConvCall, explicit_padding, record
+
+log = logging.getLogger(__name__)
 
 BATCH = 32
 
 
 def calibration_batches(calibration: Any, batch_size: int = BATCH) -> list[tuple]:
-    """Normalise calibration data to a list of input tuples.
+    """Normalise calibration data to a list of input tuples, refusing empty or non-finite data.
 
     A tensor is one input, cut into batches along dim 0; a tuple of tensors is a model's
     several inputs, cut alike; a list or any other iterable yields batches (each a tensor, or
@@ -35,185 +45,159 @@ def calibration_batches(calibration: Any, batch_size: int = BATCH) -> list[tuple
     if isinstance(calibration, Tensor):
         calibration = (calibration,)
     if isinstance(calibration, tuple) and all(isinstance(t, Tensor) for t in calibration):
-        n = calibration[0].shape[0]
-        if n == 0 or any(t.shape[0] != n for t in calibration):
+        n = calibration[0].shape[0] if calibration[0].dim() else 0
+        if n == 0 or any(t.dim() == 0 or t.shape[0] != n for t in calibration):
             raise InvalidOptionError("calibration tensors must share a non-empty first (batch) dimension")
-        return [tuple(t[i : i + batch_size] for t in calibration) for i in range(0, n, batch_size)]
-    try:
-        batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in calibration]
-    except TypeError:
-        raise InvalidOptionError(f"calibration must be a tensor or an iterable of batches, got {type(calibration).__name__}") from None
-    if not batches or not all(isinstance(t, Tensor) for b in batches for t in b):
-        raise InvalidOptionError("calibration batches must be tensors or tuples of tensors")
+        batches = [tuple(t[i : i + batch_size] for t in calibration) for i in range(0, n, batch_size)]
+    else:
+        try:
+            batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in calibration]
+        except TypeError:
+            raise InvalidOptionError(f"calibration must be a tensor or an iterable of batches, got {type(calibration).__name__}") from None
+        if not batches or not all(isinstance(t, Tensor) for b in batches for t in b):
+            raise InvalidOptionError("calibration batches must be tensors or tuples of tensors")
+    for batch in batches:
+        for t in batch:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise InvalidOptionError("calibration data holds NaN or infinite values; check its normalisation (--mean/--std)")
     return batches
 
 
-class _Stop(BaseException):
-    """Raised by a capture hook to end a forward pass once it has what it needs.
-
-    A BaseException, so a model's own ``except Exception`` cannot swallow it.
-    """
-
-
-class _CaptureOutput(TorchFunctionMode):
-    """Captures the output of the first conv2d call on one weight, then stops the pass."""
-
-    def __init__(self, weight: Tensor) -> None:
-        super().__init__()
-        self.key, self.output = id(weight), None
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func in (torch.conv2d, F.conv2d):
-            w = args[1] if len(args) > 1 else kwargs["weight"]
-            if id(w) == self.key:
-                self.output = out.detach()
-                raise _Stop
-        return out
-
-
-def _hooked(model: nn.Module, module: nn.Module, batch: tuple, *, before: bool) -> Tensor | None:
-    """Run ``model`` until ``module`` is first called; its input (``before``) or its output."""
-    captured: list[Tensor] = []
-
-    def keep(value: Tensor) -> None:
-        captured.append(value.detach())
-        raise _Stop
-
-    if before:
-        handle = module.register_forward_pre_hook(lambda _m, args: keep(args[0]))
+def columns(call: ConvCall) -> Tensor:
+    """A call's input as (batch, groups, features per group, output pixels): the conv is then a matmul."""
+    x, w = call.input, call.weight
+    kernel = tuple(w.shape[-2:])
+    if x.dim() == 3:
+        x = x[None]
+    pad = explicit_padding(call.padding, kernel, call.dilation)
+    stride = (call.stride, call.stride) if isinstance(call.stride, int) else tuple(call.stride)
+    if kernel == (1, 1) and stride == (1, 1) and not any(pad):
+        cols = x.flatten(2)
     else:
-        handle = module.register_forward_hook(lambda _m, _args, output: keep(output))
-    try:
-        model(*batch)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return captured[0] if captured else None
-
-
-def _original_output(model: nn.Module, source: nn.Module | Tensor, batch: tuple) -> Tensor:
-    """The output of the original layer: a conv module (hooked) or a functional conv's weight."""
-    if isinstance(source, nn.Module):
-        output = _hooked(model, source, batch, before=False)
-    else:
-        capture = _CaptureOutput(source)
-        try:
-            with capture:
-                model(*batch)
-        except _Stop:
-            pass
-        output = capture.output
-    if output is None:
-        raise RuntimeError("the original layer did not run on the calibration batch")
-    return output
-
-
-def _input_of(model: nn.Module, module: nn.Module, batch: tuple) -> Tensor:
-    z = _hooked(model, module, batch, before=True)
-    if z is None:
-        raise RuntimeError("the separated layer did not run on the calibration batch")
-    return z
-
-
-def _columns(conv: nn.Conv2d, z: Tensor) -> Tensor:
-    """The conv's input as (batch, groups, features per group, output pixels)."""
-    kh, kw = conv.kernel_size
-    if (kh, kw) == (1, 1) and conv.stride == (1, 1) and conv.padding in ((0, 0), "valid"):
-        cols = z.flatten(2)
-    else:
-        pad = conv._reversed_padding_repeated_twice
         if any(pad):
-            z = F.pad(z, pad, mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
-        cols = F.unfold(z, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)
+            x = F.pad(x, pad)
+        cols = F.unfold(x, kernel, dilation=call.dilation, stride=call.stride)
     b, _, length = cols.shape
-    return cols.reshape(b, conv.groups, -1, length)
+    return cols.reshape(b, call.groups, -1, length)
 
 
-class _NormalEquations:
-    """Accumulates X X^T and X Y^T per group over batches, in float64."""
+class NormalEquations:
+    """Accumulates X X^T and X Y^T per group over calls, in float64, with one bias column per bias tensor."""
 
-    def __init__(self) -> None:
+    def __init__(self, bias_slots: int) -> None:
+        self.slots = bias_slots
         self.xx: Tensor | None = None
         self.xy: Tensor | None = None
 
-    def add(self, cols: Tensor, target: Tensor, bias: bool) -> None:
+    def add(self, cols: Tensor, target: Tensor, slot: int | None) -> None:
         b, g, f, length = cols.shape
         x = cols.permute(1, 2, 0, 3).reshape(g, f, b * length).double()
-        if bias:
-            x = torch.cat([x, x.new_ones(g, 1, b * length)], 1)
+        if self.slots:
+            ones = x.new_zeros(g, self.slots, b * length)
+            if slot is not None:
+                ones[:, slot] = 1
+            x = torch.cat([x, ones], 1)
         y = target.reshape(b, g, -1, length).permute(1, 2, 0, 3).reshape(g, -1, b * length).double()
         xx, xy = x @ x.transpose(1, 2), x @ y.transpose(1, 2)
         self.xx = xx if self.xx is None else self.xx + xx
         self.xy = xy if self.xy is None else self.xy + xy
 
     def solve(self) -> Tensor:
-        """Ridge-regularised least squares, shape (groups, features, outputs per group)."""
-        diag = self.xx.diagonal(dim1=1, dim2=2)
-        ridge = 1e-6 * diag.mean(1).clamp_min(1e-12)
-        eye = torch.eye(self.xx.shape[1], dtype=self.xx.dtype, device=self.xx.device)
-        return torch.linalg.solve(self.xx + ridge[:, None, None] * eye, self.xy)
+        """Ridge-regularised least squares, shape (groups, features + bias slots, outputs per group)."""
+        return solve_normal_equations(self.xx, self.xy)
 
 
-def _last_conv(pair: SeparableConv2d) -> nn.Conv2d:
-    return pair.pointwise if pair.order == "dw-pw" else pair.depthwise
+def solve_normal_equations(xx: Tensor, xy: Tensor, ridge: float = 1e-6) -> Tensor:
+    """Solve (XX^T + λI) W = XY^T for a batch of symmetric positive semi-definite systems.
+
+    Cholesky, the solver for such systems, where it succeeds (``cholesky_ex`` reports instead
+    of raising); a pseudo-inverse for the rest. Not an LU solve: batched float64 LU in MKL fails
+    on well-conditioned systems once a program has called ``torch.set_num_threads``.
+    """
+    diag = xx.diagonal(dim1=1, dim2=2)
+    scale = ridge * diag.mean(1).clamp_min(1e-12)
+    a = xx + scale[:, None, None] * torch.eye(xx.shape[1], dtype=xx.dtype, device=xx.device)
+    factor, info = torch.linalg.cholesky_ex(a)
+    solution = torch.cholesky_solve(xy, factor)
+    failed = info != 0
+    if bool(failed.any()):
+        solution[failed] = torch.linalg.pinv(a[failed], hermitian=True) @ xy[failed]
+    return solution
 
 
-def refit(
-    original: nn.Module,
-    separated: nn.Module,
-    layers: Sequence[tuple[nn.Module | Tensor, SeparableConv2d]],
-    batches: list[tuple],
-) -> list[tuple[float, float]]:
-    """Refit each pair's last conv so its outputs match the original layer's, in order.
+@dataclass
+class Layer:
+    """A layer to refit: the dense weight in the reference model, and the pairs standing in for it."""
+
+    name: str
+    reference_weight: Tensor
+    pairs: list[SeparableConv2d]
+    calls: int  # calls per pass on the example inputs: when to stop a pass early
+
+
+def refit(reference: nn.Module, separated: nn.Module, layers: Sequence[Layer], batches: list[tuple]) -> dict[str, float | None]:
+    """Refit each layer's last conv so its outputs match the reference layer's, in order.
 
     Args:
-        original: the dense model (run, never changed).
+        reference: the dense model (run, never changed).
         separated: the model holding the pairs.
-        layers: (original conv module, or a functional conv's weight; pair), in execution order.
+        layers: in execution order.
         batches: calibration input tuples.
 
     Returns:
-        Per layer, the relative output error on the calibration data before and after.
+        Per layer name, the relative output error on the calibration data after the refit;
+        None for a layer that did not run on the data (it keeps its SVD initialisation).
     """
-    errors = []
+    errors: dict[str, float | None] = {}
     device = model_device(separated)
-    with eval_mode(original), eval_mode(separated), torch.no_grad():
-        for source, pair in layers:
-            conv = _last_conv(pair)
-            equations = _NormalEquations()
-            targets, inputs = [], []
-            for batch in batches:
-                batch = on_device(batch, device)
-                target = _original_output(original, source, batch)
-                z = _input_of(separated, conv, batch)
-                equations.add(_columns(conv, z), target, conv.bias is not None)
-                targets.append(target)
-                inputs.append(z)
-            before = _relative_error(conv, inputs, targets)
-            solution = equations.solve()  # (g, f[+1], o_g)
-            f = conv.weight[0].numel()
-            weight_new = solution[:, :f, :].permute(0, 2, 1).reshape(conv.weight.shape)
-            old_w = conv.weight.detach().clone()
-            old_b = conv.bias.detach().clone() if conv.bias is not None else None
-            conv.weight.copy_(weight_new.to(conv.weight.dtype))
-            if conv.bias is not None:
-                conv.bias.copy_(solution[:, f, :].reshape(-1).to(conv.bias.dtype))
-            after = _relative_error(conv, inputs, targets)
-            if not after <= before:  # ill-conditioned data: keep the SVD initialisation
-                conv.weight.copy_(old_w)
-                if old_b is not None:
-                    conv.bias.copy_(old_b)
-                after = before
-            errors.append((before, after))
+    for layer in layers:
+        last = layer.pairs[0].last  # the pairs share its weight
+        biases = list({id(p.last.bias): p.last.bias for p in layer.pairs if p.last.bias is not None}.values())
+        slot_of = {id(b): i for i, b in enumerate(biases)}
+        equations = NormalEquations(len(biases))
+        seen: list[tuple[ConvCall, Tensor]] = []
+        for batch in batches:
+            batch = on_device(batch, device)
+            targets = record(reference, batch, keep={id(layer.reference_weight)}, stop_after=layer.calls)
+            inputs = record(separated, batch, keep={id(last.weight)}, stop_after=layer.calls)
+            wanted = [c for c in targets.calls if c.output is not None]
+            got = [c for c in inputs.calls if c.input is not None]
+            if not got or len(got) != len(wanted):
+                continue  # the batch took another path through the model: its calls cannot be matched
+            for call, target in zip(got, wanted):
+                equations.add(columns(call), target.output, slot_of.get(id(call.bias)) if call.bias is not None else None)
+                seen.append((call, target.output))
+        if not seen:
+            log.info("%s did not run on the calibration data; it keeps its SVD initialisation", layer.name)
+            errors[layer.name] = None
+            continue
+        before = _relative_error(seen, last.weight, biases, slot_of)
+        solution = equations.solve()  # (g, f + slots, o_g)
+        f = last.weight[0].numel()
+        old = [last.weight.detach().clone(), *(b.detach().clone() for b in biases)]
+        with torch.no_grad():
+            last.weight.copy_(solution[:, :f, :].permute(0, 2, 1).reshape(last.weight.shape).to(last.weight.dtype))
+            for i, bias in enumerate(biases):
+                bias.copy_(solution[:, f + i, :].reshape(-1).to(bias.dtype))
+        after = _relative_error(seen, last.weight, biases, slot_of)
+        if not after <= before:  # ill-conditioned data: keep the SVD initialisation
+            with torch.no_grad():
+                for tensor, saved in zip([last.weight, *biases], old):
+                    tensor.copy_(saved)
+            after = before
+        errors[layer.name] = after
     return errors
 
 
-def _relative_error(conv: nn.Conv2d, inputs: list[Tensor], targets: list[Tensor]) -> float:
-    num = sum(float((conv(z) - t).double().pow(2).sum()) for z, t in zip(inputs, targets))
-    den = sum(float(t.double().pow(2).sum()) for t in targets)
-    return (num / den) ** 0.5 if den > 0 else 0.0
+def _relative_error(seen: list[tuple[ConvCall, Tensor]], weight: Tensor, biases: list[Tensor], slot_of: dict[int, int]) -> float:
+    num = den = 0.0
+    with torch.no_grad():
+        for call, target in seen:
+            bias = biases[slot_of[id(call.bias)]] if call.bias is not None else None
+            out = F.conv2d(call.input, weight, bias, call.stride, call.padding, call.dilation, call.groups)
+            num += float((out - target).double().pow(2).sum())
+            den += float(target.double().pow(2).sum())
+    return math.sqrt(num / den) if den > 0 else 0.0
 
 
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[tuple]) -> int:

@@ -19,20 +19,28 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten
 
+from ..core.inputs import eval_mode, model_device, on_device
+from ..core.modules import SeparableConv2d
 from ..errors import InvalidOptionError
-from ..inputs import eval_mode, model_device, on_device
 from .calibrate import calibration_batches
-from .modules import SeparableConv2d
 
 
 @dataclass(frozen=True)
 class Distillation:
-    """A distilled student and how the loss went (one value per step)."""
+    """A distilled model and how the loss went (one value per step).
 
-    student: nn.Module
+    ``model`` is the result, as in every convtool result; ``student`` is the same model.
+    """
+
+    model: nn.Module
     losses: tuple[float, ...]
     steps: int
     seconds: float
+
+    @property
+    def student(self) -> nn.Module:
+        """The distilled model (``model``), under the name distillation gives it."""
+        return self.model
 
 
 def _normalised_mse(student: Tensor, teacher: Tensor) -> Tensor:
@@ -91,7 +99,11 @@ def distill(
         on_step: called with (step, loss) after each step, e.g. to drive a progress bar.
 
     Returns:
-        A :class:`Distillation` with the trained student and the loss of every step.
+        A :class:`Distillation` with the trained model and the loss of every step.
+
+    Raises:
+        InvalidOptionError: bad settings or data, or a teacher with no float output to match
+            (integer outputs such as ``argmax`` indices are left out of the loss).
 
     Example:
         >>> result = distill(separate(model, x).model, model, unlabeled_images, steps=300)
@@ -128,7 +140,12 @@ def distill(
                 target, _ = tree_flatten(teacher(*batch))
             with _Capture({n: pairs[n] for n in matched}) as student_features:
                 output, _ = tree_flatten(student(*batch))
-            loss = sum(_normalised_mse(s, t) for s, t in zip(output, target) if isinstance(t, Tensor))
+            matched_outputs = [(s, t) for s, t in zip(output, target) if _float(t)]
+            if not matched_outputs:
+                raise InvalidOptionError(
+                    "the model has no float output to distil on (integer outputs such as argmax indices have no gradient)"
+                )
+            loss = sum(_normalised_mse(s, t) for s, t in matched_outputs)
             for name in matched:
                 loss = loss + _normalised_mse(student_features.outputs[name], teacher_features.outputs[name]) / max(len(matched), 1)
             optimizer.zero_grad(set_to_none=True)
@@ -140,6 +157,10 @@ def distill(
                 on_step(step + 1, losses[-1])
     student.train(was_training)
     return Distillation(student, tuple(losses), steps, time.perf_counter() - start)
+
+
+def _float(value: object) -> bool:
+    return isinstance(value, Tensor) and value.is_floating_point()
 
 
 class _Capture:

@@ -1,33 +1,47 @@
-"""Turn the user's rank options into one decision per layer: (order, rank), or stay dense."""
+"""Turn the rank option into one decision per site: (order, rank), or stay dense, with the reason.
+
+Three strategies, one return path: a fixed rank (or ``"full"``), :class:`~convtool.Energy`,
+and :class:`~convtool.FlopsTarget`. The planner measures nothing itself: the caller hands it
+each site's call statistics, the model's FLOPs, calibration activations and a latency
+function, so it depends only on the core math.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from ..core.costs import dense_flops, pair_flops
+from ..core.decompose import ORDERS, max_rank, rank_errors
+from ..core.modules import SeparableConv2d
+from ..core.records import Energy, FlopsTarget, Rank
 from ..errors import InvalidOptionError
-from .decompose import ORDERS, max_rank, rank_errors
-from .modules import SeparableConv2d
-from .ranks import DENSE, Choice, ConvShape, allocate, conv_shapes, dense_cost, energy_rank, weight_options
+from .knapsack import DENSE, Choice, allocate
+from .sites import Site
+
+# Median milliseconds of a module on one runtime at an input shape.
+Latency = Callable[[nn.Module, tuple[int, ...]], float]
 
 
-@dataclass
-class Candidate:
-    """A conv that may be separated: its weight, bias and options, however it is called."""
+@dataclass(frozen=True)
+class SiteStats:
+    """What a site's weight processed on the example inputs, summed over its calls.
 
-    name: str
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    groups: int
-    options: dict[str, Any]  # stride, padding, dilation, padding_mode
+    Pixels are batch x H x W, of the input as the layer receives it (before any padding).
+    """
+
+    in_pixels: int
+    out_pixels: int
+    input_shape: tuple[int, ...]  # of the first call
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Per candidate name: (order, rank) or None for 'stay dense', and why it stays dense."""
+    """Per site name: (order, rank) or None for 'stay dense', and why each dense one stays so."""
 
     picks: dict[str, tuple[str, int] | None]
     dense_reasons: dict[str, str]
@@ -40,194 +54,189 @@ def _orders(order: str) -> tuple[str, ...]:
     return ORDERS if order == "auto" else (order,)
 
 
-def _best_order(c: Candidate, rank: int, order: str) -> str:
+def _weight_shape(site: Site) -> tuple[int, ...]:
+    return tuple(site.weight.shape)
+
+
+def _unit_cost(site: Site, order: str, rank: int) -> float:
+    """Cost per output pixel; a pointwise-first pair's pointwise runs at the input resolution."""
+    stride = site.options["stride"]
+    sh, sw = (stride, stride) if isinstance(stride, int) else stride
+    return pair_flops(order, rank, _weight_shape(site), site.groups, sh * sw, 1)
+
+
+def _best_order(site: Site, rank: int, order: str) -> str:
     """Under a fixed rank, the order with the lower weight error ("auto"), else the one asked."""
     if order != "auto":
         return order
-    errors = {o: float(rank_errors(c.weight, c.groups, o)[min(rank, max_rank(c.weight, c.groups, o))]) for o in ORDERS}
+    w, g = site.weight, site.groups
+    errors = {o: float(rank_errors(w, g, o)[min(rank, max_rank(w, g, o))]) for o in ORDERS}
     return min(ORDERS, key=lambda o: (errors[o], o != "dw-pw"))
 
 
-def _output_errors(c: Candidate, x: torch.Tensor, choice: Choice) -> Choice:
-    """Replace weight-space errors by measured output errors on calibration activations."""
+def energy_rank(weight: torch.Tensor, groups: int, order: str, energy: float) -> int:
+    """The smallest rank keeping at least ``energy`` of the squared singular values."""
+    errors = rank_errors(weight, groups, order)
+    for r in range(1, len(errors)):
+        if 1 - float(errors[r]) ** 2 >= energy - 1e-12:
+            return r
+    return len(errors) - 1
+
+
+def weight_options(site: Site, orders: tuple[str, ...], stats: SiteStats) -> Choice:
+    """Options costed in FLOPs, with the weight-space squared relative error of each."""
+    shape = _weight_shape(site)
+    options = {DENSE: (float(dense_flops(shape, stats.out_pixels)), 0.0)}
+    for order in orders:
+        errors = rank_errors(site.weight, site.groups, order)
+        for r in range(1, max_rank(site.weight, site.groups, order) + 1):
+            cost = pair_flops(order, r, shape, site.groups, stats.in_pixels, stats.out_pixels)
+            error = float(errors[r]) ** 2
+            options[(order, r)] = (float(cost), error if error > 1e-12 else 0.0)  # float noise is not an error
+    return Choice(options)
+
+
+def _pair(site: Site, order: str, rank: int) -> SeparableConv2d:
+    use = site.uses[0]
+    return SeparableConv2d.from_weight(site.weight, use.bias, groups=site.groups, rank=rank, order=order, **use.options)
+
+
+def _dense(site: Site) -> nn.Conv2d:
+    use, w = site.uses[0], site.weight
+    conv = nn.Conv2d(w.shape[1] * site.groups, w.shape[0], tuple(w.shape[2:]), groups=site.groups,
+                     bias=use.bias is not None, device=w.device, dtype=w.dtype, **use.options)
     with torch.no_grad():
-        reference = torch.nn.functional.conv2d(
-            x, c.weight, c.bias, c.options["stride"], c.options["padding"], c.options["dilation"], c.groups
-        )
+        conv.weight.copy_(w)
+        if use.bias is not None:
+            conv.bias.copy_(use.bias)
+    return conv
+
+
+def _output_errors(site: Site, x: torch.Tensor, choice: Choice) -> Choice:
+    """Replace weight-space errors by measured output errors on calibration activations."""
+    o = site.options
+    with torch.no_grad():
+        reference = F.conv2d(x, site.weight, site.uses[0].bias, o["stride"], o["padding"], o["dilation"], site.groups)
         norm = float(reference.double().pow(2).sum()) or 1.0
         options = {}
         for key, (cost, _) in choice.options.items():
             if key == DENSE:
                 options[key] = (cost, 0.0)
                 continue
-            order, r = key
-            pair = SeparableConv2d.from_weight(c.weight, c.bias, groups=c.groups, rank=r, order=order, **c.options)
-            options[key] = (cost, float((pair(x) - reference).double().pow(2).sum()) / norm)
+            error = float((_pair(site, *key)(x) - reference).double().pow(2).sum()) / norm
+            options[key] = (cost, error)
     return Choice(options)
 
 
-def make_plan(
-    model: nn.Module,
-    candidates: list[Candidate],
-    *,
-    rank: int | str,
-    order: str,
-    flops_target: float | None,
-    energy: float | None,
-    shape_inputs: tuple,
-    calibration_batch: tuple | None,
-    latency_provider: str | None = None,
-) -> Plan:
-    """Decide each candidate's (order, rank).
-
-    ``rank`` an int or "full": that rank everywhere (order per ``order``). ``energy``: per layer
-    the smallest rank keeping that share of spectral energy. ``flops_target``: the ranks that
-    bring the model's FLOPs (fvcore's count on ``shape_inputs``) to that fraction with the
-    least summed squared relative error, measured on ``calibration_batch`` activations when
-    given. ``latency_provider``: with ``"auto"`` ranks, options not faster than the dense conv
-    on that onnxruntime provider (measured at the layer's input shape) are dropped.
-    """
-    if rank != "auto" or energy is not None:
-        picks: dict[str, tuple[str, int] | None] = {}
-        for c in candidates:
-            if energy is not None:
-                ranks = {o: energy_rank(c.weight, c.groups, o, energy) for o in _orders(order)}
-                best = min(ranks, key=lambda o: _unit_cost(c, o, ranks[o]))
-                picks[c.name] = (best, ranks[best])
-            else:
-                r = 10**9 if rank == "full" else int(rank)
-                best = _best_order(c, r, order)
-                picks[c.name] = (best, min(r, max_rank(c.weight, c.groups, best)))
-        reasons = _drop_slow(model, candidates, picks, shape_inputs, latency_provider) if latency_provider else {}
-        return Plan(picks, reasons)
-    return _budget_plan(model, candidates, order, flops_target, shape_inputs, calibration_batch, latency_provider)
-
-
-def _drop_slow(model, candidates, picks, shape_inputs, provider) -> dict[str, str]:
-    """Set to dense (None) each pick that onnxruntime does not run faster than the dense conv."""
-    shapes = _require_shapes(model, shape_inputs)
-    reasons = {}
-    for c in candidates:
-        pick, shape = picks[c.name], _shape_of(c, shapes)
-        if pick is None or shape is None:
-            continue
-        single = Choice({DENSE: (0.0, 0.0), pick: (0.0, 0.0)})
-        if pick not in faster_than_dense(c, single, shape, provider).options:
-            picks[c.name] = None
-            reasons[c.name] = f"kept dense: rank {pick[1]} ({pick[0]}) is not faster than the dense conv on {provider}"
-    return reasons
-
-
-def _require_shapes(model: nn.Module, shape_inputs: tuple, with_weights: bool = False):
-    if not shape_inputs:
-        raise InvalidOptionError("rank='auto' with a FLOP target or a latency provider needs example inputs (or calibration data) to cost each layer")
-    shapes, weights, _ = conv_shapes(model, shape_inputs)
-    return (shapes, weights) if with_weights else shapes
-
-
-def _unit_cost(c: Candidate, order: str, r: int) -> float:
-    """Cost per output pixel; a pointwise-first pair's pointwise runs at the input resolution."""
-    from .ranks import separable_cost
-
-    stride = c.options["stride"]
-    sh, sw = (stride, stride) if isinstance(stride, int) else stride
-    return separable_cost(order, r, tuple(c.weight.shape), c.groups, ConvShape(sh * sw, 1, 1))
-
-
-def _shape_of(c: Candidate, shapes: dict[int, ConvShape]) -> ConvShape | None:
-    """The candidate's recorded shape, with the input as the layer sees it before padding.
-
-    A conv with a padding mode other than zeros pads its input before calling conv2d, so the
-    recorder saw the padded size; the pair's pointwise (``"pw-dw"``) runs on the unpadded one.
-    """
-    shape = shapes.get(id(c.weight))
-    if shape is None or c.options.get("padding_mode", "zeros") == "zeros" or len(shape.input_shape) < 2:
-        return shape
-    probe = nn.Conv2d(c.weight.shape[1] * c.groups, c.weight.shape[0], tuple(c.weight.shape[2:]), groups=c.groups,
-                      device="meta", **c.options)
-    left, right, top, bottom = probe._reversed_padding_repeated_twice
-    *lead, h, w = shape.input_shape
-    inner = (h - top - bottom) * (w - left - right)
-    return ConvShape(
-        in_pixels=round(shape.in_pixels * inner / (h * w)),
-        out_pixels=shape.out_pixels,
-        calls=shape.calls,
-        input_shape=(*lead, h - top - bottom, w - left - right),
-    )
-
-
-def _budget_plan(model, candidates, order, flops_target, shape_inputs, calibration_batch, latency_provider) -> Plan:
-    keep = [c.weight for c in candidates] if calibration_batch is not None else []
-    shapes, weights = _require_shapes(model, shape_inputs, with_weights=True)
-    activations = conv_shapes(model, calibration_batch, keep)[2] if calibration_batch is not None else {}
-    conv_total = sum(dense_cost(tuple(weights[k].shape), shapes[k]) for k in shapes)
-    mine = {id(c.weight) for c in candidates}
-    # The target is a fraction of the whole model's FLOPs as fvcore counts them (what the
-    # report shows): everything but the separable convs is a fixed cost.
-    total = _model_flops(model, shape_inputs, conv_total)
-    fixed = total - conv_total + sum(dense_cost(tuple(weights[k].shape), shapes[k]) for k in shapes if k not in mine)
-    choices, ran = [], []
-    reasons: dict[str, str] = {}
-    for c in candidates:
-        shape = _shape_of(c, shapes)
-        if shape is None:
-            reasons[c.name] = "did not run on the example inputs, so its cost is unknown"
-            continue
-        choice = weight_options(c.weight, c.groups, _orders(order), shape)
-        # A conv with a padding mode other than zeros receives its input already padded.
-        if id(c.weight) in activations and c.options.get("padding_mode", "zeros") == "zeros":
-            choice = _output_errors(c, activations[id(c.weight)], choice)
-        if latency_provider is not None:
-            choice = faster_than_dense(c, choice, shape, latency_provider)
-        choices.append(choice)
-        ran.append(c)
-    picks_list, met = allocate(choices, flops_target * total - fixed)
-    picks: dict[str, tuple[str, int] | None] = {c.name: None for c in candidates}
-    after = fixed
-    for c, choice, pick in zip(ran, choices, picks_list):
-        after += choice.options[pick][0]
-        if pick == DENSE:
-            reasons[c.name] = "kept dense: the FLOP budget is better spent elsewhere"
-        else:
-            picks[c.name] = pick
-    return Plan(picks, reasons, met, total, after)
-
-
-def _model_flops(model: nn.Module, inputs: tuple, conv_total: float) -> float:
-    """fvcore's count for the whole model; the convs alone where fvcore cannot trace it."""
-    from ..analysis.counts import analyze
-
-    try:
-        return float(max(analyze(model, inputs).flops, conv_total))
-    except Exception:  # fvcore's jit tracing refuses some models; their convs still count
-        return conv_total
-
-
-def _latency(module: nn.Module, input_shape: tuple[int, ...], provider: str, key: tuple) -> float:
-    from ..analysis.runtime import module_latency
-
-    return module_latency(module, input_shape, provider, key)
-
-
-def faster_than_dense(c: Candidate, choice: Choice, shape: ConvShape, provider: str) -> Choice:
-    """Drop the options that onnxruntime does not run faster than the dense conv.
+def faster_than_dense(site: Site, choice: Choice, stats: SiteStats, latency: Latency) -> Choice:
+    """Drop the options the runtime does not run faster than the dense conv.
 
     Ranks are measured from 1 up, per order, and stop at the first that is not faster: higher
     ranks of the same order cost more still.
     """
-    weight = c.weight.detach().cpu()
-    bias = c.bias.detach().cpu() if c.bias is not None else None
-    config = (tuple(weight.shape), c.groups, tuple(sorted((k, str(v)) for k, v in c.options.items())), shape.input_shape, provider)
-    dense = nn.Conv2d(weight.shape[1] * c.groups, weight.shape[0], tuple(weight.shape[2:]), groups=c.groups,
-                      bias=bias is not None, **c.options)
-    with torch.no_grad():
-        dense.weight.copy_(weight)
-    dense_ms = _latency(dense.eval(), shape.input_shape, provider, ("dense", *config))
+    dense_ms = latency(_dense(site).eval(), stats.input_shape)
     kept = {DENSE: choice.options[DENSE]}
     for order in sorted({key[0] for key in choice.options if key != DENSE}):
         for r in sorted(key[1] for key in choice.options if key[0] == order):
-            pair = SeparableConv2d.from_weight(weight, bias, groups=c.groups, rank=r, order=order, **c.options).eval()
-            if _latency(pair, shape.input_shape, provider, (order, r, *config)) >= dense_ms:
+            if latency(_pair(site, order, r).eval(), stats.input_shape) >= dense_ms:
                 break
             kept[(order, r)] = choice.options[(order, r)]
     return Choice(kept)
+
+
+def make_plan(
+    sites: list[Site],
+    rank: Rank,
+    order: str,
+    *,
+    stats: dict[str, SiteStats],
+    total_flops: float | None = None,
+    activations: dict[str, torch.Tensor] | None = None,
+    latency: Latency | None = None,
+    provider: str = "",
+) -> Plan:
+    """Decide each site's (order, rank).
+
+    Args:
+        sites: what may be separated.
+        rank: an int or ``"full"`` (that rank everywhere), :class:`Energy` or :class:`FlopsTarget`.
+        order: ``"dw-pw"``, ``"pw-dw"`` or ``"auto"`` (per site, the better).
+        stats: per site name, its calls on the example inputs (a site that did not run has none).
+        total_flops: the whole model's FLOPs on the example inputs (for a FLOP target).
+        activations: per site name, its input on calibration data: errors are then measured
+            on outputs instead of weights.
+        latency: times a module at an input shape; with it, options not faster than the dense
+            conv are dropped, whatever the strategy.
+        provider: the runtime ``latency`` times on, for the reasons given.
+    """
+    if isinstance(rank, FlopsTarget):
+        return _budget_plan(sites, rank.fraction, order, stats, total_flops, activations or {}, latency, provider)
+    picks: dict[str, tuple[str, int] | None] = {}
+    reasons: dict[str, str] = {}
+    for site in sites:
+        if isinstance(rank, Energy):
+            ranks = {o: energy_rank(site.weight, site.groups, o, rank.share) for o in _orders(order)}
+            best = min(ranks, key=lambda o: _unit_cost(site, o, ranks[o]))
+            dense_unit = float(dense_flops(_weight_shape(site), 1))
+            if _unit_cost(site, best, ranks[best]) >= dense_unit:
+                picks[site.name] = None
+                reasons[site.name] = (
+                    f"kept dense: rank {ranks[best]} ({best}), the smallest keeping {rank.share:g} of the energy, "
+                    f"costs {_unit_cost(site, best, ranks[best]):g} multiply-adds per output pixel, the dense conv {dense_unit:g}"
+                )
+                continue
+            picks[site.name] = (best, ranks[best])
+        else:
+            r = 10**9 if rank == "full" else int(rank)
+            best = _best_order(site, r, order)
+            picks[site.name] = (best, min(r, max_rank(site.weight, site.groups, best)))
+    if latency is not None:
+        _drop_slow(sites, picks, reasons, stats, latency, provider)
+    return Plan(picks, reasons)
+
+
+def _drop_slow(sites, picks, reasons, stats, latency, provider) -> None:
+    """Set to dense (None) each pick the runtime does not run faster than the dense conv."""
+    for site in sites:
+        pick, site_stats = picks.get(site.name), stats.get(site.name)
+        if pick is None or site_stats is None:
+            continue
+        single = Choice({DENSE: (0.0, 0.0), pick: (0.0, 0.0)})
+        if pick not in faster_than_dense(site, single, site_stats, latency).options:
+            picks[site.name] = None
+            reasons[site.name] = f"kept dense: rank {pick[1]} ({pick[0]}) is not faster than the dense conv on {provider}"
+
+
+def _budget_plan(sites, fraction, order, stats, total_flops, activations, latency, provider) -> Plan:
+    if not stats:
+        raise InvalidOptionError("a FLOP target needs example inputs (or calibration data) to cost each layer")
+    picks: dict[str, tuple[str, int] | None] = {s.name: None for s in sites}
+    reasons: dict[str, str] = {}
+    choices, ran = [], []
+    for site in sites:
+        site_stats = stats.get(site.name)
+        if site_stats is None:
+            reasons[site.name] = "did not run on the example inputs, so its cost is unknown"
+            continue
+        choice = weight_options(site, _orders(order), site_stats)
+        # A conv with a padding mode other than zeros receives its input already padded.
+        if site.name in activations and site.options.get("padding_mode", "zeros") == "zeros":
+            choice = _output_errors(site, activations[site.name], choice)
+        if latency is not None:
+            choice = faster_than_dense(site, choice, site_stats, latency)
+        choices.append(choice)
+        ran.append(site)
+    # The target is a fraction of the whole model's FLOPs (what the report shows): everything
+    # but the sites that ran is a fixed cost.
+    mine = sum(c.options[DENSE][0] for c in choices)
+    total = max(float(total_flops or 0.0), mine)
+    fixed = total - mine
+    picks_list, met = allocate(choices, fraction * total - fixed)
+    after = fixed
+    for site, choice, pick in zip(ran, choices, picks_list):
+        after += choice.options[pick][0]
+        if pick == DENSE:
+            reasons[site.name] = "kept dense: the FLOP budget is better spent elsewhere"
+        else:
+            picks[site.name] = pick
+    return Plan(picks, reasons, met, total, after)

@@ -6,15 +6,16 @@ from torch import nn
 
 import convtool
 from convtool import InvalidOptionError
-from convtool.convert.decompose import rank_errors
-from convtool.convert.ranks import ConvShape, allocate, conv_shapes, dense_cost, weight_options
+from convtool.core.decompose import rank_errors
+from convtool.convert.knapsack import DENSE, Choice, allocate
+from convtool.core.costs import dense_flops, pair_flops
+from convtool.measure.conv_calls import record
 
 from ..zoo import ZOO, DetectorLike, ResNetLike, TwoInputs, build, randomize_batchnorm
 
 
 def conv_flops(model, x):
-    shapes, weights, _ = conv_shapes(model, (x,))
-    return sum(dense_cost(tuple(weights[k].shape), shapes[k]) for k in shapes)
+    return sum(call.flops for call in record(model, (x,)).calls)
 
 
 @pytest.mark.parametrize("target", [0.3, 0.45, 0.7])
@@ -22,7 +23,7 @@ def test_flop_target_is_met_and_reported(target):
     torch.manual_seed(0)
     model = randomize_batchnorm(ResNetLike()).eval()
     x = torch.randn(1, 3, 32, 32)
-    result = convtool.separate(model, x, rank="auto", flops_target=target, order="auto")
+    result = convtool.separate(model, x, rank=convtool.FlopsTarget(target), order="auto")
     assert result.budget_met
     before, after = convtool.analyze(model, x).flops, convtool.analyze(result.model, x).flops
     assert after <= target * before
@@ -36,8 +37,8 @@ def test_bigger_budget_never_hurts_the_error():
     x = torch.randn(1, 3, 32, 32)
 
     def total_error(target):
-        result = convtool.separate(model, x, flops_target=target)
-        kept = {layer.name: layer.relative_error for layer in result.layers}
+        result = convtool.separate(model, x, rank=convtool.FlopsTarget(target))
+        kept = {layer.name: layer.weight_error for layer in result.layers}
         return sum(e**2 for e in kept.values())
 
     errors = [total_error(t) for t in (0.3, 0.5, 0.8)]
@@ -46,17 +47,23 @@ def test_bigger_budget_never_hurts_the_error():
 
 def test_unreachable_target_gives_cheapest_and_says_so():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1))
-    result = convtool.separate(model, torch.randn(1, 3, 16, 16), flops_target=0.01)
+    result = convtool.separate(model, torch.randn(1, 3, 16, 16), rank=convtool.FlopsTarget(0.01))
     assert result.budget_met is False
     assert result.layers[0].rank == 1
 
 
 def test_allocate_picks_the_cheaper_error_per_flop():
-    shape = ConvShape(100, 100, 1)
+    def options(w):
+        errors = rank_errors(w, 1, "dw-pw")
+        choice = {DENSE: (dense_flops(w.shape, 100), 0.0)}
+        for r in range(1, len(errors)):
+            choice[("dw-pw", r)] = (pair_flops("dw-pw", r, w.shape, 1, 100, 100), float(errors[r]) ** 2)
+        return Choice(choice)
+
     w_easy = torch.zeros(8, 8, 3, 3)
     w_easy[:, :, 1, 1] = torch.randn(8, 8)  # rank 1 per slice: exact at rank 1
     w_hard = torch.randn(8, 8, 3, 3)
-    choices = [weight_options(w, 1, ("dw-pw",), shape) for w in (w_easy, w_hard)]
+    choices = [options(w) for w in (w_easy, w_hard)]
     budget = choices[0].options[("dw-pw", 1)][0] + choices[1].options[("dw-pw", 4)][0]
     picks, met = allocate(choices, budget)
     assert met and picks[0] == ("dw-pw", 1) and picks[1][1] >= 3
@@ -65,11 +72,12 @@ def test_allocate_picks_the_cheaper_error_per_flop():
 def test_energy_picks_the_smallest_rank_keeping_it():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3))
-    result = convtool.separate(model, energy=0.9)
+    result = convtool.separate(model, rank=convtool.Energy(0.6))
+    assert [layer.name for layer in result.layers] == ["0", "2"]
     for layer, conv in zip(result.layers, (model[0], model[2])):
         errors = rank_errors(conv.weight, 1, "dw-pw")
-        assert 1 - float(errors[layer.rank]) ** 2 >= 0.9 - 1e-9
-        assert 1 - float(errors[layer.rank - 1]) ** 2 < 0.9
+        assert 1 - float(errors[layer.rank]) ** 2 >= 0.6 - 1e-9
+        assert 1 - float(errors[layer.rank - 1]) ** 2 < 0.6
 
 
 def test_auto_order_picks_pointwise_first_where_it_is_exact():
@@ -79,20 +87,18 @@ def test_auto_order_picks_pointwise_first_where_it_is_exact():
         # W[n, m] = a[n, m] * f[n]: one spatial filter per output, exactly rank 1 as "pw-dw".
         conv.weight.copy_(torch.randn(4, 8)[:, :, None, None] * torch.randn(4, 1, 3, 3))
     result = convtool.separate(nn.Sequential(conv), rank=1, order="auto")
-    assert result.layers[0].order == "pw-dw" and result.layers[0].relative_error < 1e-6
+    assert result.layers[0].order == "pw-dw" and result.layers[0].weight_error < 1e-6
     x = torch.randn(2, 8, 10, 10)
     torch.testing.assert_close(result.model(x), conv(x), rtol=1e-4, atol=1e-5)
     dw = convtool.separate(nn.Sequential(conv), rank=1, order="dw-pw")
-    assert dw.layers[0].relative_error > 0.1
+    assert dw.layers[0].weight_error > 0.1
 
 
 @pytest.mark.parametrize(
     "options,message",
     [
-        (dict(rank=2, flops_target=0.5), "rank='auto'"),
-        (dict(flops_target=1.5), "fraction"),
-        (dict(energy=0.0), "energy"),
-        (dict(flops_target=0.5, energy=0.9), "not both"),
+        (dict(rank="auto"), "FlopsTarget"),
+        (dict(rank=0.5), "positive integer"),
     ],
 )
 def test_bad_rank_options(options, message):
@@ -102,7 +108,7 @@ def test_bad_rank_options(options, message):
 
 def test_auto_needs_inputs_to_cost_layers():
     with pytest.raises(InvalidOptionError, match="example inputs"):
-        convtool.separate(nn.Conv2d(3, 8, 3), flops_target=0.5)
+        convtool.separate(nn.Conv2d(3, 8, 3), rank=convtool.FlopsTarget(0.5))
 
 
 def _output_error(model, reference, x):

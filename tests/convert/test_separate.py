@@ -134,9 +134,28 @@ class BreaksWhenSwapped(nn.Module):
         return self.conv(x)
 
 
+def test_a_conv_run_around_its_module_is_not_claimed():
+    # The pair's dense-equivalent weight keeps the code running, but the pair itself never runs.
+    with pytest.raises(NothingToSeparateError, match="without calling the module"):
+        convtool.separate(BreaksWhenSwapped(), torch.ones(1, 3, 8, 8))
+    result = convtool.separate(BreaksWhenSwapped(), -torch.ones(1, 3, 8, 8))  # the other branch calls the module
+    assert [layer.name for layer in result.layers] == ["conv"] and result.verified
+
+
+class CallsConvInternals(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.conv._conv_forward(x, self.conv.weight, self.conv.bias)
+        return self.conv(x)
+
+
 def test_a_rewrite_that_breaks_the_model_is_reported_with_what_to_do():
     with pytest.raises(SeparationError, match="exclude"):
-        convtool.separate(BreaksWhenSwapped(), torch.ones(1, 3, 8, 8))
+        convtool.separate(CallsConvInternals(), torch.ones(1, 3, 8, 8))
 
 
 def test_bare_conv_becomes_a_pair():

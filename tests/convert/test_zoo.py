@@ -19,7 +19,7 @@ def test_full_rank_reproduces_outputs(entry):
     result = convtool.separate(model, inputs, rank="full")
     with torch.no_grad():
         assert_outputs_close(result.model(*inputs), model(*inputs), rtol=1e-4, atol=1e-5)
-    assert result.layers and all(layer.relative_error < 1e-6 for layer in result.layers)
+    assert result.layers and all(layer.weight_error < 1e-6 for layer in result.layers)
     assert_same_state(model, snapshot)
     assert repr(model) == before
 
@@ -94,8 +94,12 @@ def test_functional_convs_become_named_pairs():
     model, inputs = build(entry)
     result = convtool.separate(model, inputs, rank="full")
     names = sorted(layer.name for layer in result.layers)
-    # One weight at two dilations gives two pairs, labelled apart; the stem pair takes its weight's name.
-    assert names == ["shared", "shared@2", "stem_weight"]
+    # One weight at two dilations is one layer with two pairs sharing factors; a pair takes its weight's name.
+    assert names == ["shared", "stem_weight"]
+    shared = next(layer for layer in result.layers if layer.name == "shared")
+    assert shared.calls == 2 and len(shared.aliases) == 1
+    first, second = result.model.get_submodule(shared.name), result.model.get_submodule(shared.aliases[0])
+    assert first.depthwise.weight is second.depthwise.weight and first.dilation != second.dilation
     assert all(layer.source == "function" for layer in result.layers)
     assert isinstance(result.model.stem_weight, SeparableConv2d)
     assert "stem_bias" not in dict(result.model.named_parameters())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .decompose import ORDERS, separable_factors
+from .decompose import ORDERS, dense_weight, separable_factors
 
 
 class SeparableConv2d(nn.Module):
@@ -49,9 +49,9 @@ class SeparableConv2d(nn.Module):
         self.padding = padding if isinstance(padding, str) else pair(padding)
         self.groups, self.padding_mode = groups, padding_mode
         self.rank, self.order = rank, order
-        # Relative Frobenius error of the weights this pair was built from (0.0 = exact);
-        # NaN for a pair built empty rather than from a dense conv.
-        self.relative_error = float("nan")
+        # Relative Frobenius error of the SVD factors against the dense weight they came from
+        # (0.0 = exact); NaN for a pair built empty rather than from a dense conv.
+        self.weight_error = float("nan")
         spatial_opts = dict(
             kernel_size=self.kernel_size,
             stride=self.stride,
@@ -77,10 +77,24 @@ class SeparableConv2d(nn.Module):
             )
 
     @property
+    def last(self) -> nn.Conv2d:
+        """The conv that runs last: it holds the bias, and calibration and BatchNorm folding change it."""
+        return self.pointwise if self.order == "dw-pw" else self.depthwise
+
+    @property
     def bias(self) -> Tensor | None:
         """The pair's bias, held by whichever conv runs last."""
-        last = self.pointwise if self.order == "dw-pw" else self.depthwise
-        return last.bias
+        return self.last.bias
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense weight this pair computes (N, M/g, kh, kw), recomputed on each read.
+
+        Code written for the dense conv (``self.conv.weight.shape``, weight decay on it, a
+        norm of it) keeps working; writing to it changes nothing.
+        """
+        spatial, mixing = self.depthwise.weight, self.pointwise.weight
+        return dense_weight(spatial, mixing, self.rank, self.groups, self.order)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.order == "dw-pw":
@@ -152,7 +166,7 @@ class SeparableConv2d(nn.Module):
         grad = weight.requires_grad
         for p in module.parameters():
             p.requires_grad_(grad)
-        module.relative_error = factors.relative_error
+        module.weight_error = factors.weight_error
         return module
 
 
@@ -174,7 +188,7 @@ class BranchedSeparableConv2d(nn.Module):
         self.in_channels, self.out_channels, self.rank = pair.in_channels, pair.out_channels, r
         self.kernel_size, self.stride, self.padding = pair.kernel_size, pair.stride, pair.padding
         self.dilation, self.groups, self.order = pair.dilation, pair.groups, pair.order
-        self.relative_error = pair.relative_error
+        self.weight_error = pair.weight_error
         options = dict(
             kernel_size=dw.kernel_size, stride=dw.stride, padding=dw.padding, dilation=dw.dilation,
             padding_mode=dw.padding_mode, bias=False, device=dw.weight.device, dtype=dw.weight.dtype,
@@ -200,8 +214,19 @@ class BranchedSeparableConv2d(nn.Module):
         self.train(pair.training)
 
     @property
+    def last(self) -> nn.Conv2d:
+        return self.pointwise
+
+    @property
     def bias(self) -> Tensor | None:
         return self.pointwise.bias
 
     def forward(self, x: Tensor) -> Tensor:
         return self.pointwise(torch.cat([branch(x) for branch in self.branches], 1))
+
+
+def last_conv(module: nn.Module) -> nn.Conv2d | None:
+    """The conv that runs last in a dense conv (itself) or a pair; None for anything else."""
+    if isinstance(module, (SeparableConv2d, BranchedSeparableConv2d)):
+        return module.last
+    return module if isinstance(module, nn.Conv2d) else None

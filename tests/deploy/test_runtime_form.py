@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 import convtool
-from convtool.convert import plan as plan_module
-from convtool.convert.modules import BranchedSeparableConv2d
-from convtool.convert.runtime_form import branch_layout, fold_batchnorm
+from convtool.convert import separate as separate_module
+from convtool.core.modules import BranchedSeparableConv2d
+from convtool.deploy.runtime_form import branch_layout, fold_batchnorm
 
 from ..helpers import assert_outputs_close
 from ..zoo import ZOO, ResNetLike, build, randomize_batchnorm
@@ -75,26 +75,26 @@ def test_slow_separated_forms_stay_dense(monkeypatch):
     """Options onnxruntime does not run faster than the dense conv are dropped."""
     timings = {"dense": 1.0}
 
-    def fake_latency(module, shape, provider, key):
-        if key[0] == "dense":
+    def fake_latency(module, shape, provider):
+        if not isinstance(module, convtool.SeparableConv2d):
             return timings["dense"]
-        order, rank = key[0], key[1]
-        return 0.5 if (order, rank) == ("dw-pw", 1) else 2.0
+        return 0.5 if (module.order, module.rank) == ("dw-pw", 1) else 2.0
 
-    monkeypatch.setattr(plan_module, "_latency", fake_latency)
+    monkeypatch.setattr(separate_module, "module_latency", fake_latency)
     model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
     x = torch.randn(1, 16, 16, 16)
-    result = convtool.separate(model, x, flops_target=0.9, order="auto", latency_provider="cpu")
+    result = convtool.separate(model, x, rank=convtool.FlopsTarget(0.9), order="auto", latency_provider="cpu")
     assert {(layer.order, layer.rank) for layer in result.layers} == {("dw-pw", 1)}
     timings["dense"] = 0.1  # now nothing beats the dense conv
     with pytest.raises(convtool.NothingToSeparateError, match="dense"):
-        convtool.separate(model, x, flops_target=0.9, latency_provider="cpu")
+        convtool.separate(model, x, rank=convtool.FlopsTarget(0.9), latency_provider="cpu")
     with pytest.raises(convtool.NothingToSeparateError, match="not faster than the dense conv"):
-        convtool.separate(model, x, energy=0.99, latency_provider="cpu")
+        convtool.separate(model, x, rank=convtool.Energy(0.6), latency_provider="cpu")
 
 
 def test_explicit_rank_with_latency_keeps_slow_layers_dense(monkeypatch):
-    monkeypatch.setattr(plan_module, "_latency", lambda module, shape, provider, key: 1.0 if key[0] == "dense" else 2.0)
+    fake = lambda module, shape, provider: 2.0 if isinstance(module, convtool.SeparableConv2d) else 1.0  # noqa: E731
+    monkeypatch.setattr(separate_module, "module_latency", fake)
     model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
     x = torch.randn(1, 16, 16, 16)
     with pytest.raises(convtool.NothingToSeparateError, match="not faster"):
@@ -103,7 +103,7 @@ def test_explicit_rank_with_latency_keeps_slow_layers_dense(monkeypatch):
 
 
 def test_measured_layout_is_the_same_function_and_exports(tmp_path):
-    from convtool.convert.runtime_form import measured_layout
+    from convtool.deploy.runtime_form import measured_layout
 
     model = randomize_batchnorm(ResNetLike()).eval()
     x = torch.randn(1, 3, 32, 32)

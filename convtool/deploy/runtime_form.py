@@ -11,23 +11,17 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from ..inputs import as_inputs, eval_mode, model_device, on_device
-from .fx_pass import set_module, trace_regions
-from .modules import BranchedSeparableConv2d, SeparableConv2d
+from ..core.inputs import as_inputs, eval_mode, model_device, on_device
+from ..core.modules import BranchedSeparableConv2d, SeparableConv2d, last_conv
+from ..core.names import join, set_module
+from ..core.tracing import trace_regions
+from ..measure.onnxrt import module_latency
 
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("multiplier", "branches", "measured")
-
-
-def _last_conv_name(module: nn.Module) -> str | None:
-    if isinstance(module, SeparableConv2d):
-        return "pointwise" if module.order == "dw-pw" else "depthwise"
-    if isinstance(module, (nn.Conv2d, BranchedSeparableConv2d)):
-        return "" if isinstance(module, nn.Conv2d) else "pointwise"
-    return None
 
 
 def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, list[str]]:
@@ -44,18 +38,17 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, list[str]]:
     calls: dict[str, int] = {}
     edges: list[tuple[str, str]] = []
     for region in tracing.regions:
-        prefix = f"{region.name}." if region.name else ""
         for node in region.graph.nodes:
             if node.op != "call_module":
                 continue
-            calls[prefix + node.target] = calls.get(prefix + node.target, 0) + 1
-            module = region.module.get_submodule(node.target)
-            if _last_conv_name(module) is None or len(node.users) != 1:
+            name = join(region.name, node.target)
+            calls[name] = calls.get(name, 0) + 1
+            if last_conv(region.module.get_submodule(node.target)) is None or len(node.users) != 1:
                 continue
             (user,) = node.users
             if user.op == "call_module" and isinstance(region.module.get_submodule(user.target), nn.BatchNorm2d):
                 if len(user.args) == 1 and not user.kwargs:
-                    edges.append((prefix + node.target, prefix + user.target))
+                    edges.append((name, join(region.name, user.target)))
     folded = []
     for conv_name, bn_name in edges:
         if calls.get(conv_name) != 1 or calls.get(bn_name) != 1:
@@ -63,13 +56,11 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, list[str]]:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         if bn.training or conv.training or not bn.track_running_stats:
             continue
-        last = _last_conv_name(conv)
-        target = conv if last == "" else getattr(conv, last)
-        fused = fuse_conv_bn_eval(target, bn)
-        if last == "":
-            set_module(model, conv_name, fused)
-        else:
-            setattr(conv, last, fused)
+        last = last_conv(conv)
+        # New parameters, not an in-place update: a weight tied to another layer must keep its value there.
+        last.weight, last.bias = fuse_conv_bn_weights(
+            last.weight, last.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+        )
         set_module(model, bn_name, nn.Identity())
         folded.append(bn_name)
     return model, folded
@@ -80,13 +71,14 @@ def branch_layout(model: nn.Module) -> tuple[nn.Module, list[str]]:
     model = copy.deepcopy(model)
     changed = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, SeparableConv2d) and module.order == "dw-pw" and module.rank > 1 and module.groups == 1:
-            if name:
-                set_module(model, name, BranchedSeparableConv2d(module))
-            else:
-                model = BranchedSeparableConv2d(module)
+        if _branchable(module):
+            model = set_module(model, name, BranchedSeparableConv2d(module))
             changed.append(name)
     return model, changed
+
+
+def _branchable(module: nn.Module) -> bool:
+    return isinstance(module, SeparableConv2d) and module.order == "dw-pw" and module.rank > 1 and module.groups == 1
 
 
 def measured_layout(model: nn.Module, example_inputs: Any, provider: str = "cpu") -> tuple[nn.Module, list[str]]:
@@ -95,12 +87,7 @@ def measured_layout(model: nn.Module, example_inputs: Any, provider: str = "cpu"
     Each pair is timed alone in both layouts (cached per shape), so the choice is measured,
     not assumed: channel-multiplier kernels beat the branches at some shapes.
     """
-    from ..analysis.runtime import module_latency
-
-    eligible = {
-        name: m for name, m in model.named_modules()
-        if isinstance(m, SeparableConv2d) and m.order == "dw-pw" and m.rank > 1 and m.groups == 1
-    }
+    eligible = {name: m for name, m in model.named_modules() if _branchable(m)}
     shapes: dict[str, tuple[int, ...]] = {}
     def record(name: str):
         def hook(_module, args) -> None:  # a pre-hook's return value would replace the inputs
@@ -121,13 +108,9 @@ def measured_layout(model: nn.Module, example_inputs: Any, provider: str = "cpu"
     for name, shape in shapes.items():
         pair = model.get_submodule(name)
         branched = BranchedSeparableConv2d(pair)
-        key = (pair.in_channels, pair.out_channels, pair.kernel_size, pair.stride, str(pair.padding), pair.dilation,
-               pair.padding_mode, pair.rank, shape)
-        if module_latency(branched, shape, provider, ("branches", *key)) < module_latency(pair, shape, provider, ("multiplier", *key)):
-            if name:
-                set_module(model, name, branched)
-            else:
-                model = branched
+        timed = [copy.deepcopy(m).eval() for m in (branched, pair)]
+        if module_latency(timed[0], shape, provider) < module_latency(timed[1], shape, provider):
+            model = set_module(model, name, branched)
             changed.append(name)
     return model, changed
 

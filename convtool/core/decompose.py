@@ -43,7 +43,7 @@ class Factors:
     mixing: Tensor
     rank: int
     order: str
-    relative_error: float
+    weight_error: float
 
 
 def _check(weight: Tensor, groups: int, order: str) -> None:
@@ -112,13 +112,13 @@ def separable_factors(
         order: ``"dw-pw"`` or ``"pw-dw"``.
 
     Returns:
-        :class:`Factors` in the weight's dtype and device, with the relative Frobenius error
+        :class:`Factors` in the weight's dtype and device, with its relative Frobenius error (``weight_error``)
         of the approximation.
 
     Example:
         >>> w = torch.randn(8, 4, 3, 3)
         >>> f = separable_factors(w, rank=9)
-        >>> f.spatial.shape, f.mixing.shape, f.relative_error < 1e-12
+        >>> f.spatial.shape, f.mixing.shape, f.weight_error < 1e-12
         (torch.Size([32, 1, 3, 3]), torch.Size([8, 32, 1, 1]), True)
     """
     _check(weight, groups, order)
@@ -154,32 +154,26 @@ def separable_factors(
         mixing=mixing.to(**cast).contiguous(),
         rank=r,
         order=order,
-        relative_error=error,
+        weight_error=error,
     )
 
 
-def dense_params(out_channels: int, in_channels: int, kernel: tuple[int, int], groups: int, bias: bool) -> int:
-    """Parameters of a dense conv: N * M/g * kh * kw (+ N)."""
-    return out_channels * (in_channels // groups) * kernel[0] * kernel[1] + (out_channels if bias else 0)
+def dense_weight(spatial: Tensor, mixing: Tensor, rank: int, groups: int = 1, order: str = "dw-pw") -> Tensor:
+    """The dense conv weight a pair of factors computes: the inverse of :func:`separable_factors`.
 
-
-def separable_params(
-    out_channels: int,
-    in_channels: int,
-    kernel: tuple[int, int],
-    groups: int,
-    bias: bool,
-    rank: int,
-    order: str = "dw-pw",
-) -> int:
-    """Parameters of a rank-r separable pair.
-
-    ``"dw-pw"``: M*r*kh*kw + N*(M/g)*r (+ N). ``"pw-dw"``: N*r*(M/g) + N*r*kh*kw (+ N).
+    Exact for any factors, truncated or refit, so code that reads a separated layer's
+    ``weight`` sees what the pair really applies.
     """
-    k = kernel[0] * kernel[1]
-    m_g = in_channels // groups
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    kh, kw = spatial.shape[-2:]
+    n = mixing.shape[0] if order == "dw-pw" else spatial.shape[0]
     if order == "dw-pw":
-        count = in_channels * rank * k + out_channels * m_g * rank
-    else:
-        count = out_channels * rank * m_g + out_channels * rank * k
-    return count + (out_channels if bias else 0)
+        m_g = mixing.shape[1] // rank
+        s = spatial.reshape(groups, m_g, rank, kh * kw)
+        p = mixing.reshape(groups, n // groups, m_g, rank)
+        return torch.einsum("gnjr,gjrk->gnjk", p, s).reshape(n, m_g, kh, kw)
+    m_g = mixing.shape[1]
+    p = mixing.reshape(n, rank, m_g)
+    s = spatial.reshape(n, rank, kh * kw)
+    return torch.einsum("nrj,nrk->njk", p, s).reshape(n, m_g, kh, kw)

@@ -11,7 +11,7 @@ from rich.console import Console
 from torch import nn
 
 import convtool
-from convtool.analysis.report import SCHEMA_VERSION, human, to_dict, to_markdown, to_rich
+from convtool.report.render import SCHEMA_VERSION, human, to_dict, to_markdown, to_rich
 
 GOLDEN = Path(__file__).with_name("golden_report.json")
 

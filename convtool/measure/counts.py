@@ -16,19 +16,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..inputs import as_inputs, eval_mode, model_device, on_device
+from ..core.inputs import as_inputs, eval_mode, model_device, on_device, tensors_of
+from ..core.names import describe_error, join, plain_references
+from ..errors import AnalysisError
 
 FLOPS_UNIT = "fvcore flops: one multiply-add counts as one flop"
 
 
 @dataclass(frozen=True)
 class ModuleCost:
-    """One module's own and nested cost: ``params`` and ``flops`` include its submodules."""
+    """One module's cost: ``params`` and ``flops`` include its submodules; ``own_*`` do not.
+
+    ``own_flops`` is what the module's own code computes (a functional conv in its forward,
+    say), so every counted flop belongs to exactly one module's ``own_flops``.
+    """
 
     name: str
     type: str
     params: int
     flops: int
+    own_params: int
+    own_flops: int
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,28 @@ class _TupleOutputs(nn.Module):
         return tuple(leaves)
 
 
+class _frozen:
+    """Turns off ``requires_grad`` on every tensor the model can reach while fvcore traces it.
+
+    torch.jit refuses to trace a tensor that requires grad and is not a registered parameter
+    (a conv held only in a plain list); frozen, it becomes a constant and its conv is counted.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        tensors = list(model.parameters())
+        for _, _, value in plain_references(model):
+            tensors += list(value.parameters()) if isinstance(value, nn.Module) else [value]
+        self.tensors = [t for t in {id(t): t for t in tensors}.values() if t.is_leaf and t.requires_grad]
+
+    def __enter__(self) -> None:
+        for t in self.tensors:
+            t.requires_grad_(False)
+
+    def __exit__(self, *exc: object) -> None:
+        for t in self.tensors:
+            t.requires_grad_(True)
+
+
 def analyze(model: nn.Module, example_inputs: Any) -> Analysis:
     """Parameters and fvcore FLOPs of ``model``, in total and per module.
 
@@ -87,6 +117,9 @@ def analyze(model: nn.Module, example_inputs: Any) -> Analysis:
 
     Returns:
         An :class:`Analysis`; flops count one multiply-add as one flop.
+
+    Raises:
+        AnalysisError: fvcore (torch.jit tracing) cannot run the model.
 
     Example:
         >>> a = analyze(nn.Conv2d(16, 32, 3, bias=False), torch.randn(1, 16, 10, 10))
@@ -99,7 +132,7 @@ def analyze(model: nn.Module, example_inputs: Any) -> Analysis:
 
     inputs = on_device(as_inputs(example_inputs), model_device(model))
     wrapper = _TupleOutputs(model)
-    with eval_mode(model), torch.no_grad(), warnings.catch_warnings():
+    with eval_mode(model), torch.no_grad(), _frozen(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         counter = FlopCountAnalysis(wrapper, inputs)
         counter.set_op_handle("aten::_convolution_mode", _convolution_mode_flops)
@@ -109,14 +142,21 @@ def analyze(model: nn.Module, example_inputs: Any) -> Analysis:
         try:
             by_module = counter.by_module()
             unsupported = dict(Counter(counter.unsupported_ops()))
+        except Exception as error:  # torch.jit.trace, under fvcore, refuses some models
+            raise AnalysisError(
+                f"fvcore cannot count this model: torch.jit.trace fails on it ({describe_error(error)})"
+            ) from error
         finally:
             fvcore_log.setLevel(level)
     params = parameter_count(model)
+    modules = dict(model.named_modules())
+    nested = {name: (int(params.get(name, 0)), int(by_module.get(f"model.{name}" if name else "model", 0))) for name in modules}
     rows = []
-    for name, module in model.named_modules():
-        flops = by_module.get(f"model.{name}" if name else "model", 0)
-        rows.append(ModuleCost(name, type(module).__name__, int(params.get(name, 0)), int(flops)))
-    shapes = tuple(tuple(x.shape) for x in inputs if isinstance(x, torch.Tensor))
+    for name, module in modules.items():
+        children = [join(name, child) for child, _ in module.named_children()]
+        own = [nested[name][i] - sum(nested[c][i] for c in children if c in nested) for i in (0, 1)]
+        rows.append(ModuleCost(name, type(module).__name__, *nested[name], max(own[0], 0), max(own[1], 0)))
+    shapes = tuple(tuple(x.shape) for x in tensors_of(inputs))
     return Analysis(
         params=int(params.get("", 0)),
         flops=int(by_module.get("model", 0)),

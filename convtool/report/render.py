@@ -1,22 +1,30 @@
 """One report, three renderings: a rich table for terminals, JSON for pipelines, Markdown.
 
 The JSON keys are a contract (``SCHEMA_VERSION``); a test compares a golden file so that a
-renamed key is a conscious act. Tables round numbers for people (12.3M, 4.56G); JSON keeps
-them exact.
+renamed key is a conscious act. A separated layer is written as its
+:class:`~convtool.LayerChange` record, every field under its own name, and each table column
+shows those fields. Tables round numbers for people (12.3M, 4.56G); JSON keeps them exact.
+
+Schema history: 2 (convtool 0.2) writes each layer as the whole ``LayerChange`` record
+(``weight_relative_error`` became ``weight_error``; ``aliases``, ``source``, ``calls`` and
+``output_error`` are new), adds ``verified``, and gives each analysed
+module its ``own_params`` / ``own_flops``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
-from .compare import Comparison
-from .counts import FLOPS_UNIT, Analysis, ModuleCost
+from ..core.records import LayerChange
+from ..measure.compare import Comparison
+from ..measure.counts import FLOPS_UNIT, Analysis, ModuleCost
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
-def human(n: float) -> str:
+def human(n: float | None) -> str:
     """12345678 -> '12.3M': three significant digits and an SI suffix."""
     if n is None or (isinstance(n, float) and not math.isfinite(n)):
         return "-"
@@ -27,12 +35,22 @@ def human(n: float) -> str:
     return f"{n:.0f}" if float(n).is_integer() else f"{n:.3g}"
 
 
-def _ratio(r: float) -> str:
-    return f"{r:.2f}x" if math.isfinite(r) else "-"
+def _ratio(r: float | None) -> str:
+    return f"{r:.2f}x" if r is not None and math.isfinite(r) else "-"
 
 
-def _finite(x: float | None) -> float | None:
-    return x if x is None or math.isfinite(x) else None
+def _json_value(x: Any) -> Any:
+    """Tuples as lists, infinities and NaN as null: strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, (tuple, list)):
+        return [_json_value(v) for v in x]
+    return x
+
+
+def layer_to_dict(layer: LayerChange) -> dict[str, Any]:
+    """A layer record as JSON-ready data: every field, under its own name."""
+    return {f.name: _json_value(getattr(layer, f.name)) for f in dataclasses.fields(layer)}
 
 
 def to_dict(comparison: Comparison) -> dict[str, Any]:
@@ -46,47 +64,31 @@ def to_dict(comparison: Comparison) -> dict[str, Any]:
         "schema_version": SCHEMA_VERSION,
         "flops_unit": FLOPS_UNIT,
         "input_shapes": [list(s) for s in c.before.input_shapes],
+        "verified": c.verified,
         "totals": {
             "params_before": c.before.params,
             "params_after": c.after.params,
-            "params_ratio": _finite(c.params_ratio),
+            "params_ratio": _json_value(c.params_ratio),
             "flops_before": c.before.flops,
             "flops_after": c.after.flops,
-            "flops_ratio": _finite(c.flops_ratio),
+            "flops_ratio": _json_value(c.flops_ratio),
         },
-        "layers": [
-            {
-                "name": layer.name,
-                "in_channels": layer.in_channels,
-                "out_channels": layer.out_channels,
-                "kernel_size": list(layer.kernel_size),
-                "stride": list(layer.stride),
-                "groups": layer.groups,
-                "rank": layer.rank,
-                "order": layer.order,
-                "params_before": layer.params_before,
-                "params_after": layer.params_after,
-                "flops_before": layer.flops_before,
-                "flops_after": layer.flops_after,
-                "weight_relative_error": _finite(layer.relative_error),
-            }
-            for layer in c.layers
-        ],
+        "layers": [layer_to_dict(layer) for layer in c.layers],
         "skipped": [{"name": name, "reason": reason} for name, reason in c.skipped],
         "fidelity": {
             "max_abs_error": f.max_abs_error,
-            "relative_error": _finite(f.relative_error),
+            "relative_error": _json_value(f.relative_error),
             "cosine_similarity": f.cosine_similarity,
-            "sqnr_db": _finite(f.sqnr_db),
+            "sqnr_db": _json_value(f.sqnr_db),
             "top1_agreement": f.top1_agreement,
             "outputs": [
                 {
                     "name": o.name,
                     "shape": list(o.shape),
                     "max_abs_error": o.max_abs_error,
-                    "relative_error": _finite(o.relative_error),
+                    "relative_error": _json_value(o.relative_error),
                     "cosine_similarity": o.cosine_similarity,
-                    "sqnr_db": _finite(o.sqnr_db),
+                    "sqnr_db": _json_value(o.sqnr_db),
                     "top1_agreement": o.top1_agreement,
                 }
                 for o in f.outputs
@@ -110,6 +112,14 @@ def _fidelity_line(c: Comparison) -> str:
     return ", ".join(parts)
 
 
+def _verified_line(c: Comparison) -> str | None:
+    if c.verified is None:
+        return None
+    if c.verified:
+        return "Verified: every separated layer ran in the separated model, and none of the convs it replaced did."
+    return "NOT VERIFIED: the separated model could not be run, so no layer is proven to run (pass example inputs)."
+
+
 def _totals_rows(c: Comparison) -> list[tuple[str, str, str, str]]:
     return [
         ("params", human(c.before.params), human(c.after.params), _ratio(c.params_ratio)),
@@ -117,30 +127,46 @@ def _totals_rows(c: Comparison) -> list[tuple[str, str, str, str]]:
     ]
 
 
-_LAYER_HEAD = ("layer", "shape", "rank", "params", "FLOPs", "FLOPs ratio", "SVD weight error")
+# Column titles are the record's field names, in words.
+_LAYER_HEAD = ("name", "shape", "rank", "params", "flops", "flops ratio", "calls", "weight error", "output error")
+
+
+def _shape(layer: LayerChange) -> str:
+    shape = f"{layer.in_channels}->{layer.out_channels} {'x'.join(map(str, layer.kernel_size))}"
+    if layer.stride != (1, 1):
+        shape += f" /{layer.stride[0]}" if layer.stride[0] == layer.stride[1] else f" /{layer.stride}"
+    if layer.groups > 1:
+        shape += f" g{layer.groups}"
+    return shape
 
 
 def _layer_rows(c: Comparison) -> list[tuple[str, ...]]:
     rows = []
     for layer in c.layers:
-        k = "x".join(map(str, layer.kernel_size))
-        shape = f"{layer.in_channels}->{layer.out_channels} {k}"
-        if layer.stride != (1, 1):
-            shape += f" /{layer.stride[0]}" if layer.stride[0] == layer.stride[1] else f" /{layer.stride}"
-        if layer.groups > 1:
-            shape += f" g{layer.groups}"
+        name = layer.name + (f" (+{len(layer.aliases)})" if layer.aliases else "")
         rows.append(
             (
-                layer.name,
-                shape,
+                name,
+                _shape(layer),
                 f"{layer.rank} {layer.order}",
                 f"{human(layer.params_before)} -> {human(layer.params_after)}",
                 f"{human(layer.flops_before)} -> {human(layer.flops_after)}",
                 _ratio(layer.flops_ratio),
-                f"{layer.relative_error:.3f}",
+                "-" if layer.calls is None else str(layer.calls),
+                f"{layer.weight_error:.3f}",
+                "-" if layer.output_error is None else f"{layer.output_error:.3f}",
             )
         )
     return rows
+
+
+def _md(text: str) -> str:
+    """A table cell: pipes escaped, lines joined."""
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def _md_row(cells: tuple[str, ...] | list[str]) -> str:
+    return "| " + " | ".join(_md(c) for c in cells) + " |"
 
 
 def to_markdown(comparison: Comparison) -> str:
@@ -153,23 +179,26 @@ def to_markdown(comparison: Comparison) -> str:
         "",
         "| | before | after | ratio |",
         "|---|---:|---:|---:|",
-        *(f"| {a} | {b} | {d} | {e} |" for a, b, d, e in _totals_rows(c)),
+        *(_md_row(row) for row in _totals_rows(c)),
         "",
         f"Output fidelity: {_fidelity_line(c)}.",
         "",
     ]
+    verified = _verified_line(c)
+    if verified:
+        lines += [verified, ""]
     if c.layers:
         lines += [
             f"### Separated layers ({len(c.layers)})",
             "",
-            "| " + " | ".join(_LAYER_HEAD) + " |",
-            "|---|---|---|---:|---:|---:|---:|",
-            *("| " + " | ".join(row) + " |" for row in _layer_rows(c)),
+            _md_row(_LAYER_HEAD),
+            "|---|---|---|---:|---:|---:|---:|---:|---:|",
+            *(_md_row(row) for row in _layer_rows(c)),
             "",
         ]
     if c.skipped:
-        lines += [f"### Left as they were ({len(c.skipped)})", "", "| name | reason |", "|---|---|"]
-        lines += [f"| {name} | {reason} |" for name, reason in c.skipped]
+        lines += [f"### Left as they were ({len(c.skipped)})", "", _md_row(("name", "reason")), "|---|---|"]
+        lines += [_md_row((name, reason)) for name, reason in c.skipped]
         lines.append("")
     return "\n".join(lines)
 
@@ -185,11 +214,14 @@ def to_rich(comparison: Comparison, *, max_layers: int | None = 40) -> list[Any]
     for row in _totals_rows(c):
         totals.add_row(*row)
     out: list[Any] = [totals, f"Output fidelity: {_fidelity_line(c)}"]
+    verified = _verified_line(c)
+    if verified:
+        out.append(verified)
     if c.layers:
         rows = _layer_rows(c)
         layers = Table(title=f"Separated layers ({len(rows)})", title_justify="left")
         for head in _LAYER_HEAD:
-            layers.add_column(head, justify="left" if head in ("layer", "shape") else "right")
+            layers.add_column(head, justify="left" if head in ("name", "shape") else "right")
         shown = rows if max_layers is None else rows[:max_layers]
         for row in shown:
             layers.add_row(*row)
@@ -214,22 +246,26 @@ def analysis_to_dict(analysis: Analysis) -> dict[str, Any]:
         "input_shapes": [list(s) for s in analysis.input_shapes],
         "params": analysis.params,
         "flops": analysis.flops,
-        "modules": [
-            {"name": m.name, "type": m.type, "params": m.params, "flops": m.flops} for m in analysis.modules if m.name
-        ],
+        "modules": [dataclasses.asdict(m) for m in analysis.modules if m.name],
         "unsupported_ops": analysis.unsupported_ops,
     }
 
 
-def _leaf_rows(analysis: Analysis, limit: int | None) -> list[ModuleCost]:
-    """Modules without submodules that cost something, most FLOPs first."""
-    names = [m.name for m in analysis.modules]
-    leaves = [
-        m for m in analysis.modules
-        if m.name and not any(n.startswith(m.name + ".") for n in names) and (m.params or m.flops)
-    ]
-    leaves.sort(key=lambda m: -m.flops)
-    return leaves if limit is None else leaves[:limit]
+def cost_rows(analysis: Analysis, limit: int | None = None) -> list[ModuleCost]:
+    """The modules whose own code costs something, most FLOPs first.
+
+    Leaves, and also containers whose forward computes something itself (a functional conv,
+    a parameter used directly): every counted FLOP and parameter is in exactly one row.
+    """
+    rows = [m for m in analysis.modules if m.own_params or m.own_flops]
+    rows.sort(key=lambda m: -m.own_flops)
+    return rows if limit is None else rows[:limit]
+
+
+def _row_name(m: ModuleCost) -> str:
+    is_leaf = m.own_params == m.params and m.own_flops == m.flops
+    name = m.name or "<model>"
+    return name if is_leaf else f"{name} (own code)"
 
 
 def analysis_markdown(analysis: Analysis, *, limit: int | None = None) -> str:
@@ -243,16 +279,16 @@ def analysis_markdown(analysis: Analysis, *, limit: int | None = None) -> str:
         "",
         "| module | type | params | FLOPs |",
         "|---|---|---:|---:|",
-        *(f"| {m.name} | {m.type} | {human(m.params)} | {human(m.flops)} |" for m in _leaf_rows(analysis, limit)),
+        *(_md_row((_row_name(m), m.type, human(m.own_params), human(m.own_flops))) for m in cost_rows(analysis, limit)),
     ]
     if analysis.unsupported_ops:
         ops = ", ".join(f"{k} x{v}" for k, v in sorted(analysis.unsupported_ops.items()))
-        lines += ["", f"Not counted (fvcore has no counter): {ops}."]
+        lines += ["", f"Not counted (fvcore has no counter): {_md(ops)}."]
     return "\n".join(lines) + "\n"
 
 
 def analysis_rich(analysis: Analysis, *, limit: int | None = 30) -> list[Any]:
-    """Renderables for a rich Console: totals, then the costliest layers."""
+    """Renderables for a rich Console: totals, then the costliest modules."""
     from rich.table import Table
 
     table = Table(
@@ -261,8 +297,8 @@ def analysis_rich(analysis: Analysis, *, limit: int | None = 30) -> list[Any]:
     )
     for head, justify in (("module", "left"), ("type", "left"), ("params", "right"), ("FLOPs", "right")):
         table.add_column(head, justify=justify)
-    for m in _leaf_rows(analysis, limit):
-        table.add_row(m.name, m.type, human(m.params), human(m.flops))
+    for m in cost_rows(analysis, limit):
+        table.add_row(_row_name(m), m.type, human(m.own_params), human(m.own_flops))
     out: list[Any] = [table]
     if analysis.unsupported_ops:
         out.append("Not counted (fvcore has no counter): " + ", ".join(sorted(analysis.unsupported_ops)))

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import convtool
-from convtool.analysis.fidelity import output_fidelity
+from convtool.measure.fidelity import output_fidelity
 
 
 def test_identical_outputs():

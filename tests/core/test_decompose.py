@@ -8,7 +8,7 @@ from torch import nn
 
 import convtool
 from convtool import SeparableConv2d
-from convtool.convert.decompose import max_rank, rank_errors, separable_factors, singular_values
+from convtool.core.decompose import max_rank, rank_errors, separable_factors, singular_values
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 
@@ -63,7 +63,7 @@ def test_full_rank_reproduces_any_conv(config, dtype, seed):
     assert isinstance(result.model, SeparableConv2d)
     with torch.no_grad():
         torch.testing.assert_close(result.model(x), conv(x), **TOL[dtype])
-    assert result.layers[0].relative_error < 1e-6
+    assert result.layers[0].weight_error < 1e-6
 
 
 @given(config=conv_configs(), seed=st.integers(0, 2**16), order=st.sampled_from(["dw-pw", "pw-dw"]))
@@ -71,7 +71,7 @@ def test_error_never_grows_with_rank(config, seed, order):
     torch.manual_seed(seed)
     conv = nn.Conv2d(**config, dtype=torch.float64)
     top = max_rank(conv.weight, conv.groups, order)
-    errors = [separable_factors(conv.weight, r, conv.groups, order).relative_error for r in range(1, top + 1)]
+    errors = [separable_factors(conv.weight, r, conv.groups, order).weight_error for r in range(1, top + 1)]
     assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:]))
     assert errors[-1] < 1e-9
     # The closed form from singular values agrees with the factors.
@@ -108,7 +108,7 @@ def test_rank_one_is_the_best_rank_one_slice():
     for _ in range(50):
         a, b = torch.randn(6, 1, dtype=torch.float64), torch.randn(1, 9, dtype=torch.float64)
         assert torch.linalg.norm(w - (a @ b).reshape_as(w)) >= best
-    assert f.relative_error == pytest.approx(float(best / torch.linalg.norm(w)))
+    assert f.weight_error == pytest.approx(float(best / torch.linalg.norm(w)))
 
 
 def test_singular_values_shape_follows_order():
@@ -120,5 +120,5 @@ def test_singular_values_shape_follows_order():
 
 def test_zero_weight_has_zero_error():
     f = separable_factors(torch.zeros(4, 4, 3, 3), 1)
-    assert f.relative_error == 0.0
+    assert f.weight_error == 0.0
     assert rank_errors(torch.zeros(4, 4, 3, 3)).abs().sum() == 0

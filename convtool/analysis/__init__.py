@@ -1,1 +1,0 @@
-"""Analysis: parameters and FLOPs, output fidelity, onnxruntime checks, reports."""

@@ -1,0 +1,191 @@
+"""Proving the rewrite took effect: every pair reported ran, and the conv it replaced did not.
+
+Putting a pair at a conv's qualified name changes what ``model.conv`` is, not what the model
+runs: a conv also held in a plain list (``self.stages = [self.a, self.b]``), captured in a
+closure or called by code fx never saw keeps running as it was. So every edit is logged, plain
+lists, tuples and dicts are rewired to the new modules, and the model is run on the example
+inputs with the conv recorder and a hook on every pair. A site whose pairs did not all run, or
+whose dense weight still ran, is put back as it was and reported with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ..core.inputs import kept_state, model_device, on_device
+from ..core.modules import SeparableConv2d
+from ..core.names import describe_error, get, plain_references, replace_reference, set_module
+from ..errors import SeparationError
+from ..measure.conv_calls import ConvCall, record
+
+
+class Edits:
+    """The changes made to a model, each tagged with the sites it serves, so any site can be undone.
+
+    An edit serving several sites (a module whose forward now calls several pairs) is undone
+    with all of them: :meth:`revert` widens the set of sites to what can be undone alone.
+    """
+
+    def __init__(self, root: nn.Module) -> None:
+        self.root = root
+        self.log: list[tuple[frozenset[str], Callable[[nn.Module], nn.Module]]] = []
+        self.swaps: list[tuple[nn.Module, nn.Module, frozenset[str]]] = []  # (old, new, sites)
+
+    def set_module(self, qualname: str, module: nn.Module, sites: frozenset[str]) -> None:
+        old = get(self.root, qualname) if qualname else self.root
+        self.root = set_module(self.root, qualname, module)
+        self.log.append((sites, lambda root: set_module(root, qualname, old)))
+        self.swaps.append((old, module, sites))
+
+    def swapped(self, old: nn.Module, new: nn.Module, sites: frozenset[str]) -> None:
+        """Note a replacement made elsewhere, so plain references to ``old`` are rewired too."""
+        self.swaps.append((old, new, sites))
+
+    def rewire(self) -> int:
+        """Point plain lists, tuples and dicts at the new modules; returns how many references moved."""
+        new_for = {}
+        for old, new, sites in self.swaps:
+            new_for[id(old)] = (new, sites)
+        moved = 0
+        changed = True
+        while changed:  # a replaced module may itself sit in a list held by a replaced module
+            changed = False
+            for container, key, value in list(plain_references(self.root)):
+                if id(value) in new_for:
+                    new, sites = new_for[id(value)]
+                    replace_reference(container, key, new)
+                    self.log.append((sites, _put_back(container, key, value)))
+                    moved += 1
+                    changed = True
+        return moved
+
+    def revert(self, sites: set[str]) -> set[str]:
+        """Undo every edit serving ``sites``; returns the sites undone (``sites``, widened)."""
+        sites = set(sites)
+        widened = True
+        while widened:
+            widened = False
+            for tags, _ in self.log:
+                if tags & sites and not tags <= sites:
+                    sites |= tags
+                    widened = True
+        for tags, undo in reversed(self.log):
+            if tags & sites:
+                self.root = undo(self.root)
+        self.log = [(tags, undo) for tags, undo in self.log if not tags & sites]
+        self.swaps = [s for s in self.swaps if not s[2] & sites]
+        return sites
+
+
+def _put_back(container: Any, key: Any, value: Any) -> Callable[[nn.Module], nn.Module]:
+    def undo(root: nn.Module) -> nn.Module:
+        replace_reference(container, key, value)
+        return root
+
+    return undo
+
+
+@dataclass
+class Claim:
+    """What the rewrite says about one site: these pairs now run in place of this dense weight."""
+
+    name: str
+    dense_weight: torch.Tensor
+    pairs: list[SeparableConv2d]
+
+
+@dataclass
+class Proof:
+    """Per site: the conv calls of the pass that proved it, or why it could not be proven."""
+
+    calls: dict[str, dict[int, list[ConvCall]]] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+def _run(model: nn.Module, inputs: tuple, claims: list[Claim], own_mode: bool) -> tuple[dict[int, int], dict[int, list[ConvCall]]]:
+    counts: dict[int, int] = {}
+    pairs = {id(p): p for claim in claims for p in claim.pairs}
+
+    def hook(module, args) -> None:
+        counts[id(module)] = counts.get(id(module), 0) + 1
+
+    handles = [p.register_forward_pre_hook(hook) for p in pairs.values()]
+    try:
+        if own_mode:
+            with kept_state(model):
+                calls = record(model, inputs, own_mode=True).by_weight()
+        else:
+            calls = record(model, inputs).by_weight()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts, calls
+
+
+def prove(model: nn.Module, inputs: tuple, claims: list[Claim], dense_ran: set[int]) -> Proof:
+    """Run ``model`` on ``inputs`` and check every claim.
+
+    ``dense_ran`` holds the ids of the dense weights the model ran on the same inputs before
+    the rewrite: it tells a conv the inputs never reach from one the model reaches around its module.
+
+    The pass runs in eval mode; claims it cannot prove get a second pass in the model's own
+    mode when that is training (auxiliary heads run only then), with buffers and the random
+    stream restored afterwards.
+
+    Raises:
+        SeparationError: the model does not run on the inputs (in eval mode).
+    """
+    inputs = on_device(inputs, model_device(model))
+    try:
+        counts, calls = _run(model, inputs, claims, own_mode=False)
+    except Exception as error:
+        raise SeparationError(
+            f"the separated model fails on the example inputs ({describe_error(error)}); "
+            "exclude the layer involved with exclude=[...] / --exclude"
+        ) from error
+    proof = Proof()
+    _judge(claims, counts, calls, dense_ran, proof)
+    if proof.failed and any(m.training for m in model.modules()):
+        retry = [c for c in claims if c.name in proof.failed]
+        try:
+            counts, calls = _run(model, inputs, retry, own_mode=True)
+        except Exception:  # e.g. BatchNorm refusing a batch of one in train mode: the eval verdict stands
+            return proof
+        second = Proof()
+        _judge(retry, counts, calls, dense_ran, second)
+        for name, site_calls in second.calls.items():
+            proof.calls[name] = site_calls
+            del proof.failed[name]
+    return proof
+
+
+def _judge(claims: list[Claim], counts: dict[int, int], calls: dict[int, list[ConvCall]], dense_ran: set[int], proof: Proof) -> None:
+    for claim in claims:
+        ran_before = id(claim.dense_weight) in dense_ran
+        ran = [counts.get(id(p), 0) for p in claim.pairs]
+        still_dense = id(claim.dense_weight) in calls
+        if all(ran) and not still_dense:
+            proof.calls[claim.name] = calls
+        elif still_dense and any(ran):
+            proof.failed[claim.name] = "the model runs both the separated pair and the original conv; left dense"
+        elif still_dense:
+            proof.failed[claim.name] = (
+                "the model runs this conv without going through the module convtool replaced "
+                "(a closure or code fx cannot see holds it); left dense"
+            )
+        elif any(ran):
+            proof.failed[claim.name] = "one of its uses did not run on the example inputs, so it cannot be proven; left dense"
+        elif ran_before:
+            proof.failed[claim.name] = (
+                "the model computes this conv without calling the module convtool replaced "
+                "(F.conv2d on its .weight, say), so the pair would never run; left dense"
+            )
+        else:
+            proof.failed[claim.name] = "did not run on the example inputs, so its separation cannot be proven; left dense"
+
+
+__all__ = ["Claim", "Edits", "Proof", "prove"]

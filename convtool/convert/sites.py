@@ -1,0 +1,158 @@
+"""What can be separated: each dense conv weight, with every way the model applies it.
+
+A site is one weight tensor. A conv module reached by several names, conv modules tying one
+weight (``b.weight = a.weight``) and an ``F.conv2d`` weight called with several settings are
+each one site with several uses, so they get one rank, factors shared by all their pairs, one
+record, and a cost counted once.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..core.modules import SeparableConv2d
+from ..core.names import label, module_names
+from ..core.records import SkippedLayer
+from ..core.tracing import Tracing, trace_regions
+from .fx_pass import ConvUses, FunctionalConv, find_conv_uses, tensor_at
+
+
+@dataclass
+class Use:
+    """One way the model applies a site's weight: a conv module, or functional calls of one setting."""
+
+    bias: torch.Tensor | None
+    options: dict[str, Any]  # stride, padding, dilation, padding_mode
+    names: tuple[str, ...] = ()  # the conv module's qualified names
+    module: nn.Conv2d | None = None
+    calls: tuple[FunctionalConv, ...] = ()
+
+
+@dataclass
+class Site:
+    """A dense conv weight that may be separated."""
+
+    name: str
+    weight: torch.Tensor
+    groups: int
+    source: str  # "module" or "function"
+    uses: list[Use] = field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        """Every name the site is known by: its conv modules' names, or its weight's."""
+        found = [n for use in self.uses for n in use.names]
+        return found or [self.name]
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """The first use's stride, padding, dilation and padding mode."""
+        return self.uses[0].options
+
+
+def _pattern_reason(names: Sequence[str], include: Sequence[str], exclude: Sequence[str]) -> str | None:
+    for pattern in exclude:
+        if any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            return f"excluded by pattern {pattern!r}"
+    if include and not any(fnmatch.fnmatchcase(n, p) for n in names for p in include):
+        return "not matched by any include pattern"
+    return None
+
+
+def _shape_reason(weight_shape: Sequence[int], groups: int) -> str | None:
+    n, m_g, kh, kw = weight_shape
+    if (kh, kw) == (1, 1):
+        return "1x1 conv: already pointwise"
+    if m_g == 1:
+        return "already depthwise" if groups > 1 else "already depthwise (a single input channel)"
+    return None
+
+
+def _module_reason(conv: nn.Conv2d, read_directly: bool) -> str | None:
+    cls = type(conv)
+    if cls.forward is not nn.Conv2d.forward or cls._conv_forward is not nn.Conv2d._conv_forward:
+        return f"{cls.__name__} overrides Conv2d's forward, so the separated pair may not compute the same thing"
+    if conv._forward_hooks or conv._forward_pre_hooks or getattr(conv, "_forward_hooks_with_kwargs", None):
+        return "has forward hooks, which the separated pair would not run"
+    if not isinstance(conv.weight, nn.Parameter) or not conv.weight.is_floating_point():
+        return "its weight is not a float parameter"
+    if read_directly:
+        return "the model reads this conv's weight directly, so replacing the module would break it"
+    return None
+
+
+def _module_options(conv: nn.Conv2d) -> dict[str, Any]:
+    return dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, padding_mode=conv.padding_mode)
+
+
+def find_sites(
+    work: nn.Module, include: Sequence[str], exclude: Sequence[str]
+) -> tuple[list[Site], list[SkippedLayer], Tracing | None]:
+    """Every weight that may be separated, the convs and parts left alone with why, and the tracing."""
+    skipped: list[SkippedLayer] = []
+    tracing, uses = None, ConvUses()
+    if not isinstance(work, nn.Conv2d):
+        tracing = trace_regions(work)
+        uses = find_conv_uses(tracing)
+        skipped += [SkippedLayer(name, reason) for name, reason in tracing.untraced.items()]
+        skipped += [SkippedLayer(name, reason) for name, reason in uses.unusable]
+    sites = _module_sites(work, uses.read_directly, include, exclude, skipped)
+    sites += _functional_sites(work, uses.functional, include, exclude, skipped)
+    return sites, skipped, tracing
+
+
+def _module_sites(work, read_directly, include, exclude, skipped) -> list[Site]:
+    names = module_names(work)
+    # The halves of pairs already separated are depthwise and pointwise by construction.
+    halves = {id(m) for pair in work.modules() if isinstance(pair, SeparableConv2d) for m in pair.children()}
+    tied: dict[int, list[nn.Conv2d]] = {}
+    for module in work.modules():
+        if isinstance(module, nn.Conv2d) and id(module) not in halves:
+            tied.setdefault(id(module.weight), []).append(module)
+    sites = []
+    for convs in tied.values():
+        all_names = [n for conv in convs for n in names[id(conv)]]
+        reason = _pattern_reason(all_names, include, exclude)
+        for conv in convs:
+            reason = reason or _module_reason(conv, any(n in read_directly for n in names[id(conv)]))
+        first = convs[0]
+        reason = reason or _shape_reason(first.weight.shape, first.groups)
+        if not reason and len({c.groups for c in convs}) > 1:
+            reason = "its weight is tied across convs with different groups"
+        if reason:
+            skipped.append(SkippedLayer(label(all_names[0]), reason))
+            continue
+        site_uses = [Use(conv.bias, _module_options(conv), tuple(names[id(conv)]), conv) for conv in convs]
+        sites.append(Site(label(all_names[0]), first.weight, first.groups, "module", site_uses))
+    return sites
+
+
+def _functional_sites(work, calls: list[FunctionalConv], include, exclude, skipped) -> list[Site]:
+    by_weight: dict[str, dict[tuple, list[FunctionalConv]]] = {}
+    for call in calls:
+        by_weight.setdefault(call.name, {}).setdefault(call.setting, []).append(call)
+    sites = []
+    for name, settings in by_weight.items():
+        weight = tensor_at(work, name)
+        groups = {s[-1] for s in settings}
+        if not isinstance(weight, nn.Parameter) or weight.dim() != 4 or not weight.is_floating_point():
+            reason = "weight is not a 4-d float parameter"
+        else:
+            reason = _pattern_reason([name], include, exclude) or _shape_reason(weight.shape, min(groups))
+            if not reason and len(groups) > 1:
+                reason = "its weight is called with different groups"
+        if reason:
+            skipped.append(SkippedLayer(name, reason))
+            continue
+        site_uses = []
+        for same in settings.values():
+            c = same[0]
+            options = dict(stride=c.stride, padding=c.padding, dilation=c.dilation, padding_mode="zeros")
+            site_uses.append(Use(tensor_at(work, c.bias_name) if c.bias_name else None, options, calls=tuple(same)))
+        sites.append(Site(name, weight, groups.pop(), "function", site_uses))
+    return sites

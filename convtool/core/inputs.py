@@ -1,0 +1,106 @@
+"""Example inputs: one normal form, the model's device, a guess from the model, and runs that leave it as it was."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .names import describe_error
+
+
+def as_inputs(example_inputs: Any) -> tuple:
+    """A tuple of example inputs from a tensor, a list or a tuple (``None`` gives ``()``).
+
+    A dict is one input (a forward taking a dict), not a set of keyword arguments.
+    """
+    if example_inputs is None:
+        return ()
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+def tensors_of(inputs: tuple) -> list[torch.Tensor]:
+    """The tensors of nested inputs, in the order ONNX flattens them."""
+    leaves, _ = tree_flatten(inputs)
+    return [x for x in leaves if isinstance(x, torch.Tensor)]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def on_device(inputs: Any, device: torch.device) -> Any:
+    """``inputs`` with every tensor, however nested, moved to ``device``."""
+    return tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, inputs)
+
+
+def first_conv_channels(model: nn.Module) -> int | None:
+    """Input channels of the model's first ``Conv2d`` (in module order): the image channels, usually."""
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return conv.in_channels if conv is not None else None
+
+
+def guess_inputs(model: nn.Module, size: int = 224) -> tuple[tuple, str | None]:
+    """Seeded random inputs of shape (1, C, size, size), C the first conv's input channels.
+
+    Returns the inputs and ``None``, or ``()`` and why no such input runs the model.
+    """
+    channels = first_conv_channels(model)
+    if channels is None:
+        return (), "the model has no Conv2d to infer an input shape from"
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, channels, size, size, generator=generator, dtype=model_dtype(model)).to(model_device(model))
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(x)
+    except Exception as error:
+        return (), f"the model does not run on a (1, {channels}, {size}, {size}) input ({describe_error(error)})"
+    return (x,), None
+
+
+class eval_mode:
+    """Runs a block with every module in eval mode (BatchNorm statistics untouched), then restores each one's mode."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.modes = model, {}
+
+    def __enter__(self) -> nn.Module:
+        self.modes = {m: m.training for m in self.model.modules()}
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        for module, mode in self.modes.items():
+            module.training = mode
+
+
+class kept_state:
+    """Runs a block in the model's own train/eval mode, then restores every buffer and the RNG.
+
+    For a pass that must see training-only branches without updating BatchNorm statistics or
+    consuming the caller's random stream.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> nn.Module:
+        self.buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        self.rng = torch.random.fork_rng(devices=[])
+        self.rng.__enter__()
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        self.rng.__exit__(*exc)
+        with torch.no_grad():
+            for buffer, saved in self.buffers:
+                buffer.copy_(saved)

@@ -1,0 +1,124 @@
+"""The records every layer shares: how ranks are chosen, and what became of each conv.
+
+A separated layer is described once, by :class:`LayerChange`, from the pass that makes it to
+the JSON report: every report column and JSON key is one of its fields under the same name.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, Union
+
+from ..errors import InvalidOptionError
+
+
+@dataclass(frozen=True)
+class FlopsTarget:
+    """Choose ranks so the whole model's FLOPs fall to ``fraction`` of before, with the least error.
+
+    Layers may stay dense where the budget is better spent elsewhere. Needs example inputs:
+    a conv's FLOPs depend on the resolution it runs at.
+
+    Example:
+        >>> convtool.separate(model, x, rank=convtool.FlopsTarget(0.25))
+    """
+
+    fraction: float
+
+    def __post_init__(self) -> None:
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) or not 0 < self.fraction <= 1:
+            raise InvalidOptionError(f"a FLOP target is a fraction of the original FLOPs in (0, 1]; got {self.fraction!r}")
+
+
+@dataclass(frozen=True)
+class Energy:
+    """Per layer, the smallest rank keeping ``share`` of the weight's squared singular values.
+
+    A layer whose pair at that rank would cost more than the dense conv stays dense.
+    """
+
+    share: float
+
+    def __post_init__(self) -> None:
+        if isinstance(self.share, bool) or not isinstance(self.share, (int, float)) or not 0 < self.share <= 1:
+            raise InvalidOptionError(f"energy is a share of spectral energy in (0, 1]; got {self.share!r}")
+
+
+#: What ``separate(rank=...)`` takes: a rank for every layer, ``"full"`` (exact), or a strategy.
+Rank = Union[int, Literal["full"], FlopsTarget, Energy]
+
+
+def check_rank(rank: object) -> Rank:
+    """``rank`` if it is one of the forms :data:`Rank` allows, else a one-line error."""
+    if rank == "full" or isinstance(rank, (FlopsTarget, Energy)):
+        return rank  # type: ignore[return-value]
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise InvalidOptionError(
+            f"rank must be a positive integer, 'full', FlopsTarget(fraction) or Energy(share); got {rank!r}"
+        )
+    return rank
+
+
+@dataclass(frozen=True)
+class LayerChange:
+    """One dense conv weight replaced by separable factors.
+
+    A weight is one layer however it is reached: a conv module shared under several names, two
+    conv modules tying one weight, or an ``F.conv2d`` weight called with several settings all
+    give one record, whose pairs share their parameters.
+
+    Attributes:
+        name: qualified name of the conv module, or of the weight parameter of a functional conv.
+        aliases: the other names its pairs sit at (shared modules, tied weights, other call settings).
+        source: ``"module"`` (an ``nn.Conv2d``) or ``"function"`` (``F.conv2d`` on a parameter).
+        in_channels, out_channels, kernel_size, stride, groups: the dense conv (stride of its
+            first use).
+        rank, order: the pair (``"dw-pw"``: depthwise then pointwise; ``"pw-dw"``: the reverse).
+        params_before, params_after: parameters of the dense conv and of the pair(s), each
+            tensor counted once.
+        flops_before, flops_after: multiply-adds over all its calls on the example inputs
+            (fvcore's unit); None when it was not run.
+        calls: how many times its pairs ran on the example inputs, the proof that the rewrite
+            took effect; None when the separation could not be run (see ``Separation.verified``).
+        weight_error: relative Frobenius error of the SVD factors against the dense weight.
+        output_error: relative error of the layer's output against the dense layer's on the
+            calibration data, after the refit; None without calibration.
+    """
+
+    name: str
+    aliases: tuple[str, ...]
+    source: str
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    groups: int
+    rank: int
+    order: str
+    params_before: int
+    params_after: int
+    flops_before: int | None
+    flops_after: int | None
+    calls: int | None
+    weight_error: float
+    output_error: float | None = None
+
+    @property
+    def params_ratio(self) -> float:
+        """Dense parameters over the pair's (above 1: the pair is smaller)."""
+        return self.params_before / self.params_after if self.params_after else math.inf
+
+    @property
+    def flops_ratio(self) -> float | None:
+        """Dense FLOPs over the pair's; None when not measured."""
+        if self.flops_before is None or self.flops_after is None:
+            return None
+        return self.flops_before / self.flops_after if self.flops_after else math.inf
+
+
+class SkippedLayer(NamedTuple):
+    """A conv, or a part of the model, left as it was, and why."""
+
+    name: str
+    reason: str

@@ -1,0 +1,203 @@
+"""Does the ONNX file give the model's answers on each provider, and how fast does the shipped form run.
+
+A provider is never counted as passed, nor timed, unless onnxruntime really ran on it: a
+check reads ``session.get_providers()``, and :func:`benchmark` refuses a provider that
+cannot run here rather than time the CPU under its name.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from ..core.inputs import as_inputs, eval_mode, model_device, on_device, tensors_of
+from ..core.names import describe_error
+from ..errors import OnnxFileError
+from ..measure.onnxrt import (
+    DEFAULT_PROVIDERS,
+    batched,
+    feed,
+    has_dynamic_batch,
+    missing_reason,
+    numpy,
+    open_session,
+    provider_name,
+    require_provider,
+    time_modules,
+    time_sessions,
+)
+from .runtime_form import for_runtime
+
+
+@dataclass(frozen=True)
+class ProviderCheck:
+    """The verdict for one execution provider.
+
+    Attributes:
+        provider: onnxruntime's name for it (``"CPUExecutionProvider"``).
+        available: this onnxruntime build has the provider.
+        used: the session really ran on it (onnxruntime did not fall back to the CPU).
+        passed: used, and every output matched the reference at every batch size checked.
+        max_abs_error: worst absolute difference to the reference model over all outputs.
+        latency_ms: median latency of one run at the first batch size (1 where the batch is
+            dynamic), after warm-up.
+        batch_sizes: the batch sizes checked (two of them prove a dynamic batch axis).
+        reason: why it did not run or did not pass; ``None`` when it passed.
+    """
+
+    provider: str
+    available: bool
+    used: bool
+    passed: bool
+    max_abs_error: float | None = None
+    latency_ms: float | None = None
+    batch_sizes: tuple[int, ...] = ()
+    reason: str | None = None
+
+
+def verify_onnx(
+    path: str | os.PathLike,
+    reference_model: nn.Module,
+    example_inputs: Any,
+    *,
+    providers: Sequence[str] | None = None,
+    rtol: float = 1e-3,
+    atol: float = 1e-4,
+    runs: int = 20,
+    warmup: int = 3,
+) -> list[ProviderCheck]:
+    """Run an ONNX file on each provider and compare it with the PyTorch model.
+
+    Args:
+        path: the ONNX file.
+        reference_model: the model the file was exported from (run in eval mode on its device).
+        example_inputs: a tensor or tuple of tensors; checked at batch 1 and, when the file has
+            a dynamic batch axis, at a second batch size.
+        providers: short (``"cpu"``, ``"cuda"``) or full onnxruntime names; CPU and CUDA by default.
+        rtol, atol: tolerances of ``numpy.allclose`` against the reference outputs.
+        runs, warmup: timed and untimed runs for ``latency_ms``.
+
+    Returns:
+        One :class:`ProviderCheck` per provider, in the order asked. Returns rather than raises
+        on a mismatch, so a pipeline can report every provider.
+
+    Raises:
+        OnnxFileError: the file is missing or not a model onnxruntime can load.
+        InvalidOptionError: an unknown provider name.
+
+    Example:
+        >>> [c.provider for c in verify_onnx("m.onnx", model, x, providers=["cpu"]) if c.passed]
+        ['CPUExecutionProvider']
+    """
+    names = [provider_name(p) for p in (providers or DEFAULT_PROVIDERS)]
+    inputs = on_device(as_inputs(example_inputs), model_device(reference_model))
+    checks = []
+    for name in names:
+        missing = missing_reason(name)
+        if missing:
+            checks.append(ProviderCheck(name, False, False, False, reason=missing))
+            continue
+        session = open_session(path, name)
+        if session.get_providers()[0] != name:
+            checks.append(
+                ProviderCheck(name, True, False, False, reason=f"onnxruntime could not load {name} and fell back to the CPU")
+            )
+            continue
+        checks.append(_check(session, name, reference_model, inputs, rtol, atol, runs, warmup))
+    return checks
+
+
+def _check(session, name, model, inputs, rtol, atol, runs, warmup) -> ProviderCheck:
+    first = _first_batch(inputs)
+    sizes = (1, max(3, first)) if has_dynamic_batch(session) else (first,)
+    worst, failures = 0.0, []
+    for size in sizes:
+        batch = batched(inputs, size)
+        with eval_mode(model), torch.no_grad():
+            reference, _ = tree_flatten(model(*batch))
+        try:
+            got = session.run(None, feed(session, batch))
+        except OnnxFileError:
+            raise
+        except Exception as error:  # onnxruntime's own errors: shapes or types the file refuses
+            return ProviderCheck(name, True, True, False, reason=f"onnxruntime failed at batch {size}: {describe_error(error, 240)}")
+        if len(got) != len(reference):
+            raise OnnxFileError(f"the ONNX model has {len(got)} outputs, the reference model {len(reference)}")
+        for i, (actual, expected) in enumerate(zip(got, reference)):
+            expected = numpy(expected)
+            if actual.shape != expected.shape:
+                failures.append(f"output {i} has shape {actual.shape}, expected {expected.shape} at batch {size}")
+                continue
+            worst = max(worst, float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64)), initial=0.0)))
+            if not np.allclose(actual, expected, rtol=rtol, atol=atol):
+                failures.append(f"output {i} differs at batch {size}")
+    (latency,) = time_sessions([session], feed(session, batched(inputs, sizes[0])), runs, warmup)
+    reason = None
+    if failures:
+        reason = f"{'; '.join(failures[:3])} (max abs error {worst:.3g}, rtol={rtol}, atol={atol})"
+    return ProviderCheck(name, True, True, not failures, worst, latency, sizes, reason)
+
+
+def _first_batch(inputs: tuple) -> int:
+    return next((x.shape[0] for x in tensors_of(inputs) if x.dim() > 0), 1)
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """Latency of two models on one provider, timed interleaved in one run (medians, ms).
+
+    Only ever made from sessions that really ran on ``provider``.
+    """
+
+    provider: str
+    original_ms: float
+    separated_ms: float
+    runs: int
+    threads: int | None
+
+    @property
+    def speedup(self) -> float:
+        """Original latency over separated latency (above 1: the separated model is faster)."""
+        return self.original_ms / self.separated_ms
+
+
+def benchmark(
+    original: nn.Module,
+    separated: nn.Module,
+    example_inputs: Any,
+    *,
+    provider: str = "cpu",
+    runs: int = 50,
+    warmup: int = 5,
+    threads: int | None = None,
+) -> Benchmark:
+    """Export both models and time them on one onnxruntime provider, interleaved.
+
+    Both are timed in the form :func:`~convtool.export_onnx` ships (BatchNorm folded, pairs as
+    multiplier-1 branches), so the figure is what a deployment gets.
+
+    Args:
+        original, separated: the two models.
+        example_inputs: the inputs both are timed on (their batch size is used as is).
+        provider: short or full provider name.
+        runs, warmup: timed runs of each model, alternating, after ``warmup`` runs of each.
+        threads: onnxruntime intra-op threads; onnxruntime's default when ``None``.
+
+    Returns:
+        A :class:`Benchmark` with the medians and the speedup.
+
+    Raises:
+        ProviderUnavailableError: the provider is not in this onnxruntime build or fell back to
+            the CPU; nothing is timed then.
+    """
+    name = require_provider(provider)
+    inputs = as_inputs(example_inputs)
+    shipped = [for_runtime(m, on_device(inputs, model_device(m)))[0] for m in (original, separated)]
+    original_ms, separated_ms = time_modules(shipped, inputs, provider=name, runs=runs, warmup=warmup, threads=threads)
+    return Benchmark(name, original_ms, separated_ms, runs, threads)

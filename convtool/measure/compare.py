@@ -1,0 +1,101 @@
+"""``compare``: what separation bought (parameters, FLOPs) and what it cost (output error)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.inputs import as_inputs, eval_mode, model_device, on_device
+from ..core.names import get_or_none
+from ..core.modules import SeparableConv2d
+from ..core.records import LayerChange, SkippedLayer
+from .conv_calls import record
+from .counts import FLOPS_UNIT, Analysis, analyze
+from .fidelity import Fidelity, output_fidelity
+from .layers import describe, pair_groups
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The before/after view of a separation.
+
+    Attributes:
+        before, after: :class:`Analysis` of the original and the separated model.
+        layers: one :class:`~convtool.LayerChange` per separated weight, its FLOPs and calls
+            measured on these inputs.
+        fidelity: how far the outputs moved on the example inputs.
+        skipped: convs left dense, when the comparison came from a :class:`~convtool.Separation`.
+        verified: from a Separation: whether every layer was proven to run in the separated
+            model (None for two arbitrary models).
+    """
+
+    before: Analysis
+    after: Analysis
+    layers: tuple[LayerChange, ...]
+    fidelity: Fidelity
+    skipped: tuple[SkippedLayer, ...] = ()
+    verified: bool | None = None
+    flops_unit: str = FLOPS_UNIT
+
+    @property
+    def params_ratio(self) -> float:
+        """Original parameters over separated parameters (higher is smaller)."""
+        return self.before.params / self.after.params if self.after.params else math.inf
+
+    @property
+    def flops_ratio(self) -> float:
+        """Original FLOPs over separated FLOPs (higher is cheaper)."""
+        return self.before.flops / self.after.flops if self.after.flops else math.inf
+
+
+def compare(original: nn.Module, separated: nn.Module, example_inputs: Any, *, separation: Any = None) -> Comparison:
+    """Parameters, FLOPs and output agreement of two models on the same inputs.
+
+    Args:
+        original: the reference model.
+        separated: the model to judge: ``separate(original, ...).model``, or a fine-tuned copy.
+        example_inputs: a tensor or tuple of tensors.
+        separation: the :class:`~convtool.Separation` ``separated`` came from, if any: its
+            layers (by name), skipped convs and verification are reported, each layer's FLOPs
+            and calls measured again on these inputs. Without it, the layers are the
+            ``SeparableConv2d`` modules of ``separated``, grouped by the factors they share.
+
+    Returns:
+        A :class:`Comparison`.
+
+    Raises:
+        AnalysisError: fvcore cannot count one of the models.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(32, 64, 3, bias=False))
+        >>> c = compare(net, convtool.separate(net).model, torch.randn(1, 32, 8, 8))
+        >>> c.before.params, c.after.params
+        (18432, 2336)
+    """
+    inputs = as_inputs(example_inputs)
+    before, after = analyze(original, inputs), analyze(separated, inputs)
+    with eval_mode(original), torch.no_grad():
+        reference = original(*on_device(inputs, model_device(original)))
+    run = record(separated, on_device(inputs, model_device(separated)))
+    calls, actual = run.by_weight(), run.output
+    layers = []
+    if separation is not None:
+        for layer in separation.layers:
+            pairs = _pairs_at(separated, (layer.name, *layer.aliases))
+            if pairs:
+                layers.append(describe(layer.name, layer.aliases, layer.source, pairs, calls, output_error=layer.output_error))
+        skipped, verified = tuple(separation.skipped), separation.verified
+    else:
+        for names, pairs in pair_groups(separated):
+            layers.append(describe(names[0], names[1:], "module", pairs, calls))
+        skipped, verified = (), None
+    return Comparison(before, after, tuple(layers), output_fidelity(actual, reference), skipped, verified)
+
+
+def _pairs_at(model: nn.Module, names: tuple[str, ...]) -> list[SeparableConv2d]:
+    found = [get_or_none(model, n) if n != "<model>" else model for n in names]
+    return list({id(p): p for p in found if isinstance(p, SeparableConv2d)}.values())

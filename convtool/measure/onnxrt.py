@@ -1,0 +1,194 @@
+"""onnxruntime sessions and timing: which providers run here, and how fast a module runs on one.
+
+onnxruntime falls back to the CPU silently when a provider cannot load (CUDA libraries
+missing, driver too old). Nothing here times a provider that did not run: asking for one
+that is not in this build, or that fell back, raises :class:`ProviderUnavailableError`, so a
+CPU figure is never filed under CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from ..core.inputs import as_inputs, tensors_of
+from ..core.names import describe_error
+from ..errors import InvalidOptionError, OnnxFileError, ProviderUnavailableError
+from .onnx_file import write_onnx
+
+SHORT_NAMES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "dml": "DmlExecutionProvider",
+}
+_INSTALL_HINT = {
+    "CUDAExecutionProvider": "pip install 'convtool[gpu]' (onnxruntime-gpu, in place of onnxruntime) on a machine with CUDA",
+    "TensorrtExecutionProvider": "pip install 'convtool[gpu]' (onnxruntime-gpu) with TensorRT installed",
+}
+DEFAULT_PROVIDERS = ("cpu", "cuda")
+
+
+def provider_name(name: str) -> str:
+    """onnxruntime's provider name from a short name (``"cuda"``) or the full name."""
+    if name in SHORT_NAMES.values() or name.endswith("ExecutionProvider"):
+        return name
+    try:
+        return SHORT_NAMES[name.lower()]
+    except KeyError:
+        known = ", ".join(SHORT_NAMES)
+        raise InvalidOptionError(f"unknown provider {name!r}; use one of {known} or onnxruntime's full name") from None
+
+
+def missing_reason(name: str) -> str | None:
+    """Why provider ``name`` (full name) is not in this onnxruntime build, with how to get it; None if it is."""
+    import onnxruntime as ort
+
+    if name in ort.get_available_providers():
+        return None
+    hint = _INSTALL_HINT.get(name, "install an onnxruntime build that includes it")
+    return f"{name} is not in this onnxruntime build; {hint}"
+
+
+def require_provider(provider: str) -> str:
+    """onnxruntime's name for ``provider``, or :class:`ProviderUnavailableError` if this build lacks it."""
+    name = provider_name(provider)
+    reason = missing_reason(name)
+    if reason:
+        raise ProviderUnavailableError(f"cannot time on {provider!r}: {reason}")
+    return name
+
+
+def open_session(path: str | os.PathLike, provider: str, threads: int | None = None):
+    """An onnxruntime session on ``provider`` (CPU as fallback for nodes it cannot run)."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise OnnxFileError(f"{path} does not exist; export the model first (convtool export)")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as error:
+        raise OnnxFileError(f"{path} is not a valid ONNX model onnxruntime can load ({describe_error(error)}); export it again") from error
+
+
+def numpy(x: Any) -> Any:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
+
+
+def batched(inputs: tuple, size: int) -> tuple:
+    """The example inputs, every tensor cut or repeated to ``size`` rows."""
+
+    def resize(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            reps = -(-size // x.shape[0])
+            return x.repeat(reps, *([1] * (x.dim() - 1)))[:size]
+        return x
+
+    return tree_map(resize, inputs)
+
+
+def feed(session, inputs: tuple) -> dict[str, Any]:
+    """The session's inputs by name, from the model's (possibly nested) inputs in flattening order."""
+    names = [i.name for i in session.get_inputs()]
+    tensors = tensors_of(inputs)
+    if len(names) != len(tensors):
+        raise OnnxFileError(f"the ONNX model takes {len(names)} inputs but {len(tensors)} were given; check --input-shape")
+    return {name: numpy(x) for name, x in zip(names, tensors)}
+
+
+def has_dynamic_batch(session) -> bool:
+    return all(not isinstance(i.shape[0], int) for i in session.get_inputs() if i.shape)
+
+
+def time_sessions(sessions: Sequence[Any], inputs: dict[str, Any], runs: int, warmup: int) -> list[float]:
+    """Median milliseconds of each session, timed round-robin so drift hits all alike."""
+    for session in sessions:
+        for _ in range(warmup):
+            session.run(None, inputs)
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(runs):
+        for i, session in enumerate(sessions):
+            start = time.perf_counter()
+            session.run(None, inputs)
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) * 1000 for t in times]
+
+
+def time_modules(
+    modules: Sequence[nn.Module],
+    example_inputs: Any,
+    *,
+    provider: str = "cpu",
+    runs: int = 50,
+    warmup: int = 5,
+    threads: int | None = None,
+    exporter: str = "auto",
+) -> list[float]:
+    """Export each module as it is and time them all on one provider, round-robin: medians in ms.
+
+    Raises:
+        ProviderUnavailableError: the provider is not in this build, or a session fell back to
+            the CPU; nothing is timed then.
+    """
+    name = require_provider(provider)
+    inputs = as_inputs(example_inputs)
+    with tempfile.TemporaryDirectory(prefix="convtool-bench-") as tmp:
+        sessions = []
+        for i, module in enumerate(modules):
+            exported = write_onnx(module, inputs, Path(tmp) / f"m{i}.onnx", dynamic_batch=False, exporter=exporter)
+            session = open_session(exported.path, name, threads)
+            if session.get_providers()[0] != name:
+                raise ProviderUnavailableError(
+                    f"cannot time on {provider!r}: onnxruntime could not load {name} and fell back to the CPU"
+                )
+            sessions.append(session)
+        return time_sessions(sessions, feed(sessions[0], inputs), runs, warmup)
+
+
+_LATENCY_CACHE: dict[tuple, float] = {}
+
+
+def _fingerprint(module: nn.Module) -> tuple:
+    """What decides a small module's latency: its classes, hyper-parameters and tensor shapes."""
+    parts = []
+    for m in module.modules():
+        settings = tuple(sorted((k, repr(v)) for k, v in vars(m).items() if not k.startswith("_") and k != "training"))
+        parts.append((type(m).__name__, settings))
+    parts.append(tuple((tuple(p.shape), str(p.dtype)) for p in module.parameters()))
+    return tuple(parts)
+
+
+def module_latency(module: nn.Module, input_shape: tuple[int, ...], provider: str, runs: int = 15) -> float:
+    """Median latency (ms) of one small module alone on ``provider`` at ``input_shape``.
+
+    For per-layer decisions: exported with the TorchScript exporter (fast, exact for a single
+    conv or pair), as it is, so the caller decides the form being timed. Cached per module
+    structure, shape and provider.
+
+    Raises:
+        ProviderUnavailableError: the provider cannot run here.
+    """
+    name = require_provider(provider)
+    key = (_fingerprint(module), tuple(input_shape), name)
+    if key not in _LATENCY_CACHE:
+        x = torch.randn(input_shape, dtype=next(module.parameters()).dtype)
+        (ms,) = time_modules([module.cpu()], x, provider=name, runs=runs, warmup=3, exporter="torchscript")
+        _LATENCY_CACHE[key] = ms
+    return _LATENCY_CACHE[key]
