@@ -367,3 +367,114 @@ def test_outputs_must_differ(project):
                  "-o", project / "same.json", "--report", project / "same.json", "--force")
     assert result.exit_code == 2 and "different files" in result.output
     assert not (project / "same.json").exists()
+
+
+@pytest.mark.parametrize(
+    "outputs",
+    [
+        ["-o", "/proc/x.pt"],
+        ["-o", "{project}/small.pt/x.pt"],
+        ["-o", "{project}/missing/x.pt"],
+        ["-o", "{project}/fine.pt", "--onnx", "/proc/x.onnx"],
+        ["-o", "{project}/fine.pt", "--report", "/proc/r.json"],
+    ],
+)
+def test_an_unwritable_output_is_refused_before_any_work(project, outputs):
+    outputs = [o.format(project=project) for o in outputs]
+    before = sorted(p.name for p in project.iterdir())
+    result = run("separate", project / "small.pt", "--arch", arch(project), "--input-shape", "1,3,16,16", *outputs)
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1 and ("cannot write" in result.output or "does not exist" in result.output)
+    assert sorted(p.name for p in project.iterdir()) == before  # nothing written, not even the .pt
+
+
+def test_export_refuses_an_opset_it_cannot_write_and_an_unwritable_file(project):
+    base = ["export", project / "small.pt", "--arch", arch(project), "--input-shape", "1,3,16,16"]
+    result = run(*base, "-o", project / "m.onnx", "--opset", "5")
+    assert result.exit_code == 2 and "opset 5 cannot be written" in result.output
+    result = run(*base, "-o", "/proc/m.onnx")
+    assert result.exit_code == 2 and "cannot write" in result.output
+    result = run(*base, "-o", project / "m.onnx", "--opset", "11")
+    assert result.exit_code == 0 and "opset 11, torchscript exporter" in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--std", "0,1,1"], "--std"),
+        (["--std", "0.2,-1,1"], "positive"),
+        (["--mean", "nan"], "--mean"),
+        (["--recalibrate-bn"], "--recalibrate-bn needs --calibration"),
+        (["--image-size", "16,16"], "--image-size needs --calibration"),
+        (["--providers", "cpu"], "--providers needs --onnx"),
+        (["--rank", "auto", "--flops-target", "0.5", "--energy", "0.9"], "not both"),
+    ],
+)
+def test_options_that_cannot_work_exit_2_before_any_work(project, args, message):
+    calibration = ["--calibration", project / "photos"] if "--std" in args or "--mean" in args else []
+    if calibration:
+        from PIL import Image
+
+        (project / "photos").mkdir()
+        Image.new("RGB", (16, 16)).save(project / "photos" / "a.png")
+        calibration += ["--image-size", "16,16"]
+    result = run("separate", project / "small.pt", "--arch", arch(project), *calibration, *args, "-o", project / "o.pt")
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (project / "o.pt").exists()
+
+
+def test_non_finite_calibration_data_is_refused(project):
+    import numpy as np
+
+    data = np.random.rand(8, 3, 16, 16).astype("float32")
+    data[2, 1, 3, 3] = np.nan
+    np.save(project / "nan.npy", data)
+    result = run("separate", project / "small.pt", "--arch", arch(project), "--calibration", project / "nan.npy", "--json")
+    assert result.exit_code == 2 and "NaN or infinite" in result.output
+
+
+def test_calibration_of_the_wrong_shape_names_the_file_and_the_expected_shape(project):
+    import numpy as np
+
+    np.save(project / "gray.npy", np.random.rand(8, 1, 16, 16).astype("float32"))
+    result = run("separate", project / "small.pt", "--arch", arch(project), "--calibration", project / "gray.npy")
+    assert result.exit_code == 2
+    assert "gray.npy" in result.output and "(N, 1, 16, 16)" in result.output and "(N, 3, H, W)" in result.output
+    assert "--input-shape" not in result.output
+
+
+def test_latency_on_a_provider_that_cannot_run_exits_2(project):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    result = run("separate", project / "small.pt", "--arch", arch(project), "--input-shape", "1,3,16,16",
+                 "--latency", "cuda", "-o", project / "l.pt")
+    assert result.exit_code == 2 and "CUDAExecutionProvider is not in this onnxruntime build" in result.output
+    assert not (project / "l.pt").exists()
+
+
+MYMODELS = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x)))
+'''
+
+
+def test_a_pickled_model_loads_when_run_from_its_own_project(project):
+    (project / "mymodels.py").write_text(MYMODELS)
+    save = "import torch, mymodels; torch.save(mymodels.Net(), 'whole.pt')"
+    subprocess.run([sys.executable, "-c", save], cwd=project, check=True)
+    command = [sys.executable, "-m", "convtool", "analyze", "whole.pt", "--allow-pickle", "--input-shape", "1,3,16,16"]
+    result = subprocess.run(command, cwd=project, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "No module named" not in result.stderr

@@ -126,11 +126,17 @@ def _run(model: nn.Module, inputs: tuple, claims: list[Claim], own_mode: bool) -
     return counts, calls
 
 
-def prove(model: nn.Module, inputs: tuple, claims: list[Claim], dense_ran: set[int]) -> Proof:
+# What the dense model did with a site's weight on the same inputs, before the rewrite.
+RAN, NOT_RUN, OUTSIDE = "ran", "not run", "ran outside the copy"
+
+
+def prove(model: nn.Module, inputs: tuple, claims: list[Claim], before: dict[str, str]) -> Proof:
     """Run ``model`` on ``inputs`` and check every claim.
 
-    ``dense_ran`` holds the ids of the dense weights the model ran on the same inputs before
-    the rewrite: it tells a conv the inputs never reach from one the model reaches around its module.
+    ``before`` says, per claim, what the dense model did on the same inputs before the rewrite
+    (:data:`RAN`, :data:`NOT_RUN`, or :data:`OUTSIDE`: it ran the caller's own conv, reached
+    through something a deep copy does not copy, such as a closure). It turns "the pair did
+    not run" into the reason a user can act on.
 
     The pass runs in eval mode; claims it cannot prove get a second pass in the model's own
     mode when that is training (auxiliary heads run only then), with buffers and the random
@@ -148,7 +154,7 @@ def prove(model: nn.Module, inputs: tuple, claims: list[Claim], dense_ran: set[i
             "exclude the layer involved with exclude=[...] / --exclude"
         ) from error
     proof = Proof()
-    _judge(claims, counts, calls, dense_ran, proof)
+    _judge(claims, counts, calls, before, proof)
     if proof.failed and any(m.training for m in model.modules()):
         retry = [c for c in claims if c.name in proof.failed]
         try:
@@ -156,16 +162,16 @@ def prove(model: nn.Module, inputs: tuple, claims: list[Claim], dense_ran: set[i
         except Exception:  # e.g. BatchNorm refusing a batch of one in train mode: the eval verdict stands
             return proof
         second = Proof()
-        _judge(retry, counts, calls, dense_ran, second)
+        _judge(retry, counts, calls, before, second)
         for name, site_calls in second.calls.items():
             proof.calls[name] = site_calls
             del proof.failed[name]
     return proof
 
 
-def _judge(claims: list[Claim], counts: dict[int, int], calls: dict[int, list[ConvCall]], dense_ran: set[int], proof: Proof) -> None:
+def _judge(claims: list[Claim], counts: dict[int, int], calls: dict[int, list[ConvCall]], before: dict[str, str], proof: Proof) -> None:
     for claim in claims:
-        ran_before = id(claim.dense_weight) in dense_ran
+        was = before.get(claim.name, NOT_RUN)
         ran = [counts.get(id(p), 0) for p in claim.pairs]
         still_dense = id(claim.dense_weight) in calls
         if all(ran) and not still_dense:
@@ -179,7 +185,12 @@ def _judge(claims: list[Claim], counts: dict[int, int], calls: dict[int, list[Co
             )
         elif any(ran):
             proof.failed[claim.name] = "one of its uses did not run on the example inputs, so it cannot be proven; left dense"
-        elif ran_before:
+        elif was == OUTSIDE:
+            proof.failed[claim.name] = (
+                "the model runs this conv without going through the module convtool replaced "
+                "(a closure or another reference convtool cannot follow); left dense"
+            )
+        elif was == RAN:
             proof.failed[claim.name] = (
                 "the model computes this conv without calling the module convtool replaced "
                 "(F.conv2d on its .weight, say), so the pair would never run; left dense"
@@ -188,4 +199,4 @@ def _judge(claims: list[Claim], counts: dict[int, int], calls: dict[int, list[Co
             proof.failed[claim.name] = "did not run on the example inputs, so its separation cannot be proven; left dense"
 
 
-__all__ = ["Claim", "Edits", "Proof", "prove"]
+__all__ = ["NOT_RUN", "OUTSIDE", "RAN", "Claim", "Edits", "Proof", "prove"]

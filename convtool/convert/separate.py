@@ -17,6 +17,7 @@ from torch import nn
 
 from ..core.decompose import ORDERS
 from ..core.inputs import as_inputs, guess_inputs, model_device, on_device
+from ..core.names import join
 from ..core.records import FlopsTarget, LayerChange, Rank, SkippedLayer, check_rank
 from ..errors import AnalysisError, InvalidOptionError, NothingToSeparateError
 from ..measure.conv_calls import ConvRecorder, explicit_padding, record
@@ -27,7 +28,7 @@ from .bake import bake, working_copy
 from .calibrate import Layer, calibration_batches, recalibrate_batchnorm, refit
 from .install import Installed, install
 from .plan import Latency, SiteStats, make_plan
-from .proof import Edits, prove
+from .proof import NOT_RUN, OUTSIDE, RAN, Edits, prove
 from .sites import Site, find_sites
 
 if TYPE_CHECKING:
@@ -194,16 +195,17 @@ def separate(
     if batches:  # the dense model the refit matches, as it is before any rewrite
         reference = copy.deepcopy(work, memo)
 
-    dense_ran: set[int] = set()
+    before: dict[str, str] = {}
     if proof_inputs:
-        dense_ran = set((dense_run if costed is proof_inputs and dense_run else record(work, proof_inputs)).by_weight())
+        run = dense_run if dense_run is not None and costed is proof_inputs else record(work, proof_inputs)
+        before = _dense_behaviour(model, sites, run)
     edits = Edits(work)
     installed, problems = install(edits, sites, plan.picks, tracing)
     skipped += [SkippedLayer(name, reason) for name, reason in problems]
     edits.rewire()
     calls: dict[str, Any] = {}
     if proof_inputs:
-        proof = prove(edits.root, proof_inputs, [i.claim for i in installed], dense_ran)
+        proof = prove(edits.root, proof_inputs, [i.claim for i in installed], before)
         if proof.failed:
             undone = edits.revert(set(proof.failed))
             for i in installed:
@@ -236,6 +238,27 @@ def separate(
         model=work, layers=layers, skipped=tuple(skipped), original=model, verified=bool(proof_inputs),
         verification=verification, budget_met=plan.budget_met, flops_before=plan.flops_before, flops_after=plan.flops_after,
     )
+
+
+def _dense_behaviour(original: nn.Module, sites: list[Site], run: ConvRecorder) -> dict[str, str]:
+    """Per site, what the dense working copy did with its weight: ran it, did not, or ran the caller's own.
+
+    A deep copy does not copy what closures capture, so a conv reached through one runs the
+    caller's module even in the copy: its weight is then one of the caller's parameters.
+    """
+    used = run.by_weight()
+    callers = {id(p): name for name, p in original.named_parameters(remove_duplicate=False)}
+    outside = {callers[i] for i in used if i in callers}
+    behaviour = {}
+    for site in sites:
+        weight_names = [join(n, "weight") for use in site.uses for n in use.names] or [site.name]
+        if id(site.weight) in used:
+            behaviour[site.name] = RAN
+        elif outside.intersection(weight_names):
+            behaviour[site.name] = OUTSIDE
+        else:
+            behaviour[site.name] = NOT_RUN
+    return behaviour
 
 
 def _site_stats(sites: list[Site], run: ConvRecorder) -> dict[str, SiteStats]:

@@ -1,5 +1,6 @@
 """The report renderings; the JSON keys are pinned by a golden file."""
 
+import dataclasses
 import json
 import math
 import os
@@ -75,3 +76,39 @@ def test_markdown_and_terminal_show_totals_then_layers():
 )
 def test_human_numbers(n, text):
     assert human(n) == text
+
+
+class AllFunctional(nn.Module):
+    """Every conv written with F.conv2d: its cost sits in the model's own code, in no leaf module."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 3, 3, 3))
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc(torch.nn.functional.conv2d(x, self.w).mean((2, 3)))
+
+
+def test_analysis_puts_every_flop_and_parameter_in_some_row():
+    from convtool.report.render import analysis_markdown, cost_rows
+
+    analysis = convtool.analyze(AllFunctional(), torch.randn(1, 3, 10, 10))
+    rows = cost_rows(analysis)
+    assert sum(m.own_flops for m in rows) == analysis.flops
+    assert sum(m.own_params for m in rows) == analysis.params
+    own = next(m for m in rows if m.name == "")
+    assert own.own_flops == 8 * 3 * 9 * 8 * 8 and own.own_params == 8 * 3 * 9
+    assert "<model> (own code)" in analysis_markdown(analysis)
+
+
+def test_markdown_escapes_pipes_in_names_and_reasons():
+    from convtool.core.records import SkippedLayer
+
+    report = small_report()
+    weird = dataclasses.replace(report, skipped=(SkippedLayer("a|b", "reason with | a pipe"),))
+    text = to_markdown(weird)
+    assert "| a\\|b | reason with \\| a pipe |" in text
+    for line in text.splitlines():
+        if line.startswith("| a"):
+            assert line.replace("\\|", "").count("|") == 3  # two cells, not four
