@@ -10,6 +10,7 @@ power iteration, so the plain conv computes what the model computes at inference
 from __future__ import annotations
 
 import copy
+import types
 
 import torch
 from torch import nn
@@ -41,12 +42,42 @@ def working_copy(model: nn.Module) -> nn.Module:
         if isinstance(value, torch.Tensor) and not value.is_leaf
     }
     try:
-        return copy.deepcopy(model, memo)
+        work = copy.deepcopy(model, memo)
     except Exception as error:
         raise InvalidOptionError(
             f"the model cannot be copied ({describe_error(error)}); convtool works on a copy so the caller's model "
             "stays untouched: make it deep-copyable (copy.deepcopy(model)) and try again"
         ) from error
+    _copy_closures(work, memo)
+    return work
+
+
+def _copy_closures(work: nn.Module, memo: dict[int, object]) -> None:
+    """Give each function attribute whose closure holds parts of the model a closure holding their copies.
+
+    ``deepcopy`` keeps functions as they are, so ``self.head = lambda x: conv(x)`` would still
+    run the caller's ``conv`` from the copy: the copy would not be independent, and no rewrite
+    of it could reach that conv.
+    """
+    for module in work.modules():
+        for attr, value in list(vars(module).items()):
+            if not isinstance(value, types.FunctionType) or not value.__closure__:
+                continue
+            cells = [_cell_contents(c) for c in value.__closure__]
+            if not any(id(c) in memo for c in cells if c is not None):
+                continue
+            closure = tuple(types.CellType(memo.get(id(c), c)) if c is not None else types.CellType() for c in cells)
+            copied = types.FunctionType(value.__code__, value.__globals__, value.__name__, value.__defaults__, closure)
+            copied.__kwdefaults__, copied.__qualname__ = value.__kwdefaults__, value.__qualname__
+            copied.__dict__.update(value.__dict__)
+            object.__setattr__(module, attr, copied)
+
+
+def _cell_contents(cell: types.CellType) -> object:
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
 
 
 def _norm_hooks(conv: nn.Conv2d) -> list:

@@ -169,30 +169,40 @@ def make_plan(
             conv are dropped, whatever the strategy.
         provider: the runtime ``latency`` times on, for the reasons given.
     """
-    if isinstance(rank, FlopsTarget):
-        return _budget_plan(sites, rank.fraction, order, stats, total_flops, activations or {}, latency, provider)
     picks: dict[str, tuple[str, int] | None] = {}
     reasons: dict[str, str] = {}
-    for site in sites:
-        if isinstance(rank, Energy):
-            ranks = {o: energy_rank(site.weight, site.groups, o, rank.share) for o in _orders(order)}
-            best = min(ranks, key=lambda o: _unit_cost(site, o, ranks[o]))
-            dense_unit = float(dense_flops(_weight_shape(site), 1))
-            if _unit_cost(site, best, ranks[best]) >= dense_unit:
-                picks[site.name] = None
-                reasons[site.name] = (
-                    f"kept dense: rank {ranks[best]} ({best}), the smallest keeping {rank.share:g} of the energy, "
-                    f"costs {_unit_cost(site, best, ranks[best]):g} multiply-adds per output pixel, the dense conv {dense_unit:g}"
-                )
-                continue
-            picks[site.name] = (best, ranks[best])
-        else:
-            r = 10**9 if rank == "full" else int(rank)
-            best = _best_order(site, r, order)
-            picks[site.name] = (best, min(r, max_rank(site.weight, site.groups, best)))
-    if latency is not None:
-        _drop_slow(sites, picks, reasons, stats, latency, provider)
-    return Plan(picks, reasons)
+    budget: tuple = ()
+    if isinstance(rank, FlopsTarget):
+        # The latency filter runs inside: it prunes each layer's options before the knapsack.
+        budget = _budget(sites, rank.fraction, order, stats, total_flops, activations or {}, latency, picks, reasons)
+    else:
+        for site in sites:
+            picks[site.name], reason = _energy(site, rank, order) if isinstance(rank, Energy) else (_fixed(site, rank, order), None)
+            if reason:
+                reasons[site.name] = reason
+        if latency is not None:
+            _drop_slow(sites, picks, reasons, stats, latency, provider)
+    return Plan(picks, reasons, *budget)
+
+
+def _fixed(site: Site, rank: int | str, order: str) -> tuple[str, int]:
+    """The rank asked (clamped to the exact rank), in the order asked or the better one."""
+    r = 10**9 if rank == "full" else int(rank)
+    best = _best_order(site, r, order)
+    return best, min(r, max_rank(site.weight, site.groups, best))
+
+
+def _energy(site: Site, energy: Energy, order: str) -> tuple[tuple[str, int] | None, str | None]:
+    """The smallest rank keeping the energy, in the cheaper order; dense where that costs more."""
+    ranks = {o: energy_rank(site.weight, site.groups, o, energy.share) for o in _orders(order)}
+    best = min(ranks, key=lambda o: _unit_cost(site, o, ranks[o]))
+    cost, dense = _unit_cost(site, best, ranks[best]), float(dense_flops(_weight_shape(site), 1))
+    if cost >= dense:
+        return None, (
+            f"kept dense: rank {ranks[best]} ({best}), the smallest keeping {energy.share:g} of the energy, "
+            f"costs {cost:g} multiply-adds per output pixel, the dense conv {dense:g}"
+        )
+    return (best, ranks[best]), None
 
 
 def _drop_slow(sites, picks, reasons, stats, latency, provider) -> None:
@@ -207,11 +217,11 @@ def _drop_slow(sites, picks, reasons, stats, latency, provider) -> None:
             reasons[site.name] = f"kept dense: rank {pick[1]} ({pick[0]}) is not faster than the dense conv on {provider}"
 
 
-def _budget_plan(sites, fraction, order, stats, total_flops, activations, latency, provider) -> Plan:
+def _budget(sites, fraction, order, stats, total_flops, activations, latency, picks, reasons) -> tuple[bool, float, float]:
+    """Fill ``picks`` and ``reasons`` under a FLOP budget; returns (met, FLOPs before, FLOPs after)."""
     if not stats:
         raise InvalidOptionError("a FLOP target needs example inputs (or calibration data) to cost each layer")
-    picks: dict[str, tuple[str, int] | None] = {s.name: None for s in sites}
-    reasons: dict[str, str] = {}
+    picks.update({s.name: None for s in sites})
     choices, ran = [], []
     for site in sites:
         site_stats = stats.get(site.name)
@@ -239,4 +249,4 @@ def _budget_plan(sites, fraction, order, stats, total_flops, activations, latenc
             reasons[site.name] = "kept dense: the FLOP budget is better spent elsewhere"
         else:
             picks[site.name] = pick
-    return Plan(picks, reasons, met, total, after)
+    return met, total, after

@@ -3,8 +3,8 @@
 Putting a pair at a conv's qualified name changes what ``model.conv`` is, not what the model
 runs: a conv also held in a plain list (``self.stages = [self.a, self.b]``), captured in a
 closure or called by code fx never saw keeps running as it was. So every edit is logged, plain
-lists, tuples and dicts are rewired to the new modules, and the model is run on the example
-inputs with the conv recorder and a hook on every pair. A site whose pairs did not all run, or
+lists, tuples, dicts and closure cells are rewired to the new modules, and the model is run on
+the example inputs with the conv recorder and a hook on every pair. A site whose pairs did not all run, or
 whose dense weight still ran, is put back as it was and reported with the reason.
 """
 
@@ -181,14 +181,14 @@ def _judge(claims: list[Claim], counts: dict[int, int], calls: dict[int, list[Co
         elif still_dense:
             proof.failed[claim.name] = (
                 "the model runs this conv without going through the module convtool replaced "
-                "(a closure or code fx cannot see holds it); left dense"
+                "(an object convtool cannot rewire, such as an attribute of a plain Python object, holds it); left dense"
             )
         elif any(ran):
             proof.failed[claim.name] = "one of its uses did not run on the example inputs, so it cannot be proven; left dense"
         elif was == OUTSIDE:
             proof.failed[claim.name] = (
-                "the model runs this conv without going through the module convtool replaced "
-                "(a closure or another reference convtool cannot follow); left dense"
+                "the model runs this conv without going through the module convtool replaced: it runs the "
+                "caller's own conv, reached through something a copy of the model does not copy (a global, say); left dense"
             )
         elif was == RAN:
             proof.failed[claim.name] = (

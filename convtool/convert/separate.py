@@ -17,7 +17,7 @@ from torch import nn
 
 from ..core.decompose import ORDERS
 from ..core.inputs import as_inputs, guess_inputs, model_device, on_device
-from ..core.names import join
+from ..core.names import join, label
 from ..core.records import FlopsTarget, LayerChange, Rank, SkippedLayer, check_rank
 from ..errors import AnalysisError, InvalidOptionError, NothingToSeparateError
 from ..measure.conv_calls import ConvRecorder, explicit_padding, record
@@ -230,7 +230,7 @@ def separate(
         if recalibrate_bn:
             recalibrate_batchnorm(work, batches)
     layers = tuple(
-        describe(i.site.name, [n for n in i.names if n != i.site.name], i.site.source, i.claim.pairs,
+        describe(i.site.name, [n for n in i.names if label(n) != i.site.name], i.site.source, i.claim.pairs,
                  calls.get(i.site.name) if proof_inputs else None, output_error=output_errors.get(i.site.name))
         for i in installed
     )

@@ -7,6 +7,7 @@ through here, so a name means the same thing in the pass, the proof, the report 
 from __future__ import annotations
 
 import re
+import types
 from typing import Any, Iterator
 
 from torch import nn
@@ -60,32 +61,52 @@ def label(name: str) -> str:
 
 
 def plain_references(model: nn.Module) -> Iterator[tuple[Any, Any, Any]]:
-    """Every module or tensor a module holds in a plain list, tuple or dict attribute.
+    """Every module or tensor a module holds outside its registered children and parameters.
 
-    Yields ``(container, key, value)``; tuples are yielded with their owner module and
-    attribute name as ``((owner, attr), index, value)`` since they cannot be changed in place.
-    Such references are invisible to ``named_modules``: a conv reached through
-    ``self.stages = [self.a, self.b]`` runs from the list, whatever is put at ``self.a``.
+    That is, in a plain list, tuple or dict attribute, or in the closure of a function
+    attribute (``self.head = lambda x: conv(x)``). Yields ``(container, key, value)``; tuples
+    are yielded as ``((owner, attr), index, value)`` since they cannot be changed in place, and
+    closure cells as ``(cell, None, value)``. Such references are invisible to
+    ``named_modules``: a conv reached through ``self.stages = [self.a, self.b]`` runs from the
+    list, whatever is put at ``self.a``.
     """
     for module in model.modules():
         for attr, value in vars(module).items():
+            if isinstance(value, types.FunctionType) and value.__closure__:
+                for cell in value.__closure__:
+                    if _is_reference(_contents(cell)):
+                        yield cell, None, cell.cell_contents
+                continue
             if attr.startswith("_") or not isinstance(value, (list, tuple, dict)):
                 continue
             items = value.items() if isinstance(value, dict) else enumerate(value)
             for key, item in items:
-                if isinstance(item, nn.Module) or _is_tensor(item):
+                if _is_reference(item):
                     yield (value if not isinstance(value, tuple) else (module, attr)), key, item
 
 
 def replace_reference(container: Any, key: Any, new: Any) -> None:
-    """Set ``container[key] = new`` for an entry :func:`plain_references` yielded."""
-    if isinstance(container, tuple):  # (owner, attr) of a tuple attribute
+    """Point an entry :func:`plain_references` yielded at ``new``."""
+    if isinstance(container, types.CellType):
+        container.cell_contents = new
+    elif isinstance(container, tuple):  # (owner, attr) of a tuple attribute
         owner, attr = container
         items = list(getattr(owner, attr))
         items[key] = new
         setattr(owner, attr, tuple(items))
     else:
         container[key] = new
+
+
+def _contents(cell: types.CellType) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
+
+
+def _is_reference(value: Any) -> bool:
+    return isinstance(value, nn.Module) or _is_tensor(value)
 
 
 def _is_tensor(value: Any) -> bool:

@@ -13,18 +13,7 @@ from torch import nn
 import convtool
 from convtool import InvalidOptionError, NothingToSeparateError, SeparableConv2d
 
-
-
-def pairs_ran(result, x) -> bool:
-    """Every reported layer's pairs ran in the separated model (checked here, not by convtool)."""
-    counts = {}
-    pairs = [result.model.get_submodule(n) for layer in result.layers for n in (layer.name, *layer.aliases)]
-    hooks = [p.register_forward_hook(lambda m, i, o: counts.__setitem__(id(m), 1)) for p in pairs]
-    with torch.no_grad():
-        result.model(x)
-    for h in hooks:
-        h.remove()
-    return all(id(p) in counts for p in pairs)
+from ..helpers import assert_layers_proven
 
 
 class ThroughList(nn.Module):
@@ -48,14 +37,14 @@ def test_convs_reached_through_a_plain_list_are_rewired_and_proven():
     assert all(isinstance(stage, SeparableConv2d) for stage in result.model.stages)
     with torch.no_grad():
         assert float((result.model(x) - model(x)).abs().max()) > 1e-3  # the rewrite took effect
-    assert pairs_ran(result, x)
+    assert_layers_proven(result, model, (x,))
     report = result.report(x)
     assert [layer.name for layer in report.layers] == ["a", "b"] and all(layer.calls == 1 for layer in report.layers)
     assert isinstance(model.stages[0], nn.Conv2d)  # the caller's list is untouched
 
 
 class Closure(nn.Module):
-    """A conv captured in a closure: no attribute convtool can change reaches it."""
+    """A conv captured in a closure: deepcopy shares it with the caller unless convtool copies it."""
 
     def __init__(self):
         super().__init__()
@@ -67,8 +56,35 @@ class Closure(nn.Module):
         return self.d(self.apply_c(x))
 
 
-def test_a_conv_that_cannot_be_proven_is_left_dense_with_the_reason():
+def test_a_conv_in_a_closure_is_rewired_in_an_independent_copy():
     model, x = Closure().eval(), torch.randn(1, 3, 8, 8)
+    result = convtool.separate(model, x, rank=1)
+    assert [layer.name for layer in result.layers] == ["c", "d"]
+    assert_layers_proven(result, model, (x,))
+    assert result.model.apply_c.__closure__[0].cell_contents is result.model.c
+    assert model.apply_c.__closure__[0].cell_contents is model.c
+    assert result.report(x).layers[0].calls == 1  # fvcore traces it: no caller's tensor inside
+
+
+class Holder:
+    def __init__(self, conv):
+        self.conv = conv
+
+
+class HeldConv(nn.Module):
+    """A conv run through a plain object: no reference convtool follows reaches it."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.d = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.holder = Holder(self.c)
+
+    def forward(self, x):
+        return self.d(self.holder.conv(x))
+
+
+def test_a_conv_that_cannot_be_proven_is_left_dense_with_the_reason():
+    model, x = HeldConv().eval(), torch.randn(1, 3, 8, 8)
     result = convtool.separate(model, x, rank=1)
     assert [layer.name for layer in result.layers] == ["d"]
     assert "without going through the module" in dict(result.skipped)["c"]
@@ -98,7 +114,7 @@ def test_chained_functional_convs_and_one_weight_twice():
     assert sorted(layers) == ["w", "w1", "w2"]
     assert layers["w"].calls == 2 and layers["w"].aliases == ()  # one pair, called twice
     assert all(layer.output_error is not None for layer in result.layers)  # calibrated, "w" on both calls
-    assert pairs_ran(result, x)
+    assert_layers_proven(result, model, (x,))
 
 
 def test_a_shared_weight_is_costed_once_under_a_flop_budget():
@@ -296,6 +312,6 @@ def test_non_finite_calibration_data_is_refused():
 
 
 def test_nothing_to_separate_names_the_reason_when_every_claim_fails():
-    model = Closure().eval()
+    model = HeldConv().eval()
     with pytest.raises(NothingToSeparateError, match="without going through the module"):
         convtool.separate(model, torch.randn(1, 3, 8, 8), include=["c"])

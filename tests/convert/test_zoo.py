@@ -6,7 +6,7 @@ import torch
 import convtool
 from convtool import NothingToSeparateError, SeparableConv2d
 
-from ..helpers import assert_outputs_close, assert_same_state, state_snapshot
+from ..helpers import assert_layers_proven, assert_outputs_close, assert_same_state, state_snapshot
 from ..zoo import ZOO, MobileNetLike, build
 
 SEPARABLE = [e for e in ZOO if e.name != "mobilenet"]
@@ -40,6 +40,8 @@ def test_rank_one_leaves_no_standard_conv(entry):
     with torch.no_grad():
         out, ref = result.model(*inputs), model(*inputs)
     assert torch.utils._pytree.tree_structure(out) == torch.utils._pytree.tree_structure(ref)
+    assert result.verified
+    assert_layers_proven(result, model, inputs)
 
 
 @pytest.mark.parametrize("entry", SEPARABLE, ids=lambda e: e.name)

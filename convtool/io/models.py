@@ -1,4 +1,4 @@
-"""Load models safely and write files atomically.
+"""Reading models safely: a state_dict with the code that builds the model, or a pickle the user trusts.
 
 Unpickling runs code from the file, so a file is first read with ``weights_only=True``; a
 pickled module is loaded only with the caller's explicit ``allow_pickle=True``. Nothing here
@@ -8,24 +8,18 @@ ever unpickles a file to find out what it is.
 from __future__ import annotations
 
 import importlib
-import logging
 import importlib.util
 import os
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
-from torch import fx, nn
+from torch import nn
 
-from .core.inputs import eval_mode
-from .core.modules import SeparableConv2d
-from .errors import InvalidOptionError, ModelLoadError, OutputExistsError, UnsafeModelError
-
-log = logging.getLogger(__name__)
+from ..errors import InvalidOptionError, ModelLoadError, UnsafeModelError
 
 # Keys under which training scripts commonly nest the weights in a checkpoint dict.
 _CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "ema", "model_ema")
@@ -233,206 +227,3 @@ def _load_pickled(path: Path, arch: str | None) -> LoadedModel:
     if state is not None:
         raise ModelLoadError(f"{path} holds a state_dict ({len(state)} tensors); pass --arch MODULE:CALLABLE that builds the model")
     raise ModelLoadError(f"{path} holds a {type(obj).__name__}, not a torch.nn.Module")
-
-
-def check_output(path: str | os.PathLike, *, force: bool, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
-    """Refuse, before any work, an output that is an input, exists (without ``force``) or cannot be written.
-
-    Writability is probed by creating (and removing) a temporary file where the output will
-    be renamed into place: that is the one test that holds for read-only directories, special
-    file systems (``/proc``) and a file standing where a directory should be.
-    """
-    path = Path(path)
-    for source in map(Path, inputs):
-        if source.resolve() == path.resolve() or (path.exists() and source.exists() and os.path.samefile(path, source)):
-            raise OutputExistsError(f"{path} is the input file; write the output somewhere else")
-    if path.is_dir():
-        raise OutputExistsError(f"{path} is a directory; give a file path")
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} exists; pass --force to overwrite it")
-    parent = path.parent
-    if not parent.exists():
-        raise InvalidOptionError(f"directory {parent} does not exist; create it first")
-    if not parent.is_dir():
-        raise InvalidOptionError(f"cannot write {path}: {parent} is a file, not a directory")
-    try:
-        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".probe")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as error:
-        raise InvalidOptionError(f"cannot write {path}: {error.strerror or error} in {parent}") from None
-    return path
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
-
-    A failure leaves ``path`` as it was: the old file whole, or no file.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-class _StandardLeaves(fx.Tracer):
-    """Traces through every module but torch's own and convtool's pairs."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, SeparableConv2d) or super().is_leaf_module(m, qualname)
-
-
-def portable(model: nn.Module, example_inputs: tuple) -> nn.Module | None:
-    """The model as a GraphModule built only of torch and convtool classes, or None.
-
-    Such a module unpickles wherever convtool is installed, without the code that defined the
-    original model. None when fx cannot trace it, or the traced module does not give the same
-    outputs on the example inputs.
-    """
-    try:
-        graph = _StandardLeaves().trace(model)
-        for node in graph.nodes:
-            # String annotations (PEP 563) would land in the code's globals and break pickling.
-            node.type = None
-        gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
-        if _depends_on_mode(model):
-            return None
-    except Exception:
-        return None
-    if any(not type(m).__module__.startswith(("torch.", "convtool.")) for m in gm.modules() if m is not gm):
-        return None
-    try:
-        with eval_mode(model), eval_mode(gm), torch.no_grad():
-            expected, actual = model(*example_inputs), gm(*example_inputs)
-        leaves_e, spec_e = torch.utils._pytree.tree_flatten(expected)
-        leaves_a, spec_a = torch.utils._pytree.tree_flatten(actual)
-        if spec_e != spec_a or not all(
-            torch.equal(a, e) if isinstance(e, torch.Tensor) else a == e for a, e in zip(leaves_a, leaves_e)
-        ):
-            return None
-    except Exception:
-        return None
-    return gm.train(model.training)
-
-
-def _depends_on_mode(model: nn.Module) -> bool:
-    """Whether the model's own code reads ``self.training``: tracing would freeze it.
-
-    Traced once per mode (on a copy); different code means a branch or argument depends on
-    the mode (``F.dropout(x, training=self.training)``, auxiliary heads).
-    """
-    import copy
-
-    probe = copy.deepcopy(model)
-    codes = []
-    for mode in (True, False):
-        probe.train(mode)
-        codes.append(fx.GraphModule(probe, _StandardLeaves().trace(probe)).code)
-    return codes[0] != codes[1]
-
-
-def save_model(model: nn.Module, path: str | os.PathLike, example_inputs: tuple = ()) -> bool:
-    """Save ``model`` with ``torch.save``, atomically.
-
-    Where the model traces into torch and convtool classes only (checked on ``example_inputs``),
-    the traced GraphModule is saved, so the file loads with ``torch.load(path,
-    weights_only=False)`` wherever convtool is installed. Returns whether it is portable so.
-    """
-    gm = portable(model, example_inputs) if example_inputs else None
-    if gm is not None:
-        try:
-            write_atomic(path, lambda tmp: torch.save(gm, tmp))
-            return True
-        except Exception:  # a GraphModule that fx cannot serialise: save the model as it is
-            log.debug("saving the traced GraphModule failed; saving the model itself", exc_info=True)
-    write_atomic(path, lambda tmp: torch.save(model, tmp))
-    return False
-
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
-
-
-def load_calibration(
-    path: str | os.PathLike,
-    *,
-    channels: int | None = None,
-    image_size: tuple[int, int] | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, ...]:
-    """Model-ready unlabeled inputs from a file or a folder of images.
-
-    ``.pt`` (a tensor, or a tuple/list of tensors for several inputs; read with
-    ``weights_only=True``), ``.npy`` and ``.npz`` (arrays in file order; no pickles), or a
-    folder of images, resized to ``image_size``, scaled to [0, 1], then normalised by
-    ``mean`` and ``std`` per channel.
-    """
-    import numpy as np
-
-    path = Path(path)
-    if not path.exists():
-        raise InvalidOptionError(f"--calibration {path} does not exist")
-    if path.is_dir():
-        return _load_images(path, channels, image_size, mean, std)
-    try:
-        if path.suffix == ".npy":
-            data: Any = torch.from_numpy(np.load(path, allow_pickle=False))
-        elif path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as archive:
-                arrays = [torch.from_numpy(archive[k]) for k in archive.files]
-            data = arrays[0] if len(arrays) == 1 else tuple(arrays)
-        else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise InvalidOptionError(f"--calibration {path} is not a readable .pt/.npy/.npz tensor file ({type(error).__name__})") from None
-    if isinstance(data, list):
-        data = tuple(data)
-    tensors = data if isinstance(data, tuple) else (data,)
-    if not tensors or not all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in tensors):
-        raise InvalidOptionError(f"--calibration {path} should hold a tensor of inputs (or one per model input)")
-    tensors = tuple(t.float() if not t.is_floating_point() else t for t in tensors)
-    return tensors[0] if len(tensors) == 1 else tensors
-
-
-def _load_images(folder, channels, image_size, mean, std) -> torch.Tensor:
-    import numpy as np
-    from PIL import Image
-
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise InvalidOptionError(f"--calibration {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    if image_size is None:
-        raise InvalidOptionError("a folder of calibration images needs --image-size H,W")
-    mode = "L" if channels == 1 else "RGB"
-    images = []
-    for file in files:
-        try:
-            with Image.open(file) as image:
-                image = image.convert(mode).resize((image_size[1], image_size[0]), Image.BILINEAR)
-                array = np.asarray(image, dtype=np.float32) / 255.0
-        except Exception as error:
-            raise InvalidOptionError(f"--calibration: cannot read image {file} ({type(error).__name__})") from None
-        images.append(torch.from_numpy(array).reshape(image_size[0], image_size[1], -1).permute(2, 0, 1))
-    batch = torch.stack(images)
-    c = batch.shape[1]
-    for name, values in (("--mean", mean), ("--std", std)):
-        if values is not None and len(values) not in (1, c):
-            raise InvalidOptionError(f"{name} needs 1 or {c} values, got {len(values)}")
-    if mean is not None:
-        batch = batch - torch.tensor(mean).reshape(1, -1, 1, 1)
-    if std is not None:
-        batch = batch / torch.tensor(std).reshape(1, -1, 1, 1)
-    return batch

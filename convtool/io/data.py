@@ -1,0 +1,86 @@
+"""Unlabeled model inputs from files: tensors (.pt, .npy, .npz) or a folder of images."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ..errors import InvalidOptionError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+
+def load_calibration(
+    path: str | os.PathLike,
+    *,
+    channels: int | None = None,
+    image_size: tuple[int, int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """Model-ready unlabeled inputs from a file or a folder of images.
+
+    ``.pt`` (a tensor, or a tuple/list of tensors for several inputs; read with
+    ``weights_only=True``), ``.npy`` and ``.npz`` (arrays in file order; no pickles), or a
+    folder of images, resized to ``image_size``, scaled to [0, 1], then normalised by
+    ``mean`` and ``std`` per channel.
+    """
+    import numpy as np
+
+    path = Path(path)
+    if not path.exists():
+        raise InvalidOptionError(f"--calibration {path} does not exist")
+    if path.is_dir():
+        return _load_images(path, channels, image_size, mean, std)
+    try:
+        if path.suffix == ".npy":
+            data: Any = torch.from_numpy(np.load(path, allow_pickle=False))
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = [torch.from_numpy(archive[k]) for k in archive.files]
+            data = arrays[0] if len(arrays) == 1 else tuple(arrays)
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise InvalidOptionError(f"--calibration {path} is not a readable .pt/.npy/.npz tensor file ({type(error).__name__})") from None
+    if isinstance(data, list):
+        data = tuple(data)
+    tensors = data if isinstance(data, tuple) else (data,)
+    if not tensors or not all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in tensors):
+        raise InvalidOptionError(f"--calibration {path} should hold a tensor of inputs (or one per model input)")
+    tensors = tuple(t.float() if not t.is_floating_point() else t for t in tensors)
+    return tensors[0] if len(tensors) == 1 else tensors
+
+
+def _load_images(folder, channels, image_size, mean, std) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image
+
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise InvalidOptionError(f"--calibration {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    if image_size is None:
+        raise InvalidOptionError("a folder of calibration images needs --image-size H,W")
+    mode = "L" if channels == 1 else "RGB"
+    images = []
+    for file in files:
+        try:
+            with Image.open(file) as image:
+                image = image.convert(mode).resize((image_size[1], image_size[0]), Image.BILINEAR)
+                array = np.asarray(image, dtype=np.float32) / 255.0
+        except Exception as error:
+            raise InvalidOptionError(f"--calibration: cannot read image {file} ({type(error).__name__})") from None
+        images.append(torch.from_numpy(array).reshape(image_size[0], image_size[1], -1).permute(2, 0, 1))
+    batch = torch.stack(images)
+    c = batch.shape[1]
+    for name, values in (("--mean", mean), ("--std", std)):
+        if values is not None and len(values) not in (1, c):
+            raise InvalidOptionError(f"{name} needs 1 or {c} values, got {len(values)}")
+    if mean is not None:
+        batch = batch - torch.tensor(mean).reshape(1, -1, 1, 1)
+    if std is not None:
+        batch = batch / torch.tensor(std).reshape(1, -1, 1, 1)
+    return batch
