@@ -4,8 +4,9 @@ Run: .venv/bin/python benchmarks/convert_speed.py [--repeats 5]
 
 Each measurement runs in a fresh subprocess so that peak RSS (ru_maxrss) belongs to one
 conversion. Reported: median wall time of `separate(model, x, rank=1)` with a 1x3x224x224
-example input (which includes tracing, the SVDs, the module swaps and one validation forward
-pass of the separated model), the same without example inputs, and the peak RSS growth over the
+example input (which includes tracing, the SVDs, the module swaps and the proof: one recorded
+forward pass of the dense copy and one of the separated model), the same without example
+inputs (convtool then guesses a (1, 3, 224, 224) input), and the peak RSS growth over the
 process's RSS with the model built. Prints a Markdown table.
 """
 

@@ -478,3 +478,19 @@ def test_a_pickled_model_loads_when_run_from_its_own_project(project):
     result = subprocess.run(command, cwd=project, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "No module named" not in result.stderr
+
+
+def test_models_saved_by_convtool_0_1_still_load():
+    """A saved GraphModule names its tracer class by module path; 0.1 wrote convtool.io._StandardLeaves."""
+    import importlib
+    import pickle
+
+    from convtool.io import portable
+
+    model, x = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval(), torch.randn(1, 3, 8, 8)
+    gm = portable(model, (x,))
+    cls = gm._tracer_cls
+    assert getattr(importlib.import_module(cls.__module__), cls.__qualname__) is cls
+    assert importlib.import_module("convtool.io")._StandardLeaves is cls
+    old_path = pickle.dumps(cls, protocol=0).replace(cls.__module__.encode(), b"convtool.io")
+    assert pickle.loads(old_path) is cls
