@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from architectures import resnet18, vgg11_narrow  # noqa: E402
 
 import convtool  # noqa: E402
-from convtool.deploy.runtime_form import branch_layout, measured_layout  # noqa: E402
+from convtool.deploy.runtime_form import branch_layout, for_runtime, measured_layout  # noqa: E402
 from convtool.measure.onnxrt import time_modules  # noqa: E402
 
 
@@ -54,12 +54,10 @@ def variants(model: nn.Module, x: torch.Tensor, provider: str) -> dict[str, nn.M
 
 def end_to_end(name: str, model: nn.Module, x: torch.Tensor, args) -> None:
     models = variants(model, x, args.provider)
-    # Exported as they are, so each variant is timed in exactly the form named in its row
-    # (time_modules refuses a provider that does not run here rather than time the CPU).
-    times = time_modules(
-        list(models.values()), x, provider=args.provider, runs=args.runs, warmup=3, threads=args.threads,
-        exporter="torchscript",
-    )
+    # BatchNorm folded, pairs left in the layout each row names; time_modules exports them as they
+    # are, and refuses a provider that does not run here rather than time the CPU.
+    shipped = [for_runtime(m, x, fold_bn=True, layout="multiplier")[0] for m in models.values()]
+    times = time_modules(shipped, x, provider=args.provider, runs=args.runs, warmup=3, threads=args.threads, exporter="torchscript")
     base_flops, base_ms = flops(model, x), times[0]
     print(f"\n### {name}, end to end ({args.provider}, {args.threads} threads, {args.runs} runs)\n")
     print("| variant | latency ms (median) | speedup | FLOPs | FLOP ratio | efficiency |")

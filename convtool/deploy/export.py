@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from ..core.inputs import as_inputs, model_device, on_device
-from ..measure.onnx_file import EXPORTERS, OnnxExport, check_opset, write_onnx
+from ..measure.onnx_file import OnnxExport, check_export_options, write_onnx
 from ..errors import InvalidOptionError
 from .runtime_form import LAYOUTS, for_runtime
 
@@ -61,11 +61,9 @@ def export_onnx(
         >>> info.exporter, info.input_names, str(info)
         ('torch.export', ('input',), 'conv.onnx')
     """
-    if exporter not in EXPORTERS:
-        raise InvalidOptionError(f"exporter must be one of {', '.join(EXPORTERS)}; got {exporter!r}")
+    check_export_options(exporter, opset)
     if layout not in LAYOUTS:
         raise InvalidOptionError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
-    check_opset(opset)
     inputs = on_device(as_inputs(example_inputs), model_device(model))
     folded: tuple[str, ...] = ()
     branched: tuple[str, ...] = ()

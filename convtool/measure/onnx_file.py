@@ -79,6 +79,13 @@ def check_opset(opset: int | None) -> None:
         )
 
 
+def check_export_options(exporter: str, opset: int | None) -> None:
+    """Refuse an unknown exporter or an opset no exporter writes, before any work is done."""
+    if exporter not in EXPORTERS:
+        raise InvalidOptionError(f"exporter must be one of {', '.join(EXPORTERS)}; got {exporter!r}")
+    check_opset(opset)
+
+
 def _leaf_name(path: tuple, prefix: str) -> str:
     name = re.sub(r"[^0-9A-Za-z]+", "_", keystr(path)).strip("_")
     return name if name and not name[0].isdigit() else f"{prefix}_{name}" if name else prefix
@@ -217,9 +224,7 @@ def write_onnx(
     """
     import onnx
 
-    if exporter not in EXPORTERS:
-        raise InvalidOptionError(f"exporter must be one of {', '.join(EXPORTERS)}; got {exporter!r}")
-    check_opset(opset)
+    check_export_options(exporter, opset)
     path = Path(path)
     if path.is_dir():
         raise InvalidOptionError(f"{path} is a directory; give the path of the .onnx file to write")
@@ -233,31 +238,28 @@ def write_onnx(
     caught: list = []
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".convtool-") as tmp, eval_mode(model), quiet():
         staged = Path(tmp) / "model.onnx"
+        attempts = {
+            "torch.export": lambda: _export_torch_export(
+                model, inputs, staged, input_names, output_names, opset, dynamic_batch, external
+            ),
+            "torchscript": lambda: _export_torchscript(model, inputs, staged, input_names, output_names, opset, dynamic_batch),
+        }
         used = None
-        if exporter in ("auto", "torch.export"):
+        for name, attempt in attempts.items():
+            if exporter not in ("auto", name):
+                continue
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    _export_torch_export(model, inputs, staged, input_names, output_names, opset, dynamic_batch, external)
-                written = _written_opset(staged)
-                if opset is None or written == opset:
-                    used = "torch.export"
-                else:
-                    errors["torch.export"] = f"it wrote opset {written}, not the {opset} asked"
-            except Exception as error:
-                errors["torch.export"] = describe_error(error, 300)
-        if used is None and exporter in ("auto", "torchscript"):
-            try:
-                with warnings.catch_warnings(record=True) as caught:
+                with warnings.catch_warnings(record=True) as caught:  # the tracer's warnings say where a trace may be wrong
                     warnings.simplefilter("always")
-                    _export_torchscript(model, inputs, staged, input_names, output_names, opset, dynamic_batch)
+                    attempt()
                 written = _written_opset(staged)
-                if opset is None or written == opset:
-                    used = "torchscript"
-                else:
-                    errors["torchscript"] = f"it wrote opset {written}, not the {opset} asked"
             except Exception as error:
-                errors["torchscript"] = describe_error(error, 300)
+                errors[name] = describe_error(error, 300)
+                continue
+            if opset is None or written == opset:
+                used = name
+                break
+            errors[name] = f"it wrote opset {written}, not the {opset} asked"
         if used is None:
             detail = "; ".join(f"{name}: {reason}" for name, reason in errors.items())
             raise ExportError(f"could not export the model to ONNX ({detail})")
@@ -270,7 +272,7 @@ def write_onnx(
 
     tracer_warnings = tuple(
         dict.fromkeys(str(w.message).splitlines()[0] for w in caught if issubclass(w.category, torch.jit.TracerWarning))
-    )
+    ) if used == "torchscript" else ()
     if used == "torchscript" and "torch.export" in errors:
         log.info("torch.export did not export the model (%s); exported with the TorchScript tracer", errors["torch.export"])
     return OnnxExport(
