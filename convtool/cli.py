@@ -166,17 +166,21 @@ def _checked(model, inputs: tuple, problem: str, advice: str) -> tuple:
     return inputs
 
 
-def _write_report(path: str, data_json: Callable[[], dict], markdown: Callable[[], str], force: bool, inputs: tuple) -> None:
-    from .io import check_output, write_atomic
+def _report_text(path: str, data_json: Callable[[], dict], markdown: Callable[[], str]) -> str:
+    """The report for ``path``: JSON or Markdown by its suffix."""
+    if Path(path).suffix == ".json":
+        return json.dumps(data_json(), indent=2, allow_nan=False) + "\n"
+    return markdown()
 
-    target = check_output(path, force=force, inputs=inputs)
-    if target.suffix == ".json":
-        text = json.dumps(data_json(), indent=2, allow_nan=False) + "\n"
-    elif target.suffix in (".md", ".markdown"):
-        text = markdown()
-    else:
-        raise InvalidOptionError(f"--report {path}: use a .json or .md file")
-    write_atomic(target, lambda tmp: tmp.write_text(text))
+
+def _input_files(model: str, arch: str | None, calibration: str | None) -> tuple[str, ...]:
+    """Every file a command reads, which no output may replace: the model, an --arch file, --calibration data."""
+    files = [model]
+    if arch and arch.partition(":")[0].endswith(".py"):
+        files.append(arch.partition(":")[0])
+    if calibration and Path(calibration).is_file():
+        files.append(calibration)
+    return tuple(files)
 
 
 def _check_report_suffix(path: str | None) -> None:
@@ -279,7 +283,7 @@ def separate(model, output, rank, flops_target, energy, latency_provider, includ
     """
     import convtool
 
-    from .io import check_output, save_model
+    from .io import Staging, check_output, write_model
     from .report.render import to_dict, to_markdown, to_rich
 
     ui = Ui(quiet, as_json)
@@ -298,8 +302,9 @@ def separate(model, output, rank, flops_target, energy, latency_provider, includ
     outputs = [p for p in (output, onnx_path, report_path) if p]
     if len({Path(p).resolve() for p in outputs}) < len(outputs):
         raise InvalidOptionError("-o, --onnx and --report must name different files")
+    sources = _input_files(model, arch, calibration)
     for path in outputs:
-        check_output(path, force=force, inputs=(model,))
+        check_output(path, force=force, inputs=sources)
     data_options = _data_options(image_size, mean, std)
 
     original = _load(model, arch, allow_pickle, device, ui)
@@ -320,12 +325,14 @@ def separate(model, output, rank, flops_target, energy, latency_provider, includ
     ui.show(to_rich(report))
     if as_json and not quiet:
         click.echo(json.dumps(to_dict(report), indent=2, allow_nan=False))
-    # The ONNX export is the one write that can still fail on the model: do it first, so a
-    # refused export leaves no other output behind.
-    exported = _export(separated, inputs, onnx_path, ui) if onnx_path else None
-    if report_path:
-        _write_report(report_path, lambda: to_dict(report), lambda: to_markdown(report), force, (model,))
-    portable = save_model(separated, check_output(output, force=force, inputs=(model,)), inputs)
+    # Every output is staged and renamed into place only when all were made, so a model that
+    # cannot be pickled or exported leaves nothing behind.
+    with Staging() as staging:
+        portable = staging.write(output, lambda tmp: write_model(separated, tmp, inputs))
+        if report_path:
+            text = _report_text(report_path, lambda: to_dict(report), lambda: to_markdown(report))
+            staging.write(report_path, lambda tmp: tmp.write_text(text))
+        exported = _export(separated, inputs, onnx_path, ui) if onnx_path else None
     ui.note(f"wrote {output}" + ("" if portable else " (loading it needs the model's own code importable)"))
     if exported is not None:
         with ui.status("verifying on onnxruntime"):
@@ -439,6 +446,8 @@ def _export_line(exported) -> str:
     if exported.branched_layers:
         text += f", {len(exported.branched_layers)} pairs as multiplier-1 branches"
     text += ")"
+    if exported.fixed_batch_reason:
+        text += f"; fixed batch: {exported.fixed_batch_reason}"
     if exported.fallback_reason:
         text += f"; torch.export refused the model: {exported.fallback_reason}"
     for warning in exported.warnings[:3]:
@@ -462,13 +471,13 @@ def analyze(model, input_shapes, arch, allow_pickle, device, report_path, force,
     """
     import convtool
 
+    from .io import check_output, write_atomic
     from .report.render import analysis_markdown, analysis_rich, analysis_to_dict
-    from .io import check_output
 
     ui = Ui(quiet, as_json)
     _check_report_suffix(report_path)
     if report_path:
-        check_output(report_path, force=force, inputs=(model,))
+        check_output(report_path, force=force, inputs=_input_files(model, arch, None))
     loaded = _load(model, arch, allow_pickle, device, ui)
     inputs = _example_inputs(loaded, input_shapes, device, ui)
     with ui.status("counting parameters and FLOPs"):
@@ -477,7 +486,8 @@ def analyze(model, input_shapes, arch, allow_pickle, device, report_path, force,
     if as_json and not quiet:
         click.echo(json.dumps(analysis_to_dict(analysis), indent=2))
     if report_path:
-        _write_report(report_path, lambda: analysis_to_dict(analysis), lambda: analysis_markdown(analysis), force, (model,))
+        text = _report_text(report_path, lambda: analysis_to_dict(analysis), lambda: analysis_markdown(analysis))
+        write_atomic(report_path, lambda tmp: tmp.write_text(text))
 
 
 @main.command()
@@ -508,7 +518,7 @@ def export(model, output, input_shapes, arch, allow_pickle, device, opset, stati
 
     ui = Ui(quiet, False)
     check_opset(opset)
-    check_output(output, force=force, inputs=(model,))
+    check_output(output, force=force, inputs=_input_files(model, arch, None))
     loaded = _load(model, arch, allow_pickle, device, ui)
     inputs = _example_inputs(loaded, input_shapes, device, ui)
     with ui.status("exporting ONNX"):
@@ -523,8 +533,8 @@ def export(model, output, input_shapes, arch, allow_pickle, device, opset, stati
 @click.option("--against", required=True, type=click.Path(dir_okay=False), help="The PyTorch model the file should agree with.")
 @_model_options
 @click.option("--providers", help="onnxruntime providers, comma-separated [cpu,cuda].")
-@click.option("--rtol", type=float, default=1e-3, show_default=True, help="Relative tolerance.")
-@click.option("--atol", type=float, default=1e-4, show_default=True, help="Absolute tolerance.")
+@click.option("--rtol", type=float, help="Relative tolerance [1e-3; 1e-2 for float16, 5e-2 for bfloat16 outputs].")
+@click.option("--atol", type=float, help="Absolute tolerance [1e-4; 1e-2 for float16, 5e-2 for bfloat16 outputs].")
 @_output_options
 @_command
 def verify(onnx_file, against, input_shapes, arch, allow_pickle, device, providers, rtol, atol, quiet, as_json):

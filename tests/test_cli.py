@@ -494,3 +494,111 @@ def test_models_saved_by_convtool_0_1_still_load():
     assert importlib.import_module("convtool.io")._StandardLeaves is cls
     old_path = pickle.dumps(cls, protocol=0).replace(cls.__module__.encode(), b"convtool.io")
     assert pickle.loads(old_path) is cls
+
+
+CLOSURES = '''
+import torch
+from torch import nn
+
+
+class WithLambda(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        conv = self.conv
+        self.run = lambda x: conv(x)
+
+    def forward(self, x):
+        return self.run(x).mean((2, 3))
+
+
+def lam():
+    return WithLambda()
+
+
+class LogOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x).log()  # NaN wherever the conv is negative, in both models
+
+
+def logout():
+    torch.manual_seed(0)
+    return LogOut()
+'''
+
+
+@pytest.mark.parametrize("target", ["-o", "--onnx", "--report"])
+def test_no_output_may_replace_an_input_file(project, target):
+    import numpy as np
+
+    np.save(project / "cal.npy", np.random.rand(4, 3, 16, 16).astype("float32"))
+    arch_file = project / "archs.py"
+    before = {p: digest(p) for p in (project / "cal.npy", arch_file, project / "small.pt")}
+    for victim in before:
+        outputs = {"-o": project / "o.pt", "--onnx": None, "--report": None}
+        outputs[target] = victim
+        if target != "-o" and victim.suffix not in ((".onnx",) if target == "--onnx" else (".json", ".md")):
+            continue  # a suffix the option refuses anyway
+        args = [a for k, v in outputs.items() if v for a in (k, v)]
+        result = run("separate", project / "small.pt", "--arch", arch(project), "--calibration", project / "cal.npy",
+                     *args, "--force")
+        assert result.exit_code == 2 and "is the input file" in result.output, (victim, result.output)
+    assert {p: digest(p) for p in before} == before
+
+
+def test_a_model_that_cannot_be_pickled_leaves_no_output_behind(project):
+    (project / "closures.py").write_text(CLOSURES)
+    state = {"conv.weight": torch.randn(8, 3, 3, 3), "conv.bias": torch.randn(8)}
+    torch.save(state, project / "lam.pt")
+    before = sorted(p.name for p in project.iterdir())
+    result = run("separate", project / "lam.pt", "--arch", f"{project / 'closures.py'}:lam", "--input-shape", "1,3,8,8",
+                 "--onnx", project / "lam.onnx", "--report", project / "lam.json")
+    assert result.exit_code == 2 and "cannot be saved with torch.save" in result.output, result.output
+    assert sorted(p.name for p in project.iterdir()) == before
+
+
+def test_nan_outputs_give_strict_json(project):
+    (project / "closures.py").write_text(CLOSURES)
+    torch.save(namespace_state(project), project / "log.pt")
+    result = run("separate", project / "log.pt", "--arch", f"{project / 'closures.py'}:logout", "--input-shape", "1,3,8,8",
+                 "--rank", "full", "--json", "--report", project / "r.json", "-o", project / "l.pt")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report == json.loads((project / "r.json").read_text())
+    assert report["fidelity"]["max_abs_error"] is not None  # the NaNs sit at the same places in both
+
+
+def namespace_state(project):
+    namespace: dict = {}
+    exec(CLOSURES, namespace)
+    return namespace["logout"]().state_dict()
+
+
+def test_analyze_json_has_a_row_for_every_counted_flop(project):
+    result = run("analyze", project / "small.pt", "--arch", arch(project), "--input-shape", "1,3,16,16",
+                 "--report", project / "a.json")
+    assert result.exit_code == 0, result.output
+    data = json.loads((project / "a.json").read_text())
+    rows = data["modules"]
+    assert rows[0]["name"] == "" and rows[0]["flops"] == data["flops"]
+    assert sum(r["own_flops"] for r in rows) == data["flops"] and sum(r["own_params"] for r in rows) == data["params"]
+
+
+def test_an_onnx_file_is_refused_with_what_to_give(project):
+    (project / "m.onnx").write_bytes(b"\x08\x07")
+    result = run("analyze", project / "m.onnx", "--allow-pickle")
+    assert result.exit_code == 2 and "ONNX file" in result.output and "PyTorch model" in result.output
+
+
+def test_calibration_that_does_not_fit_is_refused_even_with_an_input_shape(project):
+    import numpy as np
+
+    np.save(project / "gray.npy", np.random.rand(8, 1, 16, 16).astype("float32"))
+    result = run("separate", project / "small.pt", "--arch", arch(project), "--calibration", project / "gray.npy",
+                 "--input-shape", "1,3,16,16")
+    assert result.exit_code == 2 and "calibration sample" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1

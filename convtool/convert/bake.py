@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..core.inputs import eval_mode
-from ..core.names import describe_error, module_names, set_module
+from ..core.names import describe_error, module_names, plain_slots, replace_reference, set_module
 from ..errors import InvalidOptionError
 
 
@@ -33,6 +33,15 @@ def working_copy(model: nn.Module) -> nn.Module:
             "the model's weights are on the meta device (never loaded); load the trained weights first, "
             "e.g. model.load_state_dict(state, assign=True)"
         )
+    return copy_model(model)[0]
+
+
+def copy_model(model: nn.Module) -> tuple[nn.Module, dict[int, object]]:
+    """A deep copy that shares nothing with ``model``, closures included, and the deepcopy memo.
+
+    The memo maps ``id`` of each object of ``model`` to its copy, so a weight of one can be
+    found in the other.
+    """
     # Old-style weight_norm / spectral_norm keep the computed weight as a plain non-leaf tensor
     # attribute, which deepcopy refuses; the copy gets its current value (recomputed on forward).
     memo = {
@@ -49,28 +58,28 @@ def working_copy(model: nn.Module) -> nn.Module:
             "stays untouched: make it deep-copyable (copy.deepcopy(model)) and try again"
         ) from error
     _copy_closures(work, memo)
-    return work
+    return work, memo
 
 
 def _copy_closures(work: nn.Module, memo: dict[int, object]) -> None:
-    """Give each function attribute whose closure holds parts of the model a closure holding their copies.
+    """Give each function the copy holds, whose closure holds parts of the model, a closure holding their copies.
 
-    ``deepcopy`` keeps functions as they are, so ``self.head = lambda x: conv(x)`` would still
-    run the caller's ``conv`` from the copy: the copy would not be independent, and no rewrite
-    of it could reach that conv.
+    ``deepcopy`` keeps functions as they are, so ``self.head = lambda x: conv(x)`` (or such
+    lambdas in a list) would still run the caller's ``conv`` from the copy: the copy would not
+    be independent (running it in train mode would update the caller's BatchNorm statistics),
+    and no rewrite of it could reach that conv.
     """
-    for module in work.modules():
-        for attr, value in list(vars(module).items()):
-            if not isinstance(value, types.FunctionType) or not value.__closure__:
-                continue
-            cells = [_cell_contents(c) for c in value.__closure__]
-            if not any(id(c) in memo for c in cells if c is not None):
-                continue
-            closure = tuple(types.CellType(memo.get(id(c), c)) if c is not None else types.CellType() for c in cells)
-            copied = types.FunctionType(value.__code__, value.__globals__, value.__name__, value.__defaults__, closure)
-            copied.__kwdefaults__, copied.__qualname__ = value.__kwdefaults__, value.__qualname__
-            copied.__dict__.update(value.__dict__)
-            object.__setattr__(module, attr, copied)
+    for slot, key, value in list(plain_slots(work)):
+        if not isinstance(value, types.FunctionType) or not value.__closure__:
+            continue
+        cells = [_cell_contents(c) for c in value.__closure__]
+        if not any(id(c) in memo for c in cells if c is not None):
+            continue
+        closure = tuple(types.CellType(memo.get(id(c), c)) if c is not None else types.CellType() for c in cells)
+        copied = types.FunctionType(value.__code__, value.__globals__, value.__name__, value.__defaults__, closure)
+        copied.__kwdefaults__, copied.__qualname__ = value.__kwdefaults__, value.__qualname__
+        copied.__dict__.update(value.__dict__)
+        replace_reference(slot, key, copied)
 
 
 def _cell_contents(cell: types.CellType) -> object:

@@ -8,7 +8,6 @@ output against the dense layer it replaced (same qualified name).
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass
@@ -19,9 +18,10 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten
 
-from ..core.inputs import eval_mode, model_device, on_device
+from ..core.inputs import eval_mode, model_device, on_device, run_checked
 from ..core.modules import SeparableConv2d
 from ..errors import InvalidOptionError
+from .bake import copy_model
 from .calibrate import calibration_batches
 
 
@@ -60,6 +60,10 @@ class _Sampler:
         else:
             self.tensors, self.batches = None, calibration_batches(data)
         self.batch_size, self.generator, self.i = batch_size, generator, 0
+
+    def first(self) -> tuple:
+        """A sample of the data, drawn without moving the seeded sequence."""
+        return tuple(t[:1] for t in self.tensors) if self.tensors is not None else self.batches[0]
 
     def next(self) -> tuple:
         if self.tensors is not None:
@@ -113,13 +117,14 @@ def distill(
     if steps < 1 or batch_size < 1 or lr <= 0:
         raise InvalidOptionError("steps and batch_size must be positive, lr above zero")
     start = time.perf_counter()
-    student = copy.deepcopy(student)
+    student = copy_model(student)[0]  # closures too: training must not reach the caller's modules
     device = model_device(student)
     generator = torch.Generator().manual_seed(seed)
     sampler = _Sampler(data, batch_size, generator)
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise InvalidOptionError("the student has no trainable parameters")
+    run_checked(teacher, on_device(sampler.first(), model_device(teacher)), "the distillation data (model inputs, without labels)")
     optimizer = torch.optim.Adam(params, lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     pairs = {n: m for n, m in student.named_modules() if isinstance(m, SeparableConv2d)} if features else {}

@@ -77,17 +77,31 @@ def find_conv_uses(tracing: Tracing) -> ConvUses:
     """Read every traced graph for conv modules and functional convs."""
     uses = ConvUses()
     for region in tracing.regions:
+        other_reads = _read_outside_convs(region.graph)
         for node in region.graph.nodes:
             if node.op == "get_attr":
                 owner_path = node.target.rpartition(".")[0]
                 if isinstance(get_or_none(region.module, owner_path), nn.Conv2d):
                     uses.read_directly.add(join(region.name, owner_path))
             elif node.op == "call_function" and node.target in CONV_FUNCTIONS:
-                _classify_functional(node, region.name, region.module, uses)
+                _classify_functional(node, region.name, region.module, uses, other_reads)
     return uses
 
 
-def _classify_functional(node: fx.Node, region: str, root: nn.Module, uses: ConvUses) -> None:
+def _read_outside_convs(graph: fx.Graph) -> set[str]:
+    """Attributes the graph reads for something other than the weight of a conv2d call."""
+    found = set()
+    for node in graph.nodes:
+        if node.op != "get_attr":
+            continue
+        for user in node.users:
+            is_conv = user.op == "call_function" and user.target in CONV_FUNCTIONS
+            if not (is_conv and conv_arguments(user.args, user.kwargs)["weight"] is node):
+                found.add(node.target)
+    return found
+
+
+def _classify_functional(node: fx.Node, region: str, root: nn.Module, uses: ConvUses, other_reads: set[str]) -> None:
     args = conv_arguments(node.args, node.kwargs)
     weight, bias = args["weight"], args["bias"]
     if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
@@ -98,6 +112,9 @@ def _classify_functional(node: fx.Node, region: str, root: nn.Module, uses: Conv
     if isinstance(get_or_none(root, owner_path), nn.Conv2d):
         uses.unusable.append((name, f"conv2d call on the weight of conv module {owner_path!r}"))
         uses.read_directly.add(join(region, owner_path))
+        return
+    if weight.target in other_reads:
+        uses.unusable.append((name, "the model also reads this weight outside conv2d calls, so it must stay as it is"))
         return
     if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
         uses.unusable.append((name, "conv2d call whose bias is computed at run time"))

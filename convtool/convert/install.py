@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..core.modules import SeparableConv2d
-from ..core.names import get_or_none
+from ..core.names import get, get_or_none
 from ..core.tracing import Tracing
 from .fx_pass import FunctionalConv, rewrite_functional
 from .proof import Claim, Edits
@@ -102,7 +102,8 @@ def _install_functional(edits, sites, pairs_of, tracing) -> tuple[list[Installed
     def place(qualname: str, module: nn.Module, replaced: list[FunctionalConv]) -> None:
         for call in replaced:
             pair_for_call[id(call)].train(module.training)
-        edits.set_module(qualname, module, frozenset(site_of_call[id(c)] for c in replaced))
+        old = get(edits.root, qualname) if qualname else edits.root
+        edits.swap(old, module, frozenset(site_of_call[id(c)] for c in replaced))  # a shared module: every name
 
     pair_names, missed = rewrite_functional(edits.root, tracing, calls, lambda call: pair_for_call[id(call)], place)
     installed = []

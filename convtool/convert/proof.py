@@ -18,7 +18,7 @@ from torch import nn
 
 from ..core.inputs import kept_state, model_device, on_device
 from ..core.modules import SeparableConv2d
-from ..core.names import describe_error, get, plain_references, replace_reference, set_module
+from ..core.names import describe_error, get, module_names, plain_references, replace_reference, set_module
 from ..errors import SeparationError
 from ..measure.conv_calls import ConvCall, record
 
@@ -41,9 +41,10 @@ class Edits:
         self.log.append((sites, lambda root: set_module(root, qualname, old)))
         self.swaps.append((old, module, sites))
 
-    def swapped(self, old: nn.Module, new: nn.Module, sites: frozenset[str]) -> None:
-        """Note a replacement made elsewhere, so plain references to ``old`` are rewired too."""
-        self.swaps.append((old, new, sites))
+    def swap(self, old: nn.Module, new: nn.Module, sites: frozenset[str]) -> None:
+        """Put ``new`` at every qualified name of ``old`` (plain references follow in :meth:`rewire`)."""
+        for name in module_names(self.root).get(id(old), []):
+            self.set_module(name, new, sites)
 
     def rewire(self) -> int:
         """Point plain lists, tuples and dicts at the new modules; returns how many references moved."""
@@ -104,6 +105,7 @@ class Proof:
 
     calls: dict[str, dict[int, list[ConvCall]]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    absent: set[str] = field(default_factory=set)  # failed because nothing of theirs ran at all
 
 
 def _run(model: nn.Module, inputs: tuple, claims: list[Claim], own_mode: bool) -> tuple[dict[int, int], dict[int, list[ConvCall]]]:
@@ -138,9 +140,11 @@ def prove(model: nn.Module, inputs: tuple, claims: list[Claim], before: dict[str
     through something a deep copy does not copy, such as a closure). It turns "the pair did
     not run" into the reason a user can act on.
 
-    The pass runs in eval mode; claims it cannot prove get a second pass in the model's own
-    mode when that is training (auxiliary heads run only then), with buffers and the random
-    stream restored afterwards.
+    The pass runs in eval mode, the mode a shipped model runs in. A claim whose conv did not run
+    there at all, dense or separated, gets a second pass in the model's own mode when that is
+    training (auxiliary heads run only then), with buffers and the random stream restored
+    afterwards. A conv that ran in eval mode some other way (``F.conv2d`` on ``.weight`` at
+    inference, RepVGG-style) is not retried: at inference its pair would not run.
 
     Raises:
         SeparationError: the model does not run on the inputs (in eval mode).
@@ -155,8 +159,8 @@ def prove(model: nn.Module, inputs: tuple, claims: list[Claim], before: dict[str
         ) from error
     proof = Proof()
     _judge(claims, counts, calls, before, proof)
-    if proof.failed and any(m.training for m in model.modules()):
-        retry = [c for c in claims if c.name in proof.failed]
+    retry = [c for c in claims if c.name in proof.absent]
+    if retry and any(m.training for m in model.modules()):
         try:
             counts, calls = _run(model, inputs, retry, own_mode=True)
         except Exception:  # e.g. BatchNorm refusing a batch of one in train mode: the eval verdict stands
@@ -197,6 +201,7 @@ def _judge(claims: list[Claim], counts: dict[int, int], calls: dict[int, list[Co
             )
         else:
             proof.failed[claim.name] = "did not run on the example inputs, so its separation cannot be proven; left dense"
+            proof.absent.add(claim.name)
 
 
 __all__ = ["NOT_RUN", "OUTSIDE", "RAN", "Claim", "Edits", "Proof", "prove"]

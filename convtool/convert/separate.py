@@ -7,7 +7,6 @@ The steps, each in its own module: copy and bake (``bake``), find what can be se
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 
 from ..core.decompose import ORDERS
-from ..core.inputs import as_inputs, guess_inputs, model_device, on_device
+from ..core.inputs import as_inputs, guess_inputs, model_device, on_device, run_checked, running
 from ..core.names import join, label
 from ..core.records import FlopsTarget, LayerChange, Rank, SkippedLayer, check_rank
 from ..errors import AnalysisError, InvalidOptionError, NothingToSeparateError
@@ -24,7 +23,7 @@ from ..measure.conv_calls import ConvRecorder, explicit_padding, record
 from ..measure.counts import analyze
 from ..measure.layers import describe, last_calls
 from ..measure.onnxrt import module_latency, require_provider
-from .bake import bake, working_copy
+from .bake import bake, copy_model, working_copy
 from .calibrate import Layer, calibration_batches, recalibrate_batchnorm, refit
 from .install import Installed, install
 from .plan import Latency, SiteStats, make_plan
@@ -180,7 +179,8 @@ def separate(
     if isinstance(rank, FlopsTarget) or latency is not None:
         if not costed:
             raise InvalidOptionError("a FLOP target or a latency provider needs example inputs (or calibration data) to cost each layer")
-        dense_run = record(work, costed)
+        with running(costed, _what(inputs)):
+            dense_run = record(work, costed)
         stats = _site_stats(sites, dense_run)
         if isinstance(rank, FlopsTarget):
             total = _model_flops(work, costed, dense_run)
@@ -193,12 +193,15 @@ def separate(
     proof_inputs, why_not = (inputs, None) if inputs else (sample, None) if sample else guess_inputs(work)
     reference, memo = None, {}
     if batches:  # the dense model the refit matches, as it is before any rewrite
-        reference = copy.deepcopy(work, memo)
+        reference, memo = copy_model(work)
 
     before: dict[str, str] = {}
     if proof_inputs:
-        run = dense_run if dense_run is not None and costed is proof_inputs else record(work, proof_inputs)
+        with running(proof_inputs, _what(inputs)):
+            run = dense_run if dense_run is not None and costed is proof_inputs else record(work, proof_inputs)
         before = _dense_behaviour(model, sites, run)
+    if sample and inputs:  # calibration data the model cannot take would fail only in the refit
+        run_checked(work, sample, _what(()))
     edits = Edits(work)
     installed, problems = install(edits, sites, plan.picks, tracing)
     skipped += [SkippedLayer(name, reason) for name, reason in problems]
@@ -231,13 +234,18 @@ def separate(
             recalibrate_batchnorm(work, batches)
     layers = tuple(
         describe(i.site.name, [n for n in i.names if label(n) != i.site.name], i.site.source, i.claim.pairs,
-                 calls.get(i.site.name) if proof_inputs else None, output_error=output_errors.get(i.site.name))
+                 calls.get(i.site.name) if proof_inputs else None, dense_weight=i.site.weight,
+                 output_error=output_errors.get(i.site.name))
         for i in installed
     )
     return Separation(
         model=work, layers=layers, skipped=tuple(skipped), original=model, verified=bool(proof_inputs),
         verification=verification, budget_met=plan.budget_met, flops_before=plan.flops_before, flops_after=plan.flops_after,
     )
+
+
+def _what(inputs: tuple) -> str:
+    return "the example inputs" if inputs else "the first calibration sample (calibration data are model inputs, without labels)"
 
 
 def _dense_behaviour(original: nn.Module, sites: list[Site], run: ConvRecorder) -> dict[str, str]:

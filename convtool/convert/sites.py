@@ -101,9 +101,15 @@ def find_sites(
         uses = find_conv_uses(tracing)
         skipped += [SkippedLayer(name, reason) for name, reason in tracing.untraced.items()]
         skipped += [SkippedLayer(name, reason) for name, reason in uses.unusable]
-    sites = _module_sites(work, uses.read_directly, include, exclude, skipped)
-    sites += _functional_sites(work, uses.functional, include, exclude, skipped)
-    return sites, skipped, tracing
+    modules = _module_sites(work, uses.read_directly, include, exclude, skipped)
+    functions = _functional_sites(work, uses.functional, include, exclude, skipped)
+    # A weight tied between a conv module and a functional call: two rewrites of one tensor.
+    tied = {id(s.weight) for s in modules} & {id(s.weight) for s in functions}
+    for site in (s for s in modules + functions if id(s.weight) in tied):
+        others = [o.name for o in modules + functions if id(o.weight) == id(site.weight) and o is not site]
+        skipped.append(SkippedLayer(site.name, f"its weight is tied to {', '.join(others)}, used by conv2d calls as well as a conv module; left dense"))
+    sites = [s for s in modules + functions if id(s.weight) not in tied]
+    return sites, list(dict.fromkeys(skipped)), tracing
 
 
 def _module_sites(work, read_directly, include, exclude, skipped) -> list[Site]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from ..errors import InvalidOptionError
 from .names import describe_error
 
 
@@ -27,6 +29,23 @@ def tensors_of(inputs: tuple) -> list[torch.Tensor]:
     """The tensors of nested inputs, in the order ONNX flattens them."""
     leaves, _ = tree_flatten(inputs)
     return [x for x in leaves if isinstance(x, torch.Tensor)]
+
+
+def batch_size(inputs: tuple) -> int:
+    """The first dimension of the first tensor with one: the batch the inputs hold."""
+    return next((x.shape[0] for x in tensors_of(inputs) if x.dim() > 0), 1)
+
+
+def batched(inputs: tuple, size: int) -> tuple:
+    """The inputs with every tensor cut or repeated to ``size`` rows."""
+
+    def resize(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            reps = -(-size // x.shape[0])
+            return x.repeat(reps, *([1] * (x.dim() - 1)))[:size]
+        return x
+
+    return tree_map(resize, inputs)
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -65,6 +84,29 @@ def guess_inputs(model: nn.Module, size: int = 224) -> tuple[tuple, str | None]:
     except Exception as error:
         return (), f"the model does not run on a (1, {channels}, {size}, {size}) input ({describe_error(error)})"
     return (x,), None
+
+
+@contextlib.contextmanager
+def running(inputs: tuple, what: str = "the example inputs") -> Iterator[None]:
+    """Turns a failure of the model on ``inputs`` inside the block into a one-line error naming ``what``.
+
+    Wrong inputs are a user mistake: they get :class:`InvalidOptionError`, not torch's traceback.
+    """
+    try:
+        yield
+    except InvalidOptionError:
+        raise
+    except Exception as error:
+        shapes = ", ".join("x".join(map(str, t.shape)) + f" {str(t.dtype).removeprefix('torch.')}" for t in tensors_of(inputs))
+        raise InvalidOptionError(
+            f"the model does not run on {what} ({shapes or 'no tensors'}: {describe_error(error)}); give inputs its forward takes"
+        ) from None
+
+
+def run_checked(model: nn.Module, inputs: tuple, what: str = "the example inputs") -> Any:
+    """The model's output on ``inputs`` (eval mode, no gradients), or a one-line error naming ``what``."""
+    with running(inputs, what), eval_mode(model), torch.no_grad():
+        return model(*inputs)
 
 
 class eval_mode:

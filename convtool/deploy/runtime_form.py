@@ -13,9 +13,9 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from ..core.inputs import as_inputs, eval_mode, model_device, on_device
+from ..core.inputs import as_inputs, eval_mode, model_device, on_device, run_checked
 from ..core.modules import BranchedSeparableConv2d, SeparableConv2d, last_conv
-from ..core.names import join, set_module
+from ..core.names import join, swap_module
 from ..core.tracing import trace_regions
 from ..measure.onnxrt import module_latency
 
@@ -61,7 +61,7 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, list[str]]:
         last.weight, last.bias = fuse_conv_bn_weights(
             last.weight, last.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
         )
-        set_module(model, bn_name, nn.Identity())
+        model = swap_module(model, bn, nn.Identity())
         folded.append(bn_name)
     return model, folded
 
@@ -72,7 +72,7 @@ def branch_layout(model: nn.Module) -> tuple[nn.Module, list[str]]:
     changed = []
     for name, module in list(model.named_modules()):
         if _branchable(module):
-            model = set_module(model, name, BranchedSeparableConv2d(module))
+            model = swap_module(model, module, BranchedSeparableConv2d(module))
             changed.append(name)
     return model, changed
 
@@ -110,7 +110,7 @@ def measured_layout(model: nn.Module, example_inputs: Any, provider: str = "cpu"
         branched = BranchedSeparableConv2d(pair)
         timed = [copy.deepcopy(m).eval() for m in (branched, pair)]
         if module_latency(timed[0], shape, provider) < module_latency(timed[1], shape, provider):
-            model = set_module(model, name, branched)
+            model = swap_module(model, pair, branched)
             changed.append(name)
     return model, changed
 
@@ -127,8 +127,7 @@ def for_runtime(
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}")
     inputs = on_device(as_inputs(example_inputs), model_device(model))
-    with eval_mode(model), torch.no_grad():
-        reference = model(*inputs)
+    reference = run_checked(model, inputs)
     result, done = model, {}
     steps = []
     if fold_bn:

@@ -16,12 +16,11 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from ..core.inputs import as_inputs, eval_mode, model_device, on_device, tensors_of
+from ..core.inputs import as_inputs, batch_size, batched, eval_mode, model_device, on_device, run_checked
 from ..core.names import describe_error
-from ..errors import OnnxFileError
+from ..errors import OnnxFileError, ProviderUnavailableError
 from ..measure.onnxrt import (
     DEFAULT_PROVIDERS,
-    batched,
     feed,
     has_dynamic_batch,
     missing_reason,
@@ -61,14 +60,23 @@ class ProviderCheck:
     reason: str | None = None
 
 
+# Tolerances of numpy.allclose by the reference output's dtype: onnxruntime computes half
+# precision convs with other accumulation orders than torch.
+TOLERANCES = {
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (5e-2, 5e-2),
+}
+DEFAULT_TOLERANCE = (1e-3, 1e-4)
+
+
 def verify_onnx(
     path: str | os.PathLike,
     reference_model: nn.Module,
     example_inputs: Any,
     *,
     providers: Sequence[str] | None = None,
-    rtol: float = 1e-3,
-    atol: float = 1e-4,
+    rtol: float | None = None,
+    atol: float | None = None,
     runs: int = 20,
     warmup: int = 3,
 ) -> list[ProviderCheck]:
@@ -77,19 +85,21 @@ def verify_onnx(
     Args:
         path: the ONNX file.
         reference_model: the model the file was exported from (run in eval mode on its device).
-        example_inputs: a tensor or tuple of tensors; checked at batch 1 and, when the file has
-            a dynamic batch axis, at a second batch size.
+        example_inputs: a tensor or tuple of tensors; checked at their batch size, and when the
+            file has a dynamic batch axis, at batch 1 and a second batch size.
         providers: short (``"cpu"``, ``"cuda"``) or full onnxruntime names; CPU and CUDA by default.
-        rtol, atol: tolerances of ``numpy.allclose`` against the reference outputs.
+        rtol, atol: tolerances of ``numpy.allclose`` against the reference outputs; by default
+            1e-3 / 1e-4, looser for float16 (1e-2) and bfloat16 (5e-2) outputs.
         runs, warmup: timed and untimed runs for ``latency_ms``.
 
     Returns:
         One :class:`ProviderCheck` per provider, in the order asked. Returns rather than raises
-        on a mismatch, so a pipeline can report every provider.
+        on a mismatch, so a pipeline can report every provider. A provider that has no kernel
+        for the model (float64 convs on the CPU provider, say) is a check that did not pass.
 
     Raises:
         OnnxFileError: the file is missing or not a model onnxruntime can load.
-        InvalidOptionError: an unknown provider name.
+        InvalidOptionError: an unknown provider name, or inputs the reference model does not take.
 
     Example:
         >>> [c.provider for c in verify_onnx("m.onnx", model, x, providers=["cpu"]) if c.passed]
@@ -97,13 +107,18 @@ def verify_onnx(
     """
     names = [provider_name(p) for p in (providers or DEFAULT_PROVIDERS)]
     inputs = on_device(as_inputs(example_inputs), model_device(reference_model))
+    run_checked(reference_model, inputs)
     checks = []
     for name in names:
         missing = missing_reason(name)
         if missing:
             checks.append(ProviderCheck(name, False, False, False, reason=missing))
             continue
-        session = open_session(path, name)
+        try:
+            session = open_session(path, name)
+        except ProviderUnavailableError as error:
+            checks.append(ProviderCheck(name, True, False, False, reason=str(error)))
+            continue
         if session.get_providers()[0] != name:
             checks.append(
                 ProviderCheck(name, True, False, False, reason=f"onnxruntime could not load {name} and fell back to the CPU")
@@ -114,13 +129,18 @@ def verify_onnx(
 
 
 def _check(session, name, model, inputs, rtol, atol, runs, warmup) -> ProviderCheck:
-    first = _first_batch(inputs)
+    first = batch_size(inputs)
     sizes = (1, max(3, first)) if has_dynamic_batch(session) else (first,)
-    worst, failures = 0.0, []
+    worst: float | None = 0.0
+    failures = []
     for size in sizes:
         batch = batched(inputs, size)
-        with eval_mode(model), torch.no_grad():
-            reference, _ = tree_flatten(model(*batch))
+        try:
+            with eval_mode(model), torch.no_grad():
+                reference, _ = tree_flatten(model(*batch))
+        except Exception as error:  # the file claims a batch size the model itself cannot take
+            failures.append(f"the reference model does not run at batch {size} ({describe_error(error, 160)})")
+            continue
         try:
             got = session.run(None, feed(session, batch))
         except OnnxFileError:
@@ -130,22 +150,28 @@ def _check(session, name, model, inputs, rtol, atol, runs, warmup) -> ProviderCh
         if len(got) != len(reference):
             raise OnnxFileError(f"the ONNX model has {len(got)} outputs, the reference model {len(reference)}")
         for i, (actual, expected) in enumerate(zip(got, reference)):
+            r_tol, a_tol = _tolerances(expected, rtol, atol)
             expected = numpy(expected)
             if actual.shape != expected.shape:
                 failures.append(f"output {i} has shape {actual.shape}, expected {expected.shape} at batch {size}")
+                worst = None  # not comparable: no error figure
                 continue
-            worst = max(worst, float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64)), initial=0.0)))
-            if not np.allclose(actual, expected, rtol=rtol, atol=atol):
-                failures.append(f"output {i} differs at batch {size}")
+            if worst is not None:
+                worst = max(worst, float(np.max(np.abs(actual.astype(np.float64) - expected.astype(np.float64)), initial=0.0)))
+            if not np.allclose(actual, expected, rtol=r_tol, atol=a_tol):
+                failures.append(f"output {i} differs at batch {size} (rtol={r_tol}, atol={a_tol})")
     (latency,) = time_sessions([session], feed(session, batched(inputs, sizes[0])), runs, warmup)
     reason = None
     if failures:
-        reason = f"{'; '.join(failures[:3])} (max abs error {worst:.3g}, rtol={rtol}, atol={atol})"
+        shown = f", max abs error {worst:.3g}" if worst is not None else ""
+        reason = f"{'; '.join(failures[:3])}{shown}"
     return ProviderCheck(name, True, True, not failures, worst, latency, sizes, reason)
 
 
-def _first_batch(inputs: tuple) -> int:
-    return next((x.shape[0] for x in tensors_of(inputs) if x.dim() > 0), 1)
+def _tolerances(expected: Any, rtol: float | None, atol: float | None) -> tuple[float, float]:
+    dtype = expected.dtype if isinstance(expected, torch.Tensor) else None
+    default = TOLERANCES.get(dtype, DEFAULT_TOLERANCE)
+    return (default[0] if rtol is None else rtol, default[1] if atol is None else atol)
 
 
 @dataclass(frozen=True)

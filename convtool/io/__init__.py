@@ -2,10 +2,13 @@
 
 from .data import load_calibration
 from .models import LoadedModel, load_model, resolve_arch
-from .outputs import check_output, portable, save_model, write_atomic
+from .outputs import Staging, check_output, portable, save_model, write_atomic, write_model
 
 # A saved GraphModule pickles its tracer class by module path: files written by convtool 0.1
 # name convtool.io._StandardLeaves, so it stays importable from here.
 from .outputs import _StandardLeaves  # noqa: E402,F401
 
-__all__ = ["LoadedModel", "check_output", "load_calibration", "load_model", "portable", "resolve_arch", "save_model", "write_atomic"]
+__all__ = [
+    "LoadedModel", "Staging", "check_output", "load_calibration", "load_model", "portable", "resolve_arch", "save_model",
+    "write_atomic", "write_model",
+]

@@ -160,6 +160,11 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, allow_pickle
         head = f.read(16)
     if not head:
         raise ModelLoadError(f"{path} is empty")
+    if path.suffix == ".onnx":
+        raise ModelLoadError(
+            f"{path} is an ONNX file; convtool rewrites PyTorch models: give the PyTorch model it was exported from "
+            "(its state_dict with --arch, or torch.save(model))"
+        )
 
     if _is_safetensors(path, head):
         from safetensors.torch import load_file

@@ -11,13 +11,15 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+import pickle
+from typing import Any, Callable
 
 import torch
 from torch import fx, nn
 
 from ..core.inputs import eval_mode
 from ..core.modules import SeparableConv2d
+from ..core.names import describe_error
 from ..errors import InvalidOptionError, OutputExistsError
 
 log = logging.getLogger(__name__)
@@ -52,22 +54,44 @@ def check_output(path: str | os.PathLike, *, force: bool, inputs: tuple[str | os
     return path
 
 
+class Staging:
+    """Outputs written to temporary files beside their targets, renamed into place together at the end.
+
+    Leaving the block by an error removes every temporary file: the targets stay as they
+    were (the old files whole, or no files), so a command never leaves half of its outputs.
+    """
+
+    def __enter__(self) -> "Staging":
+        self.files: list[tuple[Path, Path]] = []
+        return self
+
+    def write(self, path: str | os.PathLike, write: Callable[[Path], Any]) -> Any:
+        """Call ``write(tmp)`` on a temporary file beside ``path``; returns what it returns."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        self.files.append((Path(tmp), path))
+        return write(Path(tmp))
+
+    def __exit__(self, error_type: Any, *exc: object) -> None:
+        try:
+            if error_type is None:
+                for tmp, path in self.files:
+                    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual mode
+                    os.replace(tmp, path)
+        finally:
+            for tmp, _ in self.files:
+                tmp.unlink(missing_ok=True)
+
+
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
 
     A failure leaves ``path`` as it was: the old file whole, or no file.
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with Staging() as staging:
+        staging.write(path, write)
+    return Path(path)
 
 
 def _umask() -> int:
@@ -131,18 +155,34 @@ def _depends_on_mode(model: nn.Module) -> bool:
 
 
 def save_model(model: nn.Module, path: str | os.PathLike, example_inputs: tuple = ()) -> bool:
-    """Save ``model`` with ``torch.save``, atomically.
+    """Save ``model`` with ``torch.save``, atomically; see :func:`write_model`."""
+    with Staging() as staging:
+        return staging.write(path, lambda tmp: write_model(model, tmp, example_inputs))
+
+
+def write_model(model: nn.Module, file: Path, example_inputs: tuple = ()) -> bool:
+    """Write ``model`` to ``file`` with ``torch.save``; returns whether it loads without the model's code.
 
     Where the model traces into torch and convtool classes only (checked on ``example_inputs``),
     the traced GraphModule is saved, so the file loads with ``torch.load(path,
-    weights_only=False)`` wherever convtool is installed. Returns whether it is portable so.
+    weights_only=False)`` wherever convtool is installed.
+
+    Raises:
+        InvalidOptionError: the model cannot be pickled (a lambda or a local class in it).
     """
     gm = portable(model, example_inputs) if example_inputs else None
     if gm is not None:
         try:
-            write_atomic(path, lambda tmp: torch.save(gm, tmp))
+            torch.save(gm, file)
             return True
         except Exception:  # a GraphModule that fx cannot serialise: save the model as it is
             log.debug("saving the traced GraphModule failed; saving the model itself", exc_info=True)
-    write_atomic(path, lambda tmp: torch.save(model, tmp))
+    try:
+        torch.save(model, file)
+    except (pickle.PicklingError, AttributeError, TypeError) as error:
+        raise InvalidOptionError(
+            f"the separated model cannot be saved with torch.save ({describe_error(error)}): it holds something "
+            "pickle cannot store, such as a lambda; separate it from Python with convtool.separate and keep "
+            "result.model, or save its state_dict"
+        ) from None
     return False

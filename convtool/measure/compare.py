@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -9,7 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.inputs import as_inputs, eval_mode, model_device, on_device
+from ..core.inputs import as_inputs, eval_mode, model_device, on_device, run_checked, running
+from ..errors import InvalidOptionError
 from ..core.names import get_or_none
 from ..core.modules import SeparableConv2d
 from ..core.records import LayerChange, SkippedLayer
@@ -77,23 +79,43 @@ def compare(original: nn.Module, separated: nn.Module, example_inputs: Any, *, s
         (18432, 2336)
     """
     inputs = as_inputs(example_inputs)
+    reference = run_checked(original, on_device(inputs, model_device(original)))
     before, after = analyze(original, inputs), analyze(separated, inputs)
-    with eval_mode(original), torch.no_grad():
-        reference = original(*on_device(inputs, model_device(original)))
-    run = record(separated, on_device(inputs, model_device(separated)))
+    with running(inputs, "the example inputs (the separated model)"):
+        run = record(separated, on_device(inputs, model_device(separated)))
     calls, actual = run.by_weight(), run.output
+    try:
+        fidelity = output_fidelity(actual, reference)
+    except ValueError as error:
+        raise InvalidOptionError(f"the two models' outputs cannot be compared ({error})") from None
     layers = []
     if separation is not None:
+        # A refit's output error belongs to the model it was measured on, not to a fine-tuned copy.
+        same_model = separated is separation.model
         for layer in separation.layers:
             pairs = _pairs_at(separated, (layer.name, *layer.aliases))
             if pairs:
-                layers.append(describe(layer.name, layer.aliases, layer.source, pairs, calls, output_error=layer.output_error))
+                layers.append(describe(
+                    layer.name, layer.aliases, layer.source, pairs, calls, dense_weight=_dense_weight(original, layer.name, layer.source),
+                    output_error=layer.output_error if same_model else None,
+                ))
         skipped, verified = tuple(separation.skipped), separation.verified
     else:
         for names, pairs in pair_groups(separated):
-            layers.append(describe(names[0], names[1:], "module", pairs, calls))
+            layers.append(describe(names[0], names[1:], "module", pairs, calls, dense_weight=_dense_weight(original, names[0], "module")))
         skipped, verified = (), None
-    return Comparison(before, after, tuple(layers), output_fidelity(actual, reference), skipped, verified)
+    return Comparison(before, after, tuple(layers), fidelity, skipped, verified)
+
+
+def _dense_weight(original: nn.Module, name: str, source: str) -> torch.Tensor | None:
+    """The original's weight for a layer name: its conv module's weight, or the functional weight itself."""
+    found = original if name in ("", "<model>") else get_or_none(original, name)
+    if source == "function":
+        weight = found
+    else:  # read in eval mode: a spectral norm in train mode would run a power iteration on the caller's model
+        with eval_mode(found) if isinstance(found, nn.Module) else contextlib.nullcontext(), torch.no_grad():
+            weight = getattr(found, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) and weight.dim() == 4 else None
 
 
 def _pairs_at(model: nn.Module, names: tuple[str, ...]) -> list[SeparableConv2d]:

@@ -44,8 +44,16 @@ class Fidelity:
 
 
 def _measures(actual: torch.Tensor, reference: torch.Tensor) -> tuple[float, float, float, float | None]:
+    """Max-abs, relative error, cosine and SQNR. NaN or infinity where the other has the same is agreement;
+    anywhere else it is an unbounded error (the infinities are written as null in JSON)."""
     a = actual.detach().to(torch.float64).flatten().cpu()
     r = reference.detach().to(torch.float64).flatten().cpu()
+    finite = torch.isfinite(a) & torch.isfinite(r)
+    if not bool(finite.all()):
+        same = (a == r) | (torch.isnan(a) & torch.isnan(r))
+        if not bool((finite | same).all()):
+            return math.inf, math.inf, math.nan, -math.inf
+        a, r = a[finite], r[finite]
     diff = a - r
     err, ref_norm = float(diff.norm()), float(r.norm())
     max_abs = float(diff.abs().max()) if diff.numel() else 0.0

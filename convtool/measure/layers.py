@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import nn
 
 from ..core.costs import dense_flops
@@ -38,6 +39,7 @@ def describe(
     pairs: Sequence[SeparableConv2d],
     calls: dict[int, list[ConvCall]] | None,
     *,
+    dense_weight: torch.Tensor | None = None,
     output_error: float | None = None,
 ) -> LayerChange:
     """The record of one separated layer.
@@ -47,6 +49,8 @@ def describe(
         pairs: every pair standing in for the layer's weight (one per call setting or tied conv).
         calls: the conv calls of a run on the example inputs, by ``id(weight)``; ``None`` when
             the model was not run (FLOPs and calls are then unknown).
+        dense_weight: the weight the layer replaced; the weight error is then that of what the
+            pairs apply now (after a refit or fine-tuning), not of their SVD initialisation.
         output_error: the refit's output error, when calibrated.
     """
     first = pairs[0]
@@ -75,9 +79,17 @@ def describe(
         flops_before=flops_before,
         flops_after=flops_after,
         calls=runs,
-        weight_error=first.weight_error,
+        weight_error=first.weight_error if dense_weight is None else relative_error(first.weight, dense_weight),
         output_error=output_error,
     )
+
+
+def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    """||actual - reference|| / ||reference||, in float64 (0 for an all-zero pair)."""
+    with torch.no_grad():
+        a, r = actual.detach().double(), reference.detach().double().to(actual.device)
+        norm = float(r.norm())
+        return float((a - r).norm()) / norm if norm > 0 else float((a - r).norm())
 
 
 def _numel(shape: Sequence[int]) -> int:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import keystr, tree_flatten_with_path, tree_map
 
-from ..core.inputs import as_inputs, eval_mode, model_device, on_device
+from ..core.inputs import as_inputs, batch_size, batched, eval_mode, model_device, on_device, run_checked
 from ..core.names import describe_error
 from ..errors import ExportError, InvalidOptionError
 
@@ -53,6 +53,7 @@ class OnnxExport:
     warnings: tuple[str, ...] = ()  # tracer warnings: where a TorchScript trace may be wrong
     folded_batchnorms: tuple[str, ...] = ()  # BatchNorms folded into the conv before them
     branched_layers: tuple[str, ...] = ()  # rank > 1 pairs written as multiplier-1 branches
+    fixed_batch_reason: str | None = None  # why a dynamic batch was asked for and not written
 
     def __fspath__(self) -> str:
         return str(self.path)
@@ -104,8 +105,7 @@ def io_names(model: nn.Module, inputs: tuple) -> tuple[tuple[str, ...], tuple[st
         input_names = tuple(f"input_{i}" for i in range(len(in_leaves)))
     else:
         input_names = tuple(_leaf_name(p[1:] if len(inputs) == 1 else p, "input") for p, _ in in_leaves)
-    with eval_mode(model), torch.no_grad():
-        leaves, _ = tree_flatten_with_path(model(*inputs))
+    leaves, _ = tree_flatten_with_path(run_checked(model, inputs))
     if len(leaves) == 1 and not leaves[0][0]:
         return input_names, ("output",)
     return input_names, tuple(_leaf_name(path, "output") for path, _ in leaves)
@@ -232,6 +232,10 @@ def write_onnx(
         raise InvalidOptionError(f"directory {path.parent} does not exist; create it first")
     inputs = on_device(as_inputs(example_inputs), model_device(model))
     input_names, output_names = io_names(model, inputs)
+    fixed_batch = _fixed_batch(model, inputs) if dynamic_batch else None
+    if fixed_batch:
+        log.info("%s: exporting with a fixed batch", fixed_batch)
+        dynamic_batch = False
     external = sum(p.numel() * p.element_size() for p in model.parameters()) > _EXTERNAL_DATA_BYTES
 
     errors: dict[str, str] = {}
@@ -284,7 +288,19 @@ def write_onnx(
         dynamic_batch=dynamic_batch,
         fallback_reason=errors.get("torch.export"),
         warnings=tracer_warnings,
+        fixed_batch_reason=fixed_batch,
     )
+
+
+def _fixed_batch(model: nn.Module, inputs: tuple) -> str | None:
+    """Why the model cannot take another batch size (so no file may claim a dynamic batch), or None."""
+    size = batch_size(inputs) + 1
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(*batched(inputs, size))
+    except Exception as error:
+        return f"the model does not run at batch {size} ({describe_error(error, 160)})"
+    return None
 
 
 def _finalise(staged: Path, path: Path, external: bool) -> None:

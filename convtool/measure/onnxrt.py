@@ -17,7 +17,6 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from ..core.inputs import as_inputs, tensors_of
 from ..core.names import describe_error
@@ -85,23 +84,13 @@ def open_session(path: str | os.PathLike, provider: str, threads: int | None = N
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as error:
+        if type(error).__name__ == "NotImplemented":  # a valid model with an op or dtype this build has no kernel for
+            raise ProviderUnavailableError(f"onnxruntime cannot run {path.name} on {provider}: {describe_error(error)}") from None
         raise OnnxFileError(f"{path} is not a valid ONNX model onnxruntime can load ({describe_error(error)}); export it again") from error
 
 
 def numpy(x: Any) -> Any:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
-
-
-def batched(inputs: tuple, size: int) -> tuple:
-    """The example inputs, every tensor cut or repeated to ``size`` rows."""
-
-    def resize(x: Any) -> Any:
-        if isinstance(x, torch.Tensor) and x.dim() > 0:
-            reps = -(-size // x.shape[0])
-            return x.repeat(reps, *([1] * (x.dim() - 1)))[:size]
-        return x
-
-    return tree_map(resize, inputs)
 
 
 def feed(session, inputs: tuple) -> dict[str, Any]:

@@ -76,23 +76,8 @@ def to_dict(comparison: Comparison) -> dict[str, Any]:
         "layers": [layer_to_dict(layer) for layer in c.layers],
         "skipped": [{"name": name, "reason": reason} for name, reason in c.skipped],
         "fidelity": {
-            "max_abs_error": f.max_abs_error,
-            "relative_error": _json_value(f.relative_error),
-            "cosine_similarity": f.cosine_similarity,
-            "sqnr_db": _json_value(f.sqnr_db),
-            "top1_agreement": f.top1_agreement,
-            "outputs": [
-                {
-                    "name": o.name,
-                    "shape": list(o.shape),
-                    "max_abs_error": o.max_abs_error,
-                    "relative_error": _json_value(o.relative_error),
-                    "cosine_similarity": o.cosine_similarity,
-                    "sqnr_db": _json_value(o.sqnr_db),
-                    "top1_agreement": o.top1_agreement,
-                }
-                for o in f.outputs
-            ],
+            **{k: _json_value(v) for k, v in dataclasses.asdict(f).items() if k != "outputs"},
+            "outputs": [{k: _json_value(v) for k, v in dataclasses.asdict(o).items()} for o in f.outputs],
         },
         "unsupported_ops": {"before": c.before.unsupported_ops, "after": c.after.unsupported_ops},
     }
@@ -246,7 +231,7 @@ def analysis_to_dict(analysis: Analysis) -> dict[str, Any]:
         "input_shapes": [list(s) for s in analysis.input_shapes],
         "params": analysis.params,
         "flops": analysis.flops,
-        "modules": [dataclasses.asdict(m) for m in analysis.modules if m.name],
+        "modules": [dataclasses.asdict(m) for m in analysis.modules],  # the model itself is the row named ""
         "unsupported_ops": analysis.unsupported_ops,
     }
 

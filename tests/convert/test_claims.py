@@ -315,3 +315,171 @@ def test_nothing_to_separate_names_the_reason_when_every_claim_fails():
     model = HeldConv().eval()
     with pytest.raises(NothingToSeparateError, match="without going through the module"):
         convtool.separate(model, torch.randn(1, 3, 8, 8), include=["c"])
+
+
+class Reparameterised(nn.Module):
+    """RepVGG-style: trains through the module, runs F.conv2d on its weight at inference."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.other = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        if self.training:
+            y = self.conv(x)
+        else:
+            y = F.conv2d(x, self.conv.weight, self.conv.bias, padding=1)
+        return self.other(y)
+
+
+def test_a_conv_the_model_runs_another_way_at_inference_is_not_claimed():
+    model, x = Reparameterised().train(), torch.randn(2, 3, 8, 8)
+    result = convtool.separate(model, x, rank=1)
+    assert [layer.name for layer in result.layers] == ["other"]
+    assert "without calling the module" in dict(result.skipped)["conv"]
+    assert isinstance(result.model.conv, nn.Conv2d)
+
+
+class ClosuresInAList(nn.Module):
+    """Lambdas in a list, over BatchNorm blocks: deepcopy shares them with the caller's model."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)) for _ in range(2))
+        self.heads = [lambda x, i=i: self.blocks[i](x) for i in range(2)]
+
+    def forward(self, x):
+        for head in self.heads:
+            x = head(x)
+        return x
+
+
+def test_closures_in_a_list_are_copied_so_the_callers_model_is_never_touched():
+    model, x = ClosuresInAList().train(), torch.randn(4, 4, 8, 8)
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    result = convtool.separate(model, x, rank=1, calibration=torch.randn(8, 4, 8, 8))
+    convtool.distill(result.model, model, torch.randn(8, 4, 8, 8), steps=2, batch_size=4)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, snapshot[k], rtol=0, atol=0, msg=k)
+    assert [layer.name for layer in result.layers] == ["blocks.0.0", "blocks.1.0"]
+    assert all(layer.output_error is not None for layer in result.layers)
+
+
+def test_calibration_of_a_closure_model_fits_against_the_dense_model():
+    """The refit's reference must stay dense: it is a copy whose closure is its own."""
+
+    class Direct(Closure):
+        def forward(self, x):
+            return self.d(self.c(x))
+
+    torch.manual_seed(0)
+    model, twin = Closure().eval(), Direct().eval()
+    twin.load_state_dict(model.state_dict())
+    data = torch.randn(64, 3, 8, 8)
+    through_closure = convtool.separate(model, data[:1], rank=1, calibration=data)
+    direct = convtool.separate(twin, data[:1], rank=1, calibration=data)
+    errors = [layer.output_error for layer in through_closure.layers]
+    assert errors == pytest.approx([layer.output_error for layer in direct.layers], rel=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(through_closure.model(data), direct.model(data))
+
+
+class TiedModuleAndFunction(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.w = self.conv.weight
+        self.other = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.other(F.conv2d(self.conv(x), self.w, padding=1))
+
+
+class ReadsFunctionalWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8, 3, 3))
+        self.other = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.other(F.conv2d(x, self.w, padding=1) * self.w.abs().mean())
+
+
+def test_weights_that_cannot_be_rewritten_once_are_left_dense_not_counted_twice():
+    x = torch.randn(1, 8, 8, 8)
+    tied = convtool.separate(TiedModuleAndFunction().eval(), x, rank=1)
+    assert [layer.name for layer in tied.layers] == ["other"]
+    assert "tied to" in dict(tied.skipped)["conv"]
+    model = ReadsFunctionalWeight()
+    read = convtool.separate(model, x, rank=1)
+    assert [layer.name for layer in read.layers] == ["other"]
+    assert "reads this weight outside conv2d" in dict(read.skipped)["w"]
+    report = read.report(x)
+    assert report.after.params < report.before.params  # no layer row hides a weight kept beside its pair
+
+
+class SharedFunctionalBlock(nn.Module):
+    """A module whose forward calls F.conv2d, reached by two names."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = FunctionalBlock()
+        self.again = self.block
+
+    def forward(self, x):
+        return self.again(self.block(x))
+
+
+class FunctionalBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8, 3, 3) * 0.2)
+
+    def forward(self, x):
+        return torch.relu(F.conv2d(x, self.w, padding=1))
+
+
+def test_a_shared_module_with_a_functional_conv_is_replaced_at_every_name():
+    model, x = SharedFunctionalBlock().eval(), torch.randn(1, 8, 8, 8)
+    full = convtool.separate(model, x, rank="full")
+    torch.testing.assert_close(full.model(x), model(x), rtol=1e-4, atol=1e-5)
+    result = convtool.separate(model, x, rank=1)
+    (layer,) = result.layers
+    assert layer.name == "block.w" and layer.calls == 2
+    assert result.model.block is result.model.again
+    assert_layers_proven(result, model, (x,))
+
+
+class ListsInPrivateAttributes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self._stages = [self.a, self.b]
+
+    def forward(self, x):
+        for stage in self._stages:
+            x = stage(x)
+        return x
+
+
+def test_lists_in_underscore_attributes_are_rewired_too():
+    model, x = ListsInPrivateAttributes().eval(), torch.randn(1, 3, 8, 8)
+    result = convtool.separate(model, x, rank=1)
+    assert [layer.name for layer in result.layers] == ["a", "b"]
+    assert_layers_proven(result, model, (x,))
+
+
+def test_error_columns_describe_the_weights_the_pairs_apply_now():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()
+    data = torch.randn(32, 8, 8, 8)
+    result = convtool.separate(model, data[:1], rank=1, calibration=data)
+    for layer in result.layers:
+        pair, dense = result.model.get_submodule(layer.name), model.get_submodule(layer.name).weight
+        applied = float((pair.weight - dense).norm() / dense.norm())
+        assert layer.weight_error == pytest.approx(applied, rel=1e-5)  # after the refit, not the SVD's
+    tuned = convtool.distill(result.model, model, data, steps=3, batch_size=8)
+    report = convtool.compare(model, tuned.model, data[:1], separation=result)
+    assert all(layer.output_error is None for layer in report.layers)  # measured on another model
+    assert all(layer.output_error is not None for layer in result.report(data[:1]).layers)

@@ -131,3 +131,85 @@ def test_export_silences_only_its_own_thread(tmp_path, capfd):
     assert "def forward" not in err  # torch.export's partial graph, printed from the exporting thread
     assert (sys.stdout, sys.stderr) == (stdout, stderr)
     assert logging.root.manager.disable == logging.NOTSET
+
+
+class ListHeld(nn.Module):
+    """Conv and BatchNorm reached through a plain list: the runtime form must reach them there too."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(8, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.head = nn.Conv2d(16, 16, 3, padding=1)
+        self.stages = [self.conv, self.bn]
+
+    def forward(self, x):
+        for stage in self.stages:
+            x = stage(x)
+        return self.head(torch.relu(x))
+
+
+def test_the_runtime_form_reaches_modules_held_in_lists(tmp_path):
+    from tests.zoo import randomize_batchnorm
+
+    model, x = randomize_batchnorm(ListHeld()).eval(), torch.randn(1, 8, 8, 8)
+    separated = convtool.separate(model, x, rank=2).model
+    exported = convtool.export_onnx(separated, x, tmp_path / "m.onnx")
+    ops = [n.op_type for n in onnx.load(exported.path).graph.node]
+    assert exported.branched_layers == ("conv", "head") and ops.count("Concat") == 2
+    assert exported.folded_batchnorms == ("bn",) and "BatchNormalization" not in ops
+    (check,) = convtool.verify_onnx(exported, separated, x, providers=["cpu"], runs=1)
+    assert check.passed, check.reason
+
+
+class FixedBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4 * 6 * 6, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).reshape(1, -1))
+
+
+def test_a_model_that_takes_one_batch_size_is_exported_with_a_fixed_batch(tmp_path):
+    model, x = FixedBatch().eval(), torch.randn(1, 3, 8, 8)
+    exported = convtool.export_onnx(model, x, tmp_path / "m.onnx")
+    assert not exported.dynamic_batch and "does not run at batch 2" in exported.fixed_batch_reason
+    (check,) = convtool.verify_onnx(exported, model, x, providers=["cpu"], runs=1)
+    assert check.passed and check.batch_sizes == (1,)
+
+
+def test_verification_of_double_and_half_precision_models_says_what_ran(tmp_path):
+    model, x = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)), torch.randn(1, 3, 16, 16)
+    double = convtool.export_onnx(model.double().eval(), x.double(), tmp_path / "d.onnx")
+    (check,) = convtool.verify_onnx(double, model, x.double(), providers=["cpu"], runs=1)
+    assert not check.passed and not check.used and "cannot run" in check.reason  # no float64 Conv kernel
+    half_model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).half().eval()
+    half = convtool.export_onnx(half_model, x.half(), tmp_path / "h.onnx")
+    (check,) = convtool.verify_onnx(half, half_model, x.half(), providers=["cpu"], runs=1)
+    assert check.passed, check.reason  # float16 tolerances, not float32's
+
+
+def test_a_verification_against_a_different_model_reports_no_error_figure(tmp_path):
+    model, x = nn.Sequential(nn.Conv2d(3, 8, 3)).eval(), torch.randn(1, 3, 8, 8)
+    exported = convtool.export_onnx(model, x, tmp_path / "m.onnx")
+    (check,) = convtool.verify_onnx(exported, nn.Sequential(nn.Conv2d(3, 8, 5)).eval(), x, providers=["cpu"], runs=1)
+    assert not check.passed and check.max_abs_error is None and "shape" in check.reason
+
+
+def test_inputs_the_model_does_not_take_give_one_line_errors(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3)).eval()
+    wrong = torch.randn(1, 5, 8, 8)
+    for call in (
+        lambda: convtool.separate(model, wrong),
+        lambda: convtool.separate(model, torch.randn(1, 3, 8, 8), calibration=torch.randint(0, 255, (8, 3, 8, 8))),
+        lambda: convtool.separate(model, calibration=[(torch.randn(4, 3, 8, 8), torch.arange(4))]),
+        lambda: convtool.compare(model, model, wrong),
+        lambda: convtool.export_onnx(model, wrong, tmp_path / "m.onnx"),
+        lambda: convtool.verify_onnx(tmp_path / "m.onnx", model, wrong),
+        lambda: convtool.distill(model, model, wrong, steps=1),
+    ):
+        with pytest.raises(InvalidOptionError, match="does not run on"):
+            call()
+    with pytest.raises(InvalidOptionError, match="cannot be compared"):
+        convtool.compare(model, nn.Sequential(nn.Conv2d(3, 4, 3)).eval(), torch.randn(1, 3, 8, 8))
