@@ -137,6 +137,15 @@ class Holder:
         self.conv = conv
 
 
+class SlotsHolder:
+    """An object with ``__slots__``: it has no ``__dict__`` for convtool to follow."""
+
+    __slots__ = ("conv",)
+
+    def __init__(self, conv: nn.Module) -> None:
+        self.conv = conv
+
+
 class HolderConv(ClosureConv):
     """``c`` run through a plain object: fx sees a call of ``c``, but replacing ``self.c`` misses it."""
 
@@ -147,6 +156,14 @@ class HolderConv(ClosureConv):
 
     def forward(self, x):
         return self.holder.conv(F.relu(self.a(x)))
+
+
+class SlotsHolderConv(HolderConv):
+    """``c`` run through an object convtool cannot rewire: it must stay dense, with the reason."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holder = SlotsHolder(self.c)
 
 
 # 4. Functional convs on parameters.
@@ -361,7 +378,8 @@ FORMS: list[Form] = [
     Form("tuple_attr", TupleAttr, _img(), ("a", "b")),
     Form("closure", ClosureConv, _img(), ("a", "c")),
     Form("closure_setattr", ClosureSetattr, _img(), ("a", "c")),
-    Form("holder", HolderConv, _img(), ("a",), {"c": "without going through the module"}),
+    Form("holder", HolderConv, _img(), ("a", "c")),
+    Form("slots_holder", SlotsHolderConv, _img(), ("a",), {"c": "without going through the module"}),
     # fx inlines a partial or bound forward into F.conv2d on c.weight: the weight is read directly.
     Form("closure_partial", PartialConv, _img(), ("a",), {"c": "directly"}),
     Form("bound_method", BoundMethodConv, _img(), ("a",), {"c": "directly"}),

@@ -17,7 +17,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..core.inputs import eval_mode
-from ..core.names import describe_error, module_names, plain_slots, replace_reference, set_module
+from ..core.names import describe_error
+from ..core.references import replace, slots, swap_module, walk
 from ..errors import InvalidOptionError
 
 
@@ -57,36 +58,60 @@ def copy_model(model: nn.Module) -> tuple[nn.Module, dict[int, object]]:
             f"the model cannot be copied ({describe_error(error)}); convtool works on a copy so the caller's model "
             "stays untouched: make it deep-copyable (copy.deepcopy(model)) and try again"
         ) from error
-    _copy_closures(work, memo)
+    _copy_functions(work, memo)
     return work, memo
 
 
-def _copy_closures(work: nn.Module, memo: dict[int, object]) -> None:
-    """Give each function the copy holds, whose closure holds parts of the model, a closure holding their copies.
+def _copy_functions(work: nn.Module, memo: dict[int, object]) -> None:
+    """Give the copy its own copies of the functions that reach the model.
 
-    ``deepcopy`` keeps functions as they are, so ``self.head = lambda x: conv(x)`` (or such
-    lambdas in a list) would still run the caller's ``conv`` from the copy: the copy would not
-    be independent (running it in train mode would update the caller's BatchNorm statistics),
-    and no rewrite of it could reach that conv.
+    ``deepcopy`` shares functions, so ``self.heads = [lambda x, b=b: b(x) for b in self.blocks]``
+    (or a closure, a partial, a function in a plain object) would still run the caller's
+    modules from the copy: the copy would not be independent (running it in train mode would
+    update the caller's BatchNorm statistics, training it would set the caller's gradients),
+    and no rewrite of the copy could reach those convs.
     """
-    for slot, key, value in list(plain_slots(work)):
-        if not isinstance(value, types.FunctionType) or not value.__closure__:
-            continue
-        cells = [_cell_contents(c) for c in value.__closure__]
-        if not any(id(c) in memo for c in cells if c is not None):
-            continue
-        closure = tuple(types.CellType(memo.get(id(c), c)) if c is not None else types.CellType() for c in cells)
-        copied = types.FunctionType(value.__code__, value.__globals__, value.__name__, value.__defaults__, closure)
-        copied.__kwdefaults__, copied.__qualname__ = value.__kwdefaults__, value.__qualname__
-        copied.__dict__.update(value.__dict__)
-        replace_reference(slot, key, copied)
+    for slot, key, value in list(slots(work, into_functions=False)):
+        copied = _copy_function(value, memo)
+        if copied is not value:
+            replace(slot, key, copied)
 
 
-def _cell_contents(cell: types.CellType) -> object:
+def _copy_function(value: object, memo: dict[int, object]) -> object:
+    """A copy of a function whose closure, defaults or keyword defaults reach the model; anything else as it is."""
+    if not isinstance(value, types.FunctionType):
+        return value
+    if id(value) in memo:
+        return memo[id(value)]
+    if not any(id(item) in memo for _, _, item in walk(None, None, value)):
+        return value
+    cells = tuple(types.CellType() for _ in value.__closure__ or ())
+    copied = types.FunctionType(value.__code__, value.__globals__, value.__name__, None, cells or None)
+    copied.__qualname__, copied.__module__ = value.__qualname__, value.__module__
+    copied.__dict__.update(value.__dict__)
+    memo[id(value)] = copied  # before the contents: a closure may hold the function itself
+    for old, new in zip(value.__closure__ or (), cells):
+        try:
+            new.cell_contents = _copy_value(old.cell_contents, memo)
+        except ValueError:  # an empty cell stays empty
+            pass
+    copied.__defaults__ = _copy_value(value.__defaults__, memo)
+    copied.__kwdefaults__ = _copy_value(value.__kwdefaults__, memo)
+    return copied
+
+
+def _copy_value(value: object, memo: dict[int, object]) -> object:
+    """A deep copy of what a function holds: the model's objects become their copies, functions in it copies too."""
     try:
-        return cell.cell_contents
-    except ValueError:  # an empty cell
-        return None
+        copied = copy.deepcopy(value, memo)
+    except Exception:  # cannot be copied: left shared; the proof names a conv reached only this way
+        return value
+    holder = [copied]
+    for slot, key, item in list(walk(holder, 0, copied, into_functions=False)):
+        new = _copy_function(item, memo)
+        if new is not item:
+            replace(slot, key, new)
+    return holder[0]
 
 
 def _norm_hooks(conv: nn.Conv2d) -> list:
@@ -113,13 +138,15 @@ def _computed_weight(conv: nn.Conv2d) -> torch.Tensor | None:
         return hook.compute_weight(conv).detach().clone()
 
 
-def bake(work: nn.Module) -> nn.Module:
+def bake(work: nn.Module) -> tuple[nn.Module, list[tuple[nn.Conv2d, nn.Conv2d]]]:
     """Replace each conv of ``work`` whose weight is computed by a plain conv holding that weight.
 
     A new module is put in place rather than calling ``remove_parametrizations``, which edits
-    the parametrized class that the caller's model shares with the deep copy.
+    the parametrized class that the caller's model shares with the deep copy. Returns the
+    model and each (plain, original) pair, so :func:`unbake` can restore the convs that end
+    up dense.
     """
-    names = module_names(work)
+    baked = []
     plain_forward = lambda m: type(m).forward is nn.Conv2d.forward and type(m)._conv_forward is nn.Conv2d._conv_forward  # noqa: E731
     for conv in [m for m in work.modules() if isinstance(m, nn.Conv2d) and plain_forward(m)]:
         weight = _computed_weight(conv)
@@ -136,6 +163,13 @@ def bake(work: nn.Module) -> nn.Module:
                 plain.bias.copy_(bias)
         trainable = any(p.requires_grad for p in conv.parameters())
         plain.requires_grad_(trainable)
-        for name in names[id(conv)]:
-            work = set_module(work, name, plain)
+        work = swap_module(work, conv, plain)
+        baked.append((plain, conv))
+    return work, baked
+
+
+def unbake(work: nn.Module, baked: list[tuple[nn.Conv2d, nn.Conv2d]]) -> nn.Module:
+    """Put back the original (parametrized) conv wherever its plain stand-in was left dense."""
+    for plain, original in baked:
+        work = swap_module(work, plain, original)
     return work

@@ -154,21 +154,23 @@ Place = Callable[[str, nn.Module, list[FunctionalConv]], None]
 
 def rewrite_functional(
     model: nn.Module, tracing: Tracing, convs: list[FunctionalConv], pair_for: PairFor, place: Place
-) -> tuple[dict[int, str], list[FunctionalConv]]:
+) -> tuple[dict[int, str], list[tuple[FunctionalConv, str]]]:
     """Replace functional convs by ``call_module`` nodes of the pairs ``pair_for`` returns.
 
     The module whose forward makes the calls is traced again (after module convs were swapped,
     so its graph calls the new pairs) and its ``GraphModule`` handed to ``place``; where it
     cannot be traced on its own, its region is used instead. A GraphModule holds fresh
     containers for the paths it uses, so removing a replaced weight from it never touches the
-    module it replaces. Returns the qualified name of each pair (by ``id``) and the calls that
-    could not be found again.
+    module it replaces. A module whose traced code depends on its train/eval mode (dropout
+    with ``training=self.training``, a training-only branch) is not rewritten: a GraphModule
+    would freeze the mode it was traced in. Returns the qualified name of each pair (by
+    ``id``) and the calls left as they were, with why.
     """
     by_owner: dict[tuple[str, str], list[FunctionalConv]] = {}
     for conv in convs:
         by_owner.setdefault((conv.region, conv.owner), []).append(conv)
     pair_names: dict[int, str] = {}
-    missed: list[FunctionalConv] = []
+    missed: list[tuple[FunctionalConv, str]] = []
     for (region, owner), calls in by_owner.items():
         qualname, prefix = join(region, owner), owner
         try:
@@ -177,11 +179,15 @@ def rewrite_functional(
             qualname, prefix = region, ""
             graph = Tracer(tracing.opaque).trace(model.get_submodule(qualname))
         module = model.get_submodule(qualname)
+        if _depends_on_mode(module, tracing):
+            reason = f"{type(module).__name__}'s code depends on train/eval mode, which rewriting its conv2d calls would freeze"
+            missed += [(c, reason) for c in calls]
+            continue
         gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
         gm.train(module.training)
         names = _replace_calls(gm, calls, prefix, pair_for)
         replaced = [c for c in calls if c in names]
-        missed += [c for c in calls if c not in names]
+        missed += [(c, "conv2d call could not be found again where it is made") for c in calls if c not in names]
         if replaced:
             for call, local in names.items():
                 pair_names[id(pair_for(call))] = join(qualname, local)
@@ -189,6 +195,20 @@ def rewrite_functional(
             if not qualname:
                 model = gm
     return pair_names, missed
+
+
+def _depends_on_mode(module: nn.Module, tracing: Tracing) -> bool:
+    """Whether the module's traced code differs between train and eval mode (its own and its traced children's)."""
+    modes = {m: m.training for m in module.modules()}
+    try:
+        codes = []
+        for mode in (True, False):
+            module.train(mode)
+            codes.append(fx.GraphModule(module, Tracer(tracing.opaque).trace(module)).code)
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return codes[0] != codes[1]
 
 
 def _replace_calls(gm: fx.GraphModule, calls: list[FunctionalConv], prefix: str, pair_for: PairFor) -> dict[FunctionalConv, str]:

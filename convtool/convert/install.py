@@ -107,7 +107,8 @@ def _install_functional(edits, sites, pairs_of, tracing) -> tuple[list[Installed
 
     pair_names, missed = rewrite_functional(edits.root, tracing, calls, lambda call: pair_for_call[id(call)], place)
     installed = []
-    missed_sites = {site_of_call[id(c)] for c in missed}
+    why = {site_of_call[id(c)]: reason for c, reason in missed}
+    missed_sites = set(why)
     for site in sites:
         if site.name in missed_sites:
             continue
@@ -115,7 +116,7 @@ def _install_functional(edits, sites, pairs_of, tracing) -> tuple[list[Installed
         names = [pair_names[id(p)] for p in pairs if id(p) in pair_names]
         names = sorted(set(names), key=lambda n: (n != site.name, names.index(n)))
         installed.append(Installed(site, Claim(site.name, site.weight, pairs), names))
-    problems = [(name, "conv2d call could not be rewritten where it is made") for name in sorted(missed_sites)]
+    problems = [(name, why[name]) for name in sorted(missed_sites)]
     return installed, problems
 
 

@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 from ..core.inputs import kept_state, model_device, on_device
+from ..core.modules import watching_weight_reads
 from ..core.modules import SeparableConv2d
-from ..core.names import describe_error, get, module_names, plain_references, replace_reference, set_module
+from ..core.names import describe_error, get, module_names, set_module
+from ..core.references import references, replace
 from ..errors import SeparationError
 from ..measure.conv_calls import ConvCall, record
 
@@ -55,10 +57,10 @@ class Edits:
         changed = True
         while changed:  # a replaced module may itself sit in a list held by a replaced module
             changed = False
-            for container, key, value in list(plain_references(self.root)):
+            for container, key, value in list(references(self.root)):
                 if id(value) in new_for:
                     new, sites = new_for[id(value)]
-                    replace_reference(container, key, new)
+                    replace(container, key, new)
                     self.log.append((sites, _put_back(container, key, value)))
                     moved += 1
                     changed = True
@@ -84,7 +86,7 @@ class Edits:
 
 def _put_back(container: Any, key: Any, value: Any) -> Callable[[nn.Module], nn.Module]:
     def undo(root: nn.Module) -> nn.Module:
-        replace_reference(container, key, value)
+        replace(container, key, value)
         return root
 
     return undo
@@ -108,7 +110,16 @@ class Proof:
     absent: set[str] = field(default_factory=set)  # failed because nothing of theirs ran at all
 
 
-def _run(model: nn.Module, inputs: tuple, claims: list[Claim], own_mode: bool) -> tuple[dict[int, int], dict[int, list[ConvCall]]]:
+@dataclass
+class _Run:
+    """One pass: forward calls per pair (by id), pairs whose ``.weight`` was read, conv calls by weight."""
+
+    counts: dict[int, int]
+    reads: set[int]
+    calls: dict[int, list[ConvCall]]
+
+
+def _run(model: nn.Module, inputs: tuple, claims: list[Claim], own_mode: bool) -> _Run:
     counts: dict[int, int] = {}
     pairs = {id(p): p for claim in claims for p in claim.pairs}
 
@@ -117,15 +128,16 @@ def _run(model: nn.Module, inputs: tuple, claims: list[Claim], own_mode: bool) -
 
     handles = [p.register_forward_pre_hook(hook) for p in pairs.values()]
     try:
-        if own_mode:
-            with kept_state(model):
-                calls = record(model, inputs, own_mode=True).by_weight()
-        else:
-            calls = record(model, inputs).by_weight()
+        with watching_weight_reads() as reads:
+            if own_mode:
+                with kept_state(model):
+                    calls = record(model, inputs, own_mode=True).by_weight()
+            else:
+                calls = record(model, inputs).by_weight()
     finally:
         for handle in handles:
             handle.remove()
-    return counts, calls
+    return _Run(counts, reads, calls)
 
 
 # What the dense model did with a site's weight on the same inputs, before the rewrite.
@@ -151,41 +163,47 @@ def prove(model: nn.Module, inputs: tuple, claims: list[Claim], before: dict[str
     """
     inputs = on_device(inputs, model_device(model))
     try:
-        counts, calls = _run(model, inputs, claims, own_mode=False)
+        run = _run(model, inputs, claims, own_mode=False)
     except Exception as error:
         raise SeparationError(
             f"the separated model fails on the example inputs ({describe_error(error)}); "
             "exclude the layer involved with exclude=[...] / --exclude"
         ) from error
     proof = Proof()
-    _judge(claims, counts, calls, before, proof)
+    _judge(claims, run, before, proof)
     retry = [c for c in claims if c.name in proof.absent]
     if retry and any(m.training for m in model.modules()):
         try:
-            counts, calls = _run(model, inputs, retry, own_mode=True)
+            run = _run(model, inputs, retry, own_mode=True)
         except Exception:  # e.g. BatchNorm refusing a batch of one in train mode: the eval verdict stands
             return proof
         second = Proof()
-        _judge(retry, counts, calls, before, second)
+        _judge(retry, run, before, second)
         for name, site_calls in second.calls.items():
             proof.calls[name] = site_calls
             del proof.failed[name]
     return proof
 
 
-def _judge(claims: list[Claim], counts: dict[int, int], calls: dict[int, list[ConvCall]], before: dict[str, str], proof: Proof) -> None:
+def _judge(claims: list[Claim], run: _Run, before: dict[str, str], proof: Proof) -> None:
     for claim in claims:
         was = before.get(claim.name, NOT_RUN)
-        ran = [counts.get(id(p), 0) for p in claim.pairs]
-        still_dense = id(claim.dense_weight) in calls
+        ran = [run.counts.get(id(p), 0) for p in claim.pairs]
+        weight_read = any(id(p) in run.reads for p in claim.pairs)
+        still_dense = id(claim.dense_weight) in run.calls
         if all(ran) and not still_dense:
-            proof.calls[claim.name] = calls
+            proof.calls[claim.name] = run.calls
         elif still_dense and any(ran):
             proof.failed[claim.name] = "the model runs both the separated pair and the original conv; left dense"
         elif still_dense:
             proof.failed[claim.name] = (
                 "the model runs this conv without going through the module convtool replaced "
                 "(an object convtool cannot rewire, such as an attribute of a plain Python object, holds it); left dense"
+            )
+        elif weight_read:
+            proof.failed[claim.name] = (
+                "the model reads this conv's weight and applies it itself (to fuse it with others, say) instead of "
+                "calling the conv, so the pair would not run; left dense"
             )
         elif any(ran):
             proof.failed[claim.name] = "one of its uses did not run on the example inputs, so it cannot be proven; left dense"

@@ -23,7 +23,7 @@ from ..measure.conv_calls import ConvRecorder, explicit_padding, record
 from ..measure.counts import analyze
 from ..measure.layers import describe, last_calls
 from ..measure.onnxrt import module_latency, require_provider
-from .bake import bake, copy_model, working_copy
+from .bake import bake, copy_model, unbake, working_copy
 from .calibrate import Layer, calibration_batches, recalibrate_batchnorm, refit
 from .install import Installed, install
 from .plan import Latency, SiteStats, make_plan
@@ -161,7 +161,7 @@ def separate(
     if not isinstance(model, nn.Module):
         raise InvalidOptionError(f"expected a torch.nn.Module, got {type(model).__name__}")
     batches = calibration_batches(calibration) if calibration is not None else []
-    work = bake(working_copy(model))
+    work, baked = bake(working_copy(model))
     device = model_device(work)
     inputs = on_device(as_inputs(example_inputs), device)
     sample = on_device(tuple(t[:1] for t in batches[0]), device) if batches else ()
@@ -222,7 +222,7 @@ def separate(
     else:
         verification = f"not run: no example inputs, and {why_not}; pass example inputs to prove the separation"
         log.warning("convtool could not run the separated model (%s): the layers are not proven to run", why_not)
-    work = edits.root
+    work = unbake(edits.root, baked)  # convs left dense keep their weight_norm / spectral_norm
     if not installed:
         reason = next((s.reason for s in reversed(skipped)), "every conv stays dense")
         raise NothingToSeparateError(f"nothing to separate: every conv stays dense ({reason})")
@@ -232,6 +232,11 @@ def separate(
         output_errors = _calibrate(reference, memo, work, installed, calls, batches)
         if recalibrate_bn:
             recalibrate_batchnorm(work, batches)
+    budget_met, flops_after = plan.budget_met, plan.flops_after
+    if isinstance(rank, FlopsTarget) and len(installed) < sum(p is not None for p in plan.picks.values()):
+        # The proof put planned layers back: the figures are those of the model returned.
+        flops_after = _model_flops(work, costed, record(work, costed))
+        budget_met = flops_after <= rank.fraction * plan.flops_before * (1 + 1e-9)
     layers = tuple(
         describe(i.site.name, [n for n in i.names if label(n) != i.site.name], i.site.source, i.claim.pairs,
                  calls.get(i.site.name) if proof_inputs else None, dense_weight=i.site.weight,
@@ -240,7 +245,7 @@ def separate(
     )
     return Separation(
         model=work, layers=layers, skipped=tuple(skipped), original=model, verified=bool(proof_inputs),
-        verification=verification, budget_met=plan.budget_met, flops_before=plan.flops_before, flops_after=plan.flops_after,
+        verification=verification, budget_met=budget_met, flops_before=plan.flops_before, flops_after=flops_after,
     )
 
 

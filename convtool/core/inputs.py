@@ -36,11 +36,21 @@ def batch_size(inputs: tuple) -> int:
     return next((x.shape[0] for x in tensors_of(inputs) if x.dim() > 0), 1)
 
 
+def has_batch(x: Any, batch: int) -> bool:
+    """Whether ``x`` is a tensor whose first dimension is the inputs' batch (a per-sample tensor)."""
+    return isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch
+
+
 def batched(inputs: tuple, size: int) -> tuple:
-    """The inputs with every tensor cut or repeated to ``size`` rows."""
+    """The inputs with every per-sample tensor cut or repeated to ``size`` rows.
+
+    A tensor whose first dimension is not the batch of the first input (a (C,) scale, say)
+    is left as it is.
+    """
+    batch = batch_size(inputs)
 
     def resize(x: Any) -> Any:
-        if isinstance(x, torch.Tensor) and x.dim() > 0:
+        if has_batch(x, batch):
             reps = -(-size // x.shape[0])
             return x.repeat(reps, *([1] * (x.dim() - 1)))[:size]
         return x
@@ -98,9 +108,10 @@ def running(inputs: tuple, what: str = "the example inputs") -> Iterator[None]:
         raise
     except Exception as error:
         shapes = ", ".join("x".join(map(str, t.shape)) + f" {str(t.dtype).removeprefix('torch.')}" for t in tensors_of(inputs))
-        raise InvalidOptionError(
-            f"the model does not run on {what} ({shapes or 'no tensors'}: {describe_error(error)}); give inputs its forward takes"
-        ) from None
+        advice = "give inputs its forward takes"
+        if isinstance(error, TypeError) and "keyword-only argument" in str(error):
+            advice = "convtool passes inputs positionally: wrap the model in a module whose forward takes them so"
+        raise InvalidOptionError(f"the model does not run on {what} ({shapes or 'no tensors'}: {describe_error(error)}); {advice}") from None
 
 
 def run_checked(model: nn.Module, inputs: tuple, what: str = "the example inputs") -> Any:

@@ -2,10 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 from torch import Tensor, nn
 
 from .decompose import ORDERS, dense_weight, separable_factors
+
+
+_WEIGHT_READS: list[set[int]] = []
+
+
+@contextlib.contextmanager
+def watching_weight_reads() -> Iterator[set[int]]:
+    """Collects the ids of the pairs whose dense-equivalent ``weight`` is read inside the block."""
+    reads: set[int] = set()
+    _WEIGHT_READS.append(reads)
+    try:
+        yield reads
+    finally:
+        _WEIGHT_READS.remove(reads)
 
 
 class SeparableConv2d(nn.Module):
@@ -91,8 +108,11 @@ class SeparableConv2d(nn.Module):
         """The dense weight this pair computes (N, M/g, kh, kw), recomputed on each read.
 
         Code written for the dense conv (``self.conv.weight.shape``, weight decay on it, a
-        norm of it) keeps working; writing to it changes nothing.
+        norm of it) keeps working; writing to it changes nothing. Reads are seen by
+        :func:`watching_weight_reads`: code that applies this weight itself does not run the pair.
         """
+        for reads in _WEIGHT_READS:
+            reads.add(id(self))
         spatial, mixing = self.depthwise.weight, self.pointwise.weight
         return dense_weight(spatial, mixing, self.rank, self.groups, self.order)
 

@@ -15,7 +15,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from ..core.inputs import as_inputs, eval_mode, model_device, on_device, run_checked
 from ..core.modules import BranchedSeparableConv2d, SeparableConv2d, last_conv
-from ..core.names import join, swap_module
+from ..core.names import join
+from ..core.references import swap_module
 from ..core.tracing import trace_regions
 from ..measure.onnxrt import module_latency
 

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from ..core.inputs import as_inputs, eval_mode, model_device, on_device, tensors_of
-from ..core.names import describe_error, join, plain_references
+from ..core.names import describe_error, join
+from ..core.references import references
 from ..errors import AnalysisError
 
 FLOPS_UNIT = "fvcore flops: one multiply-add counts as one flop"
@@ -95,7 +96,7 @@ class _frozen:
 
     def __init__(self, model: nn.Module) -> None:
         tensors = list(model.parameters())
-        for _, _, value in plain_references(model):
+        for _, _, value in references(model):
             tensors += list(value.parameters()) if isinstance(value, nn.Module) else [value]
         self.tensors = [t for t in {id(t): t for t in tensors}.values() if t.is_leaf and t.requires_grad]
 

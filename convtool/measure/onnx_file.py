@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import keystr, tree_flatten_with_path, tree_map
 
-from ..core.inputs import as_inputs, batch_size, batched, eval_mode, model_device, on_device, run_checked
+from ..core.inputs import as_inputs, batch_size, batched, eval_mode, has_batch, model_device, on_device, run_checked, tensors_of
 from ..core.names import describe_error
 from ..errors import ExportError, InvalidOptionError
 
@@ -111,13 +111,6 @@ def io_names(model: nn.Module, inputs: tuple) -> tuple[tuple[str, ...], tuple[st
     return input_names, tuple(_leaf_name(path, "output") for path, _ in leaves)
 
 
-def _batch_two(x: Any) -> Any:
-    """torch.export specialises a dimension of size 1; give it a batch of two to keep it symbolic."""
-    if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1:
-        return torch.cat([x, x])
-    return x
-
-
 def _call_args(inputs: tuple) -> tuple:
     """torch.onnx reads a trailing dict as keyword arguments: an empty one keeps a dict input positional."""
     return (*inputs, {}) if inputs and isinstance(inputs[-1], dict) else inputs
@@ -126,11 +119,12 @@ def _call_args(inputs: tuple) -> tuple:
 def _export_torch_export(model, inputs, path, input_names, output_names, opset, dynamic_batch, external):
     from torch.export import Dim
 
-    args = tree_map(_batch_two, inputs) if dynamic_batch else inputs
+    size = batch_size(inputs)
+    args = batched(inputs, 2) if dynamic_batch and size == 1 else inputs
     shapes = None
     if dynamic_batch:
         batch = Dim("batch")
-        shapes = tree_map(lambda x: {0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 else None, args)
+        shapes = tree_map(lambda x: {0: batch} if has_batch(x, batch_size(args)) else None, args)
     torch.onnx.export(
         model, _call_args(args), str(path), dynamo=True, input_names=list(input_names), output_names=list(output_names),
         opset_version=opset, dynamic_shapes=shapes, external_data=external, verbose=False, report=False,
@@ -140,7 +134,10 @@ def _export_torch_export(model, inputs, path, input_names, output_names, opset, 
 def _export_torchscript(model, inputs, path, input_names, output_names, opset, dynamic_batch):
     axes = None
     if dynamic_batch:
-        axes = {name: {0: "batch"} for name in (*input_names, *output_names)}
+        size = batch_size(inputs)
+        per_sample = [has_batch(x, size) for x in tensors_of(inputs)]
+        axes = {name: {0: "batch"} for name, varies in zip(input_names, per_sample) if varies}
+        axes.update({name: {0: "batch"} for name in output_names})
     torch.onnx.export(
         model, _call_args(inputs), str(path), dynamo=False, input_names=list(input_names), output_names=list(output_names),
         opset_version=opset, dynamic_axes=axes,

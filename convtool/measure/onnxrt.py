@@ -103,7 +103,8 @@ def feed(session, inputs: tuple) -> dict[str, Any]:
 
 
 def has_dynamic_batch(session) -> bool:
-    return all(not isinstance(i.shape[0], int) for i in session.get_inputs() if i.shape)
+    """Whether any input's first dimension is symbolic (inputs that are not per-sample keep theirs)."""
+    return any(not isinstance(i.shape[0], int) for i in session.get_inputs() if i.shape)
 
 
 def time_sessions(sessions: Sequence[Any], inputs: dict[str, Any], runs: int, warmup: int) -> list[float]:

@@ -67,12 +67,16 @@ def test_a_conv_in_a_closure_is_rewired_in_an_independent_copy():
 
 
 class Holder:
+    """An object with __slots__: no __dict__ for convtool to follow."""
+
+    __slots__ = ("conv",)
+
     def __init__(self, conv):
         self.conv = conv
 
 
 class HeldConv(nn.Module):
-    """A conv run through a plain object: no reference convtool follows reaches it."""
+    """A conv run through an object convtool cannot rewire."""
 
     def __init__(self):
         super().__init__()
@@ -337,7 +341,7 @@ def test_a_conv_the_model_runs_another_way_at_inference_is_not_claimed():
     model, x = Reparameterised().train(), torch.randn(2, 3, 8, 8)
     result = convtool.separate(model, x, rank=1)
     assert [layer.name for layer in result.layers] == ["other"]
-    assert "without calling the module" in dict(result.skipped)["conv"]
+    assert "applies it itself" in dict(result.skipped)["conv"]
     assert isinstance(result.model.conv, nn.Conv2d)
 
 
@@ -483,3 +487,154 @@ def test_error_columns_describe_the_weights_the_pairs_apply_now():
     report = convtool.compare(model, tuned.model, data[:1], separation=result)
     assert all(layer.output_error is None for layer in report.layers)  # measured on another model
     assert all(layer.output_error is not None for layer in result.report(data[:1]).layers)
+
+
+class Bag:
+    def __init__(self, run):
+        self.run = run
+
+
+def _block():
+    return nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+
+
+class EveryWayToHoldAFunction(nn.Module):
+    """Functions reaching blocks through defaults, nesting, closures over closures, partials and objects."""
+
+    def __init__(self):
+        import functools
+
+        super().__init__()
+        self.blocks = nn.ModuleList(_block() for _ in range(5))
+        b = list(self.blocks)
+        inner = lambda x: b[2](x)  # noqa: E731
+        self.defaults = [lambda x, blk=b[0]: blk(x)]
+        self.nested = {"stages": [lambda x: b[1](x)]}
+        self.outer = lambda x: inner(x)
+        self.partial = functools.partial(lambda blk, x: blk(x), b[3])
+        self.bag = Bag(lambda x: b[4](x))
+
+    def forward(self, x):
+        x = self.defaults[0](x)
+        x = self.nested["stages"][0](x)
+        x = self.outer(x)
+        x = self.partial(x)
+        return self.bag.run(x)
+
+
+def test_the_copy_shares_nothing_with_the_callers_model_however_functions_hold_it():
+    torch.manual_seed(0)
+    model, x = EveryWayToHoldAFunction().train(), torch.randn(4, 4, 8, 8)
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    result = convtool.separate(model, x, rank=1, calibration=torch.randn(8, 4, 8, 8))
+    assert [layer.name for layer in result.layers] == [f"blocks.{i}.0" for i in range(5)]
+    result.model.train()(x)  # training the result must not reach the caller's modules either
+    convtool.distill(result.model, model, torch.randn(8, 4, 8, 8), steps=2, batch_size=4)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, snapshot[k], rtol=0, atol=0, msg=k)
+    assert all(p.grad is None for p in model.parameters())
+    assert_layers_proven(result, model, (x,))
+
+
+class FunctionalWithDropout(nn.Module):
+    """Code that reads self.training next to a functional conv: a traced GraphModule would freeze it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.w = nn.Parameter(torch.randn(8, 8, 3, 3) * 0.2)
+
+    def forward(self, x):
+        y = F.conv2d(self.stem(x), self.w, padding=1)
+        return F.dropout(y, 0.5, training=self.training)
+
+
+def test_a_functional_conv_in_mode_dependent_code_is_left_dense():
+    model, x = FunctionalWithDropout().train(), torch.randn(2, 3, 8, 8)
+    result = convtool.separate(model, x, rank="full")
+    assert [layer.name for layer in result.layers] == ["stem"]
+    assert "depends on train/eval mode" in dict(result.skipped)["w"]
+    with torch.no_grad():
+        torch.testing.assert_close(result.model.eval()(x), model.eval()(x), rtol=1e-4, atol=1e-5)
+    assert type(result.model) is FunctionalWithDropout  # not frozen into a GraphModule
+
+
+class FusedAtInference(nn.Module):
+    """RepVGG-style fusion: eval runs one conv on a weight computed from two."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.c1 = nn.Conv2d(8, 8, 1)
+        self.other = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        if self.training:
+            y = self.conv(x) + self.c1(x)
+        else:
+            fused = self.conv.weight + F.pad(self.c1.weight, (1, 1, 1, 1))
+            y = F.conv2d(x, fused, self.conv.bias + self.c1.bias, padding=1)
+        return self.other(y)
+
+
+def test_a_weight_fused_at_inference_is_not_claimed_by_the_training_branch():
+    model, x = FusedAtInference().train(), torch.randn(2, 8, 8, 8)
+    result = convtool.separate(model, x, rank=1)
+    assert [layer.name for layer in result.layers] == ["other"]
+    assert "applies it itself" in dict(result.skipped)["conv"]
+
+
+class SpectralPair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.utils.parametrizations.spectral_norm(nn.Conv2d(4, 8, 3, padding=1))
+        self.b = torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(8, 8, 3, padding=1))
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_parametrized_convs_left_dense_keep_their_parametrization():
+    model, x = SpectralPair().eval(), torch.randn(1, 4, 8, 8)
+    result = convtool.separate(model, x, rank=1, exclude=["a"])
+    assert [layer.name for layer in result.layers] == ["b"]
+    assert torch.nn.utils.parametrize.is_parametrized(result.model.a)
+    assert any(k.startswith("a.parametrizations") for k in result.model.state_dict())
+
+
+class BudgetWithAHeldConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)
+        self.holder = Holder(self.b)  # __slots__: the proof must put b back
+
+    def forward(self, x):
+        return self.holder.conv(torch.relu(self.a(x)))
+
+
+def test_a_flop_budget_is_reported_on_the_model_returned_after_the_proof():
+    model, x = BudgetWithAHeldConv().eval(), torch.randn(1, 16, 16, 16)
+    result = convtool.separate(model, x, rank=convtool.FlopsTarget(0.3))
+    assert "b" in dict(result.skipped)
+    assert result.flops_after == pytest.approx(convtool.analyze(result.model, x).flops)
+    assert result.budget_met is False
+
+
+class NestedContainers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.cfg = {"stages": [(self.a, "first"), (self.b, "second")]}
+
+    def forward(self, x):
+        for conv, _ in self.cfg["stages"]:
+            x = conv(x)
+        return x
+
+
+def test_convs_in_nested_containers_are_rewired():
+    model, x = NestedContainers().eval(), torch.randn(1, 3, 8, 8)
+    result = convtool.separate(model, x, rank=1)
+    assert [layer.name for layer in result.layers] == ["a", "b"]
+    assert_layers_proven(result, model, (x,))
+    assert model.cfg["stages"][0][0] is model.a  # the caller's containers untouched

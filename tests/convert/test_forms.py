@@ -147,7 +147,7 @@ def test_closures_are_rewired_in_the_copy_only(name):
     assert model.apply_c.__closure__[0].cell_contents is model.c  # the caller's closure is untouched
 
 
-@pytest.mark.parametrize("name", ["holder", "closure_partial", "bound_method"])
+@pytest.mark.parametrize("name", ["slots_holder", "closure_partial", "bound_method"])
 def test_captured_conv_stays_dense_and_exact(name):
     model, inputs, result = separated(form_named(name))
     assert [layer.name for layer in result.layers] == ["a"]
@@ -155,8 +155,8 @@ def test_captured_conv_stays_dense_and_exact(name):
     # Only "a" changed: the captured conv's output is the dense one.
     with torch.no_grad():
         x = torch.relu(result.model.a(inputs[0]))
-        run = result.model.holder.conv if name == "holder" else result.model.apply_c
-        reference = model.holder.conv if name == "holder" else model.apply_c
+        run = result.model.holder.conv if name == "slots_holder" else result.model.apply_c
+        reference = model.holder.conv if name == "slots_holder" else model.apply_c
         torch.testing.assert_close(run(x), reference(x))
 
 

@@ -213,3 +213,31 @@ def test_inputs_the_model_does_not_take_give_one_line_errors(tmp_path):
             call()
     with pytest.raises(InvalidOptionError, match="cannot be compared"):
         convtool.compare(model, nn.Sequential(nn.Conv2d(3, 4, 3)).eval(), torch.randn(1, 3, 8, 8))
+
+
+class Scaled(nn.Module):
+    """A second input that is not per-sample: a (C,) scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x, scale):
+        return self.conv(x) * scale[None, :, None, None]
+
+
+def test_inputs_without_a_batch_dimension_keep_their_shape(tmp_path):
+    model = Scaled().eval()
+    inputs = (torch.randn(1, 3, 8, 8), torch.rand(8))
+    exported = convtool.export_onnx(model, inputs, tmp_path / "s.onnx")
+    assert exported.dynamic_batch and exported.fixed_batch_reason is None
+    (check,) = convtool.verify_onnx(exported, model, inputs, providers=["cpu"], runs=1)
+    assert check.passed and check.batch_sizes == (1, 3), check.reason
+
+
+def test_verification_tolerance_follows_the_output_scale(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval()
+    x = torch.randn(1, 3, 16, 16) * 1000  # large outputs: float32 rounding is far above 1e-4
+    exported = convtool.export_onnx(model, x, tmp_path / "m.onnx")
+    (check,) = convtool.verify_onnx(exported, model, x, providers=["cpu"], runs=1)
+    assert check.passed, check.reason
