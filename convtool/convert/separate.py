@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..core.decompose import ORDERS
-from ..core.inputs import as_inputs, guess_inputs, model_device, on_device, run_checked, running
+from ..core.inputs import as_inputs, guess_inputs, model_device, on_device, run_checked, running, tensors_of
 from ..core.names import join, label
 from ..core.records import FlopsTarget, LayerChange, Rank, SkippedLayer, check_rank
 from ..errors import AnalysisError, InvalidOptionError, NothingToSeparateError
@@ -26,7 +26,7 @@ from ..measure.onnxrt import module_latency, require_provider
 from .bake import bake, copy_model, unbake, working_copy
 from .calibrate import Layer, calibration_batches, recalibrate_batchnorm, refit
 from .install import Installed, install
-from .plan import Latency, SiteStats, make_plan
+from .plan import Latency, Plan, SiteStats, make_plan
 from .proof import NOT_RUN, OUTSIDE, RAN, Edits, prove
 from .sites import Site, find_sites
 
@@ -173,21 +173,13 @@ def separate(
 
     costed = inputs or sample
     dense_run = None
-    stats: dict[str, SiteStats] = {}
-    total = None
-    activations: dict[str, torch.Tensor] = {}
     if isinstance(rank, FlopsTarget) or latency is not None:
         if not costed:
             raise InvalidOptionError("a FLOP target or a latency provider needs example inputs (or calibration data) to cost each layer")
         with running(costed, _what(inputs)):
             dense_run = record(work, costed)
-        stats = _site_stats(sites, dense_run)
-        if isinstance(rank, FlopsTarget):
-            total = _model_flops(work, costed, dense_run)
-            if batches:
-                activations = _first_inputs(work, sites, on_device(batches[0], device))
-    plan = make_plan(sites, rank, order, stats=stats, total_flops=total, activations=activations,
-                     latency=latency, provider=latency_provider or "")
+    plan = _plan(work, sites, rank, order, costed, dense_run, on_device(batches[0], device) if batches else None,
+                 latency, latency_provider)
     skipped += [SkippedLayer(name, reason) for name, reason in plan.dense_reasons.items()]
 
     proof_inputs, why_not = (inputs, None) if inputs else (sample, None) if sample else guess_inputs(work)
@@ -208,16 +200,8 @@ def separate(
     edits.rewire()
     calls: dict[str, Any] = {}
     if proof_inputs:
-        proof = prove(edits.root, proof_inputs, [i.claim for i in installed], before)
-        if proof.failed:
-            undone = edits.revert(set(proof.failed))
-            for i in installed:
-                if i.site.name in undone:
-                    reason = proof.failed.get(i.site.name, "left dense with a layer it shares code with, which could not be proven")
-                    skipped.append(SkippedLayer(i.site.name, reason))
-            installed = [i for i in installed if i.site.name not in undone]
-        calls = proof.calls
-        shapes = ", ".join("x".join(map(str, x.shape)) for x in proof_inputs if isinstance(x, torch.Tensor))
+        installed, calls = _prove(edits, installed, proof_inputs, before, skipped)
+        shapes = ", ".join("x".join(map(str, x.shape)) for x in tensors_of(proof_inputs))
         verification = f"every layer's pairs ran, and no replaced conv did, on inputs {shapes or 'given'}"
     else:
         verification = f"not run: no example inputs, and {why_not}; pass example inputs to prove the separation"
@@ -247,6 +231,31 @@ def separate(
         model=work, layers=layers, skipped=tuple(skipped), original=model, verified=bool(proof_inputs),
         verification=verification, budget_met=budget_met, flops_before=plan.flops_before, flops_after=flops_after,
     )
+
+
+def _plan(work, sites, rank, order, costed, dense_run, calibration_batch, latency, provider) -> Plan:
+    """The rank decisions, with what the strategy needs measured: call statistics, model FLOPs, activations."""
+    stats = _site_stats(sites, dense_run) if dense_run is not None else {}
+    total, activations = None, {}
+    if isinstance(rank, FlopsTarget):
+        total = _model_flops(work, costed, dense_run)
+        if calibration_batch is not None:
+            activations = _first_inputs(work, sites, calibration_batch)
+    return make_plan(sites, rank, order, stats=stats, total_flops=total, activations=activations,
+                     latency=latency, provider=provider or "")
+
+
+def _prove(edits: Edits, installed: list[Installed], inputs: tuple, before: dict[str, str], skipped: list[SkippedLayer]):
+    """Keep the installed sites the proof confirms; put the rest back, each with its reason in ``skipped``."""
+    proof = prove(edits.root, inputs, [i.claim for i in installed], before)
+    if proof.failed:
+        undone = edits.revert(set(proof.failed))
+        for i in installed:
+            if i.site.name in undone:
+                reason = proof.failed.get(i.site.name, "left dense with a layer it shares code with, which could not be proven")
+                skipped.append(SkippedLayer(i.site.name, reason))
+        installed = [i for i in installed if i.site.name not in undone]
+    return installed, proof.calls
 
 
 def _what(inputs: tuple) -> str:
