@@ -118,4 +118,31 @@ def vgg11_narrow() -> VGG:
     return VGG([32, "M", 64, "M", 128, 128, "M", 256, 256, "M", 256, 256, "M"], classes=1000, hidden=1024)
 
 
-ARCHITECTURES = {"resnet18": resnet18, "resnet50": resnet50, "vgg16": vgg16, "vgg11-narrow": vgg11_narrow}
+
+
+class TallKernelNet(nn.Module):
+    """Long 1-d signals as (N, 1024, L, 1) images with 64x1 kernels: 1,024 -> 128 then 128 -> 128.
+
+    About 1.4 GFLOPs per input of length 1,024 (issue 12's model of tall kernels). Trained-looking
+    weights are not needed for timing; for accuracy benchmarks train it first.
+    """
+
+    def __init__(self, channels: int = 1024, width: int = 128, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(channels, width, (64, 1), stride=(8, 1), padding=(28, 0)), nn.BatchNorm2d(width), nn.ReLU())
+        self.body = nn.Sequential(
+            *(nn.Sequential(nn.Conv2d(width, width, (64, 1), padding="same"), nn.BatchNorm2d(width), nn.ReLU()) for _ in range(3))
+        )
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(self.body(self.stem(x)).mean((2, 3)))
+
+
+def tall_kernel_net() -> TallKernelNet:
+    return TallKernelNet()
+
+
+ARCHITECTURES = {
+    "resnet18": resnet18, "resnet50": resnet50, "vgg16": vgg16, "vgg11-narrow": vgg11_narrow, "tall-kernel": tall_kernel_net,
+}

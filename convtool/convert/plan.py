@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.costs import dense_flops, pair_flops
-from ..core.decompose import ORDERS, max_rank, rank_errors
+from ..core.decompose import ORDERS, max_rank, rank_errors, separable_factors
 from ..core.modules import SeparableConv2d
 from ..core.records import Energy, FlopsTarget, Rank
 from ..errors import InvalidOptionError
@@ -113,19 +113,51 @@ def _dense(site: Site) -> nn.Conv2d:
 
 
 def _output_errors(site: Site, x: torch.Tensor, choice: Choice) -> Choice:
-    """Replace weight-space errors by measured output errors on calibration activations."""
+    """Replace weight-space errors by measured output errors on calibration activations.
+
+    One factorisation per order: the rank-r pair's output is the sum of its first r rank-1
+    components (each a depthwise and a pointwise conv), so the errors of every rank come from
+    one pass over the components, not from a new SVD and a new pair per rank.
+    """
     o = site.options
+    bias = site.uses[0].bias
+    options: dict[tuple[str, int], tuple[float, float]] = {}
     with torch.no_grad():
-        reference = F.conv2d(x, site.weight, site.uses[0].bias, o["stride"], o["padding"], o["dilation"], site.groups)
+        reference = F.conv2d(x, site.weight, bias, o["stride"], o["padding"], o["dilation"], site.groups)
         norm = float(reference.double().pow(2).sum()) or 1.0
-        options = {}
-        for key, (cost, _) in choice.options.items():
-            if key == DENSE:
-                options[key] = (cost, 0.0)
-                continue
-            error = float((_pair(site, *key)(x) - reference).double().pow(2).sum()) / norm
-            options[key] = (cost, error)
+        for order in {key[0] for key in choice.options if key != DENSE}:
+            top = max(key[1] for key in choice.options if key[0] == order)
+            errors = rank_output_errors(site.weight, bias, site.groups, order, x, top, o)
+            options.update({key: (cost, errors[key[1]] / norm) for key, (cost, _) in choice.options.items() if key[0] == order})
+    options[DENSE] = (choice.options[DENSE][0], 0.0)
     return Choice(options)
+
+
+def rank_output_errors(
+    weight: torch.Tensor, bias: torch.Tensor | None, groups: int, order: str, x: torch.Tensor, top: int, options: dict
+) -> dict[int, float]:
+    """Squared output error on ``x`` of the rank-r pair, for r = 1 .. ``top``, from one SVD.
+
+    ``options`` holds the conv's stride, padding and dilation (zero padding). The residual is
+    kept in float64: the errors of high ranks are small differences of large outputs.
+    """
+    f = separable_factors(weight, top, groups, order)
+    n, m_g, kh, kw = weight.shape
+    stride, padding, dilation = options["stride"], options["padding"], options["dilation"]
+    residual = F.conv2d(x, weight, None, stride, padding, dilation, groups).double()
+    errors = {}
+    for i in range(f.rank):
+        if order == "dw-pw":
+            spatial = f.spatial[i :: f.rank]  # filter i of every input channel
+            mixing = f.mixing.reshape(n, m_g, f.rank, 1, 1)[:, :, i]
+            part = F.conv2d(F.conv2d(x, spatial, None, stride, padding, dilation, m_g * groups), mixing, None, 1, 0, 1, groups)
+        else:
+            mixing = f.mixing.reshape(n, f.rank, m_g, 1, 1)[:, i]
+            spatial = f.spatial[:, i : i + 1]
+            part = F.conv2d(F.conv2d(x, mixing, None, 1, 0, 1, groups), spatial, None, stride, padding, dilation, n)
+        residual -= part.double()
+        errors[i + 1] = float(residual.pow(2).sum())
+    return errors
 
 
 def faster_than_dense(site: Site, choice: Choice, stats: SiteStats, latency: Latency) -> Choice:

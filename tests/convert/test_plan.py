@@ -1,0 +1,57 @@
+"""Rank costing: every rank's output error from one factorisation, the same numbers as building each pair."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import convtool
+from convtool import SeparableConv2d
+from convtool.convert.plan import rank_output_errors
+from convtool.core.decompose import max_rank
+
+from ..core.test_decompose import _input, conv_configs
+from ..zoo import ZOO, build
+
+
+@settings(max_examples=30, deadline=None)
+@given(config=conv_configs(), order=st.sampled_from(["dw-pw", "pw-dw"]), seed=st.integers(0, 2**16))
+def test_every_rank_costed_at_once_equals_building_each_pair(config, order, seed):
+    torch.manual_seed(seed)
+    config = {**config, "padding_mode": "zeros"}  # output errors are measured for zero padding only
+    conv = torch.nn.Conv2d(**config).double()
+    x = _input(conv, torch.float64)
+    options = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+    top = max_rank(conv.weight, conv.groups, order)
+    fast = rank_output_errors(conv.weight, conv.bias, conv.groups, order, x, top, options)
+    with torch.no_grad():
+        reference = conv(x)
+        for r in range(1, top + 1):
+            pair = SeparableConv2d.from_conv(conv, rank=r, order=order)
+            slow = float((pair(x) - reference).pow(2).sum())
+            assert fast[r] == pytest.approx(slow, rel=1e-6, abs=1e-9), (r, fast[r], slow)
+
+
+@pytest.mark.parametrize("entry", [e for e in ZOO if e.name in ("resnet", "unet", "functional", "reused")], ids=lambda e: e.name)
+def test_budget_plans_with_calibration_are_those_of_measuring_each_pair(entry, monkeypatch):
+    """The plan chosen with the fast costing is the plan chosen by building every candidate pair."""
+    from convtool.convert import plan as plan_module
+
+    model, inputs = build(entry)
+    data = tuple(torch.cat([x] * 8) for x in inputs)
+    calibration = data if len(data) > 1 else data[0]
+    target = convtool.FlopsTarget(0.4)
+    fast = convtool.separate(model, inputs, rank=target, order="auto", calibration=calibration)
+
+    def slow(weight, bias, groups, order, x, top, options):
+        with torch.no_grad():
+            reference = torch.nn.functional.conv2d(x, weight, None, options["stride"], options["padding"], options["dilation"], groups)
+            return {
+                r: float((SeparableConv2d.from_weight(weight, None, groups=groups, rank=r, order=order, **options)(x) - reference)
+                         .double().pow(2).sum())
+                for r in range(1, top + 1)
+            }
+
+    monkeypatch.setattr(plan_module, "rank_output_errors", slow)
+    brute = convtool.separate(model, inputs, rank=target, order="auto", calibration=calibration)
+    assert [(l.name, l.order, l.rank) for l in fast.layers] == [(l.name, l.order, l.rank) for l in brute.layers]
