@@ -82,12 +82,17 @@ def columns(call: ConvCall) -> Tensor:
 
 
 class NormalEquations:
-    """Accumulates X X^T and X Y^T per group over calls, in float64, with one bias column per bias tensor."""
+    """Accumulates X X^T, X Y^T and Y.Y over calls, in float64, with one bias column per bias tensor.
+
+    They hold all the data says about a linear fit: the error of any weights can be read off
+    them, so no activation needs keeping past its batch.
+    """
 
     def __init__(self, bias_slots: int) -> None:
         self.slots = bias_slots
         self.xx: Tensor | None = None
         self.xy: Tensor | None = None
+        self.yy = 0.0
 
     def add(self, cols: Tensor, target: Tensor, slot: int | None) -> None:
         b, g, f, length = cols.shape
@@ -101,6 +106,13 @@ class NormalEquations:
         xx, xy = x @ x.transpose(1, 2), x @ y.transpose(1, 2)
         self.xx = xx if self.xx is None else self.xx + xx
         self.xy = xy if self.xy is None else self.xy + xy
+        self.yy += float(y.pow(2).sum())
+
+    def relative_error(self, w: Tensor) -> float:
+        """||Y - W^T X|| / ||Y|| for weights ``w`` shaped like :meth:`solve`'s result."""
+        w = w.to(self.xx)
+        residual = self.yy - 2 * float((w * self.xy).sum()) + float((w * (self.xx @ w)).sum())
+        return math.sqrt(max(residual, 0.0) / self.yy) if self.yy > 0 else 0.0
 
     def solve(self) -> Tensor:
         """Ridge-regularised least squares, shape (groups, features + bias slots, outputs per group)."""
@@ -155,7 +167,7 @@ def refit(reference: nn.Module, separated: nn.Module, layers: Sequence[Layer], b
         biases = list({id(p.last.bias): p.last.bias for p in layer.pairs if p.last.bias is not None}.values())
         slot_of = {id(b): i for i, b in enumerate(biases)}
         equations = NormalEquations(len(biases))
-        seen: list[tuple[ConvCall, Tensor]] = []
+        matched = 0
         for batch in batches:
             batch = on_device(batch, device)
             targets = record(reference, batch, keep={id(layer.reference_weight)}, stop_after=layer.calls)
@@ -166,12 +178,12 @@ def refit(reference: nn.Module, separated: nn.Module, layers: Sequence[Layer], b
                 continue  # the batch took another path through the model: its calls cannot be matched
             for call, target in zip(got, wanted):
                 equations.add(columns(call), target.output, slot_of.get(id(call.bias)) if call.bias is not None else None)
-                seen.append((call, target.output))
-        if not seen:
+                matched += 1
+        if not matched:
             log.info("%s did not run on the calibration data; it keeps its SVD initialisation", layer.name)
             errors[layer.name] = None
             continue
-        before = _relative_error(seen, last.weight, biases, slot_of)
+        before = equations.relative_error(_as_solution(last, biases))
         solution = equations.solve()  # (g, f + slots, o_g)
         f = last.weight[0].numel()
         old = [last.weight.detach().clone(), *(b.detach().clone() for b in biases)]
@@ -179,7 +191,7 @@ def refit(reference: nn.Module, separated: nn.Module, layers: Sequence[Layer], b
             last.weight.copy_(solution[:, :f, :].permute(0, 2, 1).reshape(last.weight.shape).to(last.weight.dtype))
             for i, bias in enumerate(biases):
                 bias.copy_(solution[:, f + i, :].reshape(-1).to(bias.dtype))
-        after = _relative_error(seen, last.weight, biases, slot_of)
+        after = equations.relative_error(_as_solution(last, biases))  # of the weights as stored, cast included
         if not after <= before:  # ill-conditioned data: keep the SVD initialisation
             with torch.no_grad():
                 for tensor, saved in zip([last.weight, *biases], old):
@@ -189,15 +201,11 @@ def refit(reference: nn.Module, separated: nn.Module, layers: Sequence[Layer], b
     return errors
 
 
-def _relative_error(seen: list[tuple[ConvCall, Tensor]], weight: Tensor, biases: list[Tensor], slot_of: dict[int, int]) -> float:
-    num = den = 0.0
-    with torch.no_grad():
-        for call, target in seen:
-            bias = biases[slot_of[id(call.bias)]] if call.bias is not None else None
-            out = F.conv2d(call.input, weight, bias, call.stride, call.padding, call.dilation, call.groups)
-            num += float((out - target).double().pow(2).sum())
-            den += float(target.double().pow(2).sum())
-    return math.sqrt(num / den) if den > 0 else 0.0
+def _as_solution(conv: nn.Conv2d, biases: list[Tensor]) -> Tensor:
+    """A conv's weight and bias slots in the (groups, features + slots, outputs per group) form of a solution."""
+    g = conv.groups
+    w = conv.weight.detach().double().reshape(g, conv.out_channels // g, -1).transpose(1, 2)
+    return torch.cat([w, *(b.detach().double().reshape(g, 1, -1) for b in biases)], 1)
 
 
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[tuple]) -> int:

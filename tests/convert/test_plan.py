@@ -55,3 +55,15 @@ def test_budget_plans_with_calibration_are_those_of_measuring_each_pair(entry, m
     monkeypatch.setattr(plan_module, "rank_output_errors", slow)
     brute = convtool.separate(model, inputs, rank=target, order="auto", calibration=calibration)
     assert [(l.name, l.order, l.rank) for l in fast.layers] == [(l.name, l.order, l.rank) for l in brute.layers]
+
+
+@pytest.mark.parametrize("order", ["dw-pw", "pw-dw"])
+def test_the_streamed_refit_reports_the_error_it_leaves(order):
+    """The refit keeps no activations; the error it reports is the one the layer makes on the data."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1, stride=2)).eval()
+    data = torch.randn(80, 8, 12, 12)  # three batches of 32, the last partial
+    result = convtool.separate(model, data[:1], rank=1, order=order, calibration=data)
+    with torch.no_grad():
+        expected = float((result.model(data) - model(data)).norm() / model(data).norm())
+    assert result.layers[0].output_error == pytest.approx(expected, rel=1e-4)
