@@ -40,9 +40,11 @@ _WHERE = {
     "Separation": ".convert.separate",
     "separate": ".convert.separate",
     "export_onnx": ".deploy.export",
-    "Benchmark": ".deploy.verify",
+    "Benchmark": ".core.records",
+    "LayerLatency": ".core.records",
     "ProviderCheck": ".deploy.verify",
     "benchmark": ".deploy.verify",
+    "layer_latencies": ".deploy.verify",
     "verify_onnx": ".deploy.verify",
 }
 
@@ -65,9 +67,9 @@ if TYPE_CHECKING:
     from .convert.separate import Separation, separate
     from .core.decompose import separable_factors
     from .core.modules import SeparableConv2d
-    from .core.records import Energy, FlopsTarget, LayerChange, SkippedLayer
+    from .core.records import Benchmark, Energy, FlopsTarget, LayerChange, LayerLatency, SkippedLayer
     from .deploy.export import export_onnx
-    from .deploy.verify import Benchmark, ProviderCheck, benchmark, verify_onnx
+    from .deploy.verify import ProviderCheck, benchmark, layer_latencies, verify_onnx
     from .measure.compare import Comparison, compare
     from .measure.counts import Analysis, ModuleCost, analyze
     from .measure.fidelity import Fidelity, OutputFidelity
@@ -101,6 +103,7 @@ __all__ = [
     "FlopsTarget",
     "InvalidOptionError",
     "LayerChange",
+    "LayerLatency",
     "ModelLoadError",
     "ModuleCost",
     "NothingToSeparateError",
@@ -120,6 +123,7 @@ __all__ = [
     "compare",
     "distill",
     "export_onnx",
+    "layer_latencies",
     "separable_factors",
     "separate",
     "verify_onnx",

@@ -322,23 +322,43 @@ def separate(model, output, rank, flops_target, energy, latency_provider, includ
         separated = _distill(separated, original, data, distill_steps, ui)
     with ui.status("counting parameters and FLOPs"):
         report = convtool.compare(original, separated, inputs, separation=result)
-    ui.show(to_rich(report))
-    if as_json and not quiet:
-        click.echo(json.dumps(to_dict(report), indent=2, allow_nan=False))
     # Every output is staged and renamed into place only when all were made, so a model that
     # cannot be pickled or exported leaves nothing behind.
+    checks = None
     with Staging() as staging:
         portable = staging.write(output, lambda tmp: write_model(separated, tmp, inputs))
+        if onnx_path:
+            exported = _export(separated, inputs, onnx_path, ui)
+            with ui.status("verifying on onnxruntime"):
+                checks = convtool.verify_onnx(exported, separated, inputs, providers=provider_names)
+            report = _with_latency(report, original, separated, inputs, checks, ui)
         if report_path:
             text = _report_text(report_path, lambda: to_dict(report), lambda: to_markdown(report))
             staging.write(report_path, lambda tmp: tmp.write_text(text))
-        exported = _export(separated, inputs, onnx_path, ui) if onnx_path else None
+    ui.show(to_rich(report))
+    if as_json and not quiet:
+        click.echo(json.dumps(to_dict(report), indent=2, allow_nan=False))
     ui.note(f"wrote {output}" + ("" if portable else " (loading it needs the model's own code importable)"))
-    if exported is not None:
-        with ui.status("verifying on onnxruntime"):
-            checks = convtool.verify_onnx(exported, separated, inputs, providers=provider_names)
+    if checks is not None:
         _finish_verification(checks, asked, ui.note)
     return 0
+
+
+def _with_latency(report, original, separated, inputs, checks, ui):
+    """The report with both models timed on the first provider that verified, and, if slower, the losing layers."""
+    import dataclasses
+
+    import convtool
+
+    provider = next((c.provider for c in checks if c.passed), None)
+    if provider is None:
+        return report
+    with ui.status(f"timing both models on {provider}"):
+        timing = convtool.benchmark(original, separated, inputs, provider=provider, runs=20, warmup=3)
+        losers = ()
+        if timing.speedup < 1:
+            losers = tuple(layer for layer in convtool.layer_latencies(separated, inputs, provider=provider) if not layer.faster)
+    return dataclasses.replace(report, latency=timing, slower_layers=losers)
 
 
 def _needs(option: str, given: bool, other: str, other_value: Any) -> None:

@@ -602,3 +602,37 @@ def test_calibration_that_does_not_fit_is_refused_even_with_an_input_shape(proje
                  "--input-shape", "1,3,16,16")
     assert result.exit_code == 2 and "calibration sample" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_separate_with_onnx_reports_both_latencies(project):
+    result = run("separate", project / "small.pt", "--arch", arch(project), "--input-shape", "1,3,16,16",
+                 "--onnx", project / "s.onnx", "--providers", "cpu", "--json", "-o", project / "s.pt")
+    assert result.exit_code == 0, result.output
+    latency = json.loads(result.stdout)["latency"]
+    assert latency["provider"] == "CPUExecutionProvider" and latency["original_ms"] > 0 and latency["separated_ms"] > 0
+    assert latency["speedup"] == pytest.approx(latency["original_ms"] / latency["separated_ms"])
+
+
+def test_a_slower_separated_model_is_said_with_the_layers_that_lose(project, monkeypatch):
+    import convtool
+    from convtool.core.records import Benchmark, LayerLatency
+
+    monkeypatch.setattr(convtool, "benchmark", lambda *a, **k: Benchmark("CPUExecutionProvider", 1.0, 2.0, 20, None))
+    monkeypatch.setattr(convtool, "layer_latencies", lambda *a, **k: [LayerLatency("0", 0.1, 0.3), LayerLatency("3", 0.2, 0.1)])
+    result = run("separate", project / "small.pt", "--arch", arch(project), "--input-shape", "1,3,16,16",
+                 "--onnx", project / "s.onnx", "--providers", "cpu", "--report", project / "r.md", "-o", project / "s.pt")
+    assert result.exit_code == 0, result.output
+    assert "SLOWER (0.50x)" in result.output and "0 (0.1 ms dense, 0.3 ms separated)" in result.output
+    assert "--latency cpu keeps such layers dense" in result.output
+    assert "3 (" not in result.output.split("not faster:")[1]  # only the layers that lose are named
+    assert "SLOWER" in (project / "r.md").read_text()
+
+
+def test_layer_latencies_times_every_pair_at_its_input_shape():
+    import convtool
+
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, padding_mode="reflect")).eval()
+    x = torch.randn(1, 8, 16, 16)
+    separated = convtool.separate(model, x, rank=1).model
+    timings = convtool.layer_latencies(separated, x, provider="cpu")
+    assert [t.name for t in timings] == ["0", "2"] and all(t.dense_ms > 0 and t.separated_ms > 0 for t in timings)

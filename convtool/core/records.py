@@ -117,6 +117,38 @@ class LayerChange:
         return self.flops_before / self.flops_after if self.flops_after else math.inf
 
 
+@dataclass(frozen=True)
+class Benchmark:
+    """Latency of two models on one provider, timed interleaved in one run (medians, ms).
+
+    Only ever made from sessions that really ran on ``provider``.
+    """
+
+    provider: str
+    original_ms: float
+    separated_ms: float
+    runs: int
+    threads: int | None
+
+    @property
+    def speedup(self) -> float:
+        """Original latency over separated latency (above 1: the separated model is faster)."""
+        return self.original_ms / self.separated_ms
+
+
+@dataclass(frozen=True)
+class LayerLatency:
+    """One separated layer timed alone: a dense conv of its shape against its pair, at its input shape (ms)."""
+
+    name: str
+    dense_ms: float
+    separated_ms: float
+
+    @property
+    def faster(self) -> bool:
+        return self.separated_ms < self.dense_ms
+
+
 class SkippedLayer(NamedTuple):
     """A conv, or a part of the model, left as it was, and why."""
 

@@ -7,6 +7,7 @@ cannot run here rather than time the CPU under its name.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -17,6 +18,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from ..core.inputs import as_inputs, batch_size, batched, eval_mode, model_device, on_device, run_checked
+from ..core.modules import SeparableConv2d
+from ..core.records import Benchmark, LayerLatency
 from ..core.names import describe_error
 from ..errors import OnnxFileError, ProviderUnavailableError
 from ..measure.onnxrt import (
@@ -26,6 +29,7 @@ from ..measure.onnxrt import (
     missing_reason,
     numpy,
     open_session,
+    module_latency,
     provider_name,
     require_provider,
     time_modules,
@@ -180,25 +184,6 @@ def _tolerances(expected: Any, rtol: float | None, atol: float | None) -> tuple[
     return (default[0] if rtol is None else rtol, default[1] if atol is None else atol)
 
 
-@dataclass(frozen=True)
-class Benchmark:
-    """Latency of two models on one provider, timed interleaved in one run (medians, ms).
-
-    Only ever made from sessions that really ran on ``provider``.
-    """
-
-    provider: str
-    original_ms: float
-    separated_ms: float
-    runs: int
-    threads: int | None
-
-    @property
-    def speedup(self) -> float:
-        """Original latency over separated latency (above 1: the separated model is faster)."""
-        return self.original_ms / self.separated_ms
-
-
 def benchmark(
     original: nn.Module,
     separated: nn.Module,
@@ -233,3 +218,43 @@ def benchmark(
     shipped = [for_runtime(m, on_device(inputs, model_device(m)))[0] for m in (original, separated)]
     original_ms, separated_ms = time_modules(shipped, inputs, provider=name, runs=runs, warmup=warmup, threads=threads)
     return Benchmark(name, original_ms, separated_ms, runs, threads)
+
+
+def layer_latencies(model: nn.Module, example_inputs: Any, *, provider: str = "cpu") -> list[LayerLatency]:
+    """Each separated layer of ``model`` timed alone against a dense conv of its shape, at its input shape.
+
+    What the latency filter measures, for every pair the model holds: it names the layers that
+    make a separated model slower than its original. A dense twin of each pair is built from
+    its hyper-parameters (latency does not depend on the weights' values).
+
+    Raises:
+        ProviderUnavailableError: the provider cannot run here.
+    """
+    name = require_provider(provider)
+    inputs = on_device(as_inputs(example_inputs), model_device(model))
+    pairs = {id(m): (n, m) for n, m in model.named_modules() if isinstance(m, SeparableConv2d)}
+    shapes: dict[int, tuple[int, ...]] = {}
+
+    def record_shape(module: nn.Module, args: tuple) -> None:  # a pre-hook's return value would replace the inputs
+        shapes.setdefault(id(module), tuple(args[0].shape))
+
+    hooks = [m.register_forward_pre_hook(record_shape) for _, m in pairs.values()]
+    try:
+        run_checked(model, inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    found = []
+    for key, (layer, pair) in pairs.items():
+        if key not in shapes:
+            continue
+        dense = nn.Conv2d(
+            pair.in_channels, pair.out_channels, pair.kernel_size, pair.stride, pair.padding, pair.dilation, pair.groups,
+            bias=pair.bias is not None, padding_mode=pair.padding_mode, dtype=pair.depthwise.weight.dtype,
+        ).eval()
+        found.append(LayerLatency(
+            layer or "<model>",
+            module_latency(dense, shapes[key], name),
+            module_latency(copy.deepcopy(pair).eval(), shapes[key], name),
+        ))
+    return found

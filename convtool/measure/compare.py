@@ -14,7 +14,7 @@ from ..core.inputs import as_inputs, eval_mode, model_device, on_device, run_che
 from ..errors import InvalidOptionError
 from ..core.names import get_or_none
 from ..core.modules import SeparableConv2d
-from ..core.records import LayerChange, SkippedLayer
+from ..core.records import Benchmark, LayerChange, LayerLatency, SkippedLayer
 from .conv_calls import record
 from .counts import FLOPS_UNIT, Analysis, analyze
 from .fidelity import Fidelity, output_fidelity
@@ -33,6 +33,10 @@ class Comparison:
         skipped: convs left dense, when the comparison came from a :class:`~convtool.Separation`.
         verified: from a Separation: whether every layer was proven to run in the separated
             model (None for two arbitrary models).
+        latency: both models timed on one onnxruntime provider, when measured (the CLI does
+            with ``--onnx``; set it with ``dataclasses.replace`` and :func:`~convtool.benchmark`).
+        slower_layers: when the separated model is slower, the layers whose separated form is
+            not faster than a dense conv, timed alone (:func:`~convtool.layer_latencies`).
     """
 
     before: Analysis
@@ -41,6 +45,8 @@ class Comparison:
     fidelity: Fidelity
     skipped: tuple[SkippedLayer, ...] = ()
     verified: bool | None = None
+    latency: Benchmark | None = None
+    slower_layers: tuple[LayerLatency, ...] = ()
     flops_unit: str = FLOPS_UNIT
 
     @property

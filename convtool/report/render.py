@@ -7,7 +7,7 @@ shows those fields. Tables round numbers for people (12.3M, 4.56G); JSON keeps t
 
 Schema history: 2 (convtool 0.2) writes each layer as the whole ``LayerChange`` record
 (``weight_relative_error`` became ``weight_error``; ``aliases``, ``source``, ``calls`` and
-``output_error`` are new), adds ``verified``, and gives each analysed
+``output_error`` are new), adds ``verified`` and ``latency`` (null unless measured), and gives each analysed
 module its ``own_params`` / ``own_flops``.
 """
 
@@ -79,6 +79,11 @@ def to_dict(comparison: Comparison) -> dict[str, Any]:
             **{k: _json_value(v) for k, v in dataclasses.asdict(f).items() if k != "outputs"},
             "outputs": [{k: _json_value(v) for k, v in dataclasses.asdict(o).items()} for o in f.outputs],
         },
+        "latency": None if c.latency is None else {
+            **{k: _json_value(v) for k, v in dataclasses.asdict(c.latency).items()},
+            "speedup": c.latency.speedup,
+            "slower_layers": [dataclasses.asdict(layer) for layer in c.slower_layers],
+        },
         "unsupported_ops": {"before": c.before.unsupported_ops, "after": c.after.unsupported_ops},
     }
 
@@ -95,6 +100,22 @@ def _fidelity_line(c: Comparison) -> str:
     if f.top1_agreement is not None:
         parts.append(f"top-1 agreement {f.top1_agreement:.1%}")
     return ", ".join(parts)
+
+
+def _latency_lines(c: Comparison) -> list[str]:
+    """Both latencies, and when the separated model is slower, which layers lose and what keeps them dense."""
+    t = c.latency
+    if t is None:
+        return []
+    line = f"onnxruntime {t.provider}: original {t.original_ms:.3g} ms, separated {t.separated_ms:.3g} ms"
+    if t.speedup >= 1:
+        return [f"{line} ({t.speedup:.2f}x faster)."]
+    lines = [f"{line}: the separated model is SLOWER ({t.speedup:.2f}x)."]
+    if c.slower_layers:
+        losers = ", ".join(f"{l.name} ({l.dense_ms:.3g} ms dense, {l.separated_ms:.3g} ms separated)" for l in c.slower_layers)
+        short = t.provider.removesuffix("ExecutionProvider").lower()
+        lines.append(f"Layers whose separated form is not faster: {losers}; --latency {short} keeps such layers dense.")
+    return lines
 
 
 def _verified_line(c: Comparison) -> str | None:
@@ -172,6 +193,8 @@ def to_markdown(comparison: Comparison) -> str:
     verified = _verified_line(c)
     if verified:
         lines += [verified, ""]
+    for text in _latency_lines(c):
+        lines += [_md(text), ""]
     if c.layers:
         lines += [
             f"### Separated layers ({len(c.layers)})",
@@ -202,6 +225,7 @@ def to_rich(comparison: Comparison, *, max_layers: int | None = 40) -> list[Any]
     verified = _verified_line(c)
     if verified:
         out.append(verified)
+    out += _latency_lines(c)
     if c.layers:
         rows = _layer_rows(c)
         layers = Table(title=f"Separated layers ({len(rows)})", title_justify="left")
