@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..core.modules import SeparableConv2d
-from ..core.names import get, get_or_none
+from ..core.names import get
 from ..core.tracing import Tracing
 from .fx_pass import FunctionalConv, rewrite_functional
 from .proof import Claim, Edits
@@ -118,8 +118,3 @@ def _install_functional(edits, sites, pairs_of, tracing) -> tuple[list[Installed
         installed.append(Installed(site, Claim(site.name, site.weight, pairs), names))
     problems = [(name, why[name]) for name in sorted(missed_sites)]
     return installed, problems
-
-
-def pair_at(model: nn.Module, name: str) -> SeparableConv2d | None:
-    found = get_or_none(model, name)
-    return found if isinstance(found, SeparableConv2d) else None

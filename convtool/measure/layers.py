@@ -6,6 +6,7 @@ in a report is the number the proof measured on the model itself.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -74,7 +75,7 @@ def describe(
         groups=first.groups,
         rank=first.rank,
         order=first.order,
-        params_before=_numel(weight_shape) + sum(b.numel() for b in biases),
+        params_before=math.prod(weight_shape) + sum(b.numel() for b in biases),
         params_after=params_after,
         flops_before=flops_before,
         flops_after=flops_after,
@@ -90,13 +91,6 @@ def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
         a, r = actual.detach().double(), reference.detach().double().to(actual.device)
         norm = float(r.norm())
         return float((a - r).norm()) / norm if norm > 0 else float((a - r).norm())
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def pair_groups(model: nn.Module) -> list[tuple[list[str], list[SeparableConv2d]]]:
