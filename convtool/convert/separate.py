@@ -16,12 +16,13 @@ from torch import nn
 
 from ..core.decompose import ORDERS
 from ..core.inputs import as_inputs, guess_inputs, model_device, on_device, run_checked, running, tensors_of
+from ..core.modules import SeparableConv2d, runtime_forms
 from ..core.names import join, label
 from ..core.records import FlopsTarget, LayerChange, Rank, SkippedLayer, check_rank
 from ..errors import AnalysisError, InvalidOptionError, NothingToSeparateError
 from ..measure.conv_calls import ConvRecorder, explicit_padding, record
 from ..measure.counts import analyze
-from ..measure.layers import describe, last_calls
+from ..measure.layers import describe
 from ..measure.onnxrt import module_latency, require_provider
 from .bake import bake, copy_model, unbake, working_copy
 from .calibrate import Layer, calibration_batches, recalibrate_batchnorm, refit
@@ -83,10 +84,16 @@ class Separation:
 
 
 def _latency(provider: str | None) -> Latency | None:
+    """Times a dense conv as it is, and a pair in the fastest of the exact forms it may ship in."""
     if provider is None:
         return None
     name = require_provider(provider)
-    return lambda module, shape: module_latency(module, shape, name)
+
+    def latency(module: nn.Module, shape: tuple[int, ...]) -> float:
+        forms = runtime_forms(module, {shape[-1]}) if isinstance(module, SeparableConv2d) else [module]
+        return min(module_latency(form, shape, name) for form in forms)
+
+    return latency
 
 
 def separate(
@@ -213,7 +220,7 @@ def separate(
 
     output_errors: dict[str, float | None] = {}
     if batches:
-        output_errors = _calibrate(reference, memo, work, installed, calls, batches)
+        output_errors = _calibrate(reference, memo, work, installed, batches)
         if recalibrate_bn:
             recalibrate_batchnorm(work, batches)
     budget_met, flops_after = plan.budget_met, plan.flops_after
@@ -324,12 +331,7 @@ def _first_inputs(model: nn.Module, sites: list[Site], batch: tuple) -> dict[str
     return {s.name: first[id(s.weight)] for s in sites if id(s.weight) in first}
 
 
-def _calibrate(reference, memo, work, installed: list[Installed], calls, batches) -> dict[str, float | None]:
-    """Refit the pairs in the order the model runs them, each against its dense twin in ``reference``."""
-    layers = []
-    for site in installed:
-        ran = last_calls(site.claim.pairs, calls.get(site.site.name, {}))
-        first = min((c.index for c in ran), default=float("inf"))
-        layers.append((first, Layer(site.site.name, memo[id(site.site.weight)], site.claim.pairs, len(ran) or None)))
-    layers.sort(key=lambda pair: pair[0])
-    return refit(reference, work, [layer for _, layer in layers], batches)
+def _calibrate(reference, memo, work, installed: list[Installed], batches) -> dict[str, float | None]:
+    """Refit the pairs, each against its dense twin in ``reference``."""
+    layers = [Layer(i.site.name, memo[id(i.site.weight)], i.claim.pairs) for i in installed]
+    return refit(reference, work, layers, batches)

@@ -83,11 +83,13 @@ class ConvRecorder(TorchFunctionMode):
         keep: ids of weights whose calls keep their input and output tensors (detached).
         stop_after: end the pass (quietly, see :func:`record`) once this many calls of the
             ``keep`` weights are recorded.
+        keep_inputs: keep the inputs of those calls too, not only their outputs.
     """
 
-    def __init__(self, keep: Iterable[int] = (), stop_after: int | None = None) -> None:
+    def __init__(self, keep: Iterable[int] = (), stop_after: int | None = None, keep_inputs: bool = True) -> None:
         super().__init__()
         self.keep = set(keep)
+        self.keep_inputs = keep_inputs
         self.stop_after = stop_after
         self.calls: list[ConvCall] = []
         self.kept = 0
@@ -104,7 +106,7 @@ class ConvRecorder(TorchFunctionMode):
                     weight=w, bias=a["bias"], stride=a["stride"], padding=a["padding"], dilation=a["dilation"],
                     groups=a["groups"], input_shape=tuple(x.shape), in_pixels=_pixels(x.shape),
                     out_pixels=_pixels(out.shape), flops=out.numel() * w[0].numel(), index=len(self.calls),
-                    input=x.detach() if keep else None, output=out.detach() if keep else None,
+                    input=x.detach() if keep and self.keep_inputs else None, output=out.detach() if keep else None,
                 )
             )
             if keep:
@@ -127,6 +129,7 @@ def record(
     *,
     keep: Iterable[int] = (),
     stop_after: int | None = None,
+    keep_inputs: bool = True,
     own_mode: bool = False,
 ) -> ConvRecorder:
     """Run ``model`` once without gradients and return what its conv2d calls did.
@@ -134,7 +137,7 @@ def record(
     In eval mode unless ``own_mode`` (then the caller keeps the state it cares about).
     A pass ended by ``stop_after`` returns what was recorded until then.
     """
-    recorder = ConvRecorder(keep, stop_after)
+    recorder = ConvRecorder(keep, stop_after, keep_inputs)
     mode = contextlib.nullcontext() if own_mode else eval_mode(model)
     try:
         with mode, torch.no_grad(), recorder:

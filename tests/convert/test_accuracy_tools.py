@@ -193,3 +193,58 @@ def test_distillation_with_features_multi_input_and_dict_outputs():
         result = convtool.distill(student, teacher, data, steps=8, batch_size=8, features=True,
                                   on_step=lambda s, loss: steps.append(s))
         assert steps == list(range(1, 9)) and len(result.losses) == 8
+
+
+class _Counted(nn.Module):
+    """Counts forward passes of every copy convtool makes, as one class-wide figure."""
+
+    passes = 0
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()) for _ in range(depth)))
+
+    def forward(self, x):
+        type(self).passes += 1
+        return self.body(x)
+
+
+def test_the_refit_costs_one_pass_per_batch_whatever_the_depth():
+    """Refitting layer by layer ran both models up to each layer: passes grew with depth."""
+    data = torch.randn(96, 8, 8, 8)  # three batches
+    counts = {}
+    for depth in (2, 6):
+        torch.manual_seed(0)
+        model = _Counted(depth).eval()
+        _Counted.passes = 0
+        convtool.separate(model, data[:1], rank=1)
+        plain = _Counted.passes
+        _Counted.passes = 0
+        convtool.separate(model, data[:1], rank=1, calibration=data)
+        counts[depth] = _Counted.passes - plain
+    # the reference and the separated model once per batch, and one check that the data fits the model
+    assert counts[2] == counts[6] == 2 * 3 + 1
+
+
+class _Branchy(nn.Module):
+    """Runs its second conv twice on inputs with a positive mean, once otherwise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.b(self.a(x))
+        return self.b(y) if bool(x.mean() > 0) else y
+
+
+def test_a_batch_that_takes_another_path_is_not_fitted_to_mismatched_targets():
+    torch.manual_seed(0)
+    model = _Branchy().eval()
+    positive, negative = torch.randn(32, 4, 8, 8).abs(), -torch.randn(32, 4, 8, 8).abs()
+    # In the separated model the first batch is positive, as in the reference, and fits; on
+    # the mixed data, batch by batch, each batch keeps its own path in both models.
+    result = convtool.separate(model, positive[:1], rank="full", calibration=[positive, negative, positive])
+    with torch.no_grad():
+        for x in (positive, negative):
+            torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-4)
