@@ -464,7 +464,7 @@ def _export_line(exported) -> str:
     if exported.folded_batchnorms:
         text += f", {len(exported.folded_batchnorms)} BatchNorms folded"
     if exported.branched_layers:
-        text += f", {len(exported.branched_layers)} pairs as multiplier-1 branches"
+        text += f", {len(exported.branched_layers)} pairs in faster runtime forms"
     text += ")"
     if exported.fixed_batch_reason:
         text += f"; fixed batch: {exported.fixed_batch_reason}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Iterator
 
 import torch
@@ -191,62 +192,141 @@ class SeparableConv2d(nn.Module):
 
 
 class BranchedSeparableConv2d(nn.Module):
-    """A depthwise-then-pointwise pair of rank r written as r depthwise convs of multiplier 1.
+    """A separable pair of rank r written with r depthwise convs of multiplier 1.
 
-    The same function as the ``"dw-pw"`` :class:`SeparableConv2d` it is built from: branch i
-    holds filter i of every channel, the branches are concatenated, and the pointwise weight's
-    columns are permuted to match. Runtimes run multiplier-1 depthwise convs on fast paths that
-    a channel multiplier misses (see benchmarks/RESULTS.md), so this is the form convtool
-    exports for ranks above 1.
+    The same function as the :class:`SeparableConv2d` it is built from. For ``"dw-pw"``,
+    branch i holds filter i of every input channel, the branches are concatenated and the
+    pointwise weight's columns are permuted to match. For ``"pw-dw"``, whose depthwise conv
+    takes r channels per group, the pointwise's outputs are permuted so that branch i reads a
+    contiguous block of one channel per output, and the branches' outputs are summed (the
+    bias on the first). Runtimes run multiplier-1 depthwise convs on fast paths that channel
+    multipliers and r-input groups miss (see benchmarks/RESULTS.md), so this is the form
+    convtool exports for ranks above 1.
     """
 
     def __init__(self, pair: SeparableConv2d) -> None:
         super().__init__()
-        if pair.order != "dw-pw":
-            raise ValueError("only depthwise-then-pointwise pairs have a branched form")
-        dw, pw, r, m = pair.depthwise, pair.pointwise, pair.rank, pair.in_channels
+        if pair.groups != 1:
+            raise ValueError("grouped pairs keep their form: their pointwise channels cannot be reordered across groups")
+        dw, pw, r = pair.depthwise, pair.pointwise, pair.rank
         self.in_channels, self.out_channels, self.rank = pair.in_channels, pair.out_channels, r
         self.kernel_size, self.stride, self.padding = pair.kernel_size, pair.stride, pair.padding
         self.dilation, self.groups, self.order = pair.dilation, pair.groups, pair.order
         self.weight_error = pair.weight_error
+        width = pair.in_channels if pair.order == "dw-pw" else pair.out_channels  # channels of each branch
         options = dict(
             kernel_size=dw.kernel_size, stride=dw.stride, padding=dw.padding, dilation=dw.dilation,
-            padding_mode=dw.padding_mode, bias=False, device=dw.weight.device, dtype=dw.weight.dtype,
+            padding_mode=dw.padding_mode, device=dw.weight.device, dtype=dw.weight.dtype,
         )
-        self.branches = nn.ModuleList(nn.Conv2d(m, m, groups=m, **options) for _ in range(r))
+        has_bias = pair.bias is not None
+        self.branches = nn.ModuleList(
+            nn.Conv2d(width, width, groups=width, bias=has_bias and pair.order == "pw-dw" and i == 0, **options)
+            for i in range(r)
+        )
+        pw_in, pw_out = pw.in_channels, pw.out_channels
         self.pointwise = nn.Conv2d(
-            m * r, pair.out_channels, 1, groups=pw.groups, bias=pw.bias is not None,
-            device=pw.weight.device, dtype=pw.weight.dtype,
+            pw_in, pw_out, 1, bias=has_bias and pair.order == "dw-pw", device=pw.weight.device, dtype=pw.weight.dtype,
         )
-        g = pw.groups
+        # Channel (c, i) of the r per channel moves from c*r + i to i*width + c.
+        order = torch.arange(width * r).reshape(width, r).t().reshape(-1)  # new channel j <- old order[j]
         with torch.no_grad():
-            for i, branch in enumerate(self.branches):
-                branch.weight.copy_(dw.weight[i::r])
-            # Pointwise input (m, i) moves from m*r + i to i*M + m; per group the same holds,
-            # since the concatenation keeps each group's channels apart only when g == 1.
-            order = torch.arange(m * r).reshape(m, r).t().reshape(-1)  # new channel j <- old order[j]
-            if g == 1:
+            if pair.order == "dw-pw":
+                for i, branch in enumerate(self.branches):
+                    branch.weight.copy_(dw.weight[i::r])
                 self.pointwise.weight.copy_(pw.weight[:, order])
-            else:
-                raise ValueError("grouped pointwise convs keep the multiplier form")
-            if pw.bias is not None:
-                self.pointwise.bias.copy_(pw.bias)
+            else:  # depthwise weight (N, r, kh, kw): filter i of output n reads pointwise channel n*r + i
+                for i, branch in enumerate(self.branches):
+                    branch.weight.copy_(dw.weight[:, i : i + 1])
+                self.pointwise.weight.copy_(pw.weight[order])
+            if has_bias:
+                self.bias.copy_(pair.bias)
         self.train(pair.training)
 
     @property
-    def last(self) -> nn.Conv2d:
-        return self.pointwise
+    def last(self) -> nn.Conv2d | None:
+        """The conv that runs last (None for ``"pw-dw"``: r branches do)."""
+        return self.pointwise if self.order == "dw-pw" else None
 
     @property
     def bias(self) -> Tensor | None:
-        return self.pointwise.bias
+        return self.pointwise.bias if self.order == "dw-pw" else self.branches[0].bias
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.pointwise(torch.cat([branch(x) for branch in self.branches], 1))
+        if self.order == "dw-pw":
+            return self.pointwise(torch.cat([branch(x) for branch in self.branches], 1))
+        y = self.pointwise(x).chunk(self.rank, 1)
+        out = self.branches[0](y[0])
+        for branch, part in zip(self.branches[1:], y[1:]):
+            out = out + branch(part)
+        return out
+
+
+class WidthOneConv2d(nn.Module):
+    """A k x 1 conv run as a 1 x k conv, for inputs of width 1 (1-D signals stored as images).
+
+    The same function: the weight, stride, padding and dilation are transposed, and so is
+    the input, which for width 1 is a reshape. onnxruntime's CPU depthwise kernel runs a
+    1 x k kernel on a (C, 1, L) input several times faster than the k x 1 kernel on (C, L, 1)
+    (benchmarks/RESULTS.md); on wider inputs the transposes cost more than they save, so
+    convtool uses this form only where it saw width 1.
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        flip = lambda v: v if isinstance(v, str) else tuple(v)[::-1]  # noqa: E731
+        self.conv = nn.Conv2d(
+            conv.in_channels, conv.out_channels, flip(conv.kernel_size), stride=flip(conv.stride),
+            padding=flip(conv.padding), dilation=flip(conv.dilation), groups=conv.groups,
+            bias=conv.bias is not None, padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
+        )
+        with torch.no_grad():
+            self.conv.weight.copy_(conv.weight.transpose(2, 3))
+            if conv.bias is not None:
+                self.conv.bias.copy_(conv.bias)
+        self.train(conv.training)
+
+    @property
+    def weight(self) -> Tensor:
+        """The weight in the original k x 1 orientation."""
+        return self.conv.weight.transpose(2, 3)
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.conv.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        y = self.conv(x.reshape(n, c, 1, h) if w == 1 else x.transpose(2, 3))
+        return y.reshape(n, y.shape[1], y.shape[3], 1) if y.shape[2] == 1 else y.transpose(2, 3)
+
+
+def runtime_forms(pair: SeparableConv2d, widths: set[int] | None = None) -> list[nn.Module]:
+    """Every exact form convtool can ship ``pair`` in, the preferred last.
+
+    As built; as multiplier-1 branches (ungrouped pairs of rank > 1); and either of those with
+    its k x 1 depthwise kernels run as 1 x k, when ``widths`` (the widths of the inputs the
+    pair's depthwise conv was called on) are all 1. New modules, except the pair itself.
+    """
+    forms: list[nn.Module] = [pair]
+    if pair.rank > 1 and pair.groups == 1:
+        forms.append(BranchedSeparableConv2d(pair))
+    kh, kw = pair.kernel_size
+    if kh > 1 and kw == 1 and widths == {1}:
+        forms += [_width_one(form) for form in forms]
+    return forms
+
+
+def _width_one(form: nn.Module) -> nn.Module:
+    form = copy.deepcopy(form)
+    if isinstance(form, BranchedSeparableConv2d):
+        form.branches = nn.ModuleList(WidthOneConv2d(c) for c in form.branches)
+    else:
+        form.depthwise = WidthOneConv2d(form.depthwise)
+    return form
 
 
 def last_conv(module: nn.Module) -> nn.Conv2d | None:
     """The conv that runs last in a dense conv (itself) or a pair; None for anything else."""
     if isinstance(module, (SeparableConv2d, BranchedSeparableConv2d)):
-        return module.last
+        return module.last if isinstance(module.last, nn.Conv2d) else None
     return module if isinstance(module, nn.Conv2d) else None

@@ -39,12 +39,13 @@ def export_onnx(
         dynamic_batch: make dimension 0 of every input and output symbolic.
         exporter: ``"auto"`` (torch.export, then TorchScript if it refuses), or either one.
         fold_bn: fold each BatchNorm that follows a conv (dense or separated) into that conv.
-        layout: ``"branches"`` writes rank > 1 depthwise-then-pointwise pairs as multiplier-1
-            depthwise branches, which onnxruntime runs faster than one conv with a channel
-            multiplier end to end (benchmarks/RESULTS.md); ``"multiplier"`` keeps the module's
-            form; ``"measured"`` times both forms of each pair on ``provider`` and keeps the
-            faster. Every rewrite is checked on the example inputs and dropped if outputs
-            would change.
+        layout: ``"branches"`` writes ungrouped rank > 1 pairs (either order) as multiplier-1
+            depthwise branches, which onnxruntime runs faster than a channel multiplier or
+            r-input groups end to end, and runs k x 1 depthwise kernels that the example
+            inputs feed width 1 as 1 x k kernels (benchmarks/RESULTS.md); ``"multiplier"``
+            keeps the module's form; ``"measured"`` times every exact form of each pair on
+            ``provider`` and keeps the fastest. Every rewrite is checked on the example inputs
+            and dropped if outputs would change.
         provider: the onnxruntime provider ``layout="measured"`` times on.
 
     Returns:

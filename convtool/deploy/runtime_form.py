@@ -14,10 +14,11 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from ..core.inputs import as_inputs, eval_mode, model_device, on_device, run_checked
-from ..core.modules import BranchedSeparableConv2d, SeparableConv2d, last_conv
+from ..core.modules import SeparableConv2d, last_conv, runtime_forms
 from ..core.names import join
 from ..core.references import swap_module
 from ..core.tracing import trace_regions
+from ..measure.conv_calls import record
 from ..measure.onnxrt import module_latency
 
 log = logging.getLogger(__name__)
@@ -67,53 +68,61 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, list[str]]:
     return model, folded
 
 
-def branch_layout(model: nn.Module) -> tuple[nn.Module, list[str]]:
-    """Rewrite every ``"dw-pw"`` pair of rank > 1 (ungrouped) as multiplier-1 branches, on a copy."""
+def branch_layout(model: nn.Module, example_inputs: Any = None) -> tuple[nn.Module, list[str]]:
+    """Each pair in convtool's preferred runtime form (:func:`runtime_forms`), on a copy.
+
+    Ungrouped pairs of rank > 1 become multiplier-1 branches; k x 1 depthwise kernels that
+    ``example_inputs`` (when given) feed width 1 run as 1 x k.
+    """
     model = copy.deepcopy(model)
+    widths = _input_widths(model, example_inputs)
     changed = []
-    for name, module in list(model.named_modules()):
-        if _branchable(module):
-            model = swap_module(model, module, BranchedSeparableConv2d(module))
+    for name, pair in _pairs(model):
+        form = runtime_forms(pair, widths.get(id(pair.depthwise.weight)))[-1]
+        if form is not pair:
+            model = swap_module(model, pair, form)
             changed.append(name)
     return model, changed
-
-
-def _branchable(module: nn.Module) -> bool:
-    return isinstance(module, SeparableConv2d) and module.order == "dw-pw" and module.rank > 1 and module.groups == 1
 
 
 def measured_layout(model: nn.Module, example_inputs: Any, provider: str = "cpu") -> tuple[nn.Module, list[str]]:
-    """Per rank > 1 pair, the layout onnxruntime runs faster at the pair's input shape, on a copy.
+    """Per pair, the exact form onnxruntime runs fastest at the pair's input shape, on a copy.
 
-    Each pair is timed alone in both layouts (cached per shape), so the choice is measured,
-    not assumed: channel-multiplier kernels beat the branches at some shapes.
+    Each pair is timed alone in each of its :func:`runtime_forms` (cached per shape), so the
+    choice is measured, not assumed: channel-multiplier kernels beat the branches at some shapes.
     """
-    eligible = {name: m for name, m in model.named_modules() if _branchable(m)}
-    shapes: dict[str, tuple[int, ...]] = {}
-    def record(name: str):
-        def hook(_module, args) -> None:  # a pre-hook's return value would replace the inputs
-            shapes.setdefault(name, tuple(args[0].shape))
-
-        return hook
-
-    hooks = [m.register_forward_pre_hook(record(name)) for name, m in eligible.items()]
-    inputs = on_device(as_inputs(example_inputs), model_device(model))
-    try:
-        with eval_mode(model), torch.no_grad():
-            model(*inputs)
-    finally:
-        for hook in hooks:
-            hook.remove()
     model = copy.deepcopy(model)
+    inputs = on_device(as_inputs(example_inputs), model_device(model))
+    calls = record(model, inputs).by_weight()
     changed = []
-    for name, shape in shapes.items():
-        pair = model.get_submodule(name)
-        branched = BranchedSeparableConv2d(pair)
-        timed = [copy.deepcopy(m).eval() for m in (branched, pair)]
-        if module_latency(timed[0], shape, provider) < module_latency(timed[1], shape, provider):
-            model = swap_module(model, pair, branched)
+    for name, pair in _pairs(model):
+        first = pair.pointwise if pair.order == "pw-dw" else pair.depthwise
+        if id(first.weight) not in calls:
+            continue
+        shape = calls[id(first.weight)][0].input_shape
+        forms = runtime_forms(pair, {c.input_shape[-1] for c in calls.get(id(pair.depthwise.weight), [])})
+        if len(forms) == 1:
+            continue
+        times = [module_latency(copy.deepcopy(f).eval(), shape, provider) for f in forms]
+        best = forms[times.index(min(times))]
+        if best is not pair:
+            model = swap_module(model, pair, best)
             changed.append(name)
     return model, changed
+
+
+def _pairs(model: nn.Module) -> list[tuple[str, SeparableConv2d]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, SeparableConv2d)]
+
+
+def _input_widths(model: nn.Module, example_inputs: Any) -> dict[int, set[int]]:
+    """Per conv weight (by id), the widths of the inputs it was called on."""
+    if example_inputs is None:
+        return {}
+    widths: dict[int, set[int]] = {}
+    for call in record(model, on_device(as_inputs(example_inputs), model_device(model))).calls:
+        widths.setdefault(id(call.weight), set()).add(call.input_shape[-1])
+    return widths
 
 
 def for_runtime(
@@ -135,6 +144,7 @@ def for_runtime(
         steps.append(("fold BatchNorm", fold_batchnorm))
     if layout == "branches":
         steps.append(("branch layout", branch_layout))
+        steps[-1] = ("branch layout", lambda m: branch_layout(m, inputs))
     elif layout == "measured":
         steps.append(("branch layout", lambda m: measured_layout(m, inputs, provider)))
     for label, rewrite in steps:

@@ -196,8 +196,8 @@ def benchmark(
 ) -> Benchmark:
     """Export both models and time them on one onnxruntime provider, interleaved.
 
-    Both are timed in the form :func:`~convtool.export_onnx` ships (BatchNorm folded, pairs as
-    multiplier-1 branches), so the figure is what a deployment gets.
+    Both are timed in the form :func:`~convtool.export_onnx` ships (BatchNorm folded, pairs in
+    their runtime layout), so the figure is what a deployment gets.
 
     Args:
         original, separated: the two models.

@@ -52,7 +52,7 @@ class OnnxExport:
     fallback_reason: str | None = None  # why torch.export was not used, when it was not
     warnings: tuple[str, ...] = ()  # tracer warnings: where a TorchScript trace may be wrong
     folded_batchnorms: tuple[str, ...] = ()  # BatchNorms folded into the conv before them
-    branched_layers: tuple[str, ...] = ()  # rank > 1 pairs written as multiplier-1 branches
+    branched_layers: tuple[str, ...] = ()  # pairs rewritten in a faster exact form (branches, 1 x k kernels)
     fixed_batch_reason: str | None = None  # why a dynamic batch was asked for and not written
 
     def __fspath__(self) -> str:

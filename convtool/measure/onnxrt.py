@@ -153,6 +153,8 @@ def time_modules(
 
 
 _LATENCY_CACHE: dict[tuple, float] = {}
+MIN_TIMED_MS = 100.0  # time small modules over at least this long in all
+MAX_RUNS = 1000
 
 
 def _fingerprint(module: nn.Module) -> tuple:
@@ -180,5 +182,8 @@ def module_latency(module: nn.Module, input_shape: tuple[int, ...], provider: st
     if key not in _LATENCY_CACHE:
         x = torch.randn(input_shape, dtype=next(module.parameters()).dtype)
         (ms,) = time_modules([module.cpu()], x, provider=name, runs=runs, warmup=3, exporter="torchscript")
+        if ms * runs < MIN_TIMED_MS:  # a layer of microseconds: a median of 15 runs is noise
+            more = min(MAX_RUNS, int(MIN_TIMED_MS / max(ms, 1e-3)))
+            (ms,) = time_modules([module], x, provider=name, runs=more, warmup=10, exporter="torchscript")
         _LATENCY_CACHE[key] = ms
     return _LATENCY_CACHE[key]

@@ -7,7 +7,10 @@ from torch import nn
 
 import convtool
 from convtool.convert import separate as separate_module
-from convtool.core.modules import BranchedSeparableConv2d
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from convtool.core.modules import BranchedSeparableConv2d, WidthOneConv2d
 from convtool.deploy.runtime_form import branch_layout, fold_batchnorm
 
 from ..helpers import assert_outputs_close
@@ -45,9 +48,10 @@ def test_batchnorm_used_twice_or_after_other_ops_is_not_folded():
 
 @pytest.mark.parametrize("entry", [e for e in ZOO if e.name in ("vgg", "resnet", "unet", "detector", "two_inputs")],
                          ids=lambda e: e.name)
-def test_branch_layout_is_the_same_function(entry):
+@pytest.mark.parametrize("order", ["dw-pw", "pw-dw"])
+def test_branch_layout_is_the_same_function(entry, order):
     model, inputs = build(entry)
-    separated = convtool.separate(model, inputs, rank=3).model
+    separated = convtool.separate(model, inputs, rank=3, order=order).model
     branched, names = branch_layout(separated)
     assert names and all(isinstance(branched.get_submodule(n) if n else branched, BranchedSeparableConv2d) for n in names)
     with torch.no_grad():
@@ -117,3 +121,72 @@ def test_measured_layout_is_the_same_function_and_exports(tmp_path):
     assert set(exported.branched_layers) <= eligible  # which ones depends on this machine's timings
     (check,) = convtool.verify_onnx(exported, separated, x, providers=["cpu"], runs=1)
     assert check.passed
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    k=st.integers(2, 9), stride=st.integers(1, 3), dilation=st.integers(1, 2), pad=st.integers(0, 4),
+    width=st.sampled_from([1, 3]), mode=st.sampled_from(["zeros", "reflect", "circular", "same"]),
+    depthwise=st.booleans(), bias=st.booleans(),
+)
+def test_a_tall_kernel_run_wide_is_the_same_function(k, stride, dilation, pad, width, mode, depthwise, bias):
+    channels = 4
+    padding = "same" if mode == "same" else (pad, 0) if mode == "zeros" else (min(pad, 10), 0)
+    conv = nn.Conv2d(channels, channels if depthwise else 6, (k, 1), stride=1 if mode == "same" else stride,
+                     padding=padding, dilation=dilation, groups=channels if depthwise else 1, bias=bias,
+                     padding_mode="zeros" if mode == "same" else mode)
+    x = torch.randn(2, channels, 24, width)
+    with torch.no_grad():
+        torch.testing.assert_close(WidthOneConv2d(conv)(x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+class TallKernels(nn.Module):
+    """A 1-D signal stored as an image of width 1, read by 15 x 1 kernels."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(16, 32, (15, 1), padding=(7, 0))
+        self.b = nn.Conv2d(32, 32, (15, 1), padding=(7, 0))
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+@pytest.mark.parametrize("order,rank", [("dw-pw", 1), ("dw-pw", 3), ("pw-dw", 1), ("pw-dw", 3)])
+def test_tall_kernels_on_width_one_ship_wide_and_verify(tmp_path, order, rank):
+    torch.manual_seed(0)
+    model, x = TallKernels().eval(), torch.randn(1, 16, 128, 1)
+    separated = convtool.separate(model, x, rank=rank, order=order).model
+    shipped, names = branch_layout(separated, x)
+    assert set(names) == {"a", "b"}
+    assert sum(isinstance(m, WidthOneConv2d) for m in shipped.modules()) == 2 * rank
+    with torch.no_grad():
+        torch.testing.assert_close(shipped(x), separated(x), rtol=1e-4, atol=1e-5)
+    exported = convtool.export_onnx(separated, x, tmp_path / "m.onnx")
+    assert set(exported.branched_layers) == {"a", "b"}
+    (check,) = convtool.verify_onnx(exported, separated, x, providers=["cpu"], runs=1)
+    assert check.passed, check.reason
+    wider = torch.randn(1, 16, 128, 3)  # not width 1: nothing to gain, nothing rewritten
+    assert branch_layout(separated, wider)[1] == ([] if rank == 1 else ["a", "b"])
+
+
+def test_the_latency_filter_times_pairs_in_the_form_they_ship_in(monkeypatch):
+    """A rank-2 pair slow with a channel multiplier but fast as branches ships as branches: keep it."""
+    def fake(module, shape, provider):
+        if isinstance(module, BranchedSeparableConv2d):
+            return 0.5
+        return 2.0 if isinstance(module, convtool.SeparableConv2d) else 1.0
+
+    monkeypatch.setattr(separate_module, "module_latency", fake)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1))
+    result = convtool.separate(model, torch.randn(1, 16, 16, 16), rank=2, latency_provider="cpu")
+    assert [(layer.name, layer.rank) for layer in result.layers] == [("0", 2)]
+
+
+def test_the_latency_filter_wants_a_clear_win(monkeypatch):
+    """Within timing noise of the dense conv is not faster: such a pair made whole models slower."""
+    fake = lambda module, shape, provider: 0.95 if isinstance(module, convtool.SeparableConv2d) else 1.0  # noqa: E731
+    monkeypatch.setattr(separate_module, "module_latency", fake)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1))
+    with pytest.raises(convtool.NothingToSeparateError, match="not faster"):
+        convtool.separate(model, torch.randn(1, 16, 16, 16), rank=1, latency_provider="cpu")
