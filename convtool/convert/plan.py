@@ -123,28 +123,33 @@ def _output_errors(site: Site, x: torch.Tensor, choice: Choice) -> Choice:
     bias = site.uses[0].bias
     options: dict[tuple[str, int], tuple[float, float]] = {}
     with torch.no_grad():
-        reference = F.conv2d(x, site.weight, bias, o["stride"], o["padding"], o["dilation"], site.groups)
-        norm = float(reference.double().pow(2).sum()) or 1.0
+        dense = F.conv2d(x, site.weight, None, o["stride"], o["padding"], o["dilation"], site.groups)
+        reference = (dense if bias is None else dense + bias.reshape(1, -1, *[1] * (dense.dim() - 2))).reshape(-1).double()
+        norm = float(reference @ reference) or 1.0
         for order in {key[0] for key in choice.options if key != DENSE}:
             top = max(key[1] for key in choice.options if key[0] == order)
-            errors = rank_output_errors(site.weight, bias, site.groups, order, x, top, o)
+            errors = rank_output_errors(site.weight, bias, site.groups, order, x, top, o, dense=dense)
             options.update({key: (cost, errors[key[1]] / norm) for key, (cost, _) in choice.options.items() if key[0] == order})
     options[DENSE] = (choice.options[DENSE][0], 0.0)
     return Choice(options)
 
 
 def rank_output_errors(
-    weight: torch.Tensor, bias: torch.Tensor | None, groups: int, order: str, x: torch.Tensor, top: int, options: dict
+    weight: torch.Tensor, bias: torch.Tensor | None, groups: int, order: str, x: torch.Tensor, top: int, options: dict,
+    dense: torch.Tensor | None = None,
 ) -> dict[int, float]:
     """Squared output error on ``x`` of the rank-r pair, for r = 1 .. ``top``, from one SVD.
 
-    ``options`` holds the conv's stride, padding and dilation (zero padding). The residual is
-    kept in float64: the errors of high ranks are small differences of large outputs.
+    ``options`` holds the conv's stride, padding and dilation (zero padding); ``dense``, the
+    dense conv's output on ``x`` without bias, when the caller has it. The residual is kept in
+    float64: the errors of high ranks are small differences of large outputs.
     """
     f = separable_factors(weight, top, groups, order)
     n, m_g, kh, kw = weight.shape
     stride, padding, dilation = options["stride"], options["padding"], options["dilation"]
-    residual = F.conv2d(x, weight, None, stride, padding, dilation, groups).double()
+    if dense is None:
+        dense = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+    residual = dense.double()
     errors = {}
     for i in range(f.rank):
         if order == "dw-pw":
@@ -155,8 +160,9 @@ def rank_output_errors(
             mixing = f.mixing.reshape(n, f.rank, m_g, 1, 1)[:, i]
             spatial = f.spatial[:, i : i + 1]
             part = F.conv2d(F.conv2d(x, mixing, None, 1, 0, 1, groups), spatial, None, stride, padding, dilation, n)
-        residual -= part.double()
-        errors[i + 1] = float(residual.pow(2).sum())
+        residual -= part  # promoted in place: no float64 copy of each part
+        flat = residual.reshape(-1)
+        errors[i + 1] = float(flat @ flat)
     return errors
 
 

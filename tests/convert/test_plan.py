@@ -43,7 +43,7 @@ def test_budget_plans_with_calibration_are_those_of_measuring_each_pair(entry, m
     target = convtool.FlopsTarget(0.4)
     fast = convtool.separate(model, inputs, rank=target, order="auto", calibration=calibration)
 
-    def slow(weight, bias, groups, order, x, top, options):
+    def slow(weight, bias, groups, order, x, top, options, dense=None):
         with torch.no_grad():
             reference = torch.nn.functional.conv2d(x, weight, None, options["stride"], options["padding"], options["dilation"], groups)
             return {
