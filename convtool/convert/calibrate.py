@@ -161,7 +161,10 @@ class Layer:
     pairs: list[SeparableConv2d]
 
 
-def refit(reference: nn.Module, separated: nn.Module, layers: Sequence[Layer], batches: list[tuple]) -> dict[str, float | None]:
+def refit(
+    reference: nn.Module, separated: nn.Module, layers: Sequence[Layer], batches: list[tuple],
+    first_targets: dict[int, list[Tensor]] | None = None,
+) -> dict[str, float | None]:
     """Refit each layer's last conv so its outputs match the reference layer's, in one pass over the data.
 
     Each batch runs through the dense reference once (recording every layer's outputs) and then
@@ -177,6 +180,8 @@ def refit(reference: nn.Module, separated: nn.Module, layers: Sequence[Layer], b
         separated: the model holding the pairs.
         layers: the layers to refit, in any order.
         batches: calibration input tuples.
+        first_targets: the reference's conv outputs on ``batches[0]`` by id of its weights,
+            when already recorded (the planner costs ranks on that batch): not run again.
 
     Returns:
         Per layer name, the relative output error of its final weights on the calibration data
@@ -187,11 +192,15 @@ def refit(reference: nn.Module, separated: nn.Module, layers: Sequence[Layer], b
     fits = {id(layer.pairs[0].last.weight): _Fit(layer) for layer in layers}  # the pairs share their last weight
     wanted = {id(fit.layer.reference_weight): fit for fit in fits.values()}
     with eval_mode(separated), torch.no_grad():
-        for batch in batches:
+        for i, batch in enumerate(batches):
             batch = on_device(batch, device)
-            targets = record(reference, batch, keep=wanted, keep_inputs=False).by_weight()
+            if i == 0 and first_targets is not None:
+                targets, first_targets = first_targets, None
+            else:
+                calls = record(reference, batch, keep=wanted, keep_inputs=False).by_weight()
+                targets = {key: [c.output for c in group] for key, group in calls.items()}
             for key, fit in wanted.items():
-                fit.begin([c.output for c in targets.get(key, [])])
+                fit.begin(targets.get(key, []))
             with _Refitting(fits):
                 separated(*batch)
             for fit in fits.values():

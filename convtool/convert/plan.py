@@ -25,6 +25,9 @@ from .sites import Site
 
 # Median milliseconds of a module on one runtime at an input shape.
 Latency = Callable[[nn.Module, tuple[int, ...]], float]
+# Given site names, each one's first (input, output) on calibration data; called only when
+# output errors can change a decision, since it runs the model.
+Activations = Callable[[list[str]], dict[str, tuple[torch.Tensor, torch.Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -112,23 +115,26 @@ def _dense(site: Site) -> nn.Conv2d:
     return conv
 
 
-def _output_errors(site: Site, x: torch.Tensor, choice: Choice) -> Choice:
+def _output_errors(site: Site, x: torch.Tensor, output: torch.Tensor, choice: Choice) -> Choice:
     """Replace weight-space errors by measured output errors on calibration activations.
 
-    One factorisation per order: the rank-r pair's output is the sum of its first r rank-1
+    ``x`` and ``output`` are one call of the dense conv, bias included in ``output``. One
+    factorisation per order: the rank-r pair's output is the sum of its first r rank-1
     components (each a depthwise and a pointwise conv), so the errors of every rank come from
     one pass over the components, not from a new SVD and a new pair per rank.
     """
-    o = site.options
     bias = site.uses[0].bias
     options: dict[tuple[str, int], tuple[float, float]] = {}
     with torch.no_grad():
-        dense = F.conv2d(x, site.weight, None, o["stride"], o["padding"], o["dilation"], site.groups)
-        reference = (dense if bias is None else dense + bias.reshape(1, -1, *[1] * (dense.dim() - 2))).reshape(-1).double()
+        reference = output.reshape(-1).double()
         norm = float(reference @ reference) or 1.0
+        # The residual starts in float64: subtracting the bias in float32 would round it.
+        dense = reference.reshape(output.shape)
+        if bias is not None:
+            dense = dense - bias.double().reshape(1, -1, *[1] * (output.dim() - 2))
         for order in {key[0] for key in choice.options if key != DENSE}:
             top = max(key[1] for key in choice.options if key[0] == order)
-            errors = rank_output_errors(site.weight, bias, site.groups, order, x, top, o, dense=dense)
+            errors = rank_output_errors(site.weight, bias, site.groups, order, x, top, site.options, dense=dense.clone())
             options.update({key: (cost, errors[key[1]] / norm) for key, (cost, _) in choice.options.items() if key[0] == order})
     options[DENSE] = (choice.options[DENSE][0], 0.0)
     return Choice(options)
@@ -141,8 +147,9 @@ def rank_output_errors(
     """Squared output error on ``x`` of the rank-r pair, for r = 1 .. ``top``, from one SVD.
 
     ``options`` holds the conv's stride, padding and dilation (zero padding); ``dense``, the
-    dense conv's output on ``x`` without bias, when the caller has it. The residual is kept in
-    float64: the errors of high ranks are small differences of large outputs.
+    dense conv's output on ``x`` without bias, when the caller has it (it may be consumed).
+    The residual is kept in float64: the errors of high ranks are small differences of large
+    outputs.
     """
     f = separable_factors(weight, top, groups, order)
     n, m_g, kh, kw = weight.shape
@@ -194,7 +201,7 @@ def make_plan(
     *,
     stats: dict[str, SiteStats],
     total_flops: float | None = None,
-    activations: dict[str, torch.Tensor] | None = None,
+    activations: Activations | None = None,
     latency: Latency | None = None,
     provider: str = "",
 ) -> Plan:
@@ -206,8 +213,8 @@ def make_plan(
         order: ``"dw-pw"``, ``"pw-dw"`` or ``"auto"`` (per site, the better).
         stats: per site name, its calls on the example inputs (a site that did not run has none).
         total_flops: the whole model's FLOPs on the example inputs (for a FLOP target).
-        activations: per site name, its input on calibration data: errors are then measured
-            on outputs instead of weights.
+        activations: gives sites' inputs and outputs on calibration data; errors are then
+            measured on outputs instead of weights, for the sites whose decision they can change.
         latency: times a module at an input shape; with it, options not faster than the dense
             conv are dropped, whatever the strategy.
         provider: the runtime ``latency`` times on, for the reasons given.
@@ -217,7 +224,7 @@ def make_plan(
     budget: tuple = ()
     if isinstance(rank, FlopsTarget):
         # The latency filter runs inside: it prunes each layer's options before the knapsack.
-        budget = _budget(sites, rank.fraction, order, stats, total_flops, activations or {}, latency, picks, reasons)
+        budget = _budget(sites, rank.fraction, order, stats, total_flops, activations, latency, picks, reasons)
     else:
         for site in sites:
             picks[site.name], reason = _energy(site, rank, order) if isinstance(rank, Energy) else (_fixed(site, rank, order), None)
@@ -260,31 +267,49 @@ def _drop_slow(sites, picks, reasons, stats, latency, provider) -> None:
             reasons[site.name] = f"kept dense: rank {pick[1]} ({pick[0]}) is not faster than the dense conv on {provider}"
 
 
+def reachable(choice: Choice, slack: float) -> Choice:
+    """The options :func:`~convtool.convert.knapsack.allocate` could pick, given the budget's slack.
+
+    An option costing as much as the dense conv or more is never on the Pareto front (dense has
+    no error); one costing more than the layer's cheapest option plus ``slack`` (the budget left
+    once every layer takes its cheapest option) never fits, since upgrades only add cost. Ties
+    at the cheapest cost are kept: the errors break them. Dropping the rest changes no pick, and
+    spares measuring their errors and latencies.
+    """
+    dense = choice.options[DENSE][0]
+    cheapest = min(cost for cost, _ in choice.options.values())
+    limit = cheapest + max(slack, 0.0) * (1 + 1e-9)
+    return Choice({key: (cost, error) for key, (cost, error) in choice.options.items()
+                   if key == DENSE or (cost < dense and cost <= limit)})
+
+
 def _budget(sites, fraction, order, stats, total_flops, activations, latency, picks, reasons) -> tuple[bool, float, float]:
     """Fill ``picks`` and ``reasons`` under a FLOP budget; returns (met, FLOPs before, FLOPs after)."""
     if not stats:
         raise InvalidOptionError("a FLOP target needs example inputs (or calibration data) to cost each layer")
     picks.update({s.name: None for s in sites})
-    choices, ran = [], []
+    ran = [s for s in sites if s.name in stats]
     for site in sites:
-        site_stats = stats.get(site.name)
-        if site_stats is None:
+        if site.name not in stats:
             reasons[site.name] = "did not run on the example inputs, so its cost is unknown"
-            continue
-        choice = weight_options(site, _orders(order), site_stats)
-        # A conv with a padding mode other than zeros receives its input already padded.
-        if site.name in activations and site.options.get("padding_mode", "zeros") == "zeros":
-            choice = _output_errors(site, activations[site.name], choice)
-        if latency is not None:
-            choice = faster_than_dense(site, choice, site_stats, latency)
-        choices.append(choice)
-        ran.append(site)
+    choices = [weight_options(site, _orders(order), stats[site.name]) for site in ran]
     # The target is a fraction of the whole model's FLOPs (what the report shows): everything
     # but the sites that ran is a fixed cost.
     mine = sum(c.options[DENSE][0] for c in choices)
     total = max(float(total_flops or 0.0), mine)
     fixed = total - mine
-    picks_list, met = allocate(choices, fraction * total - fixed)
+    budget = fraction * total - fixed
+    slack = budget - sum(min(cost for cost, _ in c.options.values()) for c in choices)
+    choices = [reachable(c, slack) for c in choices]
+    # A conv with a padding mode other than zeros receives its input already padded.
+    costed = [s.name for s, c in zip(ran, choices) if len(c.options) > 1 and s.options.get("padding_mode", "zeros") == "zeros"]
+    measured = activations(costed) if costed and activations is not None else {}
+    for i, site in enumerate(ran):
+        if site.name in measured:
+            choices[i] = _output_errors(site, *measured[site.name], choices[i])
+        if latency is not None:
+            choices[i] = faster_than_dense(site, choices[i], stats[site.name], latency)
+    picks_list, met = allocate(choices, budget)
     after = fixed
     for site, choice, pick in zip(ran, choices, picks_list):
         after += choice.options[pick][0]

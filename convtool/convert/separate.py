@@ -20,7 +20,7 @@ from ..core.modules import SeparableConv2d, runtime_forms
 from ..core.names import join, label
 from ..core.records import FlopsTarget, LayerChange, Rank, SkippedLayer, check_rank
 from ..errors import AnalysisError, InvalidOptionError, NothingToSeparateError
-from ..measure.conv_calls import ConvRecorder, explicit_padding, record
+from ..measure.conv_calls import ConvCall, ConvRecorder, explicit_padding, record
 from ..measure.counts import analyze
 from ..measure.layers import describe
 from ..measure.onnxrt import module_latency, require_provider
@@ -185,8 +185,8 @@ def separate(
             raise InvalidOptionError("a FLOP target or a latency provider needs example inputs (or calibration data) to cost each layer")
         with running(costed, _what(inputs)):
             dense_run = record(work, costed)
-    plan = _plan(work, sites, rank, order, costed, dense_run, on_device(batches[0], device) if batches else None,
-                 latency, latency_provider)
+    first = _FirstBatch(work, sites, on_device(batches[0], device)) if batches else None
+    plan = _plan(work, sites, rank, order, costed, dense_run, first, latency, latency_provider)
     skipped += [SkippedLayer(name, reason) for name, reason in plan.dense_reasons.items()]
 
     proof_inputs, why_not = (inputs, None) if inputs else (sample, None) if sample else guess_inputs(work)
@@ -220,7 +220,7 @@ def separate(
 
     output_errors: dict[str, float | None] = {}
     if batches:
-        output_errors = _calibrate(reference, memo, work, installed, batches)
+        output_errors = _calibrate(reference, memo, work, installed, batches, first)
         if recalibrate_bn:
             recalibrate_batchnorm(work, batches)
     budget_met, flops_after = plan.budget_met, plan.flops_after
@@ -240,16 +240,15 @@ def separate(
     )
 
 
-def _plan(work, sites, rank, order, costed, dense_run, calibration_batch, latency, provider) -> Plan:
+def _plan(work, sites, rank, order, costed, dense_run, first: "_FirstBatch | None", latency, provider) -> Plan:
     """The rank decisions, with what the strategy needs measured: call statistics, model FLOPs, activations."""
     stats = _site_stats(sites, dense_run) if dense_run is not None else {}
-    total, activations = None, {}
-    if isinstance(rank, FlopsTarget):
-        total = _model_flops(work, costed, dense_run)
-        if calibration_batch is not None:
-            activations = _first_inputs(work, sites, calibration_batch)
-    return make_plan(sites, rank, order, stats=stats, total_flops=total, activations=activations,
+    total = _model_flops(work, costed, dense_run) if isinstance(rank, FlopsTarget) else None
+    plan = make_plan(sites, rank, order, stats=stats, total_flops=total, activations=first,
                      latency=latency, provider=provider or "")
+    if first is not None:
+        first.drop_inputs()
+    return plan
 
 
 def _prove(edits: Edits, installed: list[Installed], inputs: tuple, before: dict[str, str], skipped: list[SkippedLayer]):
@@ -321,17 +320,41 @@ def _model_flops(model: nn.Module, inputs: tuple, run: ConvRecorder) -> float:
         return convs
 
 
-def _first_inputs(model: nn.Module, sites: list[Site], batch: tuple) -> dict[str, torch.Tensor]:
-    """Each site's first input on a calibration batch, to measure output errors."""
-    run = record(model, batch, keep={id(s.weight) for s in sites})
-    first: dict[int, torch.Tensor] = {}
-    for call in run.calls:
-        if call.input is not None:
-            first.setdefault(id(call.weight), call.input)
-    return {s.name: first[id(s.weight)] for s in sites if id(s.weight) in first}
+class _FirstBatch:
+    """The dense model's conv calls on the first calibration batch, recorded at most once.
+
+    The planner asks for sites' inputs and outputs to cost ranks on; the refit then takes the
+    same outputs as that batch's targets instead of running the dense model on it again.
+    """
+
+    def __init__(self, model: nn.Module, sites: list[Site], batch: tuple) -> None:
+        self.model, self.sites, self.batch = model, sites, batch
+        self.calls: dict[int, list[ConvCall]] | None = None
+
+    def __call__(self, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        if self.calls is None:
+            self.calls = record(self.model, self.batch, keep={id(s.weight) for s in self.sites}).by_weight()
+        return {s.name: (calls[0].input, calls[0].output) for s in self.sites
+                if s.name in names and (calls := self.calls.get(id(s.weight)))}
+
+    def drop_inputs(self) -> None:
+        """Free the inputs once planned: only the outputs serve the refit."""
+        for calls in (self.calls or {}).values():
+            for call in calls:
+                call.input = None
+
+    def outputs(self, memo: dict[int, torch.Tensor]) -> dict[int, list[torch.Tensor]] | None:
+        """The recorded outputs keyed as the refit's reference knows its weights (``memo``: id -> copy), if recorded.
+
+        Handed over, not kept: the refit lets go of them after the first batch.
+        """
+        calls, self.calls = self.calls, None
+        if calls is None:
+            return None
+        return {id(memo[key]): [c.output for c in group] for key, group in calls.items() if key in memo}
 
 
-def _calibrate(reference, memo, work, installed: list[Installed], batches) -> dict[str, float | None]:
+def _calibrate(reference, memo, work, installed: list[Installed], batches, first: _FirstBatch | None) -> dict[str, float | None]:
     """Refit the pairs, each against its dense twin in ``reference``."""
     layers = [Layer(i.site.name, memo[id(i.site.weight)], i.claim.pairs) for i in installed]
-    return refit(reference, work, layers, batches)
+    return refit(reference, work, layers, batches, first_targets=first.outputs(memo) if first is not None else None)

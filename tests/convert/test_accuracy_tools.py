@@ -248,3 +248,19 @@ def test_a_batch_that_takes_another_path_is_not_fitted_to_mismatched_targets():
     with torch.no_grad():
         for x in (positive, negative):
             torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_costing_ranks_and_the_refit_share_the_first_batch():
+    """The planner's activations are the refit's first targets: no extra dense pass for costing."""
+    data = torch.randn(96, 8, 8, 8)  # three batches
+    torch.manual_seed(0)
+    model = _Counted(3).eval()
+    target = convtool.FlopsTarget(0.6)  # leaves room for ranks above 1, so ranks are costed
+    _Counted.passes = 0
+    convtool.separate(model, data[:1], rank=target)
+    plain = _Counted.passes
+    _Counted.passes = 0
+    result = convtool.separate(model, data[:1], rank=target, calibration=data)
+    assert {layer.rank for layer in result.layers} != {1}
+    # the reference and the separated model once per batch, and one check that the data fits
+    assert _Counted.passes - plain == 2 * 3 + 1

@@ -67,3 +67,24 @@ def test_the_streamed_refit_reports_the_error_it_leaves(order):
     with torch.no_grad():
         expected = float((result.model(data) - model(data)).norm() / model(data).norm())
     assert result.layers[0].output_error == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("target", [0.15, 0.4, 0.7])
+@pytest.mark.parametrize("entry", [e for e in ZOO if e.name in ("resnet", "inception", "unet", "mobilenet")], ids=lambda e: e.name)
+def test_options_out_of_reach_are_not_costed_and_change_no_plan(entry, target, monkeypatch):
+    """Options costing more than dense, or past the budget's slack, are dropped before costing."""
+    from convtool.convert import plan as plan_module
+
+    model, inputs = build(entry)
+    data = tuple(torch.cat([x] * 4) for x in inputs)
+    calibration = data if len(data) > 1 else data[0]
+    costed = []
+    real = plan_module.rank_output_errors
+    monkeypatch.setattr(plan_module, "rank_output_errors", lambda *a, **k: costed.append(a[5]) or real(*a, **k))
+    pruned = convtool.separate(model, inputs, rank=convtool.FlopsTarget(target), order="auto", calibration=calibration)
+    pruned_ranks = list(costed)
+    costed.clear()
+    monkeypatch.setattr(plan_module, "reachable", lambda choice, slack: choice)
+    full = convtool.separate(model, inputs, rank=convtool.FlopsTarget(target), order="auto", calibration=calibration)
+    assert [(l.name, l.order, l.rank) for l in pruned.layers] == [(l.name, l.order, l.rank) for l in full.layers]
+    assert sum(pruned_ranks) < sum(costed)
