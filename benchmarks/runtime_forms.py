@@ -5,7 +5,7 @@ Run: .venv/bin/python benchmarks/runtime_forms.py [--runs 30]
 1. k x 1 depthwise convs: as built, and as convtool's WidthOneConv2d (a 1 x k conv on the
    transposed input; for width 1 the transpose is a reshape), on inputs of width 1 and wider.
 2. Pointwise-then-depthwise pairs of rank r > 1 (the depthwise conv takes r channels per
-   group): as built, and as r multiplier-1 depthwise branches (BranchedSeparableConv2d),
+   group): as built, and as r multiplier-1 depthwise branches (BranchedSeparableConv),
    with the dense conv for scale.
 Every form of a row is exported alone and timed round-robin in one run (2 threads, batch 1,
 medians); each is checked equal to the first before timing. Prints Markdown tables.
@@ -19,7 +19,7 @@ import platform
 import torch
 from torch import nn
 
-from convtool.core.modules import BranchedSeparableConv2d, SeparableConv2d, WidthOneConv2d
+from convtool.core.modules import BranchedSeparableConv, SeparableConv, WidthOneConv2d
 from convtool.measure.onnxrt import time_modules
 
 DEPTHWISE = [(1024, 1024, 1, 64), (128, 1024, 1, 64), (128, 1024, 1, 9), (64, 4096, 1, 31), (192, 17, 17, 7), (64, 56, 56, 7)]
@@ -52,8 +52,8 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|")
     for m, n, r, k, hw in PW_DW:
         dense = nn.Conv2d(m, n, k, padding=(k[0] // 2, k[1] // 2), bias=False).eval()
-        pair = SeparableConv2d.from_conv(dense, rank=r, order="pw-dw").eval()
-        ms = timed([pair, BranchedSeparableConv2d(pair).eval(), dense], torch.randn(1, m, *hw), args.runs, same=2)
+        pair = SeparableConv.from_conv(dense, rank=r, order="pw-dw").eval()
+        ms = timed([pair, BranchedSeparableConv(pair).eval(), dense], torch.randn(1, m, *hw), args.runs, same=2)
         print(f"| {m} -> {n}, r={r}, {k[0]}x{k[1]} | {hw[0]} x {hw[1]} | {ms[0]:.3f} | {ms[1]:.3f} | {ms[2]:.3f} | {ms[0] / ms[1]:.2f}x |", flush=True)
 
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 # Names are imported on first use so that `convtool --help` answers without importing torch.
 _WHERE = {
     "separable_factors": ".core.decompose",
+    "SeparableConv": ".core.modules",
     "SeparableConv2d": ".core.modules",
     "Energy": ".core.records",
     "FlopsTarget": ".core.records",
@@ -66,7 +67,7 @@ if TYPE_CHECKING:
     from .convert.distill import Distillation, distill
     from .convert.separate import Separation, separate
     from .core.decompose import separable_factors
-    from .core.modules import SeparableConv2d
+    from .core.modules import SeparableConv, SeparableConv2d
     from .core.records import Benchmark, Energy, FlopsTarget, LayerChange, LayerLatency, SkippedLayer
     from .deploy.export import export_onnx
     from .deploy.verify import ProviderCheck, benchmark, layer_latencies, verify_onnx
@@ -113,6 +114,7 @@ __all__ = [
     "OutputFidelity",
     "ProviderCheck",
     "ProviderUnavailableError",
+    "SeparableConv",
     "SeparableConv2d",
     "Separation",
     "SeparationError",

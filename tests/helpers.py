@@ -122,18 +122,18 @@ def _dense_weights(original: torch.nn.Module, layer) -> list[torch.Tensor]:
 def assert_layers_proven(result, original: torch.nn.Module, inputs: tuple) -> WatchedRun:
     """Check every layer ``result`` reports against one run of ``result.model``, trusting no number of convtool's.
 
-    For each layer: a ``SeparableConv2d`` sits at its name and every alias, its pairs share their
+    For each layer: a ``SeparableConv`` sits at its name and every alias, its pairs share their
     depthwise and pointwise weights, and each pair ran. No conv call of the run used the caller's
     dense weight of a separated layer, by identity (a reference leaking into the caller's model)
     or by value (a copy of it still running). A weight computed on access (a parametrization) has
     no stable identity, so it is checked by value only, as the caller's model computes it in eval mode.
     """
-    from convtool import SeparableConv2d
+    from convtool import SeparableConv
 
     names = [n for layer in result.layers for n in (layer.name, *layer.aliases)]
     for layer in result.layers:
         pairs = [module_at(result.model, n) for n in (layer.name, *layer.aliases)]
-        assert all(isinstance(p, SeparableConv2d) for p in pairs), (layer.name, [type(p).__name__ for p in pairs])
+        assert all(isinstance(p, SeparableConv) for p in pairs), (layer.name, [type(p).__name__ for p in pairs])
         assert all(p.depthwise.weight is pairs[0].depthwise.weight for p in pairs), layer.name
         assert all(p.pointwise.weight is pairs[0].pointwise.weight for p in pairs), layer.name
     run = watch_run(result.model, inputs, names)

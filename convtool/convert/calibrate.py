@@ -27,7 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
 from ..core.inputs import eval_mode, model_device, on_device
-from ..core.modules import SeparableConv2d
+from ..core.modules import SeparableConv
 from ..errors import InvalidOptionError
 from ..measure.conv_calls import CONV_FUNCTIONS, conv_arguments, explicit_padding, record
 
@@ -158,7 +158,7 @@ class Layer:
 
     name: str
     reference_weight: Tensor
-    pairs: list[SeparableConv2d]
+    pairs: list[SeparableConv]
 
 
 def refit(

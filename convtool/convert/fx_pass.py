@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 
-from ..core.modules import SeparableConv2d
+from ..core.modules import SeparableConv
 from ..core.names import get_or_none, join, label
 from ..core.tracing import Tracer, Tracing
 from ..measure.conv_calls import CONV_FUNCTIONS, conv_arguments
@@ -147,7 +147,7 @@ def _setting(stride: Any, padding: Any, dilation: Any, groups: int) -> tuple:
 
 
 # The pair to call for a FunctionalConv; the pass names and places it.
-PairFor = Callable[[FunctionalConv], SeparableConv2d]
+PairFor = Callable[[FunctionalConv], SeparableConv]
 # Puts a GraphModule at a qualified name, given the calls it replaced (the caller logs the edit).
 Place = Callable[[str, nn.Module, list[FunctionalConv]], None]
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..core.modules import SeparableConv2d
+from ..core.modules import SeparableConv
 from ..core.names import get
 from ..core.tracing import Tracing
 from .fx_pass import FunctionalConv, rewrite_functional
@@ -20,18 +20,18 @@ from .proof import Claim, Edits
 from .sites import Site
 
 
-def build_pairs(site: Site, order: str, rank: int) -> list[SeparableConv2d]:
+def build_pairs(site: Site, order: str, rank: int) -> list[SeparableConv]:
     """One pair per use of ``site``; all share the factors (one SVD), and a bias shared in the model stays shared."""
-    pairs: list[SeparableConv2d] = []
+    pairs: list[SeparableConv] = []
     biases: dict[int, nn.Parameter] = {}
     for use in site.uses:
         mode = use.module.training if use.module is not None else None
         if not pairs:
-            pair = SeparableConv2d.from_weight(site.weight, use.bias, groups=site.groups, rank=rank, order=order, **use.options)
+            pair = SeparableConv.from_weight(site.weight, use.bias, groups=site.groups, rank=rank, order=order, **use.options)
         else:
             first = pairs[0]
             w = site.weight
-            pair = SeparableConv2d(
+            pair = SeparableConv(
                 w.shape[1] * site.groups, w.shape[0], tuple(w.shape[2:]), groups=site.groups, bias=use.bias is not None,
                 rank=first.rank, order=order, device=w.device, dtype=w.dtype, **use.options,
             )
@@ -66,7 +66,7 @@ def install(
 ) -> tuple[list[Installed], list[tuple[str, str]]]:
     """Replace every picked site's dense convs by its pairs; returns what was installed and what could not be."""
     installed: list[Installed] = []
-    pairs_of: dict[str, list[SeparableConv2d]] = {}
+    pairs_of: dict[str, list[SeparableConv]] = {}
     for site in sites:
         pick = picks.get(site.name)
         if pick is None:
@@ -90,7 +90,7 @@ def install(
 
 
 def _install_functional(edits, sites, pairs_of, tracing) -> tuple[list[Installed], list[tuple[str, str]]]:
-    pair_for_call: dict[int, SeparableConv2d] = {}
+    pair_for_call: dict[int, SeparableConv] = {}
     site_of_call: dict[int, str] = {}
     calls: list[FunctionalConv] = []
     for site in sites:

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..core.costs import dense_flops, pair_flops
 from ..core.decompose import ORDERS, max_rank, rank_errors, separable_factors
-from ..core.modules import SeparableConv2d
+from ..core.modules import SeparableConv
 from ..core.records import Energy, FlopsTarget, Rank
 from ..errors import InvalidOptionError
 from .knapsack import DENSE, Choice, allocate
@@ -99,9 +99,9 @@ def weight_options(site: Site, orders: tuple[str, ...], stats: SiteStats) -> Cho
     return Choice(options)
 
 
-def _pair(site: Site, order: str, rank: int) -> SeparableConv2d:
+def _pair(site: Site, order: str, rank: int) -> SeparableConv:
     use = site.uses[0]
-    return SeparableConv2d.from_weight(site.weight, use.bias, groups=site.groups, rank=rank, order=order, **use.options)
+    return SeparableConv.from_weight(site.weight, use.bias, groups=site.groups, rank=rank, order=order, **use.options)
 
 
 def _dense(site: Site) -> nn.Conv2d:

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..core.inputs import kept_state, model_device, on_device
 from ..core.modules import watching_weight_reads
-from ..core.modules import SeparableConv2d
+from ..core.modules import SeparableConv
 from ..core.names import describe_error, get, module_names, set_module
 from ..core.references import references, replace
 from ..errors import SeparationError
@@ -98,7 +98,7 @@ class Claim:
 
     name: str
     dense_weight: torch.Tensor
-    pairs: list[SeparableConv2d]
+    pairs: list[SeparableConv]
 
 
 @dataclass

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..core.decompose import ORDERS
 from ..core.inputs import as_inputs, guess_inputs, model_device, on_device, run_checked, running, tensors_of
-from ..core.modules import SeparableConv2d, runtime_forms
+from ..core.modules import SeparableConv, runtime_forms
 from ..core.names import join, label
 from ..core.records import FlopsTarget, LayerChange, Rank, SkippedLayer, check_rank
 from ..errors import AnalysisError, InvalidOptionError, NothingToSeparateError
@@ -90,7 +90,7 @@ def _latency(provider: str | None) -> Latency | None:
     name = require_provider(provider)
 
     def latency(module: nn.Module, shape: tuple[int, ...]) -> float:
-        forms = runtime_forms(module, {shape[-1]}) if isinstance(module, SeparableConv2d) else [module]
+        forms = runtime_forms(module, {shape[-1]}) if isinstance(module, SeparableConv) else [module]
         return min(module_latency(form, shape, name) for form in forms)
 
     return latency

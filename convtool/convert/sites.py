@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..core.modules import SeparableConv2d
+from ..core.modules import SeparableConv
 from ..core.names import label, module_names
 from ..core.records import SkippedLayer
 from ..core.tracing import Tracing, trace_regions
@@ -115,7 +115,7 @@ def find_sites(
 def _module_sites(work, read_directly, include, exclude, skipped) -> list[Site]:
     names = module_names(work)
     # The halves of pairs already separated are depthwise and pointwise by construction.
-    halves = {id(m) for pair in work.modules() if isinstance(pair, SeparableConv2d) for m in pair.children()}
+    halves = {id(m) for pair in work.modules() if isinstance(pair, SeparableConv) for m in pair.children()}
     tied: dict[int, list[nn.Conv2d]] = {}
     for module in work.modules():
         if isinstance(module, nn.Conv2d) and id(module) not in halves:

@@ -1,4 +1,4 @@
-"""SeparableConv2d: the module a dense Conv2d becomes."""
+"""SeparableConv: the module a dense conv becomes, and the exact forms it may ship in."""
 
 from __future__ import annotations
 
@@ -26,14 +26,30 @@ def watching_weight_reads() -> Iterator[set[int]]:
         _WEIGHT_READS.remove(reads)
 
 
-class SeparableConv2d(nn.Module):
-    """A dense Conv2d factored into a depthwise (spatial) and a pointwise (1x1) conv.
+_CONV: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_TRANSPOSE: dict[int, type[nn.Module]] = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def conv_class(dims: int, transposed: bool = False) -> type[nn.Module]:
+    """``nn.Conv{dims}d``, or ``nn.ConvTranspose{dims}d``."""
+    return (_CONV_TRANSPOSE if transposed else _CONV)[dims]
+
+
+def _tuple(v, dims: int) -> tuple:
+    return (v,) * dims if isinstance(v, int) else tuple(v)
+
+
+class SeparableConv(nn.Module):
+    """A dense conv (1-, 2- or 3-d, plain or transposed) factored into a depthwise and a pointwise conv.
 
     ``order="dw-pw"`` runs ``depthwise`` then ``pointwise`` (MobileNet); ``order="pw-dw"``
     runs ``pointwise`` then ``depthwise`` (BSConv-U). Either way the spatial conv carries the
-    original stride, padding, dilation and padding mode, and the last conv carries the bias,
-    so the pair has the same input/output contract as the conv it replaces. Both halves are
-    plain ``nn.Conv2d`` modules, so the pair exports to standard ONNX ``Conv`` nodes.
+    original stride, padding, dilation, padding mode (and, transposed, output padding), and
+    the last conv carries the bias, so the pair has the same input/output contract as the conv
+    it replaces, ``output_size=`` included for a transposed one. Both halves are plain torch
+    conv modules (the depthwise one transposed when the original was), so the pair exports to
+    standard ONNX ``Conv`` / ``ConvTranspose`` nodes.
 
     The dense conv's hyper-parameters stay readable as attributes (``in_channels``,
     ``kernel_size``, ...) because surrounding code often reads them from the layer it calls.
@@ -43,16 +59,19 @@ class SeparableConv2d(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
-        dilation: int | tuple[int, int] = 1,
+        kernel_size: int | tuple[int, ...],
+        stride: int | tuple[int, ...] = 1,
+        padding: int | tuple[int, ...] | str = 0,
+        dilation: int | tuple[int, ...] = 1,
         groups: int = 1,
         bias: bool = True,
         padding_mode: str = "zeros",
         *,
         rank: int = 1,
         order: str = "dw-pw",
+        dims: int | None = None,
+        transposed: bool = False,
+        output_padding: int | tuple[int, ...] = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -61,41 +80,35 @@ class SeparableConv2d(nn.Module):
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
         if rank < 1:
             raise ValueError(f"rank must be at least 1, got {rank}")
-        pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+        dims = dims or (2 if isinstance(kernel_size, int) else len(kernel_size))
+        if dims not in _CONV:
+            raise ValueError(f"convs of 1, 2 or 3 dimensions only, got {dims}")
+        self.dims, self.transposed = dims, transposed
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride, self.dilation = pair(kernel_size), pair(stride), pair(dilation)
-        self.padding = padding if isinstance(padding, str) else pair(padding)
+        self.kernel_size, self.stride, self.dilation = (_tuple(v, dims) for v in (kernel_size, stride, dilation))
+        self.padding = padding if isinstance(padding, str) else _tuple(padding, dims)
+        self.output_padding = _tuple(output_padding, dims)
         self.groups, self.padding_mode = groups, padding_mode
         self.rank, self.order = rank, order
         # Relative Frobenius error of the SVD factors against the dense weight they came from
         # (0.0 = exact); NaN for a pair built empty rather than from a dense conv.
         self.weight_error = float("nan")
         spatial_opts = dict(
-            kernel_size=self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            padding_mode=padding_mode,
-            device=device,
-            dtype=dtype,
+            kernel_size=self.kernel_size, stride=self.stride, padding=self.padding, dilation=self.dilation,
+            padding_mode=padding_mode, device=device, dtype=dtype,
         )
+        if transposed:
+            spatial_opts["output_padding"] = self.output_padding
+        spatial, point = conv_class(dims, transposed), conv_class(dims)
         if order == "dw-pw":
-            self.depthwise = nn.Conv2d(
-                in_channels, in_channels * rank, groups=in_channels, bias=False, **spatial_opts
-            )
-            self.pointwise = nn.Conv2d(
-                in_channels * rank, out_channels, 1, groups=groups, bias=bias, device=device, dtype=dtype
-            )
+            self.depthwise = spatial(in_channels, in_channels * rank, groups=in_channels, bias=False, **spatial_opts)
+            self.pointwise = point(in_channels * rank, out_channels, 1, groups=groups, bias=bias, device=device, dtype=dtype)
         else:
-            self.pointwise = nn.Conv2d(
-                in_channels, out_channels * rank, 1, groups=groups, bias=False, device=device, dtype=dtype
-            )
-            self.depthwise = nn.Conv2d(
-                out_channels * rank, out_channels, groups=out_channels, bias=bias, **spatial_opts
-            )
+            self.pointwise = point(in_channels, out_channels * rank, 1, groups=groups, bias=False, device=device, dtype=dtype)
+            self.depthwise = spatial(out_channels * rank, out_channels, groups=out_channels, bias=bias, **spatial_opts)
 
     @property
-    def last(self) -> nn.Conv2d:
+    def last(self) -> nn.Module:
         """The conv that runs last: it holds the bias, and calibration and BatchNorm folding change it."""
         return self.pointwise if self.order == "dw-pw" else self.depthwise
 
@@ -106,7 +119,7 @@ class SeparableConv2d(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        """The dense weight this pair computes (N, M/g, kh, kw), recomputed on each read.
+        """The dense weight this pair computes, in the dense conv's layout, recomputed on each read.
 
         Code written for the dense conv (``self.conv.weight.shape``, weight decay on it, a
         norm of it) keeps working; writing to it changes nothing. Reads are seen by
@@ -115,22 +128,24 @@ class SeparableConv2d(nn.Module):
         for reads in _WEIGHT_READS:
             reads.add(id(self))
         spatial, mixing = self.depthwise.weight, self.pointwise.weight
-        return dense_weight(spatial, mixing, self.rank, self.groups, self.order)
+        return dense_weight(spatial, mixing, self.rank, self.groups, self.order, self.transposed)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
+        spatial = (lambda t: self.depthwise(t, output_size)) if self.transposed else self.depthwise
         if self.order == "dw-pw":
-            return self.pointwise(self.depthwise(x))
-        return self.depthwise(self.pointwise(x))
+            return self.pointwise(spatial(x))
+        return spatial(self.pointwise(x))
 
     def extra_repr(self) -> str:
+        kind = ", transposed" if self.transposed else ""
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-            f"stride={self.stride}, rank={self.rank}, order={self.order!r}"
+            f"stride={self.stride}, rank={self.rank}, order={self.order!r}{kind}"
         )
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, rank: int = 1, order: str = "dw-pw") -> "SeparableConv2d":
-        """The rank-``rank`` separable pair closest to ``conv``, on its device and dtype.
+    def from_conv(cls, conv: nn.Module, rank: int = 1, order: str = "dw-pw") -> "SeparableConv":
+        """The rank-``rank`` separable pair closest to ``conv`` (any torch conv module), on its device and dtype.
 
         ``rank`` is clamped to the rank at which the factorisation is exact. The result is
         in the same train/eval mode as ``conv`` and its parameters keep ``requires_grad``.
@@ -145,6 +160,8 @@ class SeparableConv2d(nn.Module):
             padding_mode=conv.padding_mode,
             rank=rank,
             order=order,
+            transposed=conv.transposed,
+            output_padding=conv.output_padding,
         ).train(conv.training)
 
     @classmethod
@@ -153,21 +170,24 @@ class SeparableConv2d(nn.Module):
         weight: Tensor,
         bias: Tensor | None,
         *,
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] | str = 0,
-        dilation: int | tuple[int, int] = 1,
+        stride: int | tuple[int, ...] = 1,
+        padding: int | tuple[int, ...] | str = 0,
+        dilation: int | tuple[int, ...] = 1,
         groups: int = 1,
         padding_mode: str = "zeros",
         rank: int = 1,
         order: str = "dw-pw",
-    ) -> "SeparableConv2d":
-        """The separable pair for a conv given by its tensors (as in ``F.conv2d``)."""
-        factors = separable_factors(weight, rank, groups=groups, order=order)
-        n, m_g, kh, kw = weight.shape
+        transposed: bool = False,
+        output_padding: int | tuple[int, ...] = 0,
+    ) -> "SeparableConv":
+        """The separable pair for a conv given by its tensors (as in ``F.conv2d`` or ``F.conv_transpose2d``)."""
+        factors = separable_factors(weight, rank, groups=groups, order=order, transposed=transposed)
+        a, b, *k = weight.shape
+        in_channels, out_channels = (a, b * groups) if transposed else (b * groups, a)
         module = cls(
-            m_g * groups,
-            n,
-            (kh, kw),
+            in_channels,
+            out_channels,
+            tuple(k),
             stride=stride,
             padding=padding,
             dilation=dilation,
@@ -176,6 +196,8 @@ class SeparableConv2d(nn.Module):
             padding_mode=padding_mode,
             rank=factors.rank,
             order=order,
+            transposed=transposed,
+            output_padding=output_padding,
             device=weight.device,
             dtype=weight.dtype,
         )
@@ -191,7 +213,10 @@ class SeparableConv2d(nn.Module):
         return module
 
 
-class BranchedSeparableConv2d(nn.Module):
+SeparableConv2d = SeparableConv  # the name of the 2-d-only releases
+
+
+class BranchedSeparableConv(nn.Module):
     """A separable pair of rank r written with r depthwise convs of multiplier 1.
 
     The same function as the :class:`SeparableConv2d` it is built from. For ``"dw-pw"``,
@@ -204,14 +229,16 @@ class BranchedSeparableConv2d(nn.Module):
     convtool exports for ranks above 1.
     """
 
-    def __init__(self, pair: SeparableConv2d) -> None:
+    def __init__(self, pair: SeparableConv) -> None:
         super().__init__()
         if pair.groups != 1:
             raise ValueError("grouped pairs keep their form: their pointwise channels cannot be reordered across groups")
+        if pair.transposed:
+            raise ValueError("transposed pairs keep their form")
         dw, pw, r = pair.depthwise, pair.pointwise, pair.rank
         self.in_channels, self.out_channels, self.rank = pair.in_channels, pair.out_channels, r
         self.kernel_size, self.stride, self.padding = pair.kernel_size, pair.stride, pair.padding
-        self.dilation, self.groups, self.order = pair.dilation, pair.groups, pair.order
+        self.dilation, self.groups, self.order, self.dims = pair.dilation, pair.groups, pair.order, pair.dims
         self.weight_error = pair.weight_error
         width = pair.in_channels if pair.order == "dw-pw" else pair.out_channels  # channels of each branch
         options = dict(
@@ -220,11 +247,11 @@ class BranchedSeparableConv2d(nn.Module):
         )
         has_bias = pair.bias is not None
         self.branches = nn.ModuleList(
-            nn.Conv2d(width, width, groups=width, bias=has_bias and pair.order == "pw-dw" and i == 0, **options)
+            conv_class(pair.dims)(width, width, groups=width, bias=has_bias and pair.order == "pw-dw" and i == 0, **options)
             for i in range(r)
         )
         pw_in, pw_out = pw.in_channels, pw.out_channels
-        self.pointwise = nn.Conv2d(
+        self.pointwise = conv_class(pair.dims)(
             pw_in, pw_out, 1, bias=has_bias and pair.order == "dw-pw", device=pw.weight.device, dtype=pw.weight.dtype,
         )
         # Channel (c, i) of the r per channel moves from c*r + i to i*width + c.
@@ -234,7 +261,7 @@ class BranchedSeparableConv2d(nn.Module):
                 for i, branch in enumerate(self.branches):
                     branch.weight.copy_(dw.weight[i::r])
                 self.pointwise.weight.copy_(pw.weight[:, order])
-            else:  # depthwise weight (N, r, kh, kw): filter i of output n reads pointwise channel n*r + i
+            else:  # depthwise weight (N, r, *k): filter i of output n reads pointwise channel n*r + i
                 for i, branch in enumerate(self.branches):
                     branch.weight.copy_(dw.weight[:, i : i + 1])
                 self.pointwise.weight.copy_(pw.weight[order])
@@ -243,7 +270,7 @@ class BranchedSeparableConv2d(nn.Module):
         self.train(pair.training)
 
     @property
-    def last(self) -> nn.Conv2d | None:
+    def last(self) -> nn.Module | None:
         """The conv that runs last (None for ``"pw-dw"``: r branches do)."""
         return self.pointwise if self.order == "dw-pw" else None
 
@@ -300,7 +327,7 @@ class WidthOneConv2d(nn.Module):
         return y.reshape(n, y.shape[1], y.shape[3], 1) if y.shape[2] == 1 else y.transpose(2, 3)
 
 
-def runtime_forms(pair: SeparableConv2d, widths: set[int] | None = None) -> list[nn.Module]:
+def runtime_forms(pair: SeparableConv, widths: set[int] | None = None) -> list[nn.Module]:
     """Every exact form convtool can ship ``pair`` in, the preferred last.
 
     As built; as multiplier-1 branches (ungrouped pairs of rank > 1); and either of those with
@@ -308,25 +335,24 @@ def runtime_forms(pair: SeparableConv2d, widths: set[int] | None = None) -> list
     pair's depthwise conv was called on) are all 1. New modules, except the pair itself.
     """
     forms: list[nn.Module] = [pair]
-    if pair.rank > 1 and pair.groups == 1:
-        forms.append(BranchedSeparableConv2d(pair))
-    kh, kw = pair.kernel_size
-    if kh > 1 and kw == 1 and widths == {1}:
+    if pair.rank > 1 and pair.groups == 1 and not pair.transposed:
+        forms.append(BranchedSeparableConv(pair))
+    if pair.dims == 2 and not pair.transposed and pair.kernel_size[0] > 1 and pair.kernel_size[1] == 1 and widths == {1}:
         forms += [_width_one(form) for form in forms]
     return forms
 
 
 def _width_one(form: nn.Module) -> nn.Module:
     form = copy.deepcopy(form)
-    if isinstance(form, BranchedSeparableConv2d):
+    if isinstance(form, BranchedSeparableConv):
         form.branches = nn.ModuleList(WidthOneConv2d(c) for c in form.branches)
     else:
         form.depthwise = WidthOneConv2d(form.depthwise)
     return form
 
 
-def last_conv(module: nn.Module) -> nn.Conv2d | None:
+def last_conv(module: nn.Module) -> nn.Module | None:
     """The conv that runs last in a dense conv (itself) or a pair; None for anything else."""
-    if isinstance(module, (SeparableConv2d, BranchedSeparableConv2d)):
-        return module.last if isinstance(module.last, nn.Conv2d) else None
-    return module if isinstance(module, nn.Conv2d) else None
+    if isinstance(module, (SeparableConv, BranchedSeparableConv)):
+        return module.last if isinstance(module.last, CONV_TYPES) else None
+    return module if isinstance(module, CONV_TYPES) else None

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 from torch import fx, nn
 
-from .modules import BranchedSeparableConv2d, SeparableConv2d
+from .modules import BranchedSeparableConv, SeparableConv
 from .names import describe_error, join, label
 
-CONV_MODULES = (nn.Conv2d, SeparableConv2d, BranchedSeparableConv2d)
+CONV_MODULES = (nn.Conv2d, SeparableConv, BranchedSeparableConv)
 
 
 class Tracer(fx.Tracer):

@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from ..core.inputs import as_inputs, eval_mode, model_device, on_device, run_checked
-from ..core.modules import SeparableConv2d, last_conv, runtime_forms
+from ..core.modules import SeparableConv, last_conv, runtime_forms
 from ..core.names import join
 from ..core.references import swap_module
 from ..core.tracing import trace_regions
@@ -111,8 +111,8 @@ def measured_layout(model: nn.Module, example_inputs: Any, provider: str = "cpu"
     return model, changed
 
 
-def _pairs(model: nn.Module) -> list[tuple[str, SeparableConv2d]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, SeparableConv2d)]
+def _pairs(model: nn.Module) -> list[tuple[str, SeparableConv]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, SeparableConv)]
 
 
 def _input_widths(model: nn.Module, example_inputs: Any) -> dict[int, set[int]]:

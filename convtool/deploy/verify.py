@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from ..core.inputs import as_inputs, batch_size, batched, eval_mode, model_device, on_device, run_checked
-from ..core.modules import SeparableConv2d
+from ..core.modules import SeparableConv
 from ..core.records import Benchmark, LayerLatency
 from ..core.names import describe_error
 from ..errors import OnnxFileError, ProviderUnavailableError
@@ -232,7 +232,7 @@ def layer_latencies(model: nn.Module, example_inputs: Any, *, provider: str = "c
     """
     name = require_provider(provider)
     inputs = on_device(as_inputs(example_inputs), model_device(model))
-    pairs = {id(m): (n, m) for n, m in model.named_modules() if isinstance(m, SeparableConv2d)}
+    pairs = {id(m): (n, m) for n, m in model.named_modules() if isinstance(m, SeparableConv)}
     shapes: dict[int, tuple[int, ...]] = {}
 
     def record_shape(module: nn.Module, args: tuple) -> None:  # a pre-hook's return value would replace the inputs

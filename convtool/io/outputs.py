@@ -18,7 +18,7 @@ import torch
 from torch import fx, nn
 
 from ..core.inputs import eval_mode
-from ..core.modules import SeparableConv2d
+from ..core.modules import SeparableConv
 from ..core.names import describe_error
 from ..errors import InvalidOptionError, OutputExistsError
 
@@ -104,7 +104,7 @@ class _StandardLeaves(fx.Tracer):
     """Traces through every module but torch's own and convtool's pairs."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, SeparableConv2d) or super().is_leaf_module(m, qualname)
+        return isinstance(m, SeparableConv) or super().is_leaf_module(m, qualname)
 
 
 def portable(model: nn.Module, example_inputs: tuple) -> nn.Module | None:

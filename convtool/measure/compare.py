@@ -13,7 +13,7 @@ from torch import nn
 from ..core.inputs import as_inputs, eval_mode, model_device, on_device, run_checked, running
 from ..errors import InvalidOptionError
 from ..core.names import get_or_none
-from ..core.modules import SeparableConv2d
+from ..core.modules import SeparableConv
 from ..core.records import Benchmark, LayerChange, LayerLatency, SkippedLayer
 from .conv_calls import record
 from .counts import FLOPS_UNIT, Analysis, analyze
@@ -70,7 +70,7 @@ def compare(original: nn.Module, separated: nn.Module, example_inputs: Any, *, s
         separation: the :class:`~convtool.Separation` ``separated`` came from, if any: its
             layers (by name), skipped convs and verification are reported, each layer's FLOPs
             and calls measured again on these inputs. Without it, the layers are the
-            ``SeparableConv2d`` modules of ``separated``, grouped by the factors they share.
+            ``SeparableConv`` modules of ``separated``, grouped by the factors they share.
 
     Returns:
         A :class:`Comparison`.
@@ -124,6 +124,6 @@ def _dense_weight(original: nn.Module, name: str, source: str) -> torch.Tensor |
     return weight if isinstance(weight, torch.Tensor) and weight.dim() == 4 else None
 
 
-def _pairs_at(model: nn.Module, names: tuple[str, ...]) -> list[SeparableConv2d]:
+def _pairs_at(model: nn.Module, names: tuple[str, ...]) -> list[SeparableConv]:
     found = [get_or_none(model, n) if n != "<model>" else model for n in names]
-    return list({id(p): p for p in found if isinstance(p, SeparableConv2d)}.values())
+    return list({id(p): p for p in found if isinstance(p, SeparableConv)}.values())

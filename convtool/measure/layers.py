@@ -13,17 +13,17 @@ import torch
 from torch import nn
 
 from ..core.costs import dense_flops
-from ..core.modules import SeparableConv2d
+from ..core.modules import SeparableConv
 from ..core.records import LayerChange
 from .conv_calls import ConvCall
 
 
-def pair_weights(pairs: Sequence[SeparableConv2d]) -> set[int]:
+def pair_weights(pairs: Sequence[SeparableConv]) -> set[int]:
     """Ids of the weights of both halves of every pair (shared factors appear once)."""
     return {id(p.depthwise.weight) for p in pairs} | {id(p.pointwise.weight) for p in pairs}
 
 
-def last_calls(pairs: Sequence[SeparableConv2d], calls: dict[int, list[ConvCall]]) -> list[ConvCall]:
+def last_calls(pairs: Sequence[SeparableConv], calls: dict[int, list[ConvCall]]) -> list[ConvCall]:
     """The calls of the pairs' last convs: one per time the layer ran."""
     ids = {id(p.last.weight) for p in pairs}
     return [c for i in ids for c in calls.get(i, [])]
@@ -37,7 +37,7 @@ def describe(
     name: str,
     aliases: Sequence[str],
     source: str,
-    pairs: Sequence[SeparableConv2d],
+    pairs: Sequence[SeparableConv],
     calls: dict[int, list[ConvCall]] | None,
     *,
     dense_weight: torch.Tensor | None = None,
@@ -93,11 +93,11 @@ def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
         return float((a - r).norm()) / norm if norm > 0 else float((a - r).norm())
 
 
-def pair_groups(model: nn.Module) -> list[tuple[list[str], list[SeparableConv2d]]]:
+def pair_groups(model: nn.Module) -> list[tuple[list[str], list[SeparableConv]]]:
     """The pairs of a model grouped by the factors they share: names and distinct pairs per group."""
-    groups: dict[int, tuple[list[str], list[SeparableConv2d]]] = {}
+    groups: dict[int, tuple[list[str], list[SeparableConv]]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, SeparableConv2d):
+        if isinstance(module, SeparableConv):
             names, pairs = groups.setdefault(id(module.depthwise.weight), ([], []))
             names.append(name)
             if all(p is not module for p in pairs):

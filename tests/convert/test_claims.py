@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import convtool
-from convtool import InvalidOptionError, NothingToSeparateError, SeparableConv2d
+from convtool import InvalidOptionError, NothingToSeparateError, SeparableConv
 
 from ..helpers import assert_layers_proven
 
@@ -34,7 +34,7 @@ def test_convs_reached_through_a_plain_list_are_rewired_and_proven():
     model, x = ThroughList().eval(), torch.randn(1, 3, 8, 8)
     result = convtool.separate(model, x, rank=1)
     assert [layer.name for layer in result.layers] == ["a", "b"] and result.verified
-    assert all(isinstance(stage, SeparableConv2d) for stage in result.model.stages)
+    assert all(isinstance(stage, SeparableConv) for stage in result.model.stages)
     with torch.no_grad():
         assert float((result.model(x) - model(x)).abs().max()) > 1e-3  # the rewrite took effect
     assert_layers_proven(result, model, (x,))
@@ -228,9 +228,9 @@ def test_separable_weight_property_is_the_dense_weight_it_computes():
     for order in ("dw-pw", "pw-dw"):
         for groups in (1, 2):
             conv = nn.Conv2d(8, 12, (3, 5), groups=groups)
-            pair = SeparableConv2d.from_conv(conv, rank=100, order=order)
+            pair = SeparableConv.from_conv(conv, rank=100, order=order)
             torch.testing.assert_close(pair.weight, conv.weight, rtol=1e-5, atol=1e-6)
-            low = SeparableConv2d.from_conv(conv, rank=1, order=order)
+            low = SeparableConv.from_conv(conv, rank=1, order=order)
             x = torch.randn(1, 8, 9, 9)
             torch.testing.assert_close(
                 low(x), F.conv2d(x, low.weight, low.bias, conv.stride, conv.padding, conv.dilation, groups), rtol=1e-4, atol=1e-5

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import convtool
-from convtool import SeparableConv2d
+from convtool import SeparableConv
 
 from ..forms import FORMS, Form, build_form
 from ..helpers import (
@@ -135,15 +135,15 @@ def test_plain_containers_point_at_the_pairs(name):
         assert isinstance(m.pair, tuple) and m.pair[0] is m.a and m.pair[1] is m.b
     else:
         assert m.body.order[0] is m.body.first and m.body.order[1] is m.body.second
-        assert isinstance(m.body.first[0], SeparableConv2d)
-    assert all(isinstance(module_at(m, layer.name), SeparableConv2d) for layer in result.layers)
+        assert isinstance(m.body.first[0], SeparableConv)
+    assert all(isinstance(module_at(m, layer.name), SeparableConv) for layer in result.layers)
 
 
 @pytest.mark.parametrize("name", ["closure", "closure_setattr"])
 def test_closures_are_rewired_in_the_copy_only(name):
     model, _, result = separated(form_named(name))
     (cell,) = result.model.apply_c.__closure__
-    assert cell.cell_contents is result.model.c and isinstance(result.model.c, SeparableConv2d)
+    assert cell.cell_contents is result.model.c and isinstance(result.model.c, SeparableConv)
     assert model.apply_c.__closure__[0].cell_contents is model.c  # the caller's closure is untouched
 
 
@@ -181,7 +181,7 @@ def test_functional_twice_is_one_pair_called_twice():
     model, inputs, result = separated(form_named("functional_twice"))
     (layer,) = result.layers
     assert (layer.name, layer.aliases, layer.source) == ("w", (), "function")
-    assert isinstance(result.model.w, SeparableConv2d)
+    assert isinstance(result.model.w, SeparableConv)
     assert "w" not in dict(result.model.named_parameters())
     assert watch_run(result.model, inputs, ["w"]).calls == {"w": 2}
 
@@ -198,7 +198,7 @@ def test_functional_dilations_share_factors():
 
 def test_hook_on_parent_still_runs():
     model, inputs, result = separated(form_named("hooked_parent"))
-    assert all(isinstance(result.model.block[i], SeparableConv2d) for i in (0, 2))
+    assert all(isinstance(result.model.block[i], SeparableConv) for i in (0, 2))
     before = result.model.block.hook_calls
     result.model(*inputs)
     assert result.model.block.hook_calls == before + 1
@@ -218,7 +218,7 @@ def test_hooked_convs_keep_their_hooks():
 def test_parametrized_conv_becomes_a_plain_pair(form):
     model, _, result = separated(form)
     pair = result.model.a
-    assert isinstance(pair, SeparableConv2d)
+    assert isinstance(pair, SeparableConv)
     assert not list(pair._forward_pre_hooks.values())
     assert not torch.nn.utils.parametrize.is_parametrized(pair)
     # The caller's conv keeps its parametrization or hook.
@@ -228,13 +228,13 @@ def test_parametrized_conv_becomes_a_plain_pair(form):
 
 def test_subclass_adding_attributes_is_separated_and_overriding_one_is_not():
     _, _, result = separated(form_named("subclasses"))
-    assert isinstance(result.model.labeled, SeparableConv2d)
+    assert isinstance(result.model.labeled, SeparableConv)
     assert type(result.model.scaled).__name__ == "ScaledConv"
 
 
 def test_bare_conv_becomes_a_pair():
     model, inputs, result = separated(form_named("bare_conv"))
-    assert isinstance(result.model, SeparableConv2d)
+    assert isinstance(result.model, SeparableConv)
     assert result.layers[0].name == "<model>"
     assert type(model) is nn.Conv2d
 

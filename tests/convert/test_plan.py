@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import convtool
-from convtool import SeparableConv2d
+from convtool import SeparableConv
 from convtool.convert.plan import rank_output_errors
 from convtool.core.decompose import max_rank
 
@@ -27,7 +27,7 @@ def test_every_rank_costed_at_once_equals_building_each_pair(config, order, seed
     with torch.no_grad():
         reference = conv(x)
         for r in range(1, top + 1):
-            pair = SeparableConv2d.from_conv(conv, rank=r, order=order)
+            pair = SeparableConv.from_conv(conv, rank=r, order=order)
             slow = float((pair(x) - reference).pow(2).sum())
             assert fast[r] == pytest.approx(slow, rel=1e-6, abs=1e-9), (r, fast[r], slow)
 
@@ -47,7 +47,7 @@ def test_budget_plans_with_calibration_are_those_of_measuring_each_pair(entry, m
         with torch.no_grad():
             reference = torch.nn.functional.conv2d(x, weight, None, options["stride"], options["padding"], options["dilation"], groups)
             return {
-                r: float((SeparableConv2d.from_weight(weight, None, groups=groups, rank=r, order=order, **options)(x) - reference)
+                r: float((SeparableConv.from_weight(weight, None, groups=groups, rank=r, order=order, **options)(x) - reference)
                          .double().pow(2).sum())
                 for r in range(1, top + 1)
             }

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import convtool
-from convtool import InvalidOptionError, NothingToSeparateError, SeparableConv2d, SeparationError
+from convtool import InvalidOptionError, NothingToSeparateError, SeparableConv, SeparationError
 
 from ..zoo import ResNetLike, VGGLike, randomize_batchnorm
 
@@ -161,7 +161,7 @@ def test_a_rewrite_that_breaks_the_model_is_reported_with_what_to_do():
 def test_bare_conv_becomes_a_pair():
     conv = nn.Conv2d(16, 32, 3, bias=False)
     result = convtool.separate(conv)
-    assert isinstance(result.model, SeparableConv2d)
+    assert isinstance(result.model, SeparableConv)
     assert result.layers[0].name == "<model>"
     assert (result.layers[0].params_before, result.layers[0].params_after) == (4608, 16 * 9 + 32 * 16)
     assert isinstance(conv, nn.Conv2d) and conv.weight.shape == (32, 16, 3, 3)
@@ -169,7 +169,7 @@ def test_bare_conv_becomes_a_pair():
 
 def test_pair_keeps_conv_attributes_for_surrounding_code():
     conv = nn.Conv2d(4, 8, (3, 5), stride=2, padding=(1, 2), dilation=1)
-    pair = SeparableConv2d.from_conv(conv, rank=2)
+    pair = SeparableConv.from_conv(conv, rank=2)
     assert (pair.in_channels, pair.out_channels, pair.kernel_size, pair.stride, pair.padding) == (
         4, 8, (3, 5), (2, 2), (1, 2),
     )

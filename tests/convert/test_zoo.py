@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import convtool
-from convtool import NothingToSeparateError, SeparableConv2d
+from convtool import NothingToSeparateError, SeparableConv
 
 from ..helpers import assert_layers_proven, assert_outputs_close, assert_same_state, state_snapshot
 from ..zoo import ZOO, MobileNetLike, build
@@ -75,7 +75,7 @@ def test_training_only_branch_is_kept_and_separated():
     model.train()
     result = convtool.separate(model, inputs, rank="full")
     assert result.model.training
-    assert isinstance(result.model.aux[0], SeparableConv2d)
+    assert isinstance(result.model.aux[0], SeparableConv)
     torch.manual_seed(0)
     logits, aux = result.model(*inputs)
     ref_logits, ref_aux = model(*inputs)
@@ -88,7 +88,7 @@ def test_reused_conv_is_separated_once_and_stays_shared():
     result = convtool.separate(model, inputs, rank=2)
     assert [layer.name for layer in result.layers] == ["stem", "body"]
     assert result.model.body is result.model.alias
-    assert isinstance(result.model.body, SeparableConv2d)
+    assert isinstance(result.model.body, SeparableConv)
 
 
 def test_functional_convs_become_named_pairs():
@@ -103,7 +103,7 @@ def test_functional_convs_become_named_pairs():
     first, second = result.model.get_submodule(shared.name), result.model.get_submodule(shared.aliases[0])
     assert first.depthwise.weight is second.depthwise.weight and first.dilation != second.dilation
     assert all(layer.source == "function" for layer in result.layers)
-    assert isinstance(result.model.stem_weight, SeparableConv2d)
+    assert isinstance(result.model.stem_weight, SeparableConv)
     assert "stem_bias" not in dict(result.model.named_parameters())
 
 
@@ -112,5 +112,5 @@ def test_untraceable_model_keeps_its_class_and_control_flow():
     model, inputs = build(entry)
     result = convtool.separate(model, inputs, rank=1)
     assert type(result.model) is type(model)
-    assert isinstance(result.model.update, SeparableConv2d)
-    assert isinstance(result.model.encoder[0], SeparableConv2d)
+    assert isinstance(result.model.update, SeparableConv)
+    assert isinstance(result.model.encoder[0], SeparableConv)

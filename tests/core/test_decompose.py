@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import convtool
-from convtool import SeparableConv2d
+from convtool import SeparableConv
 from convtool.core.decompose import max_rank, rank_errors, separable_factors, singular_values
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
@@ -60,7 +60,7 @@ def test_full_rank_reproduces_any_conv(config, dtype, seed):
     conv = nn.Conv2d(**config, dtype=dtype)
     x = _input(conv, dtype)
     result = convtool.separate(conv, x, rank="full")
-    assert isinstance(result.model, SeparableConv2d)
+    assert isinstance(result.model, SeparableConv)
     with torch.no_grad():
         torch.testing.assert_close(result.model(x), conv(x), **TOL[dtype])
     assert result.layers[0].weight_error < 1e-6
@@ -82,7 +82,7 @@ def test_error_never_grows_with_rank(config, seed, order):
 def test_rank_one_parameter_count(config, seed):
     torch.manual_seed(seed)
     conv = nn.Conv2d(**config)
-    pair = SeparableConv2d.from_conv(conv, rank=1)
+    pair = SeparableConv.from_conv(conv, rank=1)
     m, n, (kh, kw), g = conv.in_channels, conv.out_channels, conv.kernel_size, conv.groups
     expected = m * kh * kw + n * (m // g) + (n if config["bias"] else 0)
     assert sum(p.numel() for p in pair.parameters()) == expected
@@ -93,7 +93,7 @@ def test_pointwise_first_order_is_exact_at_full_rank(config, seed):
     torch.manual_seed(seed)
     conv = nn.Conv2d(**config, dtype=torch.float64)
     x = _input(conv, torch.float64)
-    pair = SeparableConv2d.from_conv(conv, rank=10**6, order="pw-dw")
+    pair = SeparableConv.from_conv(conv, rank=10**6, order="pw-dw")
     with torch.no_grad():
         torch.testing.assert_close(pair(x), conv(x), **TOL[torch.float64])
 

@@ -10,7 +10,7 @@ from convtool.convert import separate as separate_module
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convtool.core.modules import BranchedSeparableConv2d, WidthOneConv2d
+from convtool.core.modules import BranchedSeparableConv, WidthOneConv2d
 from convtool.deploy.runtime_form import branch_layout, fold_batchnorm
 
 from ..helpers import assert_outputs_close
@@ -53,7 +53,7 @@ def test_branch_layout_is_the_same_function(entry, order):
     model, inputs = build(entry)
     separated = convtool.separate(model, inputs, rank=3, order=order).model
     branched, names = branch_layout(separated)
-    assert names and all(isinstance(branched.get_submodule(n) if n else branched, BranchedSeparableConv2d) for n in names)
+    assert names and all(isinstance(branched.get_submodule(n) if n else branched, BranchedSeparableConv) for n in names)
     with torch.no_grad():
         assert_outputs_close(branched(*inputs), separated(*inputs), rtol=1e-4, atol=1e-5)
 
@@ -80,7 +80,7 @@ def test_slow_separated_forms_stay_dense(monkeypatch):
     timings = {"dense": 1.0}
 
     def fake_latency(module, shape, provider):
-        if not isinstance(module, convtool.SeparableConv2d):
+        if not isinstance(module, convtool.SeparableConv):
             return timings["dense"]
         return 0.5 if (module.order, module.rank) == ("dw-pw", 1) else 2.0
 
@@ -97,7 +97,7 @@ def test_slow_separated_forms_stay_dense(monkeypatch):
 
 
 def test_explicit_rank_with_latency_keeps_slow_layers_dense(monkeypatch):
-    fake = lambda module, shape, provider: 2.0 if isinstance(module, convtool.SeparableConv2d) else 1.0  # noqa: E731
+    fake = lambda module, shape, provider: 2.0 if isinstance(module, convtool.SeparableConv) else 1.0  # noqa: E731
     monkeypatch.setattr(separate_module, "module_latency", fake)
     model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
     x = torch.randn(1, 16, 16, 16)
@@ -115,9 +115,9 @@ def test_measured_layout_is_the_same_function_and_exports(tmp_path):
     chosen, names = measured_layout(separated, x, "cpu")
     with torch.no_grad():
         torch.testing.assert_close(chosen(x), separated(x), rtol=1e-4, atol=1e-5)
-    assert all(isinstance(chosen.get_submodule(n), BranchedSeparableConv2d) for n in names)
+    assert all(isinstance(chosen.get_submodule(n), BranchedSeparableConv) for n in names)
     exported = convtool.export_onnx(separated, x, tmp_path / "m.onnx", exporter="torchscript", layout="measured")
-    eligible = {n for n, m in separated.named_modules() if isinstance(m, convtool.SeparableConv2d) and m.rank > 1}
+    eligible = {n for n, m in separated.named_modules() if isinstance(m, convtool.SeparableConv) and m.rank > 1}
     assert set(exported.branched_layers) <= eligible  # which ones depends on this machine's timings
     (check,) = convtool.verify_onnx(exported, separated, x, providers=["cpu"], runs=1)
     assert check.passed
@@ -173,9 +173,9 @@ def test_tall_kernels_on_width_one_ship_wide_and_verify(tmp_path, order, rank):
 def test_the_latency_filter_times_pairs_in_the_form_they_ship_in(monkeypatch):
     """A rank-2 pair slow with a channel multiplier but fast as branches ships as branches: keep it."""
     def fake(module, shape, provider):
-        if isinstance(module, BranchedSeparableConv2d):
+        if isinstance(module, BranchedSeparableConv):
             return 0.5
-        return 2.0 if isinstance(module, convtool.SeparableConv2d) else 1.0
+        return 2.0 if isinstance(module, convtool.SeparableConv) else 1.0
 
     monkeypatch.setattr(separate_module, "module_latency", fake)
     model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1))
@@ -185,7 +185,7 @@ def test_the_latency_filter_times_pairs_in_the_form_they_ship_in(monkeypatch):
 
 def test_the_latency_filter_wants_a_clear_win(monkeypatch):
     """Within timing noise of the dense conv is not faster: such a pair made whole models slower."""
-    fake = lambda module, shape, provider: 0.95 if isinstance(module, convtool.SeparableConv2d) else 1.0  # noqa: E731
+    fake = lambda module, shape, provider: 0.95 if isinstance(module, convtool.SeparableConv) else 1.0  # noqa: E731
     monkeypatch.setattr(separate_module, "module_latency", fake)
     model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1))
     with pytest.raises(convtool.NothingToSeparateError, match="not faster"):
