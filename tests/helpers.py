@@ -30,12 +30,17 @@ def assert_same_state(model: torch.nn.Module, snapshot: dict[str, torch.Tensor])
 
 
 # An independent proof that a separation's layers run: forward hooks count the calls of the
-# pairs at each reported name, and a TorchFunctionMode records the weight of every conv2d call.
+# pairs at each reported name, and a TorchFunctionMode records the weight of every conv call.
 # Nothing here reads what convtool measured (LayerChange.calls, its own recorder).
 
 
+_CONV_FUNCTIONS = {
+    getattr(torch, f"conv{kind}{d}d") for kind in ("", "_transpose") for d in (1, 2, 3)
+} | {getattr(torch.nn.functional, f"conv{kind}{d}d") for kind in ("", "_transpose") for d in (1, 2, 3)}
+
+
 class ConvWeightRecorder(torch.overrides.TorchFunctionMode):
-    """Records the weight tensor of every ``torch.conv2d`` / ``F.conv2d`` call made inside it."""
+    """Records the weight tensor of every conv and transposed conv call (1-, 2- and 3-d) made inside it."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -43,7 +48,7 @@ class ConvWeightRecorder(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.conv2d or func is torch.nn.functional.conv2d:
+        if func in _CONV_FUNCTIONS:
             self.weights.append(args[1] if len(args) > 1 else kwargs["weight"])
         return func(*args, **kwargs)
 

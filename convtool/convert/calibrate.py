@@ -26,10 +26,11 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
 
+from ..core.decompose import as_conv_weight
 from ..core.inputs import eval_mode, model_device, on_device
 from ..core.modules import SeparableConv
 from ..errors import InvalidOptionError
-from ..measure.conv_calls import CONV_FUNCTIONS, conv_arguments, explicit_padding, record
+from ..measure.conv_calls import ALL_CONV_FUNCTIONS, conv_arguments, explicit_padding, record
 
 log = logging.getLogger(__name__)
 
@@ -67,23 +68,63 @@ def calibration_batches(calibration: Any, batch_size: int = BATCH) -> list[tuple
 def columns(call: dict[str, Any]) -> Tensor:
     """A conv call's input as (batch, groups, features per group, output pixels): the conv is then a matmul.
 
-    ``call`` holds the call's arguments by name (:func:`conv_arguments`).
+    ``call`` holds the call's arguments by name (:func:`conv_arguments`). A transposed conv is
+    the conv, with the kernel flipped, of its input spread by the stride (zeros between) and
+    padded by what the kernel overhangs: its columns are that conv's (see :func:`conv_layout`).
     """
     x, w = call["input"], call["weight"]
-    kernel = tuple(w.shape[-2:])
-    if x.dim() == 3:
+    kernel = tuple(w.shape[2:])
+    dims = len(kernel)
+    if x.dim() == dims + 1:
         x = x[None]
-    pad = explicit_padding(call["padding"], kernel, call["dilation"])
-    stride = call["stride"]
-    stride = (stride, stride) if isinstance(stride, int) else tuple(stride)
-    if kernel == (1, 1) and stride == (1, 1) and not any(pad):
+    as_tuple = lambda v: (v,) * dims if isinstance(v, int) else tuple(v)  # noqa: E731
+    stride, dilation = as_tuple(call["stride"]), as_tuple(call["dilation"])
+    if call.get("transposed"):
+        x, stride, pad = _spread(x, kernel, stride, as_tuple(call["padding"]), dilation, as_tuple(call["output_padding"]))
+    else:
+        pad = explicit_padding(call["padding"], kernel, dilation)
+    if all(k == 1 for k in kernel) and all(s == 1 for s in stride) and not any(pad):
         cols = x.flatten(2)
     else:
         if any(pad):
             x = F.pad(x, pad)
-        cols = F.unfold(x, kernel, dilation=call["dilation"], stride=stride)
+        cols = F.unfold(x, kernel, dilation=dilation, stride=stride) if dims == 2 else _unfold(x, kernel, dilation, stride)
     b, _, length = cols.shape
     return cols.reshape(b, call["groups"], -1, length)
+
+
+def _spread(x: Tensor, kernel, stride, padding, dilation, output_padding) -> tuple[Tensor, tuple, tuple]:
+    """A transposed conv's input as the equivalent conv sees it: zeros between pixels, stride 1, and its padding."""
+    b, c, *size = x.shape
+    spread = x.new_zeros(b, c, *((n - 1) * s + 1 for n, s in zip(size, stride)))
+    spread[(slice(None), slice(None), *(slice(None, None, s) for s in stride))] = x
+    pad = []
+    for k, p, d, o in reversed(list(zip(kernel, padding, dilation, output_padding))):
+        pad += [d * (k - 1) - p, d * (k - 1) - p + o]  # negative crops
+    return spread, (1,) * len(kernel), tuple(pad)
+
+
+def _unfold(x: Tensor, kernel, dilation, stride) -> Tensor:
+    """``F.unfold`` for any number of spatial dimensions: (batch, channels x kernel, positions)."""
+    dims = len(kernel)
+    for i in range(dims):
+        x = x.unfold(2 + i, dilation[i] * (kernel[i] - 1) + 1, stride[i])
+        if dilation[i] > 1:
+            x = x[..., :: dilation[i]]
+    b, c = x.shape[:2]
+    x = x.permute(0, 1, *range(2 + dims, 2 + 2 * dims), *range(2, 2 + dims))
+    return x.reshape(b, c * math.prod(kernel), -1)
+
+
+def conv_layout(weight: Tensor, groups: int, transposed: bool) -> Tensor:
+    """A conv's weight as the matmul of :func:`columns` applies it: (N, M/g, *k).
+
+    A transposed conv's weight (M, N/g, *k), read in a conv's layout with its kernel flipped;
+    its own inverse for a transposed conv's shape (apply it to the result to get back).
+    """
+    if not transposed:
+        return weight
+    return as_conv_weight(weight.flip(list(range(2, weight.dim()))), groups)
 
 
 class NormalEquations:
@@ -216,8 +257,8 @@ class _Refitting(TorchFunctionMode):
         self.fits = fits
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in CONV_FUNCTIONS:
-            call = conv_arguments(args, kwargs)
+        if func in ALL_CONV_FUNCTIONS:
+            call = conv_arguments(args, kwargs, func)
             fit = self.fits.get(id(call["weight"]))
             if fit is not None:
                 fit.see(call)
@@ -276,9 +317,12 @@ class _Fit:
             fitted = equations.relative_error(solution)
             if fitted <= error:  # ill-conditioned data can make the solve worse: keep the initialisation
                 chosen, error = solution, fitted
-        last, f = self.last, self.last.weight[0].numel()
+        last = self.last
+        layout = conv_layout(last.weight.detach(), last.groups, last.transposed)
+        f = layout[0].numel()
         with torch.no_grad():
-            last.weight.copy_(chosen[:, :f, :].permute(0, 2, 1).reshape(last.weight.shape).to(last.weight.dtype))
+            weight = chosen[:, :f, :].permute(0, 2, 1).reshape(layout.shape)
+            last.weight.copy_(conv_layout(weight, last.groups, last.transposed).to(last.weight.dtype))
             for i, bias in enumerate(self.biases):
                 bias.copy_(chosen[:, f + i, :].reshape(-1).to(bias.dtype))
         if equations.xx is not None:  # of the weights as stored, cast included
@@ -286,10 +330,11 @@ class _Fit:
         return error
 
 
-def _as_solution(conv: nn.Conv2d, biases: list[Tensor]) -> Tensor:
+def _as_solution(conv: nn.Module, biases: list[Tensor]) -> Tensor:
     """A conv's weight and bias slots in the (groups, features + slots, outputs per group) form of a solution."""
     g = conv.groups
-    w = conv.weight.detach().double().reshape(g, conv.out_channels // g, -1).transpose(1, 2)
+    layout = conv_layout(conv.weight.detach().double(), g, conv.transposed)
+    w = layout.reshape(g, conv.out_channels // g, -1).transpose(1, 2)
     return torch.cat([w, *(b.detach().double().reshape(g, 1, -1) for b in biases)], 1)
 
 

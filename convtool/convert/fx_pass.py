@@ -21,10 +21,10 @@ from typing import Any, Callable
 import torch
 from torch import fx, nn
 
-from ..core.modules import SeparableConv
+from ..core.modules import CONV_TYPES, SeparableConv
 from ..core.names import get_or_none, join, label
 from ..core.tracing import Tracer, Tracing
-from ..measure.conv_calls import CONV_FUNCTIONS, conv_arguments
+from ..measure.conv_calls import ALL_CONV_FUNCTIONS, CONV_FUNCTIONS, TRANSPOSED_FUNCTIONS, conv_arguments
 
 
 @dataclass(frozen=True)
@@ -81,10 +81,14 @@ def find_conv_uses(tracing: Tracing) -> ConvUses:
         for node in region.graph.nodes:
             if node.op == "get_attr":
                 owner_path = node.target.rpartition(".")[0]
-                if isinstance(get_or_none(region.module, owner_path), nn.Conv2d):
+                if isinstance(get_or_none(region.module, owner_path), CONV_TYPES):
                     uses.read_directly.add(join(region.name, owner_path))
             elif node.op == "call_function" and node.target in CONV_FUNCTIONS:
                 _classify_functional(node, region.name, region.module, uses, other_reads)
+            elif node.op == "call_function" and node.target in TRANSPOSED_FUNCTIONS:
+                weight = conv_arguments(node.args, node.kwargs, node.target)["weight"]
+                where = join(region.name, weight.target) if isinstance(weight, fx.Node) and weight.op == "get_attr" else label(join(region.name, _owner(node)))
+                uses.unusable.append((where, "functional transposed conv call: convtool separates transposed convs written as modules only"))
     return uses
 
 
@@ -95,8 +99,8 @@ def _read_outside_convs(graph: fx.Graph) -> set[str]:
         if node.op != "get_attr":
             continue
         for user in node.users:
-            is_conv = user.op == "call_function" and user.target in CONV_FUNCTIONS
-            if not (is_conv and conv_arguments(user.args, user.kwargs)["weight"] is node):
+            is_conv = user.op == "call_function" and user.target in ALL_CONV_FUNCTIONS
+            if not (is_conv and conv_arguments(user.args, user.kwargs, user.target)["weight"] is node):
                 found.add(node.target)
     return found
 
@@ -105,23 +109,23 @@ def _classify_functional(node: fx.Node, region: str, root: nn.Module, uses: Conv
     args = conv_arguments(node.args, node.kwargs)
     weight, bias = args["weight"], args["bias"]
     if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
-        uses.unusable.append((label(join(region, _owner(node))), "conv2d call whose weight is computed at run time"))
+        uses.unusable.append((label(join(region, _owner(node))), "conv call whose weight is computed at run time"))
         return
     name = join(region, weight.target)
     owner_path = weight.target.rpartition(".")[0]
-    if isinstance(get_or_none(root, owner_path), nn.Conv2d):
-        uses.unusable.append((name, f"conv2d call on the weight of conv module {owner_path!r}"))
+    if isinstance(get_or_none(root, owner_path), CONV_TYPES):
+        uses.unusable.append((name, f"conv call on the weight of conv module {owner_path!r}"))
         uses.read_directly.add(join(region, owner_path))
         return
     if weight.target in other_reads:
-        uses.unusable.append((name, "the model also reads this weight outside conv2d calls, so it must stay as it is"))
+        uses.unusable.append((name, "the model also reads this weight outside conv calls, so it must stay as it is"))
         return
     if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
-        uses.unusable.append((name, "conv2d call whose bias is computed at run time"))
+        uses.unusable.append((name, "conv call whose bias is computed at run time"))
         return
     options = [args[k] for k in ("stride", "padding", "dilation", "groups")]
     if _has_node(options):
-        uses.unusable.append((name, "conv2d call whose options are computed at run time"))
+        uses.unusable.append((name, "conv call whose options are computed at run time"))
         return
     uses.functional.append(
         FunctionalConv(
@@ -180,14 +184,14 @@ def rewrite_functional(
             graph = Tracer(tracing.opaque).trace(model.get_submodule(qualname))
         module = model.get_submodule(qualname)
         if _depends_on_mode(module, tracing):
-            reason = f"{type(module).__name__}'s code depends on train/eval mode, which rewriting its conv2d calls would freeze"
+            reason = f"{type(module).__name__}'s code depends on train/eval mode, which rewriting its conv calls would freeze"
             missed += [(c, reason) for c in calls]
             continue
         gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
         gm.train(module.training)
         names = _replace_calls(gm, calls, prefix, pair_for)
         replaced = [c for c in calls if c in names]
-        missed += [(c, "conv2d call could not be found again where it is made") for c in calls if c not in names]
+        missed += [(c, "conv call could not be found again where it is made") for c in calls if c not in names]
         if replaced:
             for call, local in names.items():
                 pair_names[id(pair_for(call))] = join(qualname, local)

@@ -27,13 +27,14 @@ def build_pairs(site: Site, order: str, rank: int) -> list[SeparableConv]:
     for use in site.uses:
         mode = use.module.training if use.module is not None else None
         if not pairs:
-            pair = SeparableConv.from_weight(site.weight, use.bias, groups=site.groups, rank=rank, order=order, **use.options)
+            pair = SeparableConv.from_weight(site.weight, use.bias, groups=site.groups, rank=rank, order=order,
+                                             transposed=site.transposed, **use.options)
         else:
             first = pairs[0]
             w = site.weight
             pair = SeparableConv(
-                w.shape[1] * site.groups, w.shape[0], tuple(w.shape[2:]), groups=site.groups, bias=use.bias is not None,
-                rank=first.rank, order=order, device=w.device, dtype=w.dtype, **use.options,
+                *site.channels, tuple(w.shape[2:]), groups=site.groups, bias=use.bias is not None, rank=first.rank,
+                order=order, transposed=site.transposed, device=w.device, dtype=w.dtype, **use.options,
             )
             pair.depthwise.weight, pair.pointwise.weight = first.depthwise.weight, first.pointwise.weight
             pair.weight_error = first.weight_error

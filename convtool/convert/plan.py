@@ -8,6 +8,7 @@ function, so it depends only on the core math.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,11 +18,14 @@ from torch import nn
 
 from ..core.costs import dense_flops, pair_flops
 from ..core.decompose import ORDERS, max_rank, rank_errors, separable_factors
-from ..core.modules import SeparableConv
+from ..core.modules import SeparableConv, conv_class
 from ..core.records import Energy, FlopsTarget, Rank
 from ..errors import InvalidOptionError
 from .knapsack import DENSE, Choice, allocate
 from .sites import Site
+
+_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_TRANSPOSED_FUNCTIONS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 # Median milliseconds of a module on one runtime at an input shape.
 Latency = Callable[[nn.Module, tuple[int, ...]], float]
@@ -58,28 +62,35 @@ def _orders(order: str) -> tuple[str, ...]:
 
 
 def _weight_shape(site: Site) -> tuple[int, ...]:
-    return tuple(site.weight.shape)
+    """The site's weight shape in a conv's layout, (N, M/g, *k), transposed convs included."""
+    n = site.channels[1]
+    return (n, site.channels[0] // site.groups, *site.weight.shape[2:])
+
+
+def _unit_pixels(site: Site) -> tuple[float, float]:
+    """(input, output) pixels per output pixel: the stride shrinks a conv's output and grows a transposed conv's."""
+    stride = site.options["stride"]
+    step = math.prod((stride,) * (site.weight.dim() - 2) if isinstance(stride, int) else stride)
+    return (1 / step, 1.0) if site.transposed else (float(step), 1.0)
 
 
 def _unit_cost(site: Site, order: str, rank: int) -> float:
     """Cost per output pixel; a pointwise-first pair's pointwise runs at the input resolution."""
-    stride = site.options["stride"]
-    sh, sw = (stride, stride) if isinstance(stride, int) else stride
-    return pair_flops(order, rank, _weight_shape(site), site.groups, sh * sw, 1)
+    return pair_flops(order, rank, _weight_shape(site), site.groups, *_unit_pixels(site), site.transposed)
 
 
 def _best_order(site: Site, rank: int, order: str) -> str:
     """Under a fixed rank, the order with the lower weight error ("auto"), else the one asked."""
     if order != "auto":
         return order
-    w, g = site.weight, site.groups
-    errors = {o: float(rank_errors(w, g, o)[min(rank, max_rank(w, g, o))]) for o in ORDERS}
+    w, g, t = site.weight, site.groups, site.transposed
+    errors = {o: float(rank_errors(w, g, o, t)[min(rank, max_rank(w, g, o, t))]) for o in ORDERS}
     return min(ORDERS, key=lambda o: (errors[o], o != "dw-pw"))
 
 
-def energy_rank(weight: torch.Tensor, groups: int, order: str, energy: float) -> int:
+def energy_rank(weight: torch.Tensor, groups: int, order: str, energy: float, transposed: bool = False) -> int:
     """The smallest rank keeping at least ``energy`` of the squared singular values."""
-    errors = rank_errors(weight, groups, order)
+    errors = rank_errors(weight, groups, order, transposed)
     for r in range(1, len(errors)):
         if 1 - float(errors[r]) ** 2 >= energy - 1e-12:
             return r
@@ -88,12 +99,12 @@ def energy_rank(weight: torch.Tensor, groups: int, order: str, energy: float) ->
 
 def weight_options(site: Site, orders: tuple[str, ...], stats: SiteStats) -> Choice:
     """Options costed in FLOPs, with the weight-space squared relative error of each."""
-    shape = _weight_shape(site)
-    options = {DENSE: (float(dense_flops(shape, stats.out_pixels)), 0.0)}
+    shape, t = _weight_shape(site), site.transposed
+    options = {DENSE: (float(dense_flops(shape, stats.out_pixels, stats.in_pixels, t)), 0.0)}
     for order in orders:
-        errors = rank_errors(site.weight, site.groups, order)
-        for r in range(1, max_rank(site.weight, site.groups, order) + 1):
-            cost = pair_flops(order, r, shape, site.groups, stats.in_pixels, stats.out_pixels)
+        errors = rank_errors(site.weight, site.groups, order, t)
+        for r in range(1, max_rank(site.weight, site.groups, order, t) + 1):
+            cost = pair_flops(order, r, shape, site.groups, stats.in_pixels, stats.out_pixels, t)
             error = float(errors[r]) ** 2
             options[(order, r)] = (float(cost), error if error > 1e-12 else 0.0)  # float noise is not an error
     return Choice(options)
@@ -101,13 +112,16 @@ def weight_options(site: Site, orders: tuple[str, ...], stats: SiteStats) -> Cho
 
 def _pair(site: Site, order: str, rank: int) -> SeparableConv:
     use = site.uses[0]
-    return SeparableConv.from_weight(site.weight, use.bias, groups=site.groups, rank=rank, order=order, **use.options)
+    return SeparableConv.from_weight(site.weight, use.bias, groups=site.groups, rank=rank, order=order,
+                                     transposed=site.transposed, **use.options)
 
 
-def _dense(site: Site) -> nn.Conv2d:
+def _dense(site: Site) -> nn.Module:
     use, w = site.uses[0], site.weight
-    conv = nn.Conv2d(w.shape[1] * site.groups, w.shape[0], tuple(w.shape[2:]), groups=site.groups,
-                     bias=use.bias is not None, device=w.device, dtype=w.dtype, **use.options)
+    conv = conv_class(w.dim() - 2, site.transposed)(
+        *site.channels, tuple(w.shape[2:]), groups=site.groups, bias=use.bias is not None, device=w.device,
+        dtype=w.dtype, **use.options,
+    )
     with torch.no_grad():
         conv.weight.copy_(w)
         if use.bias is not None:
@@ -134,7 +148,8 @@ def _output_errors(site: Site, x: torch.Tensor, output: torch.Tensor, choice: Ch
             dense = dense - bias.double().reshape(1, -1, *[1] * (output.dim() - 2))
         for order in {key[0] for key in choice.options if key != DENSE}:
             top = max(key[1] for key in choice.options if key[0] == order)
-            errors = rank_output_errors(site.weight, bias, site.groups, order, x, top, site.options, dense=dense.clone())
+            conv_options = dict(site.options, transposed=site.transposed)
+            errors = rank_output_errors(site.weight, bias, site.groups, order, x, top, conv_options, dense=dense.clone())
             options.update({key: (cost, errors[key[1]] / norm) for key, (cost, _) in choice.options.items() if key[0] == order})
     options[DENSE] = (choice.options[DENSE][0], 0.0)
     return Choice(options)
@@ -146,27 +161,41 @@ def rank_output_errors(
 ) -> dict[int, float]:
     """Squared output error on ``x`` of the rank-r pair, for r = 1 .. ``top``, from one SVD.
 
-    ``options`` holds the conv's stride, padding and dilation (zero padding); ``dense``, the
+    ``options`` holds the conv's stride, padding and dilation (zero padding), and for a
+    transposed conv ``transposed`` and ``output_padding``; ``dense``, the
     dense conv's output on ``x`` without bias, when the caller has it (it may be consumed).
     The residual is kept in float64: the errors of high ranks are small differences of large
     outputs.
     """
-    f = separable_factors(weight, top, groups, order)
-    n, m_g, kh, kw = weight.shape
-    stride, padding, dilation = options["stride"], options["padding"], options["dilation"]
+    transposed = options.get("transposed", False)
+    f = separable_factors(weight, top, groups, order, transposed)
+    dims = weight.dim() - 2
+    conv = _CONV_FUNCTIONS[dims]
+    in_channels = weight.shape[0] if transposed else weight.shape[1] * groups
+    m_g = in_channels // groups
+    n = f.mixing.shape[0] if order == "dw-pw" else f.mixing.shape[0] // f.rank
+    ones = (1,) * dims
+
+    def spatial_conv(t: torch.Tensor, w: torch.Tensor, g: int) -> torch.Tensor:
+        if transposed:
+            return _TRANSPOSED_FUNCTIONS[dims](t, w, None, options["stride"], options["padding"],
+                                               options.get("output_padding", 0), g, options["dilation"])
+        return conv(t, w, None, options["stride"], options["padding"], options["dilation"], g)
+
     if dense is None:
-        dense = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+        dense = spatial_conv(x, weight, groups)
     residual = dense.double()
     errors = {}
     for i in range(f.rank):
         if order == "dw-pw":
-            spatial = f.spatial[i :: f.rank]  # filter i of every input channel
-            mixing = f.mixing.reshape(n, m_g, f.rank, 1, 1)[:, :, i]
-            part = F.conv2d(F.conv2d(x, spatial, None, stride, padding, dilation, m_g * groups), mixing, None, 1, 0, 1, groups)
+            # filter i of every input channel
+            spatial = f.spatial[:, i : i + 1] if transposed else f.spatial[i :: f.rank]
+            mixing = f.mixing.reshape(n, m_g, f.rank, *ones)[:, :, i]
+            part = conv(spatial_conv(x, spatial, in_channels), mixing, None, 1, 0, 1, groups)
         else:
-            mixing = f.mixing.reshape(n, f.rank, m_g, 1, 1)[:, i]
-            spatial = f.spatial[:, i : i + 1]
-            part = F.conv2d(F.conv2d(x, mixing, None, 1, 0, 1, groups), spatial, None, stride, padding, dilation, n)
+            mixing = f.mixing.reshape(n, f.rank, m_g, *ones)[:, i]
+            spatial = f.spatial[i :: f.rank] if transposed else f.spatial[:, i : i + 1]
+            part = spatial_conv(conv(x, mixing, None, 1, 0, 1, groups), spatial, n)
         residual -= part  # promoted in place: no float64 copy of each part
         flat = residual.reshape(-1)
         errors[i + 1] = float(flat @ flat)
@@ -239,14 +268,16 @@ def _fixed(site: Site, rank: int | str, order: str) -> tuple[str, int]:
     """The rank asked (clamped to the exact rank), in the order asked or the better one."""
     r = 10**9 if rank == "full" else int(rank)
     best = _best_order(site, r, order)
-    return best, min(r, max_rank(site.weight, site.groups, best))
+    return best, min(r, max_rank(site.weight, site.groups, best, site.transposed))
 
 
 def _energy(site: Site, energy: Energy, order: str) -> tuple[tuple[str, int] | None, str | None]:
     """The smallest rank keeping the energy, in the cheaper order; dense where that costs more."""
-    ranks = {o: energy_rank(site.weight, site.groups, o, energy.share) for o in _orders(order)}
+    ranks = {o: energy_rank(site.weight, site.groups, o, energy.share, site.transposed) for o in _orders(order)}
     best = min(ranks, key=lambda o: _unit_cost(site, o, ranks[o]))
-    cost, dense = _unit_cost(site, best, ranks[best]), float(dense_flops(_weight_shape(site), 1))
+    in_pixels, out_pixels = _unit_pixels(site)
+    cost = _unit_cost(site, best, ranks[best])
+    dense = float(dense_flops(_weight_shape(site), out_pixels, in_pixels, site.transposed))
     if cost >= dense:
         return None, (
             f"kept dense: rank {ranks[best]} ({best}), the smallest keeping {energy.share:g} of the energy, "

@@ -8,6 +8,7 @@ The steps, each in its own module: copy and bake (``bake``), find what can be se
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -301,12 +302,14 @@ def _site_stats(sites: list[Site], run: ConvRecorder) -> dict[str, SiteStats]:
         calls = by_weight.get(id(site.weight))
         if not calls:
             continue
-        o = site.options
-        pad = (0, 0, 0, 0)
+        o, dims = site.options, site.weight.dim() - 2
+        pad = (0,) * (2 * dims)
         if o.get("padding_mode", "zeros") != "zeros":
             pad = explicit_padding(o["padding"], tuple(site.weight.shape[2:]), o["dilation"])
-        shapes = [(*s[:-2], s[-2] - pad[2] - pad[3], s[-1] - pad[0] - pad[1]) for s in (c.input_shape for c in calls)]
-        in_pixels = sum((s[0] if len(s) == 4 else 1) * s[-2] * s[-1] for s in shapes)
+        # F.pad's order is last dimension first: spatial dimension -j loses pad[2j-2] + pad[2j-1].
+        shapes = [(*s[:-dims], *(s[-j] - pad[2 * j - 2] - pad[2 * j - 1] for j in range(dims, 0, -1)))
+                  for s in (c.input_shape for c in calls)]
+        in_pixels = sum((s[0] if len(s) == dims + 2 else 1) * math.prod(s[-dims:]) for s in shapes)
         stats[site.name] = SiteStats(in_pixels, sum(c.out_pixels for c in calls), tuple(shapes[0]))
     return stats
 

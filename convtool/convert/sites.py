@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..core.modules import SeparableConv
+from ..core.modules import CONV_TYPES, SeparableConv
 from ..core.names import label, module_names
 from ..core.records import SkippedLayer
 from ..core.tracing import Tracing, trace_regions
@@ -27,9 +27,9 @@ class Use:
     """One way the model applies a site's weight: a conv module, or functional calls of one setting."""
 
     bias: torch.Tensor | None
-    options: dict[str, Any]  # stride, padding, dilation, padding_mode
+    options: dict[str, Any]  # stride, padding, dilation, padding_mode (and output_padding, transposed)
     names: tuple[str, ...] = ()  # the conv module's qualified names
-    module: nn.Conv2d | None = None
+    module: nn.Module | None = None
     calls: tuple[FunctionalConv, ...] = ()
 
 
@@ -42,6 +42,13 @@ class Site:
     groups: int
     source: str  # "module" or "function"
     uses: list[Use] = field(default_factory=list)
+    transposed: bool = False  # the weight is a transposed conv's, (M, N/g, *k)
+
+    @property
+    def channels(self) -> tuple[int, int]:
+        """(in, out) channels of the conv."""
+        a, b = self.weight.shape[:2]
+        return (a, b * self.groups) if self.transposed else (b * self.groups, a)
 
     @property
     def names(self) -> list[str]:
@@ -64,19 +71,27 @@ def _pattern_reason(names: Sequence[str], include: Sequence[str], exclude: Seque
     return None
 
 
-def _shape_reason(weight_shape: Sequence[int], groups: int) -> str | None:
-    n, m_g, kh, kw = weight_shape
-    if (kh, kw) == (1, 1):
-        return "1x1 conv: already pointwise"
-    if m_g == 1:
+def _shape_reason(weight_shape: Sequence[int], groups: int, transposed: bool = False) -> str | None:
+    kernel = tuple(weight_shape[2:])
+    in_per_group = weight_shape[0] // groups if transposed else weight_shape[1]
+    if all(k == 1 for k in kernel):
+        return f"{'x'.join(['1'] * len(kernel))} conv: already pointwise"
+    if in_per_group == 1:
         return "already depthwise" if groups > 1 else "already depthwise (a single input channel)"
     return None
 
 
-def _module_reason(conv: nn.Conv2d, read_directly: bool) -> str | None:
-    cls = type(conv)
-    if cls.forward is not nn.Conv2d.forward or cls._conv_forward is not nn.Conv2d._conv_forward:
-        return f"{cls.__name__} overrides Conv2d's forward, so the separated pair may not compute the same thing"
+def standard_base(conv: nn.Module) -> type[nn.Module] | None:
+    """The torch conv class ``conv`` is, or derives from."""
+    return next((c for c in type(conv).__mro__ if c in CONV_TYPES), None)
+
+
+def _module_reason(conv: nn.Module, read_directly: bool) -> str | None:
+    cls, base = type(conv), standard_base(conv)
+    if cls.forward is not base.forward or getattr(cls, "_conv_forward", None) is not getattr(base, "_conv_forward", None):
+        return f"{cls.__name__} overrides {base.__name__}'s forward, so the separated pair may not compute the same thing"
+    if isinstance(conv.weight, nn.parameter.UninitializedParameter):
+        return "a lazy conv that never ran, so its weight does not exist yet; pass example inputs"
     if conv._forward_hooks or conv._forward_pre_hooks or getattr(conv, "_forward_hooks_with_kwargs", None):
         return "has forward hooks, which the separated pair would not run"
     if not isinstance(conv.weight, nn.Parameter) or not conv.weight.is_floating_point():
@@ -86,8 +101,11 @@ def _module_reason(conv: nn.Conv2d, read_directly: bool) -> str | None:
     return None
 
 
-def _module_options(conv: nn.Conv2d) -> dict[str, Any]:
-    return dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, padding_mode=conv.padding_mode)
+def _module_options(conv: nn.Module) -> dict[str, Any]:
+    options = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, padding_mode=conv.padding_mode)
+    if conv.transposed:
+        options["output_padding"] = conv.output_padding
+    return options
 
 
 def find_sites(
@@ -96,7 +114,7 @@ def find_sites(
     """Every weight that may be separated, the convs and parts left alone with why, and the tracing."""
     skipped: list[SkippedLayer] = []
     tracing, uses = None, ConvUses()
-    if not isinstance(work, nn.Conv2d):
+    if not isinstance(work, CONV_TYPES):
         tracing = trace_regions(work)
         uses = find_conv_uses(tracing)
         skipped += [SkippedLayer(name, reason) for name, reason in tracing.untraced.items()]
@@ -107,7 +125,7 @@ def find_sites(
     tied = {id(s.weight) for s in modules} & {id(s.weight) for s in functions}
     for site in (s for s in modules + functions if id(s.weight) in tied):
         others = [o.name for o in modules + functions if id(o.weight) == id(site.weight) and o is not site]
-        skipped.append(SkippedLayer(site.name, f"its weight is tied to {', '.join(others)}, used by conv2d calls as well as a conv module; left dense"))
+        skipped.append(SkippedLayer(site.name, f"its weight is tied to {', '.join(others)}, used by conv calls as well as a conv module; left dense"))
     sites = [s for s in modules + functions if id(s.weight) not in tied]
     return sites, list(dict.fromkeys(skipped)), tracing
 
@@ -116,9 +134,9 @@ def _module_sites(work, read_directly, include, exclude, skipped) -> list[Site]:
     names = module_names(work)
     # The halves of pairs already separated are depthwise and pointwise by construction.
     halves = {id(m) for pair in work.modules() if isinstance(pair, SeparableConv) for m in pair.children()}
-    tied: dict[int, list[nn.Conv2d]] = {}
+    tied: dict[int, list[nn.Module]] = {}
     for module in work.modules():
-        if isinstance(module, nn.Conv2d) and id(module) not in halves:
+        if isinstance(module, CONV_TYPES) and id(module) not in halves:
             tied.setdefault(id(module.weight), []).append(module)
     sites = []
     for convs in tied.values():
@@ -127,14 +145,14 @@ def _module_sites(work, read_directly, include, exclude, skipped) -> list[Site]:
         for conv in convs:
             reason = reason or _module_reason(conv, any(n in read_directly for n in names[id(conv)]))
         first = convs[0]
-        reason = reason or _shape_reason(first.weight.shape, first.groups)
-        if not reason and len({c.groups for c in convs}) > 1:
-            reason = "its weight is tied across convs with different groups"
+        reason = reason or _shape_reason(first.weight.shape, first.groups, first.transposed)
+        if not reason and len({(c.groups, standard_base(c)) for c in convs}) > 1:
+            reason = "its weight is tied across convs of different kinds or groups"
         if reason:
             skipped.append(SkippedLayer(label(all_names[0]), reason))
             continue
         site_uses = [Use(conv.bias, _module_options(conv), tuple(names[id(conv)]), conv) for conv in convs]
-        sites.append(Site(label(all_names[0]), first.weight, first.groups, "module", site_uses))
+        sites.append(Site(label(all_names[0]), first.weight, first.groups, "module", site_uses, first.transposed))
     return sites
 
 
@@ -146,8 +164,8 @@ def _functional_sites(work, calls: list[FunctionalConv], include, exclude, skipp
     for name, settings in by_weight.items():
         weight = tensor_at(work, name)
         groups = {s[-1] for s in settings}
-        if not isinstance(weight, nn.Parameter) or weight.dim() != 4 or not weight.is_floating_point():
-            reason = "weight is not a 4-d float parameter"
+        if not isinstance(weight, nn.Parameter) or weight.dim() not in (3, 4, 5) or not weight.is_floating_point():
+            reason = "weight is not a float parameter of a 1-, 2- or 3-d conv"
         else:
             reason = _pattern_reason([name], include, exclude) or _shape_reason(weight.shape, min(groups))
             if not reason and len(groups) > 1:

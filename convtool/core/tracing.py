@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 from torch import fx, nn
 
-from .modules import BranchedSeparableConv, SeparableConv
+from .modules import CONV_TYPES, BranchedSeparableConv, SeparableConv
 from .names import describe_error, join, label
 
-CONV_MODULES = (nn.Conv2d, SeparableConv, BranchedSeparableConv)
+CONV_MODULES = (*CONV_TYPES, SeparableConv, BranchedSeparableConv)
 
 
 class Tracer(fx.Tracer):

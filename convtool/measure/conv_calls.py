@@ -1,6 +1,7 @@
-"""What every conv2d call of a forward pass did: one recorder for the planner, the proof, calibration and reports.
+"""What every conv call of a forward pass did: one recorder for the planner, the proof, calibration and reports.
 
-A ``TorchFunctionMode`` sees each ``F.conv2d`` / ``torch.conv2d`` call however it is reached:
+A ``TorchFunctionMode`` sees each ``torch.conv{1,2,3}d`` / ``torch.conv_transpose{1,2,3}d``
+call (``F.conv2d`` is ``torch.conv2d``) however it is reached:
 from an ``nn.Conv2d``, a subclass, a pair's halves, or a functional call on a parameter. Calls
 are keyed by the identity of their weight tensor, which is what a layer is: the proof asks
 whether a pair's weights were used and the replaced weight was not; the planner sums a
@@ -10,6 +11,7 @@ weight's pixels over all its calls; calibration keeps the tensors of one weight'
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -20,42 +22,55 @@ from torch.overrides import TorchFunctionMode
 
 from ..core.inputs import eval_mode
 
-CONV_FUNCTIONS = (torch.conv2d, F.conv2d)
+CONV_FUNCTIONS = (torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d)
+TRANSPOSED_FUNCTIONS = (
+    torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d,
+    F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+)
+ALL_CONV_FUNCTIONS = CONV_FUNCTIONS + TRANSPOSED_FUNCTIONS
 _ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+_TRANSPOSED_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1, "output_padding": 0}
 
 
-def conv_arguments(args: tuple, kwargs: dict | None) -> dict[str, Any]:
-    """The arguments of a conv2d call by name, defaults filled in."""
-    bound = dict(_DEFAULTS)
-    bound.update(zip(_ARGS, args))
+def conv_arguments(args: tuple, kwargs: dict | None, func: Any = None) -> dict[str, Any]:
+    """The arguments of a conv call by name, defaults filled in; ``transposed`` says which kind.
+
+    ``func`` tells a transposed conv, whose arguments come in another order, from a conv.
+    """
+    transposed = func in TRANSPOSED_FUNCTIONS
+    bound = dict(_DEFAULTS, transposed=transposed)
+    bound.update(zip(_TRANSPOSED_ARGS if transposed else _ARGS, args))
     bound.update(kwargs or {})
     return bound
 
 
-def explicit_padding(padding: Any, kernel: Sequence[int], dilation: Any) -> tuple[int, int, int, int]:
-    """(left, right, top, bottom) zero padding of a conv2d call, ``"same"`` and ``"valid"`` included.
+def explicit_padding(padding: Any, kernel: Sequence[int], dilation: Any) -> tuple[int, ...]:
+    """The zero padding of a conv call in ``F.pad``'s order (last dimension first, (before, after) each).
 
-    ``"same"`` puts the odd pixel of an even total on the right/bottom, as torch does.
+    ``"same"`` and ``"valid"`` included; ``"same"`` puts the odd pixel of an even total after,
+    as torch does.
     """
-    dh, dw = (dilation, dilation) if isinstance(dilation, int) else dilation
+    dims = len(kernel)
+    dilation = (dilation,) * dims if isinstance(dilation, int) else tuple(dilation)
     if padding == "valid":
-        return (0, 0, 0, 0)
+        return (0,) * (2 * dims)
     if padding == "same":
-        th, tw = dh * (kernel[0] - 1), dw * (kernel[1] - 1)
-        return (tw // 2, tw - tw // 2, th // 2, th - th // 2)
-    ph, pw = (padding, padding) if isinstance(padding, int) else padding
-    return (pw, pw, ph, ph)
+        totals = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        return tuple(x for t in reversed(totals) for x in (t // 2, t - t // 2))
+    padding = (padding,) * dims if isinstance(padding, int) else tuple(padding)
+    return tuple(x for p in reversed(padding) for x in (p, p))
 
 
-def _pixels(shape: torch.Size) -> int:
-    batch = shape[0] if len(shape) == 4 else 1
-    return batch * shape[-2] * shape[-1]
+def _pixels(shape: torch.Size, dims: int) -> int:
+    """Batch x spatial positions; an unbatched input has dims + 1 dimensions."""
+    batch = shape[0] if len(shape) == dims + 2 else 1
+    return batch * math.prod(shape[-dims:])
 
 
 @dataclass
 class ConvCall:
-    """One conv2d call. ``input`` / ``output`` are kept only for the weights asked for."""
+    """One conv call. ``input`` / ``output`` are kept only for the weights asked for."""
 
     weight: Tensor
     bias: Tensor | None
@@ -64,12 +79,14 @@ class ConvCall:
     dilation: Any
     groups: int
     input_shape: tuple[int, ...]
-    in_pixels: int  # batch x H x W of the input
-    out_pixels: int  # batch x H x W of the output
-    flops: int  # fvcore's count: output elements x (M/g) x kh x kw
+    in_pixels: int  # batch x spatial positions of the input
+    out_pixels: int  # batch x spatial positions of the output
+    flops: int  # fvcore's count: output elements x (M/g) x K; transposed, input elements x (N/g) x K
     index: int  # position in the pass: the execution order of calls on different weights
     input: Tensor | None = None
     output: Tensor | None = None
+    transposed: bool = False
+    output_padding: Any = 0
 
 
 class _Stop(BaseException):
@@ -77,7 +94,7 @@ class _Stop(BaseException):
 
 
 class ConvRecorder(TorchFunctionMode):
-    """Records every conv2d call of the passes run inside it, in order.
+    """Records every conv call of the passes run inside it, in order.
 
     Args:
         keep: ids of weights whose calls keep their input and output tensors (detached).
@@ -97,16 +114,18 @@ class ConvRecorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func in CONV_FUNCTIONS:
-            a = conv_arguments(args, kwargs)
+        if func in ALL_CONV_FUNCTIONS:
+            a = conv_arguments(args, kwargs, func)
             x, w = a["input"], a["weight"]
-            keep = id(w) in self.keep
+            keep, dims = id(w) in self.keep, w.dim() - 2
             self.calls.append(
                 ConvCall(
                     weight=w, bias=a["bias"], stride=a["stride"], padding=a["padding"], dilation=a["dilation"],
-                    groups=a["groups"], input_shape=tuple(x.shape), in_pixels=_pixels(x.shape),
-                    out_pixels=_pixels(out.shape), flops=out.numel() * w[0].numel(), index=len(self.calls),
+                    groups=a["groups"], input_shape=tuple(x.shape), in_pixels=_pixels(x.shape, dims),
+                    out_pixels=_pixels(out.shape, dims),
+                    flops=(x if a["transposed"] else out).numel() * w[0].numel(), index=len(self.calls),
                     input=x.detach() if keep and self.keep_inputs else None, output=out.detach() if keep else None,
+                    transposed=a["transposed"], output_padding=a["output_padding"],
                 )
             )
             if keep:
@@ -132,7 +151,7 @@ def record(
     keep_inputs: bool = True,
     own_mode: bool = False,
 ) -> ConvRecorder:
-    """Run ``model`` once without gradients and return what its conv2d calls did.
+    """Run ``model`` once without gradients and return what its conv calls did.
 
     In eval mode unless ``own_mode`` (then the caller keeps the state it cares about).
     A pass ended by ``stop_after`` returns what was recorded until then.

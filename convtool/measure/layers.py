@@ -62,7 +62,12 @@ def describe(
     if calls is not None:
         ran = last_calls(pairs, calls)
         runs = len(ran)
-        flops_before = dense_flops(weight_shape, sum(c.out_pixels for c in ran))
+        if first.transposed:  # a transposed conv costs per input pixel: those of the pairs' first convs
+            starts = {id((p.depthwise if p.order == "dw-pw" else p.pointwise).weight) for p in pairs}
+            in_pixels = sum(c.in_pixels for i in starts for c in calls.get(i, []))
+            flops_before = dense_flops(weight_shape, 0, in_pixels, transposed=True)
+        else:
+            flops_before = dense_flops(weight_shape, sum(c.out_pixels for c in ran))
         flops_after = sum(c.flops for i in pair_weights(pairs) for c in calls.get(i, []))
     return LayerChange(
         name=name,

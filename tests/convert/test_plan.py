@@ -44,10 +44,16 @@ def test_budget_plans_with_calibration_are_those_of_measuring_each_pair(entry, m
     fast = convtool.separate(model, inputs, rank=target, order="auto", calibration=calibration)
 
     def slow(weight, bias, groups, order, x, top, options, dense=None):
+        transposed = options.get("transposed", False)
+        kw = {k: options[k] for k in ("stride", "padding", "dilation")}
         with torch.no_grad():
-            reference = torch.nn.functional.conv2d(x, weight, None, options["stride"], options["padding"], options["dilation"], groups)
+            if transposed:
+                kw["output_padding"] = options.get("output_padding", 0)
+                reference = torch.nn.functional.conv_transpose2d(x, weight, None, kw["stride"], kw["padding"], kw["output_padding"], groups, kw["dilation"])
+            else:
+                reference = torch.nn.functional.conv2d(x, weight, None, kw["stride"], kw["padding"], kw["dilation"], groups)
             return {
-                r: float((SeparableConv.from_weight(weight, None, groups=groups, rank=r, order=order, **options)(x) - reference)
+                r: float((SeparableConv.from_weight(weight, None, groups=groups, rank=r, order=order, transposed=transposed, **kw)(x) - reference)
                          .double().pow(2).sum())
                 for r in range(1, top + 1)
             }
