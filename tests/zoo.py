@@ -331,7 +331,7 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give BatchNorm layers trained-looking statistics so they are not identities."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats and m.affine:
             m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             with torch.no_grad():

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..core.inputs import eval_mode
+from ..core.modules import CONV_TYPES, plain_conv, runs_as_standard
 from ..core.names import describe_error
 from ..core.references import replace, slots, swap_module, walk
 from ..errors import InvalidOptionError
@@ -114,14 +115,14 @@ def _copy_value(value: object, memo: dict[int, object]) -> object:
     return holder[0]
 
 
-def _norm_hooks(conv: nn.Conv2d) -> list:
+def _norm_hooks(conv: nn.Module) -> list:
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
     return [h for h in conv._forward_pre_hooks.values() if isinstance(h, (WeightNorm, SpectralNorm))]
 
 
-def _computed_weight(conv: nn.Conv2d) -> torch.Tensor | None:
+def _computed_weight(conv: nn.Module) -> torch.Tensor | None:
     """The eval-mode weight of a conv whose weight is computed; None for a plain conv."""
     from torch.nn.utils.spectral_norm import SpectralNorm
 
@@ -138,7 +139,7 @@ def _computed_weight(conv: nn.Conv2d) -> torch.Tensor | None:
         return hook.compute_weight(conv).detach().clone()
 
 
-def bake(work: nn.Module) -> tuple[nn.Module, list[tuple[nn.Conv2d, nn.Conv2d]]]:
+def bake(work: nn.Module) -> tuple[nn.Module, list[tuple[nn.Module, nn.Module]]]:
     """Replace each conv of ``work`` whose weight is computed by a plain conv holding that weight.
 
     A new module is put in place rather than calling ``remove_parametrizations``, which edits
@@ -147,28 +148,17 @@ def bake(work: nn.Module) -> tuple[nn.Module, list[tuple[nn.Conv2d, nn.Conv2d]]]
     up dense.
     """
     baked = []
-    plain_forward = lambda m: type(m).forward is nn.Conv2d.forward and type(m)._conv_forward is nn.Conv2d._conv_forward  # noqa: E731
-    for conv in [m for m in work.modules() if isinstance(m, nn.Conv2d) and plain_forward(m)]:
+    for conv in [m for m in work.modules() if isinstance(m, CONV_TYPES) and runs_as_standard(m)]:
         weight = _computed_weight(conv)
         if weight is None:
             continue
-        bias = conv.bias
-        plain = nn.Conv2d(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-            conv.groups, bias is not None, conv.padding_mode, device=weight.device, dtype=weight.dtype,
-        ).train(conv.training)
-        with torch.no_grad():
-            plain.weight.copy_(weight)
-            if bias is not None:
-                plain.bias.copy_(bias)
-        trainable = any(p.requires_grad for p in conv.parameters())
-        plain.requires_grad_(trainable)
+        plain = plain_conv(conv, weight)
         work = swap_module(work, conv, plain)
         baked.append((plain, conv))
     return work, baked
 
 
-def unbake(work: nn.Module, baked: list[tuple[nn.Conv2d, nn.Conv2d]]) -> nn.Module:
+def unbake(work: nn.Module, baked: list[tuple[nn.Module, nn.Module]]) -> nn.Module:
     """Put back the original (parametrized) conv wherever its plain stand-in was left dense."""
     for plain, original in baked:
         work = swap_module(work, plain, original)

@@ -169,10 +169,14 @@ def separate(
     if not isinstance(model, nn.Module):
         raise InvalidOptionError(f"expected a torch.nn.Module, got {type(model).__name__}")
     batches = calibration_batches(calibration) if calibration is not None else []
-    work, baked = bake(working_copy(model))
+    work = working_copy(model)
     device = model_device(work)
     inputs = on_device(as_inputs(example_inputs), device)
     sample = on_device(tuple(t[:1] for t in batches[0]), device) if batches else ()
+    if _is_lazy(work) and (inputs or sample):  # lazy convs get their weights from a first pass, on the copy
+        with running(inputs or sample, _what(inputs)):
+            record(work, inputs or sample)
+    work, baked = bake(work)
 
     sites, skipped, tracing = find_sites(work, include, exclude)
     if not sites:
@@ -239,6 +243,10 @@ def separate(
         model=work, layers=layers, skipped=tuple(skipped), original=model, verified=bool(proof_inputs),
         verification=verification, budget_met=budget_met, flops_before=plan.flops_before, flops_after=flops_after,
     )
+
+
+def _is_lazy(model: nn.Module) -> bool:
+    return any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters())
 
 
 def _plan(work, sites, rank, order, costed, dense_run, first: "_FirstBatch | None", latency, provider) -> Plan:

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..core.modules import CONV_TYPES, SeparableConv
+from ..core.modules import CONV_TYPES, SeparableConv, runs_as_standard, standard_base
 from ..core.names import label, module_names
 from ..core.records import SkippedLayer
 from ..core.tracing import Tracing, trace_regions
@@ -75,21 +75,16 @@ def _shape_reason(weight_shape: Sequence[int], groups: int, transposed: bool = F
     kernel = tuple(weight_shape[2:])
     in_per_group = weight_shape[0] // groups if transposed else weight_shape[1]
     if all(k == 1 for k in kernel):
-        return f"{'x'.join(['1'] * len(kernel))} conv: already pointwise"
+        return f"{'x'.join(['1'] * max(len(kernel), 2))} conv: already pointwise"
     if in_per_group == 1:
         return "already depthwise" if groups > 1 else "already depthwise (a single input channel)"
     return None
 
 
-def standard_base(conv: nn.Module) -> type[nn.Module] | None:
-    """The torch conv class ``conv`` is, or derives from."""
-    return next((c for c in type(conv).__mro__ if c in CONV_TYPES), None)
-
-
 def _module_reason(conv: nn.Module, read_directly: bool) -> str | None:
-    cls, base = type(conv), standard_base(conv)
-    if cls.forward is not base.forward or getattr(cls, "_conv_forward", None) is not getattr(base, "_conv_forward", None):
-        return f"{cls.__name__} overrides {base.__name__}'s forward, so the separated pair may not compute the same thing"
+    if not runs_as_standard(conv):
+        base = standard_base(conv).__name__
+        return f"{type(conv).__name__} overrides {base}'s forward, so the separated pair may not compute the same thing"
     if isinstance(conv.weight, nn.parameter.UninitializedParameter):
         return "a lazy conv that never ran, so its weight does not exist yet; pass example inputs"
     if conv._forward_hooks or conv._forward_pre_hooks or getattr(conv, "_forward_hooks_with_kwargs", None):

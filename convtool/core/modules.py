@@ -36,6 +36,33 @@ def conv_class(dims: int, transposed: bool = False) -> type[nn.Module]:
     return (_CONV_TRANSPOSE if transposed else _CONV)[dims]
 
 
+def standard_base(conv: nn.Module) -> type[nn.Module] | None:
+    """The torch conv class ``conv`` is, or derives from (None for anything else)."""
+    return next((c for c in type(conv).__mro__ if c in CONV_TYPES), None)
+
+
+def runs_as_standard(conv: nn.Module) -> bool:
+    """Whether ``conv`` is a torch conv (or a subclass) that computes what its standard class does."""
+    cls, base = type(conv), standard_base(conv)
+    return base is not None and cls.forward is base.forward and getattr(cls, "_conv_forward", None) is getattr(base, "_conv_forward", None)
+
+
+def plain_conv(conv: nn.Module, weight: Tensor) -> nn.Module:
+    """A standard conv of ``conv``'s kind and options holding ``weight`` (and ``conv``'s bias), in its mode."""
+    base = standard_base(conv)
+    options = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                   bias=conv.bias is not None, padding_mode=conv.padding_mode, device=weight.device, dtype=weight.dtype)
+    if conv.transposed:
+        options["output_padding"] = conv.output_padding
+    plain = base(conv.in_channels, conv.out_channels, conv.kernel_size, **options).train(conv.training)
+    with torch.no_grad():
+        plain.weight.copy_(weight)
+        if conv.bias is not None:
+            plain.bias.copy_(conv.bias)
+    plain.requires_grad_(any(p.requires_grad for p in conv.parameters()))
+    return plain
+
+
 def _tuple(v, dims: int) -> tuple:
     return (v,) * dims if isinstance(v, int) else tuple(v)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from ..core.inputs import as_inputs, eval_mode, model_device, on_device, run_checked
@@ -27,7 +28,7 @@ LAYOUTS = ("multiplier", "branches", "measured")
 
 
 def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, list[str]]:
-    """Fold each eval-mode BatchNorm2d that only follows a conv (dense or separated) into it.
+    """Fold each eval-mode BatchNorm (1-, 2- or 3-d) that only follows a conv (dense or separated) into it.
 
     The BatchNorm becomes ``nn.Identity`` and its scale and shift move into the weights and
     bias of the conv that runs last (the pointwise of a ``"dw-pw"`` pair). Only patterns the
@@ -48,7 +49,7 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, list[str]]:
             if last_conv(region.module.get_submodule(node.target)) is None or len(node.users) != 1:
                 continue
             (user,) = node.users
-            if user.op == "call_module" and isinstance(region.module.get_submodule(user.target), nn.BatchNorm2d):
+            if user.op == "call_module" and isinstance(region.module.get_submodule(user.target), _BatchNorm):
                 if len(user.args) == 1 and not user.kwargs:
                     edges.append((name, join(region.name, user.target)))
     folded = []
@@ -59,9 +60,11 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, list[str]]:
         if bn.training or conv.training or not bn.track_running_stats:
             continue
         last = last_conv(conv)
+        if last.transposed and last.groups != 1:  # its output channels are not one weight dimension
+            continue
         # New parameters, not an in-place update: a weight tied to another layer must keep its value there.
         last.weight, last.bias = fuse_conv_bn_weights(
-            last.weight, last.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+            last.weight, last.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias, transpose=last.transposed
         )
         model = swap_module(model, bn, nn.Identity())
         folded.append(bn_name)

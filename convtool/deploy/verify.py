@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from ..core.inputs import as_inputs, batch_size, batched, eval_mode, model_device, on_device, run_checked
-from ..core.modules import SeparableConv
+from ..core.modules import SeparableConv, conv_class
 from ..core.records import Benchmark, LayerLatency
 from ..core.names import describe_error
 from ..errors import OnnxFileError, ProviderUnavailableError
@@ -248,9 +248,11 @@ def layer_latencies(model: nn.Module, example_inputs: Any, *, provider: str = "c
     for key, (layer, pair) in pairs.items():
         if key not in shapes:
             continue
-        dense = nn.Conv2d(
-            pair.in_channels, pair.out_channels, pair.kernel_size, pair.stride, pair.padding, pair.dilation, pair.groups,
-            bias=pair.bias is not None, padding_mode=pair.padding_mode, dtype=pair.depthwise.weight.dtype,
+        extra = {"output_padding": pair.output_padding} if pair.transposed else {}
+        dense = conv_class(pair.dims, pair.transposed)(
+            pair.in_channels, pair.out_channels, pair.kernel_size, pair.stride, pair.padding, dilation=pair.dilation,
+            groups=pair.groups, bias=pair.bias is not None, padding_mode=pair.padding_mode,
+            dtype=pair.depthwise.weight.dtype, **extra,
         ).eval()
         found.append(LayerLatency(
             layer or "<model>",

@@ -1,0 +1,82 @@
+"""Every conv type (1-d, 3-d, transposed, subclasses, lazy) on the models of the N-d zoo, through the public API."""
+
+import pytest
+import torch
+
+import convtool
+from convtool import NothingToSeparateError, SeparableConv
+from convtool.core.modules import CONV_TYPES
+
+from ..helpers import assert_layers_proven, assert_outputs_close, assert_same_state, state_snapshot
+from ..zoo import build
+from ..zoo_nd import ZOO_ND
+
+
+def _standard_convs(model: torch.nn.Module, halves: set[int]) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, CONV_TYPES) and id(m) not in halves]
+
+
+@pytest.mark.parametrize("entry", ZOO_ND, ids=lambda e: e.name)
+def test_full_rank_reproduces_outputs_and_leaves_the_model_alone(entry):
+    model, inputs = build(entry)
+    lazy = entry.name == "lazy"
+    snapshot, before = (None if lazy else state_snapshot(model)), repr(model)
+    torch.manual_seed(1)
+    result = convtool.separate(model, inputs, rank="full")
+    if lazy:  # convtool materialised its copy, not the caller's model: do that here, from the same seed
+        assert any(isinstance(p, torch.nn.parameter.UninitializedParameter) for p in model.parameters())
+        torch.manual_seed(1)
+        with torch.no_grad():
+            model(*inputs)
+        before = repr(model)
+    with torch.no_grad():
+        out, ref = result.model(*inputs), model(*inputs)
+    assert_outputs_close(out, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close((out - ref).norm() / ref.norm(), torch.tensor(0.0), atol=1e-5, rtol=0)
+    assert result.layers and all(layer.weight_error < 1e-6 for layer in result.layers)
+    if not lazy:
+        assert_same_state(model, snapshot)
+    assert repr(model) == before
+
+
+@pytest.mark.parametrize("entry", ZOO_ND, ids=lambda e: e.name)
+def test_rank_one_leaves_no_standard_conv_of_any_kind(entry):
+    model, inputs = build(entry)
+    result = convtool.separate(model, inputs, rank=1)
+    with torch.no_grad():
+        model(*inputs)  # materialises a lazy model, for the checks against its dense weights below
+    assert result.verified and all(layer.rank == 1 for layer in result.layers)
+    halves = {id(m) for p in result.model.modules() if isinstance(p, SeparableConv) for m in p.children()}
+    left = set(_standard_convs(result.model, halves))
+    skipped = {s.name: s.reason for s in result.skipped}
+    assert left <= set(entry.stays_dense), (left, skipped)
+    for name, word in entry.stays_dense.items():
+        assert word in skipped[name], (name, skipped.get(name))
+    with pytest.raises(NothingToSeparateError):
+        convtool.separate(result.model, inputs, rank=1, exclude=list(entry.stays_dense))
+    assert_layers_proven(result, model, inputs)
+
+
+@pytest.mark.parametrize("entry", [e for e in ZOO_ND if e.name in ("wav2vec2", "hifigan", "unet3d", "dcgan")], ids=lambda e: e.name)
+def test_flop_target_with_calibration_and_auto_order(entry):
+    model, inputs = build(entry)
+    data = tuple(torch.cat([x] * 4) for x in inputs)
+    result = convtool.separate(model, inputs, rank=convtool.FlopsTarget(0.6), order="auto",
+                               calibration=data if len(data) > 1 else data[0])
+    assert result.budget_met is not None and result.flops_after <= result.flops_before
+    assert all(layer.output_error is not None for layer in result.layers)
+    with torch.no_grad():
+        out, ref = result.model(*inputs), model(*inputs)
+    assert float((out - ref).norm() / ref.norm()) < 1.0
+
+
+@pytest.mark.parametrize("entry", ZOO_ND, ids=lambda e: e.name)
+def test_rank_one_exports_and_verifies_on_cpu(entry, tmp_path):
+    model, inputs = build(entry)
+    separated = convtool.separate(model, inputs, rank=1).model
+    exported = convtool.export_onnx(separated, inputs, tmp_path / f"{entry.name}.onnx")
+    (check,) = convtool.verify_onnx(exported, separated, inputs, providers=["cpu"], runs=1)
+    assert check.passed, check.reason
+    norms = [n for n, m in separated.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if entry.name in ("unet3d", "dcgan"):  # BatchNorm3d after Conv3d pairs, BatchNorm2d after transposed pairs
+        assert norms and set(exported.folded_batchnorms) == set(norms), (exported.folded_batchnorms, norms)
