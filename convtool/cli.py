@@ -129,21 +129,21 @@ def _example_inputs(model, input_shapes: tuple[str, ...], device: str, ui: Ui, d
     """Seeded random inputs of the given shapes, the first calibration sample, or (1, C, 224, 224)."""
     import torch
 
-    from .core.inputs import first_conv_channels, model_dtype
+    from .core.inputs import default_input_shape, first_conv_channels, model_dtype
 
     shapes = [_parse_shape(s) for s in input_shapes]
     if not shapes and data is not None:
         tensors = data if isinstance(data, tuple) else (data,)
         sample = tuple(t[:1].to(device) for t in tensors)  # real data
         channels = first_conv_channels(model)
-        expected = f"; the model's first conv takes {channels} channels, e.g. (N, {channels}, H, W)" if channels else ""
+        expected = f"; the model's first conv takes {channels} channels, e.g. (N, {channels}, ...)" if channels else ""
         shown = " and ".join("(N, " + ", ".join(map(str, t.shape[1:])) + ")" for t in tensors)
         return _checked(model, sample, f"--calibration {data_path} holds samples of shape {shown}, which the model does not run on", expected)
     if not shapes:
-        channels = first_conv_channels(model)
-        if channels is None:
-            raise InvalidOptionError("the model has no Conv2d to infer an input shape from; pass --input-shape")
-        shapes = [(1, channels, 224, 224)]
+        shape = default_input_shape(model)
+        if shape is None:
+            raise InvalidOptionError("the model has no conv to infer an input shape from; pass --input-shape")
+        shapes = [shape]
         ui.note(f"note: no --input-shape given; assuming {','.join(map(str, shapes[0]))}")
     generator = torch.Generator().manual_seed(0)
     inputs = tuple(torch.randn(s, generator=generator, dtype=model_dtype(model)).to(device) for s in shapes)

@@ -120,6 +120,12 @@ def _dense_weights(original: torch.nn.Module, layer) -> list[torch.Tensor]:
             else:
                 found.append(module_at(original, name).weight)
         except AttributeError:  # a name only the separated model has (a functional conv's other setting)
+            parent = name.rpartition(".")[0]  # or a conv subclass's stand-in behind its padding step
+            if layer.source == "module" and name.endswith(".conv") and parent:
+                try:
+                    found.append(module_at(original, parent).weight)
+                except AttributeError:
+                    pass
             continue
     return found
 

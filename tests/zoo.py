@@ -322,7 +322,7 @@ ZOO: list[ZooModel] = [
     ZooModel("detector", DetectorLike, _img(), {"lateral2": "1x1", "lateral3": "1x1"}),
     ZooModel("functional", FunctionalConvNet, _img(), {"point": "1x1"}),
     ZooModel("reused", ReusedConv, _img()),
-    ZooModel("subclass", SubclassNet, _img(), {"ws": "overrides"}),
+    ZooModel("subclass", SubclassNet, _img()),
     ZooModel("two_inputs", TwoInputs, lambda: (torch.randn(2, 3, 16, 16), torch.randn(2, 1, 16, 16))),
 ]
 

@@ -14,13 +14,16 @@ import types
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 from torch.nn.utils import parametrize
+from torch.overrides import TorchFunctionMode
 
 from ..core.inputs import eval_mode
-from ..core.modules import CONV_TYPES, plain_conv, runs_as_standard
+from ..core.modules import CONV_TYPES, SamePadded, plain_conv, runs_as_standard, standard_base
 from ..core.names import describe_error
 from ..core.references import replace, slots, swap_module, walk
 from ..errors import InvalidOptionError
+from ..measure.conv_calls import ALL_CONV_FUNCTIONS, ConvRecorder, conv_arguments
 
 
 def working_copy(model: nn.Module) -> nn.Module:
@@ -148,7 +151,13 @@ def bake(work: nn.Module) -> tuple[nn.Module, list[tuple[nn.Module, nn.Module]]]
     up dense.
     """
     baked = []
-    for conv in [m for m in work.modules() if isinstance(m, CONV_TYPES) and runs_as_standard(m)]:
+    for conv in [m for m in work.modules() if isinstance(m, CONV_TYPES)]:
+        if not runs_as_standard(conv):
+            plain = _rebased(conv)
+            if plain is not None:
+                work = swap_module(work, conv, plain)
+                baked.append((plain, conv))
+            continue
         weight = _computed_weight(conv)
         if weight is None:
             continue
@@ -159,7 +168,74 @@ def bake(work: nn.Module) -> tuple[nn.Module, list[tuple[nn.Module, nn.Module]]]
 
 
 def unbake(work: nn.Module, baked: list[tuple[nn.Module, nn.Module]]) -> nn.Module:
-    """Put back the original (parametrized) conv wherever its plain stand-in was left dense."""
+    """Put back the original (parametrized, or subclass) conv wherever its plain stand-in was left dense."""
     for plain, original in baked:
+        if isinstance(plain, SamePadded) and not isinstance(plain.conv, CONV_TYPES):
+            continue  # its conv was separated: the padding step stays with the pair
         work = swap_module(work, plain, original)
     return work
+
+
+def _rebased(conv: nn.Module) -> nn.Module | None:
+    """A conv subclass's forward as a standard conv (behind the padding step it keeps), or None.
+
+    The subclass is probed in eval mode on two input sizes: its forward must make exactly one
+    conv call of its own kind and return that call's output as it is, with the same weight
+    values and options both times (a weight
+    computed from its parameters alone, as weight standardisation does), on either its input
+    itself or its input padded TensorFlow-"SAME" style (timm's ``Conv2dSame``). Anything else
+    returns None: the conv then stays dense, with the reason the sites give.
+    """
+    if isinstance(conv.weight, nn.parameter.UninitializedParameter) or conv.transposed:
+        return None
+    dims = conv.weight.dim() - 2
+    base_size = [d * (k - 1) + s + 3 for k, s, d in zip(conv.kernel_size, conv.stride, conv.dilation)]
+    probes = []
+    for extra in (0, 1):
+        x = torch.randn(1, conv.in_channels, *(n + extra for n in base_size), dtype=conv.weight.dtype, device=conv.weight.device)
+        with eval_mode(conv), torch.no_grad(), ConvRecorder(keep=(), keep_inputs=False) as recorder:
+            probe = _Probe()
+            with probe:
+                out = conv(x)
+        calls = recorder.calls
+        if len(calls) != 1 or calls[0].transposed or calls[0].weight.dim() != dims + 2 or out is not probe.output:
+            return None  # not one conv, or something more happens after it
+        probes.append((x, calls[0], probe.input, out))
+    (x0, c0, in0, _), (x1, c1, in1, _) = probes
+    same = lambda a, b: a.shape == b.shape and torch.equal(a, b)  # noqa: E731
+    if not same(c0.weight, c1.weight) or (c0.stride, c0.padding, c0.dilation, c0.groups) != (c1.stride, c1.padding, c1.dilation, c1.groups):
+        return None
+    if (c0.bias is None) != (c1.bias is None) or (c0.bias is not None and not same(c0.bias, c1.bias)):
+        return None
+    if in0 is x0 and in1 is x1:
+        padded = False
+    else:
+        k, s, d = conv.kernel_size, conv.stride, conv.dilation
+        expected = [F.pad(x, SamePadded.padding_for(x.shape[2:], k, s, d)) for x in (x0, x1)]
+        if not (same(in0, expected[0]) and same(in1, expected[1])):
+            return None
+        padded = True
+    base = standard_base(conv)
+    options = dict(stride=c0.stride, padding=c0.padding, dilation=c0.dilation, groups=c0.groups, bias=c0.bias is not None,
+                   device=c0.weight.device, dtype=c0.weight.dtype)
+    plain = base(conv.in_channels, conv.out_channels, conv.kernel_size, **options).train(conv.training)
+    with torch.no_grad():
+        plain.weight.copy_(c0.weight)
+        if c0.bias is not None:
+            plain.bias.copy_(c0.bias)
+    plain.requires_grad_(any(p.requires_grad for p in conv.parameters()))
+    return SamePadded(plain) if padded else plain
+
+
+class _Probe(TorchFunctionMode):
+    """Catches the input and output tensors of the conv call of a probe."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input = self.output = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in ALL_CONV_FUNCTIONS:
+            self.input, self.output = conv_arguments(args, kwargs, func)["input"], out
+        return out

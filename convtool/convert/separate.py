@@ -180,7 +180,7 @@ def separate(
 
     sites, skipped, tracing = find_sites(work, include, exclude)
     if not sites:
-        detail = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:5]) or "the model has no Conv2d"
+        detail = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:5]) or "the model has no conv"
         raise NothingToSeparateError(f"nothing to separate ({detail})")
 
     costed = inputs or sample

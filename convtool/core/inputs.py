@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from ..errors import InvalidOptionError
+from .modules import CONV_TYPES
 from .names import describe_error
 
 
@@ -73,26 +74,42 @@ def on_device(inputs: Any, device: torch.device) -> Any:
 
 
 def first_conv_channels(model: nn.Module) -> int | None:
-    """Input channels of the model's first ``Conv2d`` (in module order): the image channels, usually."""
-    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    """Input channels of the model's first conv of any kind (in module order): the image or audio channels, usually."""
+    conv = next((m for m in model.modules() if isinstance(m, CONV_TYPES)), None)
     return conv.in_channels if conv is not None else None
 
 
-def guess_inputs(model: nn.Module, size: int = 224) -> tuple[tuple, str | None]:
-    """Seeded random inputs of shape (1, C, size, size), C the first conv's input channels.
+def default_input_shape(model: nn.Module) -> tuple[int, ...] | None:
+    """A typical input for the model's first conv, by its dimensionality; None without a conv.
+
+    Images (1, C, 224, 224); volumes and clips (1, C, 16, 112, 112); 1-d signals (1, C, 16000),
+    a second of 16 kHz audio, when C is 1 or 2 (waveforms), else (1, C, 3000), a 30 s window of
+    feature frames (mel spectrograms).
+    """
+    conv = next((m for m in model.modules() if isinstance(m, CONV_TYPES)), None)
+    if conv is None:
+        return None
+    c, dims = conv.in_channels, len(conv.kernel_size)
+    if dims == 1:
+        return (1, c, 16000 if c <= 2 else 3000)
+    return (1, c, 224, 224) if dims == 2 else (1, c, 16, 112, 112)
+
+
+def guess_inputs(model: nn.Module) -> tuple[tuple, str | None]:
+    """Seeded random inputs of :func:`default_input_shape`.
 
     Returns the inputs and ``None``, or ``()`` and why no such input runs the model.
     """
-    channels = first_conv_channels(model)
-    if channels is None:
-        return (), "the model has no Conv2d to infer an input shape from"
+    shape = default_input_shape(model)
+    if shape is None:
+        return (), "the model has no conv to infer an input shape from"
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(1, channels, size, size, generator=generator, dtype=model_dtype(model)).to(model_device(model))
+    x = torch.randn(shape, generator=generator, dtype=model_dtype(model)).to(model_device(model))
     try:
         with eval_mode(model), torch.no_grad():
             model(x)
     except Exception as error:
-        return (), f"the model does not run on a (1, {channels}, {size}, {size}) input ({describe_error(error)})"
+        return (), f"the model does not run on a {shape} input ({describe_error(error)})"
     return (x,), None
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterator
+import math
+from typing import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .decompose import ORDERS, dense_weight, separable_factors
@@ -241,6 +243,33 @@ class SeparableConv(nn.Module):
 
 
 SeparableConv2d = SeparableConv  # the name of the 2-d-only releases
+
+
+class SamePadded(nn.Module):
+    """A conv (padding 0) run on its input padded TensorFlow-"SAME" style, from the input's size at each call.
+
+    The padding step of timm's ``Conv2dSame`` and its kind, kept apart from the conv so that
+    the conv itself can be separated: for each spatial size i, stride s, kernel k and dilation
+    d, ``max((ceil(i / s) - 1) * s + (k - 1) * d + 1 - i, 0)`` zeros, the odd one after.
+    """
+
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+        self.kernel_size, self.stride, self.dilation = conv.kernel_size, conv.stride, conv.dilation
+
+    @staticmethod
+    def padding_for(size: Sequence[int], kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int]) -> list[int]:
+        """``F.pad``'s argument (last dimension first) for inputs of spatial ``size``."""
+        pads: list[int] = []
+        for i, k, s, d in reversed(list(zip(size, kernel, stride, dilation))):
+            total = max((math.ceil(i / s) - 1) * s + (k - 1) * d + 1 - i, 0)
+            pads += [total // 2, total - total // 2]
+        return pads
+
+    def forward(self, x: Tensor) -> Tensor:
+        size = x.shape[-len(self.kernel_size):]
+        return self.conv(F.pad(x, self.padding_for(size, self.kernel_size, self.stride, self.dilation)))
 
 
 class BranchedSeparableConv(nn.Module):

@@ -71,9 +71,9 @@ class LayerChange:
     Attributes:
         name: qualified name of the conv module, or of the weight parameter of a functional conv.
         aliases: the other names its pairs sit at (shared modules, tied weights, other call settings).
-        source: ``"module"`` (an ``nn.Conv2d``) or ``"function"`` (``F.conv2d`` on a parameter).
+        source: ``"module"`` (a torch conv module) or ``"function"`` (``F.conv1d/2d/3d`` on a parameter).
         in_channels, out_channels, kernel_size, stride, groups: the dense conv (stride of its
-            first use).
+            first use); one entry per spatial dimension (1 to 3).
         rank, order: the pair (``"dw-pw"``: depthwise then pointwise; ``"pw-dw"``: the reverse).
         params_before, params_after: parameters of the dense conv and of the pair(s), each
             tensor counted once.
@@ -84,6 +84,7 @@ class LayerChange:
         weight_error: relative Frobenius error of the SVD factors against the dense weight.
         output_error: relative error of the layer's output against the dense layer's on the
             calibration data, after the refit; None without calibration.
+        transposed: the dense conv was a transposed conv (its stride upsamples).
     """
 
     name: str
@@ -91,8 +92,8 @@ class LayerChange:
     source: str
     in_channels: int
     out_channels: int
-    kernel_size: tuple[int, int]
-    stride: tuple[int, int]
+    kernel_size: tuple[int, ...]
+    stride: tuple[int, ...]
     groups: int
     rank: int
     order: str
@@ -103,6 +104,7 @@ class LayerChange:
     calls: int | None
     weight_error: float
     output_error: float | None = None
+    transposed: bool = False
 
     @property
     def params_ratio(self) -> float:

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 
 from torch import fx, nn
 
-from .modules import CONV_TYPES, BranchedSeparableConv, SeparableConv
+from .modules import CONV_TYPES, BranchedSeparableConv, SamePadded, SeparableConv
 from .names import describe_error, join, label
 
-CONV_MODULES = (*CONV_TYPES, SeparableConv, BranchedSeparableConv)
+CONV_MODULES = (*CONV_TYPES, SeparableConv, BranchedSeparableConv, SamePadded)
 
 
 class Tracer(fx.Tracer):

@@ -87,6 +87,7 @@ def describe(
         calls=runs,
         weight_error=first.weight_error if dense_weight is None else relative_error(first.weight, dense_weight),
         output_error=output_error,
+        transposed=first.transposed,
     )
 
 

@@ -139,8 +139,11 @@ _LAYER_HEAD = ("name", "shape", "rank", "params", "flops", "flops ratio", "calls
 
 def _shape(layer: LayerChange) -> str:
     shape = f"{layer.in_channels}->{layer.out_channels} {'x'.join(map(str, layer.kernel_size))}"
-    if layer.stride != (1, 1):
-        shape += f" /{layer.stride[0]}" if layer.stride[0] == layer.stride[1] else f" /{layer.stride}"
+    step = "*" if layer.transposed else "/"  # a transposed conv's stride upsamples
+    if any(s != 1 for s in layer.stride):
+        shape += f" {step}{layer.stride[0]}" if len(set(layer.stride)) == 1 else f" {step}{layer.stride}"
+    if layer.transposed:
+        shape += " transposed"
     if layer.groups > 1:
         shape += f" g{layer.groups}"
     return shape
