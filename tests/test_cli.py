@@ -100,7 +100,7 @@ def test_separate_with_safetensors_onnx_and_reports(project):
     assert result.exit_code == 0, result.output
     assert "CPUExecutionProvider: passed" in result.output
     report = json.loads((project / "report.json").read_text())
-    assert report["schema_version"] == 2 and report["totals"]["params_before"] > 0 and report["verified"] is True
+    assert report["schema_version"] == 3 and report["totals"]["params_before"] > 0 and report["verified"] is True
     assert [layer["name"] for layer in report["layers"]] == ["0", "3"]
 
 
@@ -130,7 +130,7 @@ def test_a_speech_model_gets_a_1d_default_shape_and_exports(project):
     assert "assuming 1,80,3000" in result.stderr
     assert out.exists() and onnx_path.exists()
     shaped = run("analyze", project / "speech.pt", "--arch", arch(project, "speech"), "--input-shape", "2,80,400")
-    assert shaped.exit_code == 0 and "2x80x400" in shaped.output
+    assert shaped.exit_code == 0 and "assuming" not in shaped.stderr
 
 
 def test_nothing_to_separate_writes_nothing(project):

@@ -21,7 +21,7 @@ from ..core.records import LayerChange
 from ..measure.compare import Comparison
 from ..measure.counts import FLOPS_UNIT, Analysis, ModuleCost
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: layers carry "transposed"
 
 
 def human(n: float | None) -> str:
