@@ -143,6 +143,58 @@ def tall_kernel_net() -> TallKernelNet:
     return TallKernelNet()
 
 
+class JasperLike(nn.Module):
+    """A Jasper/QuartzNet-sized 1-d speech encoder before its separable era: dense Conv1d blocks on mel frames.
+
+    64 mel bins in, a strided prologue (k = 11), three residual blocks of two k = 13, 17, 21
+    convs at 256 channels, an epilogue (k = 29, dilation 2) and a 1x1 head: about 5.3 GFLOPs
+    on 10 s of frames (1, 64, 1000).
+    """
+
+    def __init__(self, mels: int = 64, width: int = 256, classes: int = 29) -> None:
+        super().__init__()
+        unit = lambda cin, cout, k, **kw: nn.Sequential(  # noqa: E731
+            nn.Conv1d(cin, cout, k, padding=kw.pop("padding", k // 2), bias=False, **kw), nn.BatchNorm1d(cout), nn.ReLU())
+        self.prologue = unit(mels, width, 11, stride=2, padding=5)
+        self.blocks = nn.ModuleList(nn.Sequential(unit(width, width, k), unit(width, width, k)) for k in (13, 17, 21))
+        self.epilogue = unit(width, 2 * width, 29, dilation=2, padding=28)
+        self.head = nn.Conv1d(2 * width, classes, 1)
+
+    def forward(self, x):
+        x = self.prologue(x)
+        for block in self.blocks:
+            x = torch.relu(x + block(x))
+        return self.head(self.epilogue(x))
+
+
+class C3DLike(nn.Module):
+    """A C3D/3-D-U-Net-encoder-like video or volume net: 3x3x3 Conv3d stacks with pooling.
+
+    (1, 3, 16, 56, 56) clips; channels 32 -> 64 -> 128 -> 128; about 2.0 GFLOPs.
+    """
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        unit = lambda cin, cout: nn.Sequential(nn.Conv3d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm3d(cout), nn.ReLU())  # noqa: E731
+        self.features = nn.Sequential(
+            unit(3, 32), nn.MaxPool3d((1, 2, 2)), unit(32, 64), nn.MaxPool3d(2), unit(64, 128), unit(128, 128), nn.MaxPool3d(2),
+            unit(128, 128),
+        )
+        self.head = nn.Linear(128, classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3, 4)))
+
+
+def jasper_like() -> JasperLike:
+    return JasperLike()
+
+
+def c3d_like() -> C3DLike:
+    return C3DLike()
+
+
 ARCHITECTURES = {
     "resnet18": resnet18, "resnet50": resnet50, "vgg16": vgg16, "vgg11-narrow": vgg11_narrow, "tall-kernel": tall_kernel_net,
+    "jasper": jasper_like, "c3d": c3d_like,
 }

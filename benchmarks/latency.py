@@ -2,7 +2,9 @@
 
 Run: .venv/bin/python benchmarks/latency.py [--provider cpu] [--threads 2] [--runs 30]
 
-For a ResNet-18-like and a VGG-like net (benchmarks/architectures.py) at 1x3x224x224:
+For a ResNet-18-like and a VGG-like net (benchmarks/architectures.py) at 1x3x224x224, and
+(``--models jasper c3d``) a Jasper-like 1-d speech encoder on 1x64x1000 mel frames and a
+C3D-like 3-d net on 1x3x16x56x56 clips:
   * end to end: the original, rank 1, rank 2 with a channel multiplier, rank 2 as multiplier-1
     branches (convtool's export form), all exported and timed round-robin in one run;
   * per layer: each distinct separable conv shape alone, dense against its rank-1 and rank-2
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from architectures import resnet18, vgg11_narrow  # noqa: E402
+from architectures import c3d_like, jasper_like, resnet18, vgg11_narrow  # noqa: E402
 
 import convtool  # noqa: E402
 from convtool.deploy.runtime_form import branch_layout, for_runtime, measured_layout  # noqa: E402
@@ -44,9 +46,11 @@ def variants(model: nn.Module, x: torch.Tensor, provider: str) -> dict[str, nn.M
     return {
         "original": model,
         "rank 1": rank1,
+        "rank 1, export form": branch_layout(rank1, x)[0],
         "rank 1, where faster": paying1,
         "rank 2, multiplier": rank2,
         "rank 2, branches": branch_layout(rank2)[0],
+        "rank 2, branches + export form": branch_layout(rank2, x)[0],
         "rank 2, measured layout": measured_layout(rank2, x, provider)[0],
         "rank 2, where faster, measured layout": measured_layout(paying2, x, provider)[0],
     }
@@ -73,12 +77,12 @@ def _counted(model: nn.Module) -> nn.Module:
     return model
 
 
-def layer_shapes(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Conv2d, tuple[int, ...]]]:
+def layer_shapes(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
     """Each distinct separable conv (channels, kernel, stride, input size) with its input shape."""
     seen, found = set(), []
     hooks = []
     for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1) and m.groups == 1 and m.in_channels > 1:
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and set(m.kernel_size) != {1} and m.groups == 1 and m.in_channels > 1:
             def hook(module, inputs, output, name=name):
                 key = (module.in_channels, module.out_channels, module.kernel_size, module.stride, tuple(inputs[0].shape))
                 if key not in seen:
@@ -111,7 +115,7 @@ def per_layer(name: str, model: nn.Module, x: torch.Tensor, args) -> None:
         eff = lambda i, fi: (times[0] / times[i]) / (f[0] / f[fi])  # noqa: E731
         k = "x".join(map(str, conv[0].kernel_size))
         print(
-            f"| {layer} | {conv[0].in_channels}->{conv[0].out_channels} {k} /{conv[0].stride[0]} | {shape[2]}x{shape[3]} "
+            f"| {layer} | {conv[0].in_channels}->{conv[0].out_channels} {k} /{conv[0].stride[0]} | {'x'.join(map(str, shape[2:]))} "
             f"| {times[0]:.3f} | {times[1]:.3f} ({times[0] / times[1]:.2f}x / {f[0] / f[1]:.2f}x / {eff(1, 1):.2f}) "
             f"| {times[2]:.3f} ({times[0] / times[2]:.2f}x / {eff(2, 2):.2f}) "
             f"| {times[3]:.3f} ({times[0] / times[3]:.2f}x / {eff(3, 2):.2f}) |"
@@ -129,11 +133,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"machine: {platform.machine()}, onnxruntime provider {args.provider}, {args.threads} threads")
-    x = torch.randn(1, 3, 224, 224)
-    builders = {"resnet18": ("ResNet-18-like", resnet18), "vgg": ("VGG-11-like (half width)", vgg11_narrow)}
+    image = (1, 3, 224, 224)
+    builders = {
+        "resnet18": ("ResNet-18-like", resnet18, image), "vgg": ("VGG-11-like (half width)", vgg11_narrow, image),
+        "jasper": ("Jasper-like 1-d speech encoder", jasper_like, (1, 64, 1000)),
+        "c3d": ("C3D-like 3-d net", c3d_like, (1, 3, 16, 56, 56)),
+    }
     for key in args.models:
-        name, build = builders[key]
-        model = build().eval()
+        name, build, shape = builders[key]
+        model, x = build().eval(), torch.randn(shape)
         end_to_end(name, model, x, args)
         if not args.skip_layers:
             per_layer(name, model, x, args)

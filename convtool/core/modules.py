@@ -383,27 +383,73 @@ class WidthOneConv2d(nn.Module):
         return y.reshape(n, y.shape[1], y.shape[3], 1) if y.shape[2] == 1 else y.transpose(2, 3)
 
 
+class Conv1dAs2d(nn.Module):
+    """A Conv1d run as a 1 x k Conv2d on its input seen as one row: the same function.
+
+    onnxruntime's CPU kernels run a depthwise 1 x k Conv2d 1.2-3.4x faster than the same
+    depthwise Conv1d (benchmarks/RESULTS.md, "1-d and 3-d"), so convtool ships the spatial
+    half of 1-d pairs this way.
+    """
+
+    def __init__(self, conv: nn.Conv1d) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(
+            conv.in_channels, conv.out_channels, (1, *conv.kernel_size), stride=(1, *conv.stride),
+            padding=conv.padding if isinstance(conv.padding, str) else (0, *conv.padding), dilation=(1, *conv.dilation),
+            groups=conv.groups, bias=conv.bias is not None, padding_mode=conv.padding_mode,
+            device=conv.weight.device, dtype=conv.weight.dtype,
+        )
+        with torch.no_grad():
+            self.conv.weight.copy_(conv.weight.unsqueeze(2))
+            if conv.bias is not None:
+                self.conv.bias.copy_(conv.bias)
+        self.train(conv.training)
+
+    @property
+    def weight(self) -> Tensor:
+        """The weight in the Conv1d's shape."""
+        return self.conv.weight.squeeze(2)
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.conv.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        row = x.dim() - 1  # the dimension before the length, batched or not
+        return self.conv(x.unsqueeze(row)).squeeze(row)
+
+
 def runtime_forms(pair: SeparableConv, widths: set[int] | None = None) -> list[nn.Module]:
     """Every exact form convtool can ship ``pair`` in, the preferred last.
 
-    As built; as multiplier-1 branches (ungrouped pairs of rank > 1); and either of those with
+    As built; as multiplier-1 branches (ungrouped pairs of rank > 1, preferred except in 3-d);
+    and either of those with
     its k x 1 depthwise kernels run as 1 x k, when ``widths`` (the widths of the inputs the
-    pair's depthwise conv was called on) are all 1. New modules, except the pair itself.
+    pair's depthwise conv was called on) are all 1, or, for a 1-d pair, with its depthwise
+    Conv1d run as a 1 x k Conv2d. New modules, except the pair itself.
     """
     forms: list[nn.Module] = [pair]
     if pair.rank > 1 and pair.groups == 1 and not pair.transposed:
-        forms.append(BranchedSeparableConv(pair))
-    if pair.dims == 2 and not pair.transposed and pair.kernel_size[0] > 1 and pair.kernel_size[1] == 1 and widths == {1}:
-        forms += [_width_one(form) for form in forms]
+        # 3-d depthwise branches ran 1.15-5.0x slower than one channel-multiplier conv, in every
+        # layer measured (benchmarks/RESULTS.md): there the pair as built stays preferred.
+        branches = BranchedSeparableConv(pair)
+        forms = [branches, pair] if pair.dims == 3 else [pair, branches]
+    if pair.transposed:
+        return forms
+    if pair.dims == 2 and pair.kernel_size[0] > 1 and pair.kernel_size[1] == 1 and widths == {1}:
+        forms += [_with_spatial(form, WidthOneConv2d) for form in forms]
+    elif pair.dims == 1:
+        forms += [_with_spatial(form, Conv1dAs2d) for form in forms]
     return forms
 
 
-def _width_one(form: nn.Module) -> nn.Module:
+def _with_spatial(form: nn.Module, wrap: type[nn.Module]) -> nn.Module:
+    """A copy of ``form`` whose depthwise conv(s) run wrapped in ``wrap``."""
     form = copy.deepcopy(form)
     if isinstance(form, BranchedSeparableConv):
-        form.branches = nn.ModuleList(WidthOneConv2d(c) for c in form.branches)
+        form.branches = nn.ModuleList(wrap(c) for c in form.branches)
     else:
-        form.depthwise = WidthOneConv2d(form.depthwise)
+        form.depthwise = wrap(form.depthwise)
     return form
 
 

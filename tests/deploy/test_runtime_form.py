@@ -10,7 +10,7 @@ from convtool.convert import separate as separate_module
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from convtool.core.modules import BranchedSeparableConv, WidthOneConv2d
+from convtool.core.modules import BranchedSeparableConv, Conv1dAs2d, WidthOneConv2d
 from convtool.deploy.runtime_form import branch_layout, fold_batchnorm
 
 from ..helpers import assert_outputs_close
@@ -140,6 +140,40 @@ def test_a_tall_kernel_run_wide_is_the_same_function(k, stride, dilation, pad, w
         torch.testing.assert_close(WidthOneConv2d(conv)(x), conv(x), rtol=1e-5, atol=1e-5)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    k=st.integers(2, 9), stride=st.integers(1, 3), dilation=st.integers(1, 2), pad=st.integers(0, 4),
+    mode=st.sampled_from(["zeros", "reflect", "circular", "replicate", "same", "valid"]),
+    depthwise=st.booleans(), bias=st.booleans(), batched=st.booleans(),
+)
+def test_a_1d_conv_run_as_a_row_is_the_same_function(k, stride, dilation, pad, mode, depthwise, bias, batched):
+    channels = 4
+    padding = mode if mode in ("same", "valid") else pad
+    conv = nn.Conv1d(channels, channels if depthwise else 6, k, stride=1 if mode == "same" else stride, padding=padding,
+                     dilation=dilation, groups=channels if depthwise else 1, bias=bias,
+                     padding_mode="zeros" if mode in ("same", "valid") else mode)
+    x = torch.randn(2, channels, 30) if batched else torch.randn(channels, 30)
+    with torch.no_grad():
+        torch.testing.assert_close(Conv1dAs2d(conv)(x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("order,rank", [("dw-pw", 1), ("dw-pw", 3), ("pw-dw", 2)])
+def test_1d_pairs_ship_their_depthwise_as_rows_and_verify(tmp_path, order, rank):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(16, 32, 9, padding=4), nn.BatchNorm1d(32), nn.ReLU(), nn.Conv1d(32, 32, 5, stride=2)).eval()
+    x = torch.randn(2, 16, 200)
+    separated = convtool.separate(model, x, rank=rank, order=order).model
+    shipped, names = branch_layout(separated, x)
+    assert set(names) == {"0", "3"}
+    assert sum(isinstance(m, Conv1dAs2d) for m in shipped.modules()) == 2 * (rank if rank > 1 else 1)
+    with torch.no_grad():
+        torch.testing.assert_close(shipped(x), separated(x), rtol=1e-4, atol=1e-5)
+    exported = convtool.export_onnx(separated, x, tmp_path / "m.onnx")
+    assert set(exported.branched_layers) == {"0", "3"} and exported.folded_batchnorms == ("1",)
+    (check,) = convtool.verify_onnx(exported, separated, x, providers=["cpu"], runs=1)
+    assert check.passed, check.reason
+
+
 class TallKernels(nn.Module):
     """A 1-D signal stored as an image of width 1, read by 15 x 1 kernels."""
 
@@ -190,3 +224,14 @@ def test_the_latency_filter_wants_a_clear_win(monkeypatch):
     model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1))
     with pytest.raises(convtool.NothingToSeparateError, match="not faster"):
         convtool.separate(model, torch.randn(1, 16, 16, 16), rank=1, latency_provider="cpu")
+
+
+def test_3d_pairs_keep_their_channel_multiplier_and_2d_ones_branch():
+    torch.manual_seed(0)
+    for conv, x, branched in ((nn.Conv3d(8, 8, 3, padding=1), torch.randn(1, 8, 4, 6, 6), False),
+                              (nn.Conv2d(8, 8, 3, padding=1), torch.randn(1, 8, 6, 6), True)):
+        separated = convtool.separate(nn.Sequential(conv).eval(), x, rank=2).model
+        shipped, names = branch_layout(separated, x)
+        assert (names == ["0"]) is branched
+        with torch.no_grad():
+            torch.testing.assert_close(shipped(x), separated(x), rtol=1e-4, atol=1e-5)
