@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten
 
 from ..core.inputs import eval_mode, model_device, on_device, run_checked
-from ..core.modules import SeparableConv
+from ..core.modules import CONV_TYPES, SeparableConv
 from ..errors import InvalidOptionError
 from .bake import copy_model
 from .calibrate import calibration_batches
@@ -129,7 +129,7 @@ def distill(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     pairs = {n: m for n, m in student.named_modules() if isinstance(m, SeparableConv)} if features else {}
     dense = dict(teacher.named_modules())
-    matched = {n: dense[n] for n in pairs if isinstance(dense.get(n), nn.Conv2d)}
+    matched = {n: dense[n] for n in pairs if isinstance(dense.get(n), CONV_TYPES)}
     losses: list[float] = []
     was_training = student.training
     with torch.random.fork_rng(devices=[]), eval_mode(teacher):

@@ -1,7 +1,10 @@
 """Every conv type (1-d, 3-d, transposed, subclasses, lazy) on the models of the N-d zoo, through the public API."""
 
+import math
+
 import pytest
 import torch
+from torch import nn
 
 import convtool
 from convtool import NothingToSeparateError, SeparableConv
@@ -80,3 +83,38 @@ def test_rank_one_exports_and_verifies_on_cpu(entry, tmp_path):
     norms = [n for n, m in separated.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     if entry.name in ("unet3d", "dcgan"):  # BatchNorm3d after Conv3d pairs, BatchNorm2d after transposed pairs
         assert norms and set(exported.folded_batchnorms) == set(norms), (exported.folded_batchnorms, norms)
+
+
+@pytest.mark.parametrize("entry", [e for e in ZOO_ND if e.name in ("tcn", "unet3d", "hifigan")], ids=lambda e: e.name)
+def test_distillation_with_features_and_energy_ranks(entry):
+    model, inputs = build(entry)
+    energy = convtool.separate(model, inputs, rank=convtool.Energy(0.3))  # random weights: flat spectra
+    assert energy.layers and all(1 <= layer.rank for layer in energy.layers)
+    student = convtool.separate(model, inputs, rank=1).model
+    data = torch.cat([inputs[0]] * 4)
+    with torch.no_grad():
+        before = float((student(data) - model(data)).norm())
+    result = convtool.distill(student, model, data, steps=6, batch_size=4, lr=1e-3, features=True)
+    with torch.no_grad():
+        after = float((result.student.eval()(data) - model(data)).norm())
+    assert len(result.losses) == 6 and after < before
+
+
+def test_fvcore_counts_every_conv_type_as_the_hand_formula():
+    """fvcore's counts (what reports and budgets use) for 1-d, 3-d and transposed convs, against hand counts."""
+    cases = [
+        (nn.Conv1d(4, 8, 5, stride=2, padding="valid"), torch.randn(2, 4, 31)),
+        (nn.Conv1d(4, 8, 5, padding="same", groups=2), torch.randn(2, 4, 31)),
+        (nn.Conv3d(4, 6, 3, stride=(1, 2, 2), padding=1), torch.randn(1, 4, 5, 9, 9)),
+        (nn.ConvTranspose1d(4, 6, 4, stride=2, padding=1, output_padding=1, groups=2), torch.randn(2, 4, 11)),
+        (nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1), torch.randn(1, 4, 7, 5)),
+        (nn.ConvTranspose3d(4, 4, 2, stride=2, dilation=2, groups=4), torch.randn(1, 4, 3, 4, 5)),
+    ]
+    for conv, x in cases:
+        with torch.no_grad():
+            y = conv(x)
+        if conv.transposed:  # every input element scatters into a kernel window of its group's outputs
+            hand = x.numel() * (conv.out_channels // conv.groups) * math.prod(conv.kernel_size)
+        else:
+            hand = y.numel() * (conv.in_channels // conv.groups) * math.prod(conv.kernel_size)
+        assert convtool.analyze(conv, x).flops == hand, conv
