@@ -58,34 +58,34 @@ def _input(conv: nn.Module, dims: int, dtype) -> torch.Tensor:
 @given(spec=nd_configs(transposed=False), dtype=st.sampled_from([torch.float32, torch.float64]),
        order=st.sampled_from(["dw-pw", "pw-dw"]), seed=st.integers(0, 2**16))
 def test_full_rank_reproduces_any_1d_or_3d_conv(spec, dtype, order, seed):
+    conv, x, pair = _separated_at_full_rank(spec, False, dtype, order, seed)
+    assert pair.dims == spec[0]
+
+
+def _separated_at_full_rank(spec, transposed: bool, dtype, order: str, seed: int):
+    """The conv of ``spec``, an input, and its full-rank pair, checked to compute the same outputs."""
     torch.manual_seed(seed)
     dims, config = spec
-    conv = _module(dims, config, False, dtype)
+    conv = _module(dims, config, transposed, dtype)
     x = _input(conv, dims, dtype)
     result = convtool.separate(conv, x, rank="full", order=order)
-    assert isinstance(result.model, SeparableConv) and result.model.dims == dims
+    pair = result.model
+    assert isinstance(pair, SeparableConv) and pair.transposed == transposed
     with torch.no_grad():
-        out, ref = result.model(x), conv(x)
+        out, ref = pair(x), conv(x)
     torch.testing.assert_close(out, ref, **TOL[dtype])
     assert _relative(out, ref) <= 1e-5
     assert result.layers[0].weight_error < 1e-6
+    return conv, x, pair
 
 
 @settings(max_examples=60, deadline=None)
 @given(spec=nd_configs(transposed=True), dtype=st.sampled_from([torch.float32, torch.float64]),
        order=st.sampled_from(["dw-pw", "pw-dw"]), seed=st.integers(0, 2**16))
 def test_full_rank_reproduces_any_transposed_conv(spec, dtype, order, seed):
-    torch.manual_seed(seed)
-    dims, config = spec
-    conv = _module(dims, config, True, dtype)
-    x = _input(conv, dims, dtype)
-    result = convtool.separate(conv, x, rank="full", order=order)
-    pair = result.model
-    assert isinstance(pair, SeparableConv) and pair.transposed
+    conv, x, pair = _separated_at_full_rank(spec, True, dtype, order, seed)
     with torch.no_grad():
-        out, ref = pair(x), conv(x)
-        torch.testing.assert_close(out, ref, **TOL[dtype])
-        assert _relative(out, ref) <= 1e-5
+        ref = conv(x)
         # output_size= picks the output padding, as it does for the dense conv
         size = [s + 1 for s in ref.shape[2:]] if all(op == 0 for op in conv.output_padding) else list(ref.shape[2:])
         try:
