@@ -118,3 +118,14 @@ def test_fvcore_counts_every_conv_type_as_the_hand_formula():
         else:
             hand = y.numel() * (conv.in_channels // conv.groups) * math.prod(conv.kernel_size)
         assert convtool.analyze(conv, x).flops == hand, conv
+
+
+def test_the_latency_filter_times_1d_and_transposed_pairs_on_onnxruntime():
+    """Real timings (no assertion on which layers win): every layer is separated or kept dense with the provider named."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(32, 32, 9, padding=4), nn.ReLU(), nn.ConvTranspose1d(32, 16, 4, stride=2, padding=1)).eval()
+    x = torch.randn(1, 32, 256)
+    result = convtool.separate(model, x, rank=1, latency_provider="cpu")
+    kept = {s.name: s.reason for s in result.skipped}
+    assert {layer.name for layer in result.layers} | set(kept) == {"0", "2"}
+    assert all("not faster than the dense conv on cpu" in kept[n] for n in kept)
