@@ -25,6 +25,8 @@ _WHERE = {
     "SeparableConv": ".core.modules",
     "SeparableConv2d": ".core.modules",
     "Energy": ".core.records",
+    "separate_onnx": ".convert.onnx_graph",
+    "OnnxSeparation": ".convert.onnx_graph",
     "FlopsTarget": ".core.records",
     "LayerChange": ".core.records",
     "SkippedLayer": ".core.records",
@@ -65,6 +67,7 @@ from .errors import (  # noqa: E402  (errors import nothing heavy)
 
 if TYPE_CHECKING:
     from .convert.distill import Distillation, distill
+    from .convert.onnx_graph import OnnxSeparation, separate_onnx
     from .convert.separate import Separation, separate
     from .core.decompose import separable_factors
     from .core.modules import SeparableConv, SeparableConv2d
@@ -110,6 +113,7 @@ __all__ = [
     "NothingToSeparateError",
     "OnnxExport",
     "OnnxFileError",
+    "OnnxSeparation",
     "OutputExistsError",
     "OutputFidelity",
     "ProviderCheck",
@@ -128,5 +132,6 @@ __all__ = [
     "layer_latencies",
     "separable_factors",
     "separate",
+    "separate_onnx",
     "verify_onnx",
 ]

@@ -288,6 +288,15 @@ def separate(model, output, rank, flops_target, energy, latency_provider, includ
 
     ui = Ui(quiet, as_json)
     rank_value = _parse_rank(rank, flops_target, energy)
+    if _is_onnx(model):
+        unsupported = [flag for flag, value in (
+            ("--flops-target/--rank auto", flops_target is not None or rank == "auto" and energy is None), ("--latency", latency_provider),
+            ("--calibration", calibration), ("--distill-steps", distill_steps), ("--order auto", order == "auto"),
+            ("--onnx", onnx_path), ("--arch", arch), ("--allow-pickle", allow_pickle), ("--report", report_path)) if value]
+        if unsupported:
+            raise InvalidOptionError(f"{', '.join(unsupported)}: not available for ONNX input yet; "
+                                     "separate the PyTorch model for those, or drop them")
+        return _separate_onnx(model, output, rank_value, order, include, exclude, input_shapes, force, ui)
     _needs("--distill-steps", bool(distill_steps), "--calibration FILE|DIR (the unlabeled inputs to distil on)", calibration)
     for option, value in (("--recalibrate-bn", recalibrate_bn), ("--image-size", image_size), ("--mean", mean), ("--std", std)):
         _needs(option, bool(value), "--calibration FILE|DIR", calibration)
@@ -341,6 +350,46 @@ def separate(model, output, rank, flops_target, energy, latency_provider, includ
     ui.note(f"wrote {output}" + ("" if portable else " (loading it needs the model's own code importable)"))
     if checks is not None:
         _finish_verification(checks, asked, ui.note)
+    return 0
+
+
+def _is_onnx(path: str) -> bool:
+    """An ONNX file, by its suffix: convtool never unpickles a file to find out what it is."""
+    return Path(path).suffix.lower() == ".onnx"
+
+
+def _separate_onnx(model, output, rank, order, include, exclude, input_shapes, force, ui) -> int:
+    """``separate`` for a model given as ONNX: separated, checked in onnxruntime, written atomically."""
+    import numpy as np
+
+    import convtool
+
+    from .convert.onnx_graph import save_onnx
+    from .io import Staging, check_output
+
+    output = output or str(Path(model).with_name(Path(model).stem + ".separated.onnx"))
+    if Path(output).suffix.lower() != ".onnx":
+        raise InvalidOptionError(f"-o {output}: an ONNX model is written as .onnx")
+    check_output(output, force=force, inputs=[model])
+    rng = np.random.default_rng(0)
+    inputs = tuple(rng.standard_normal(_parse_shape(s)).astype(np.float32) for s in input_shapes) or None
+    with ui.status("separating the ONNX graph and checking it in onnxruntime"):
+        result = convtool.separate_onnx(model, inputs, rank=rank, order=order, include=include, exclude=exclude)
+    with Staging() as staging:
+        staging.write(output, lambda tmp: save_onnx(result, tmp))
+    before = sum(layer.params_before for layer in result.layers)
+    after = sum(layer.params_after for layer in result.layers)
+    ui.note(f"separated {len(result.layers)} Conv nodes: {before:,} -> {after:,} parameters in those layers")
+    for layer in result.layers:
+        ui.note(f"  {layer.name}: {layer.in_channels}->{layer.out_channels} {'x'.join(map(str, layer.kernel_size))}, "
+                f"rank {layer.rank} {layer.order}, weight error {layer.weight_error:.3g}")
+    for skip in result.skipped:
+        ui.note(f"  left as it was: {skip.name}: {skip.reason}")
+    if result.verified:
+        ui.note(f"verified: {result.verification}; max abs error {result.max_abs_error:.3g}, relative {result.relative_error:.3g}")
+    else:
+        ui.note(f"not verified: {result.verification}")
+    ui.note(f"wrote {output}")
     return 0
 
 

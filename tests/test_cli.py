@@ -676,3 +676,25 @@ def test_every_conv_type_through_the_cli(tmp_path, name):
     assert result.exit_code == 0, result.output
     assert "Verified: every separated layer ran" in result.output
     assert "CPUExecutionProvider: passed" in result.output
+
+
+def test_separate_an_onnx_model(project):
+    import convtool
+
+    namespace: dict = {}
+    exec(ARCHS, namespace)
+    model = namespace["small"]().eval()
+    source = project / "small.onnx"
+    convtool.export_onnx(model, torch.randn(1, 3, 16, 16), source)  # dynamic batch: needs --input-shape
+    before = digest(source)
+    result = run("separate", source, "--rank", "full", "--input-shape", "1,3,16,16")
+    assert result.exit_code == 0, result.output
+    assert "separated 2 Conv nodes" in result.stderr and "verified: ran in onnxruntime" in result.stderr
+    assert (project / "small.separated.onnx").exists() and digest(source) == before
+    again = run("separate", source)
+    assert again.exit_code == 2 and "--force" in again.output
+    unshaped = run("separate", source, "-o", project / "u.onnx")
+    assert unshaped.exit_code == 0 and "not verified" in unshaped.stderr and "--input-shape" in unshaped.stderr
+    refused = run("separate", source, "--calibration", project / "small.pt", "-o", project / "x.onnx")
+    assert refused.exit_code == 2 and "not available for ONNX input yet" in refused.output
+    assert not (project / "x.onnx").exists()

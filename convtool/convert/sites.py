@@ -62,7 +62,7 @@ class Site:
         return self.uses[0].options
 
 
-def _pattern_reason(names: Sequence[str], include: Sequence[str], exclude: Sequence[str]) -> str | None:
+def pattern_reason(names: Sequence[str], include: Sequence[str], exclude: Sequence[str]) -> str | None:
     for pattern in exclude:
         if any(fnmatch.fnmatchcase(n, pattern) for n in names):
             return f"excluded by pattern {pattern!r}"
@@ -71,7 +71,7 @@ def _pattern_reason(names: Sequence[str], include: Sequence[str], exclude: Seque
     return None
 
 
-def _shape_reason(weight_shape: Sequence[int], groups: int, transposed: bool = False) -> str | None:
+def shape_reason(weight_shape: Sequence[int], groups: int, transposed: bool = False) -> str | None:
     kernel = tuple(weight_shape[2:])
     in_per_group = weight_shape[0] // groups if transposed else weight_shape[1]
     if all(k == 1 for k in kernel):
@@ -136,11 +136,11 @@ def _module_sites(work, read_directly, include, exclude, skipped) -> list[Site]:
     sites = []
     for convs in tied.values():
         all_names = [n for conv in convs for n in names[id(conv)]]
-        reason = _pattern_reason(all_names, include, exclude)
+        reason = pattern_reason(all_names, include, exclude)
         for conv in convs:
             reason = reason or _module_reason(conv, any(n in read_directly for n in names[id(conv)]))
         first = convs[0]
-        reason = reason or _shape_reason(first.weight.shape, first.groups, first.transposed)
+        reason = reason or shape_reason(first.weight.shape, first.groups, first.transposed)
         if not reason and len({(c.groups, standard_base(c)) for c in convs}) > 1:
             reason = "its weight is tied across convs of different kinds or groups"
         if reason:
@@ -162,7 +162,7 @@ def _functional_sites(work, calls: list[FunctionalConv], include, exclude, skipp
         if not isinstance(weight, nn.Parameter) or weight.dim() not in (3, 4, 5) or not weight.is_floating_point():
             reason = "weight is not a float parameter of a 1-, 2- or 3-d conv"
         else:
-            reason = _pattern_reason([name], include, exclude) or _shape_reason(weight.shape, min(groups))
+            reason = pattern_reason([name], include, exclude) or shape_reason(weight.shape, min(groups))
             if not reason and len(groups) > 1:
                 reason = "its weight is called with different groups"
         if reason:

@@ -162,8 +162,8 @@ def load_model(path: str | os.PathLike, *, arch: str | None = None, allow_pickle
         raise ModelLoadError(f"{path} is empty")
     if path.suffix == ".onnx":
         raise ModelLoadError(
-            f"{path} is an ONNX file; convtool rewrites PyTorch models: give the PyTorch model it was exported from "
-            "(its state_dict with --arch, or torch.save(model))"
+            f"{path} is an ONNX file: `convtool separate {path.name}` takes it directly; for this command give the "
+            "PyTorch model it was exported from (its state_dict with --arch, or torch.save(model))"
         )
 
     if _is_safetensors(path, head):

@@ -1,0 +1,154 @@
+"""ONNX in, ONNX out: separate_onnx on exported zoo models and on hand-built graphs, checked in onnxruntime."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import convtool
+from convtool import NothingToSeparateError
+
+from ..zoo import ZOO, build
+from ..zoo_nd import ZOO_ND
+
+ENTRIES = [e for e in ZOO + ZOO_ND if e.name in ("vgg", "resnet", "detector", "two_inputs", "wav2vec2", "unet3d", "tcn", "timm_style")]
+
+
+def _run(model: onnx.ModelProto, feeds: list[np.ndarray]) -> list[np.ndarray]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {i.name: f for i, f in zip(session.get_inputs(), feeds)})
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    found = {}
+    for entry in ENTRIES:
+        model, inputs = build(entry)
+        path = tmp_path_factory.mktemp("onnx") / f"{entry.name}.onnx"
+        # BatchNorm left unfolded: the torch path separates the conv's own weight, not one scaled by it
+        found[entry.name] = (model, inputs, convtool.export_onnx(model, inputs, path, fold_bn=False).path)
+    return found
+
+
+@pytest.mark.parametrize("order", ["dw-pw", "pw-dw"])
+@pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: e.name)
+def test_full_rank_is_exact_in_onnxruntime_and_the_file_is_untouched(exported, entry, order):
+    model, inputs, path = exported[entry.name]
+    before = path.read_bytes()
+    result = convtool.separate_onnx(path, inputs, rank="full", order=order)
+    assert path.read_bytes() == before
+    assert result.verified and result.relative_error < 1e-5, result.verification
+    convs = [n for n in result.model.graph.node if n.op_type == "Conv"]
+    names = {n.name for n in convs}
+    for layer in result.layers:
+        assert {f"{layer.name}/depthwise", f"{layer.name}/pointwise"} <= names
+    onnx.checker.check_model(result.model, full_check=True)
+
+
+@pytest.mark.parametrize("entry", [e for e in ENTRIES if e.name in ("vgg", "tcn")], ids=lambda e: e.name)
+def test_rank_one_from_onnx_matches_the_torch_path(exported, entry, tmp_path):
+    """Models whose exported convs are their own (torch's exporter folds a following BatchNorm into the conv)."""
+    model, inputs, path = exported[entry.name]
+    from_onnx = convtool.separate_onnx(path, inputs, rank=1)
+    from_torch = convtool.separate(model, inputs, rank=1)
+    torch_onnx = onnx.load(str(convtool.export_onnx(from_torch.model, inputs, tmp_path / "t.onnx", fold_bn=False).path))
+    feeds = [x.numpy() for x in inputs]
+    for a, b in zip(_run(from_onnx.model, feeds), _run(torch_onnx, feeds)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert sorted(l.weight_error for l in from_onnx.layers) == pytest.approx(sorted(l.weight_error for l in from_torch.layers), rel=1e-5)
+
+
+def _conv_graph(attrs: dict, weight_shape=(6, 4, 3, 3), bias=True, group=1, x_shape=(1, 4, 9, 8), extra_nodes=(),
+                extra_inits=(), weight_as_input=False, output="y"):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(weight_shape).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "w")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))]
+    if weight_as_input:
+        inputs.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, list(weight_shape)))
+        inits = []
+    conv_inputs = ["x", "w"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(weight_shape[0]).astype(np.float32), "b"))
+        conv_inputs.append("b")
+    conv_out = "c" if extra_nodes else output
+    nodes = [helper.make_node("Conv", conv_inputs, [conv_out], name="conv", group=group, **attrs), *extra_nodes]
+    inits += list(extra_inits)
+    def model(shape):
+        graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info(output, TensorProto.FLOAT, shape)], inits)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    if weight_as_input:
+        return model(None)
+    # the output's shape, as the checker's full check wants it declared (a symbolic batch stays symbolic)
+    feeds = [rng.standard_normal([2 if isinstance(d, str) else d for d in x_shape]).astype(np.float32)]
+    shape = list(_run(model(None), feeds)[0].shape)
+    return model([x_shape[0] if isinstance(x_shape[0], str) else shape[0], *shape[1:]])
+
+
+@pytest.mark.parametrize("attrs", [
+    dict(pads=[1, 0, 1, 2], strides=[2, 1]), dict(auto_pad="SAME_UPPER", strides=[2, 2]), dict(auto_pad="SAME_LOWER"),
+    dict(auto_pad="VALID", dilations=[2, 1]), dict(kernel_shape=[3, 3]),
+], ids=["pads", "same-upper", "same-lower", "valid", "kernel-shape"])
+@pytest.mark.parametrize("order", ["dw-pw", "pw-dw"])
+def test_hand_built_convs_of_every_padding_mode(attrs, order):
+    model = _conv_graph(attrs)
+    result = convtool.separate_onnx(model, rank="full", order=order)
+    assert result.verified and result.max_abs_error < 1e-4, result.verification
+    assert len(model.graph.node) == 1  # the caller's proto is not modified
+
+
+@pytest.mark.parametrize("bias,group,shape", [(False, 2, (6, 2, 3, 3)), (True, 2, (4, 2, 3)), (False, 1, (6, 4, 3, 3, 2))])
+def test_grouped_biasless_1d_and_3d_nodes(bias, group, shape):
+    x_shape = (1, 4, *([7] * (len(shape) - 2)))
+    model = _conv_graph({}, weight_shape=shape, bias=bias, group=group, x_shape=x_shape)
+    result = convtool.separate_onnx(model, rank="full")
+    assert result.verified and result.max_abs_error < 1e-4
+    (layer,) = result.layers
+    assert layer.groups == group and layer.kernel_size == shape[2:]
+
+
+def test_an_unfused_batchnorm_after_the_conv_is_kept():
+    rng = np.random.default_rng(1)
+    stats = [numpy_helper.from_array(v.astype(np.float32), n) for n, v in
+             (("s", rng.random(6) + 0.5), ("o", rng.standard_normal(6)), ("m", rng.standard_normal(6)), ("v", rng.random(6) + 0.5))]
+    bn = helper.make_node("BatchNormalization", ["c", "s", "o", "m", "v"], ["y"], name="bn")
+    model = _conv_graph({"pads": [1, 1, 1, 1]}, extra_nodes=[bn], extra_inits=stats)
+    result = convtool.separate_onnx(model, rank="full")
+    assert result.verified and result.max_abs_error < 1e-4
+    assert [n.op_type for n in result.model.graph.node] == ["Conv", "Conv", "BatchNormalization"]
+
+
+def test_non_constant_weights_are_skipped_with_a_reason():
+    model = _conv_graph({}, weight_as_input=True)
+    with pytest.raises(NothingToSeparateError, match="computed in the graph"):
+        convtool.separate_onnx(model)
+    rng = np.random.default_rng(0)
+    q = helper.make_node("DequantizeLinear", ["wq", "ws"], ["w"], name="dq")
+    graph = helper.make_graph(
+        [q, helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(rng.integers(-5, 5, (6, 4, 3, 3)).astype(np.int8), "wq"),
+         numpy_helper.from_array(np.float32(0.1), "ws")],
+    )
+    with pytest.raises(NothingToSeparateError, match="DequantizeLinear"):
+        convtool.separate_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_dynamic_dimensions_need_example_inputs(tmp_path):
+    model = _conv_graph({}, x_shape=("batch", 4, 9, 8))
+    unrun = convtool.separate_onnx(model, rank=1)
+    assert not unrun.verified and "dynamic dimension" in unrun.verification
+    run = convtool.separate_onnx(model, np.random.randn(2, 4, 9, 8).astype(np.float32), rank=1)
+    assert run.verified
+
+
+def test_external_data_models_are_read(tmp_path):
+    model = _conv_graph({"pads": [1, 1, 1, 1]})
+    path = tmp_path / "ext.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    result = convtool.separate_onnx(path, rank="full")
+    assert result.verified and result.max_abs_error < 1e-4
