@@ -268,7 +268,7 @@ def main() -> None:
 def separate(model, output, rank, flops_target, energy, latency_provider, include, exclude, order, calibration, image_size, mean, std,
              recalibrate_bn, distill_steps, input_shapes, arch, allow_pickle, device, onnx_path, providers, report_path,
              force, quiet, as_json):
-    """Rewrite every standard Conv2d of MODEL into a depthwise + pointwise pair.
+    """Rewrite every standard conv of MODEL (PyTorch, or an .onnx file) into a depthwise + pointwise pair.
 
     Prints the before/after report, writes the separated model and, with --onnx, exports and
     verifies it on onnxruntime. With --calibration (unlabeled inputs) the separated layers are
@@ -280,6 +280,7 @@ def separate(model, output, rank, flops_target, energy, latency_provider, includ
       convtool separate resnet.pt --arch mymodels:resnet18 --rank 2 --onnx resnet.sep.onnx
       convtool separate net.pt --allow-pickle --rank auto --flops-target 0.25 \\
           --calibration images/ --image-size 224,224 --distill-steps 300
+      convtool separate vendor.onnx --rank 2 --input-shape 1,3,224,224
     """
     import convtool
 
@@ -379,7 +380,10 @@ def _separate_onnx(model, output, rank, order, include, exclude, input_shapes, f
         staging.write(output, lambda tmp: save_onnx(result, tmp))
     before = sum(layer.params_before for layer in result.layers)
     after = sum(layer.params_after for layer in result.layers)
-    ui.note(f"separated {len(result.layers)} Conv nodes: {before:,} -> {after:,} parameters in those layers")
+    counted = [layer for layer in result.layers if layer.flops_before is not None]
+    flops = (f"; {sum(l.flops_before for l in counted):,} -> {sum(l.flops_after for l in counted):,} multiply-adds"
+             if counted and len(counted) == len(result.layers) else "")
+    ui.note(f"separated {len(result.layers)} Conv nodes: {before:,} -> {after:,} parameters in those layers{flops}")
     for layer in result.layers:
         ui.note(f"  {layer.name}: {layer.in_channels}->{layer.out_channels} {'x'.join(map(str, layer.kernel_size))}, "
                 f"rank {layer.rank} {layer.order}, weight error {layer.weight_error:.3g}")

@@ -12,6 +12,7 @@ folding, branches) and external-data output.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -128,7 +129,54 @@ def separate_onnx(
     except Exception as error:  # a bug of this pass, not the user's
         raise SeparationError(f"the separated ONNX model fails onnx.checker ({error}); please report it") from None
     verified, verification, max_abs, relative = _verify(original, work, example_inputs, created)
+    feeds, _ = _inputs(original, example_inputs)
+    if feeds is not None:
+        layers = _with_flops(layers, original, work, feeds)
     return OnnxSeparation(work, tuple(layers), tuple(skipped), verified, verification, max_abs, relative)
+
+
+def _with_flops(layers: list[LayerChange], original, separated, feeds: list[np.ndarray]) -> list[LayerChange]:
+    """Each layer's multiply-adds before and after, counted as fvcore counts a conv, from inferred shapes."""
+    before, after = _conv_flops(original, feeds), _conv_flops(separated, feeds)
+    found = []
+    for layer in layers:
+        pair = [after.get(f"{layer.name}/depthwise"), after.get(f"{layer.name}/pointwise")]
+        dense = before.get(layer.name)
+        if dense is None or None in pair:
+            found.append(layer)
+            continue
+        found.append(dataclasses.replace(layer, flops_before=dense, flops_after=sum(pair), calls=1))
+    return found
+
+
+def _conv_flops(model, feeds: list[np.ndarray]) -> dict[str, int]:
+    """Per Conv node name: output elements x input channels per group x kernel size, with the inputs' shapes."""
+    import onnx
+
+    shaped = onnx.ModelProto()
+    shaped.CopyFrom(model)
+    constants = {i.name for i in shaped.graph.initializer}
+    graph_inputs = [i for i in shaped.graph.input if i.name not in constants]
+    for value, feed in zip(graph_inputs, feeds):
+        dims = value.type.tensor_type.shape.dim
+        del dims[:]
+        for size in feed.shape:
+            dims.add().dim_value = int(size)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(shaped, data_prop=True)
+    except Exception:  # counts are a report's figures: without shapes there are none
+        return {}
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in (*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input)}
+    weights = {i.name: tuple(i.dims) for i in inferred.graph.initializer}
+    flops = {}
+    for node in inferred.graph.node:
+        out = shapes.get(node.output[0])
+        if node.op_type != "Conv" or not out or 0 in out or node.input[1] not in weights:
+            continue
+        w = weights[node.input[1]]
+        flops[node.name] = math.prod(out) * math.prod(w[1:])
+    return flops
 
 
 def _load(model: Any):

@@ -152,3 +152,11 @@ def test_external_data_models_are_read(tmp_path):
     onnx.save(model, str(path), save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
     result = convtool.separate_onnx(path, rank="full")
     assert result.verified and result.max_abs_error < 1e-4
+
+
+def test_layer_flops_agree_with_the_torch_path(exported):
+    """Counted as fvcore counts a conv, from the shapes onnx infers for the given inputs."""
+    model, inputs, path = exported["tcn"]
+    from_onnx = convtool.separate_onnx(path, inputs, rank=2)
+    from_torch = convtool.separate(model, inputs, rank=2)
+    assert sorted((l.flops_before, l.flops_after) for l in from_onnx.layers) == sorted((l.flops_before, l.flops_after) for l in from_torch.layers)
