@@ -192,7 +192,9 @@ def _rebased(conv: nn.Module) -> nn.Module | None:
     base_size = [d * (k - 1) + s + 3 for k, s, d in zip(conv.kernel_size, conv.stride, conv.dilation)]
     probes = []
     for extra in (0, 1):
-        x = torch.randn(1, conv.in_channels, *(n + extra for n in base_size), dtype=conv.weight.dtype, device=conv.weight.device)
+        generator = torch.Generator().manual_seed(extra)  # the caller's random state is not touched
+        x = torch.randn(1, conv.in_channels, *(n + extra for n in base_size), generator=generator,
+                        dtype=conv.weight.dtype).to(conv.weight.device)
         with eval_mode(conv), torch.no_grad(), ConvRecorder(keep=(), keep_inputs=False) as recorder:
             probe = _Probe()
             with probe:
