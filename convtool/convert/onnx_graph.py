@@ -331,6 +331,7 @@ def _verify(original, separated, example_inputs: Any, created: set[str]) -> tupl
                 if label == "original":
                     raise InvalidOptionError(f"the ONNX model does not run on the example inputs ({error}); check --input-shape") from None
                 raise SeparationError(f"the separated ONNX model fails in onnxruntime ({error}); please report it") from None
+            del session  # one session at a time: each holds a copy of the weights
     diffs = [np.abs(a.astype(np.float64) - b.astype(np.float64)) for a, b in zip(*outputs)]
     max_abs = max(float(d.max()) if d.size else 0.0 for d in diffs)
     norm = math.sqrt(sum(float(np.square(b.astype(np.float64)).sum()) for b in outputs[0]))
