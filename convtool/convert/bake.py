@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from ..core.inputs import eval_mode
-from ..core.modules import CONV_TYPES, SamePadded, plain_conv, runs_as_standard, standard_base
+from ..core.modules import CONV_TYPES, SamePadded, plain_conv, runs_as_standard
 from ..core.names import describe_error
 from ..core.references import replace, slots, swap_module, walk
 from ..errors import InvalidOptionError
@@ -195,15 +195,21 @@ def _rebased(conv: nn.Module) -> nn.Module | None:
         generator = torch.Generator().manual_seed(extra)  # the caller's random state is not touched
         x = torch.randn(1, conv.in_channels, *(n + extra for n in base_size), generator=generator,
                         dtype=conv.weight.dtype).to(conv.weight.device)
-        with eval_mode(conv), torch.no_grad(), ConvRecorder(keep=(), keep_inputs=False) as recorder:
-            probe = _Probe()
-            with probe:
-                out = conv(x)
+        given = x.clone()
+        try:
+            with eval_mode(conv), torch.no_grad(), ConvRecorder(keep=(), keep_inputs=False) as recorder:
+                probe = _Probe()
+                with probe:
+                    out = conv(x)
+        except Exception:  # a forward that needs more than an input of its channels: not ours to guess
+            return None
         calls = recorder.calls
         if len(calls) != 1 or calls[0].transposed or calls[0].weight.dim() != dims + 2 or out is not probe.output:
             return None  # not one conv, or something more happens after it
-        probes.append((x, calls[0], probe.input, out))
-    (x0, c0, in0, _), (x1, c1, in1, _) = probes
+        if not torch.equal(out, probe.value) or not torch.equal(x, given):
+            return None  # the output or the input was changed in place after the conv (an in-place activation)
+        probes.append((x, calls[0], probe.input, probe.input_value))
+    (x0, c0, in0, v0), (x1, c1, in1, v1) = probes
     same = lambda a, b: a.shape == b.shape and torch.equal(a, b)  # noqa: E731
     if not same(c0.weight, c1.weight) or (c0.stride, c0.padding, c0.dilation, c0.groups) != (c1.stride, c1.padding, c1.dilation, c1.groups):
         return None
@@ -214,30 +220,24 @@ def _rebased(conv: nn.Module) -> nn.Module | None:
     else:
         k, s, d = conv.kernel_size, conv.stride, conv.dilation
         expected = [F.pad(x, SamePadded.padding_for(x.shape[2:], k, s, d)) for x in (x0, x1)]
-        if not (same(in0, expected[0]) and same(in1, expected[1])):
+        if not (same(v0, expected[0]) and same(v1, expected[1])):
             return None
         padded = True
-    base = standard_base(conv)
-    options = dict(stride=c0.stride, padding=c0.padding, dilation=c0.dilation, groups=c0.groups, bias=c0.bias is not None,
-                   device=c0.weight.device, dtype=c0.weight.dtype)
-    plain = base(conv.in_channels, conv.out_channels, conv.kernel_size, **options).train(conv.training)
-    with torch.no_grad():
-        plain.weight.copy_(c0.weight)
-        if c0.bias is not None:
-            plain.bias.copy_(c0.bias)
-    plain.requires_grad_(any(p.requires_grad for p in conv.parameters()))
+    plain = plain_conv(conv, c0.weight, bias=c0.bias, stride=c0.stride, padding=c0.padding, dilation=c0.dilation,
+                       groups=c0.groups, padding_mode="zeros")
     return SamePadded(plain) if padded else plain
 
 
 class _Probe(TorchFunctionMode):
-    """Catches the input and output tensors of the conv call of a probe."""
+    """Catches the input and output of the conv call of a probe, and the values they had then."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.input = self.output = None
+        self.input = self.input_value = self.output = self.value = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func in ALL_CONV_FUNCTIONS:
-            self.input, self.output = conv_arguments(args, kwargs, func)["input"], out
+            x = conv_arguments(args, kwargs, func)["input"]
+            self.input, self.input_value, self.output, self.value = x, x.clone(), out, out.clone()
         return out

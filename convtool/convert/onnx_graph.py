@@ -36,7 +36,8 @@ class OnnxSeparation:
     """What :func:`separate_onnx` did.
 
     Attributes:
-        model: the separated ``onnx.ModelProto`` (checked by ``onnx.checker``, full check).
+        model: the separated ``onnx.ModelProto``, checked by ``onnx.checker`` (with shape
+            inference, the full check, whenever the original passes it).
         layers: one record per separated ``Conv`` node, named after the node.
         skipped: every ``Conv`` node left as it was, with why.
         verified: the separated model ran in onnxruntime (CPU) on the example inputs, every new
@@ -88,16 +89,21 @@ def separate_onnx(
     if order not in ORDERS:
         raise InvalidOptionError(f"order must be one of {', '.join(ORDERS)} for ONNX input; got {order!r}")
     original = _load(model)
+    # The result is held to what the original meets: the full check, the plain one, or (for a
+    # file onnxruntime runs but the checker refuses) onnxruntime alone.
+    checks = [full for full in (True, False) if _passes_check(original, full)][:1]
     work = onnx.ModelProto()
     work.CopyFrom(original)
     graph = work.graph
     constants = {init.name: init for init in graph.initializer}
-    overridable = {i.name for i in graph.input}
+    # Before IR 4 every initializer had to be listed as an input too: those are constants in practice.
+    overridable = {i.name for i in graph.input} - (set(constants) if work.ir_version < 4 else set())
     skipped: list[SkippedLayer] = [SkippedLayer(name, "a Conv inside a subgraph (If/Loop/Scan): left as it is")
                                    for name in _subgraph_convs(graph)]
     layers: list[LayerChange] = []
     new_nodes: list[Any] = []
     new_inits: list[Any] = []
+    values: list[tuple[str, str]] = []
     created: set[str] = set()
     used_names = {n.name for n in graph.node} | set(constants) | {v for n in graph.node for v in (*n.input, *n.output)}
     for node in graph.node:
@@ -115,6 +121,7 @@ def separate_onnx(
         pair, inits, record = _pair(node, name, constants, rank, order, used_names)
         new_nodes += pair
         new_inits += inits
+        values.append((pair[0].output[0], pair[1].output[0]))
         created |= {n.name for n in pair}
         layers.append(record)
     if not layers:
@@ -123,25 +130,32 @@ def separate_onnx(
     del graph.node[:]
     graph.node.extend(new_nodes)
     graph.initializer.extend(new_inits)
-    _drop_unused_initializers(graph)
+    if work.ir_version < 4:  # then every initializer is listed as an input too
+        graph.input.extend(onnx.helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in new_inits)
+    _drop_replaced_weights(graph, {n.input[1] for n in original.graph.node if n.op_type == "Conv" and len(n.input) > 1}
+                           - {n.input[1] for n in graph.node if n.op_type == "Conv" and len(n.input) > 1})
     try:
-        onnx.checker.check_model(work, full_check=True)
+        for full in checks:
+            onnx.checker.check_model(work, full_check=full)
     except Exception as error:  # a bug of this pass, not the user's
         raise SeparationError(f"the separated ONNX model fails onnx.checker ({error}); please report it") from None
     verified, verification, max_abs, relative = _verify(original, work, example_inputs, created)
     feeds, _ = _inputs(original, example_inputs)
     if feeds is not None:
-        layers = _with_flops(layers, original, work, feeds)
+        layers = _with_flops(layers, values, original, work, feeds)
     return OnnxSeparation(work, tuple(layers), tuple(skipped), verified, verification, max_abs, relative)
 
 
-def _with_flops(layers: list[LayerChange], original, separated, feeds: list[np.ndarray]) -> list[LayerChange]:
-    """Each layer's multiply-adds before and after, counted as fvcore counts a conv, from inferred shapes."""
+def _with_flops(layers: list[LayerChange], values: list[tuple[str, str]], original, separated, feeds: list[np.ndarray]) -> list[LayerChange]:
+    """Each layer's multiply-adds before and after, counted as fvcore counts a conv, from inferred shapes.
+
+    ``values``: per layer, the names of its pair's first and second outputs (the second is the dense conv's).
+    """
     before, after = _conv_flops(original, feeds), _conv_flops(separated, feeds)
     found = []
-    for layer in layers:
-        pair = [after.get(f"{layer.name}/depthwise"), after.get(f"{layer.name}/pointwise")]
-        dense = before.get(layer.name)
+    for layer, (middle, output) in zip(layers, values):
+        pair = [after.get(middle), after.get(output)]
+        dense = before.get(output)
         if dense is None or None in pair:
             found.append(layer)
             continue
@@ -150,7 +164,7 @@ def _with_flops(layers: list[LayerChange], original, separated, feeds: list[np.n
 
 
 def _conv_flops(model, feeds: list[np.ndarray]) -> dict[str, int]:
-    """Per Conv node name: output elements x input channels per group x kernel size, with the inputs' shapes."""
+    """Per Conv node, by its output's name: output elements x input channels per group x kernel size."""
     import onnx
 
     shaped = onnx.ModelProto()
@@ -175,7 +189,7 @@ def _conv_flops(model, feeds: list[np.ndarray]) -> dict[str, int]:
         if node.op_type != "Conv" or not out or 0 in out or node.input[1] not in weights:
             continue
         w = weights[node.input[1]]
-        flops[node.name] = math.prod(out) * math.prod(w[1:])
+        flops[node.output[0]] = math.prod(out) * math.prod(w[1:])
     return flops
 
 
@@ -191,6 +205,16 @@ def _load(model: Any):
         return onnx.load(str(path))
     except Exception as error:
         raise OnnxFileError(f"{path} is not a valid ONNX model ({type(error).__name__}: {error})") from None
+
+
+def _passes_check(model, full: bool) -> bool:
+    import onnx
+
+    try:
+        onnx.checker.check_model(model, full_check=full)
+    except Exception:
+        return False
+    return True
 
 
 def _subgraph_convs(graph) -> list[str]:
@@ -277,14 +301,26 @@ def _fresh(base: str, used: set[str]) -> str:
     return name
 
 
-def _drop_unused_initializers(graph) -> None:
-    """Drop the dense weights no node reads any more (kept when a subgraph or an output reads them)."""
-    read = {v for node in graph.node for v in node.input} | {o.name for o in graph.output}
-    read |= {v for node in graph.node for attr in node.attribute for sub in ([attr.g] if attr.HasField("g") else attr.graphs)
-             for n in sub.node for v in n.input}
-    keep = [init for init in graph.initializer if init.name in read]
+def _drop_replaced_weights(graph, replaced: set[str]) -> None:
+    """Remove the dense weights of separated convs that nothing else reads, at any depth (and their input entries)."""
+    doomed = replaced - _read_anywhere(graph) - {o.name for o in graph.output}
+    keep = [init for init in graph.initializer if init.name not in doomed]
     del graph.initializer[:]
     graph.initializer.extend(keep)
+    inputs = [i for i in graph.input if i.name not in doomed]
+    del graph.input[:]
+    graph.input.extend(inputs)
+
+
+def _read_anywhere(graph) -> set[str]:
+    """Every value name a node of ``graph`` or of its subgraphs (any depth) reads."""
+    read = set()
+    for node in graph.node:
+        read.update(node.input)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                read |= _read_anywhere(sub)
+    return read
 
 
 def _inputs(model, example_inputs: Any) -> tuple[list[np.ndarray] | None, str | None]:
@@ -296,6 +332,8 @@ def _inputs(model, example_inputs: Any) -> tuple[list[np.ndarray] | None, str | 
     if example_inputs is not None:
         given = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         arrays = [t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t) for t in given]
+        arrays = [a.astype(helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type), copy=False)
+                  if i.type.tensor_type.elem_type else a for a, i in zip(arrays, graph_inputs)]
         if len(arrays) != len(graph_inputs):
             raise InvalidOptionError(f"the ONNX model takes {len(graph_inputs)} inputs but {len(arrays)} were given; check --input-shape")
         return arrays, None

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..core.modules import CONV_TYPES, SeparableConv, runs_as_standard, standard_base
+from ..core.modules import CONV_TYPES, SamePadded, SeparableConv, runs_as_standard, standard_base
 from ..core.names import label, module_names
 from ..core.records import SkippedLayer
 from ..core.tracing import Tracing, trace_regions
@@ -134,9 +134,11 @@ def _module_sites(work, read_directly, include, exclude, skipped) -> list[Site]:
         if isinstance(module, CONV_TYPES) and id(module) not in halves:
             tied.setdefault(id(module.weight), []).append(module)
     sites = []
+    # A conv subclass's stand-in behind its padding step answers to the subclass's name too.
+    padded = {id(m.conv): names[id(m)] for m in work.modules() if isinstance(m, SamePadded)}
     for convs in tied.values():
         all_names = [n for conv in convs for n in names[id(conv)]]
-        reason = pattern_reason(all_names, include, exclude)
+        reason = pattern_reason(all_names + [n for conv in convs for n in padded.get(id(conv), [])], include, exclude)
         for conv in convs:
             reason = reason or _module_reason(conv, any(n in read_directly for n in names[id(conv)]))
         first = convs[0]

@@ -49,18 +49,26 @@ def runs_as_standard(conv: nn.Module) -> bool:
     return base is not None and cls.forward is base.forward and getattr(cls, "_conv_forward", None) is getattr(base, "_conv_forward", None)
 
 
-def plain_conv(conv: nn.Module, weight: Tensor) -> nn.Module:
-    """A standard conv of ``conv``'s kind and options holding ``weight`` (and ``conv``'s bias), in its mode."""
+_KEEP = object()
+
+
+def plain_conv(conv: nn.Module, weight: Tensor, *, bias: Tensor | None = _KEEP, **options) -> nn.Module:
+    """A standard conv of ``conv``'s kind and options holding ``weight`` and ``conv``'s bias, in its mode.
+
+    ``bias`` and keyword ``options`` (padding, padding_mode, ...) replace ``conv``'s own.
+    """
     base = standard_base(conv)
-    options = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                   bias=conv.bias is not None, padding_mode=conv.padding_mode, device=weight.device, dtype=weight.dtype)
+    bias = conv.bias if bias is _KEEP else bias
+    options = dict(dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                        padding_mode=conv.padding_mode), **options)
     if conv.transposed:
-        options["output_padding"] = conv.output_padding
-    plain = base(conv.in_channels, conv.out_channels, conv.kernel_size, **options).train(conv.training)
+        options.setdefault("output_padding", conv.output_padding)
+    plain = base(conv.in_channels, conv.out_channels, conv.kernel_size, bias=bias is not None, device=weight.device,
+                 dtype=weight.dtype, **options).train(conv.training)
     with torch.no_grad():
         plain.weight.copy_(weight)
-        if conv.bias is not None:
-            plain.bias.copy_(conv.bias)
+        if bias is not None:
+            plain.bias.copy_(bias)
     plain.requires_grad_(any(p.requires_grad for p in conv.parameters()))
     return plain
 

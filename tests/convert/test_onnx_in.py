@@ -160,3 +160,17 @@ def test_layer_flops_agree_with_the_torch_path(exported):
     from_onnx = convtool.separate_onnx(path, inputs, rank=2)
     from_torch = convtool.separate(model, inputs, rank=2)
     assert sorted((l.flops_before, l.flops_after) for l in from_onnx.layers) == sorted((l.flops_before, l.flops_after) for l in from_torch.layers)
+
+
+def test_counts_survive_unnamed_and_colliding_nodes_and_old_ir_initializer_inputs():
+    model = _conv_graph({"pads": [1, 1, 1, 1]})
+    model.graph.node[0].name = ""  # unnamed: the layer takes its output's name
+    result = convtool.separate_onnx(model, rank=1)
+    (layer,) = result.layers
+    assert layer.name == "y" and layer.flops_before and layer.flops_after
+    old = _conv_graph({"pads": [1, 1, 1, 1]})
+    old.ir_version = 3
+    old.graph.input.extend([helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in old.graph.initializer])
+    separated = convtool.separate_onnx(old, rank="full")
+    assert separated.verified and separated.max_abs_error < 1e-4
+    assert "w" not in {i.name for i in separated.model.graph.input}  # the replaced weight leaves the inputs too

@@ -129,3 +129,40 @@ def test_the_latency_filter_times_1d_and_transposed_pairs_on_onnxruntime():
     kept = {s.name: s.reason for s in result.skipped}
     assert {layer.name for layer in result.layers} | set(kept) == {"0", "2"}
     assert all("not faster than the dense conv on cpu" in kept[n] for n in kept)
+
+
+class _ConvReLU(nn.Conv2d):
+    """A subclass whose forward changes the conv's output in place after the call."""
+
+    def forward(self, x):
+        return torch.relu_(super().forward(x))
+
+
+class _CoordConv(nn.Conv2d):
+    """A subclass whose forward adds channels: a probe of its declared channels fails."""
+
+    def __init__(self, cin, cout, k):
+        super().__init__(cin + 2, cout, k, padding=1)
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        ys = torch.linspace(-1, 1, h).view(1, 1, h, 1).expand(n, 1, h, w)
+        xs = torch.linspace(-1, 1, w).view(1, 1, 1, w).expand(n, 1, h, w)
+        return super().forward(torch.cat([x, ys, xs], 1))
+
+
+def test_subclasses_the_probe_cannot_vouch_for_stay_dense_and_exclude_reaches_padded_ones():
+    from .. import zoo_nd
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_ConvReLU(3, 8, 3, padding=1), _CoordConv(8, 8, 3), nn.Conv2d(8, 8, 3)).eval()
+    x = torch.randn(1, 3, 12, 12)
+    result = convtool.separate(model, x, rank="full")
+    assert [layer.name for layer in result.layers] == ["2"]
+    skipped = dict(result.skipped)
+    assert "overrides Conv2d's forward" in skipped["0"] and "overrides Conv2d's forward" in skipped["1"]
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), model(x), rtol=1e-4, atol=1e-5)
+    same = nn.Sequential(zoo_nd.Conv2dSame(3, 8, 3, stride=2), nn.ReLU(), zoo_nd.Conv2dSame(8, 8, 3)).eval()
+    kept = convtool.separate(same, torch.randn(1, 3, 11, 10), rank=1, exclude=["0"])
+    assert [layer.name for layer in kept.layers] == ["2.conv"]
