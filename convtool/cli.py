@@ -291,8 +291,7 @@ def separate(model, output, rank, flops_target, energy, latency_provider, includ
     rank_value = _parse_rank(rank, flops_target, energy)
     if _is_onnx(model):
         unsupported = [flag for flag, value in (
-            ("--flops-target/--rank auto", flops_target is not None or rank == "auto" and energy is None), ("--latency", latency_provider),
-            ("--calibration", calibration), ("--distill-steps", distill_steps), ("--order auto", order == "auto"),
+            ("--latency", latency_provider), ("--calibration", calibration), ("--distill-steps", distill_steps),
             ("--onnx", onnx_path), ("--arch", arch), ("--allow-pickle", allow_pickle), ("--report", report_path)) if value]
         if unsupported:
             raise InvalidOptionError(f"{', '.join(unsupported)}: not available for ONNX input yet; "
@@ -354,6 +353,25 @@ def separate(model, output, rank, flops_target, energy, latency_provider, includ
     return 0
 
 
+def _analyze_onnx(model: str, input_shapes: tuple[str, ...]):
+    """``analyze`` for an ONNX file: fvcore's rules on the shapes onnx infers (one row per node that costs)."""
+    from .convert.onnx_graph import example_feeds, load_onnx
+    from .measure.onnx_counts import onnx_analysis
+
+    proto = load_onnx(model)
+    feeds, why_not = example_feeds(proto, _onnx_inputs(input_shapes))
+    if feeds is None:
+        raise InvalidOptionError(f"{why_not}")
+    return onnx_analysis(proto, feeds)
+
+
+def _onnx_inputs(input_shapes: tuple[str, ...]):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return tuple(rng.standard_normal(_parse_shape(s)).astype(np.float32) for s in input_shapes) or None
+
+
 def _is_onnx(path: str) -> bool:
     """An ONNX file, by its suffix: convtool never unpickles a file to find out what it is."""
     return Path(path).suffix.lower() == ".onnx"
@@ -361,7 +379,6 @@ def _is_onnx(path: str) -> bool:
 
 def _separate_onnx(model, output, rank, order, include, exclude, input_shapes, force, ui) -> int:
     """``separate`` for a model given as ONNX: separated, checked in onnxruntime, written atomically."""
-    import numpy as np
 
     import convtool
 
@@ -372,8 +389,7 @@ def _separate_onnx(model, output, rank, order, include, exclude, input_shapes, f
     if Path(output).suffix.lower() != ".onnx":
         raise InvalidOptionError(f"-o {output}: an ONNX model is written as .onnx")
     check_output(output, force=force, inputs=[model])
-    rng = np.random.default_rng(0)
-    inputs = tuple(rng.standard_normal(_parse_shape(s)).astype(np.float32) for s in input_shapes) or None
+    inputs = _onnx_inputs(input_shapes)
     with ui.status("separating the ONNX graph and checking it in onnxruntime"):
         result = convtool.separate_onnx(model, inputs, rank=rank, order=order, include=include, exclude=exclude)
     with Staging() as staging:
@@ -389,6 +405,11 @@ def _separate_onnx(model, output, rank, order, include, exclude, input_shapes, f
                 f"rank {layer.rank} {layer.order}, weight error {layer.weight_error:.3g}")
     for skip in result.skipped:
         ui.note(f"  left as it was: {skip.name}: {skip.reason}")
+    if result.budget_met is False:
+        ui.note(f"note: the FLOP target {rank.fraction} cannot be met; every separated layer is at its cheapest")
+    if result.flops_before is not None:
+        ui.note(f"the graph: {result.flops_before:,} -> {result.flops_after:,} multiply-adds "
+                f"({result.flops_before / max(result.flops_after, 1):.2f}x fewer)")
     if result.verified:
         ui.note(f"verified: {result.verification}; max abs error {result.max_abs_error:.3g}, relative {result.relative_error:.3g}")
     else:
@@ -551,10 +572,13 @@ def analyze(model, input_shapes, arch, allow_pickle, device, report_path, force,
     _check_report_suffix(report_path)
     if report_path:
         check_output(report_path, force=force, inputs=_input_files(model, arch, None))
-    loaded = _load(model, arch, allow_pickle, device, ui)
-    inputs = _example_inputs(loaded, input_shapes, device, ui)
-    with ui.status("counting parameters and FLOPs"):
-        analysis = convtool.analyze(loaded, inputs)
+    if _is_onnx(model):
+        analysis = _analyze_onnx(model, input_shapes)
+    else:
+        loaded = _load(model, arch, allow_pickle, device, ui)
+        inputs = _example_inputs(loaded, input_shapes, device, ui)
+        with ui.status("counting parameters and FLOPs"):
+            analysis = convtool.analyze(loaded, inputs)
     ui.show(analysis_rich(analysis))
     if as_json and not quiet:
         click.echo(json.dumps(analysis_to_dict(analysis), indent=2))

@@ -609,8 +609,10 @@ def test_analyze_json_has_a_row_for_every_counted_flop(project):
 
 def test_an_onnx_file_is_refused_with_what_to_give(project):
     (project / "m.onnx").write_bytes(b"\x08\x07")
-    result = run("analyze", project / "m.onnx", "--allow-pickle")
+    result = run("export", project / "m.onnx", "--allow-pickle", "-o", project / "out.onnx")
     assert result.exit_code == 2 and "ONNX file" in result.output and "PyTorch model" in result.output
+    garbage = run("analyze", project / "m.onnx")
+    assert garbage.exit_code == 2 and "not a valid ONNX model" in garbage.output
 
 
 def test_calibration_that_does_not_fit_is_refused_even_with_an_input_shape(project):
@@ -698,3 +700,13 @@ def test_separate_an_onnx_model(project):
     refused = run("separate", source, "--calibration", project / "small.pt", "-o", project / "x.onnx")
     assert refused.exit_code == 2 and "not available for ONNX input yet" in refused.output
     assert not (project / "x.onnx").exists()
+    budget = run("separate", source, "--rank", "auto", "--flops-target", "0.5", "--order", "auto", "--input-shape", "1,3,16,16",
+                 "-o", project / "b.onnx")
+    assert budget.exit_code == 0, budget.output
+    assert "multiply-adds" in budget.stderr and "verified" in budget.stderr
+    costs = run("analyze", source, "--input-shape", "2,3,16,16", "--json")
+    assert costs.exit_code == 0, costs.output
+    data = json.loads(costs.stdout)
+    assert data["flops"] > 0 and any(m["type"] == "Conv" for m in data["modules"])
+    unshaped_costs = run("analyze", source)  # a dynamic batch needs --input-shape
+    assert unshaped_costs.exit_code == 2, unshaped_costs.output

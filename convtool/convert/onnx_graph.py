@@ -6,8 +6,10 @@ or ``auto_pad``), and a pointwise one carrying the groups and the bias, in eithe
 factors come from the same SVD as the torch path (:func:`~convtool.core.decompose.separable_factors`).
 Every other node, initializer, input, output, opset import and metadata entry is kept as it was.
 
-Not yet here (see README, Limitations): FLOP targets, calibration, the runtime form (BatchNorm
-folding, branches) and external-data output.
+Ranks are decided by the torch path's planner (:func:`~convtool.convert.plan.make_plan`): a
+fixed rank, an energy, or a FLOP target costed from the shapes onnx infers, counted as fvcore
+counts (:mod:`~convtool.measure.onnx_counts`). Not yet here (see README, Limitations):
+calibration, the runtime form (BatchNorm folding, branches) and external-data output.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..core.decompose import ORDERS, max_rank, separable_factors
-from ..core.records import Energy, LayerChange, Rank, SkippedLayer, check_rank
+from ..core.decompose import ORDERS, separable_factors
+from ..core.records import FlopsTarget, LayerChange, Rank, SkippedLayer, check_rank
 from ..errors import InvalidOptionError, NothingToSeparateError, OnnxFileError, SeparationError
+from ..measure.onnx_counts import OnnxCounts, count_onnx
 from ..measure.onnxrt import open_session
-from .plan import energy_rank
-from .sites import pattern_reason
+from .plan import SiteStats, make_plan
+from .sites import Site, Use, pattern_reason, shape_reason
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,9 @@ class OnnxSeparation:
     verification: str = ""
     max_abs_error: float | None = None
     relative_error: float | None = None
+    budget_met: bool | None = None
+    flops_before: int | None = None  # the whole graph's, on the example inputs, when their shapes are known
+    flops_after: int | None = None
 
 
 def separate_onnx(
@@ -70,13 +76,15 @@ def separate_onnx(
         model: a path to a ``.onnx`` file, or an ``onnx.ModelProto`` (not modified).
         example_inputs: tensors or arrays for the graph's inputs, in order; without them, inputs
             of the graph's static shapes (a dynamic dimension needs example inputs).
-        rank: a positive int, ``"full"`` (exact) or :class:`~convtool.Energy`.
-        order: ``"dw-pw"`` or ``"pw-dw"``.
+        rank: a positive int, ``"full"`` (exact), :class:`~convtool.Energy` or
+            :class:`~convtool.FlopsTarget` (the whole graph's FLOPs after, as a fraction of
+            before; needs input shapes).
+        order: ``"dw-pw"``, ``"pw-dw"`` or ``"auto"`` (per node, the lower weight error).
         include, exclude: glob patterns on node names, as in :func:`~convtool.separate`.
 
     Raises:
         OnnxFileError: the file is not a valid ONNX model.
-        InvalidOptionError: an option this path does not take (a FLOP target), or inputs that do
+        InvalidOptionError: a bad option, a FLOP target without input shapes, or inputs that do
             not fit the graph.
         NothingToSeparateError: no ``Conv`` node can be separated.
         SeparationError: the separated model does not run in onnxruntime.
@@ -84,14 +92,16 @@ def separate_onnx(
     import onnx
 
     rank = check_rank(rank)
-    if not isinstance(rank, (int, str, Energy)):
-        raise InvalidOptionError("ONNX input takes a fixed rank, 'full' or an energy for now; a FLOP target needs a PyTorch model")
-    if order not in ORDERS:
-        raise InvalidOptionError(f"order must be one of {', '.join(ORDERS)} for ONNX input; got {order!r}")
-    original = _load(model)
+    if order not in (*ORDERS, "auto"):
+        raise InvalidOptionError(f"order must be one of {', '.join((*ORDERS, 'auto'))}; got {order!r}")
+    original = load_onnx(model)
     # The result is held to what the original meets: the full check, the plain one, or (for a
     # file onnxruntime runs but the checker refuses) onnxruntime alone.
     checks = [full for full in (True, False) if _passes_check(original, full)][:1]
+    feeds, why_not = example_feeds(original, example_inputs)
+    counts = count_onnx(original, feeds) if feeds is not None else None
+    if isinstance(rank, FlopsTarget) and counts is None:
+        raise InvalidOptionError(f"a FLOP target needs the inputs' shapes to count FLOPs: {why_not}")
     work = onnx.ModelProto()
     work.CopyFrom(original)
     graph = work.graph
@@ -100,33 +110,41 @@ def separate_onnx(
     overridable = {i.name for i in graph.input} - (set(constants) if work.ir_version < 4 else set())
     skipped: list[SkippedLayer] = [SkippedLayer(name, "a Conv inside a subgraph (If/Loop/Scan): left as it is")
                                    for name in _subgraph_convs(graph)]
+    sites: dict[str, Site] = {}
+    for node in graph.node:
+        name = _name(node)
+        if node.op_type == "ConvTranspose":
+            skipped.append(SkippedLayer(name, "ConvTranspose nodes are not separated from ONNX yet (they are from PyTorch)"))
+        elif node.op_type == "Conv" and node.domain in ("", "ai.onnx"):
+            reason = _reason(node, name, constants, overridable, include, exclude)
+            if reason:
+                skipped.append(SkippedLayer(name, reason))
+            else:
+                sites[name] = _site(node, name, constants)
+    if not sites:
+        detail = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:5]) or "the graph has no Conv node"
+        raise NothingToSeparateError(f"nothing to separate ({detail})")
+    stats = _site_stats(graph, sites, counts) if counts is not None else {}
+    plan = make_plan(list(sites.values()), rank, order, stats=stats, total_flops=counts.flops if counts else None)
+    skipped += [SkippedLayer(name, reason) for name, reason in plan.dense_reasons.items()]
     layers: list[LayerChange] = []
     new_nodes: list[Any] = []
     new_inits: list[Any] = []
-    values: list[tuple[str, str]] = []
-    created: set[str] = set()
+    outputs: dict[str, tuple[str, str]] = {}  # per layer, the values its two nodes write
     used_names = {n.name for n in graph.node} | set(constants) | {v for n in graph.node for v in (*n.input, *n.output)}
     for node in graph.node:
-        if node.op_type == "ConvTranspose":
-            skipped.append(SkippedLayer(node.name or node.output[0], "ConvTranspose nodes are not separated from ONNX yet (they are from PyTorch)"))
-        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+        pick = plan.picks.get(_name(node)) if node.op_type == "Conv" and _name(node) in sites else None
+        if pick is None:
             new_nodes.append(node)
             continue
-        name = node.name or node.output[0]
-        reason = _reason(node, name, constants, overridable, include, exclude)
-        if reason:
-            skipped.append(SkippedLayer(name, reason))
-            new_nodes.append(node)
-            continue
-        pair, inits, record = _pair(node, name, constants, rank, order, used_names)
+        pair, inits, record = _pair(node, sites[_name(node)], pick, used_names)
         new_nodes += pair
         new_inits += inits
-        values.append((pair[0].output[0], pair[1].output[0]))
-        created |= {n.name for n in pair}
+        outputs[record.name] = (pair[0].output[0], pair[1].output[0])
         layers.append(record)
     if not layers:
-        detail = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:5]) or "the graph has no Conv node"
-        raise NothingToSeparateError(f"nothing to separate ({detail})")
+        reason = next((s.reason for s in reversed(skipped)), "every conv stays dense")
+        raise NothingToSeparateError(f"nothing to separate: every conv stays dense ({reason})")
     del graph.node[:]
     graph.node.extend(new_nodes)
     graph.initializer.extend(new_inits)
@@ -139,61 +157,56 @@ def separate_onnx(
             onnx.checker.check_model(work, full_check=full)
     except Exception as error:  # a bug of this pass, not the user's
         raise SeparationError(f"the separated ONNX model fails onnx.checker ({error}); please report it") from None
-    verified, verification, max_abs, relative = _verify(original, work, example_inputs, created)
-    feeds, _ = _inputs(original, example_inputs)
-    if feeds is not None:
-        layers = _with_flops(layers, values, original, work, feeds)
-    return OnnxSeparation(work, tuple(layers), tuple(skipped), verified, verification, max_abs, relative)
+    created = {n.name for n in new_nodes} - {n.name for n in original.graph.node}
+    verified, verification, max_abs, relative = _verify(original, work, feeds, why_not, created)
+    flops: tuple[int | None, int | None] = (None, None)
+    if counts is not None:
+        after = count_onnx(work, feeds)
+        layers = [_with_flops(layer, counts.nodes.get(outputs[layer.name][1]), [after.nodes.get(v) for v in outputs[layer.name]])
+                  for layer in layers]
+        flops = (counts.flops, after.flops)
+    return OnnxSeparation(work, tuple(layers), tuple(skipped), verified, verification, max_abs, relative, plan.budget_met, *flops)
 
 
-def _with_flops(layers: list[LayerChange], values: list[tuple[str, str]], original, separated, feeds: list[np.ndarray]) -> list[LayerChange]:
-    """Each layer's multiply-adds before and after, counted as fvcore counts a conv, from inferred shapes.
-
-    ``values``: per layer, the names of its pair's first and second outputs (the second is the dense conv's).
-    """
-    before, after = _conv_flops(original, feeds), _conv_flops(separated, feeds)
-    found = []
-    for layer, (middle, output) in zip(layers, values):
-        pair = [after.get(middle), after.get(output)]
-        dense = before.get(output)
-        if dense is None or None in pair:
-            found.append(layer)
-            continue
-        found.append(dataclasses.replace(layer, flops_before=dense, flops_after=sum(pair), calls=1))
-    return found
+def _name(node) -> str:
+    """How a node is reported: its name, or its first output's where it has none."""
+    return node.name or (node.output[0] if node.output else "")
 
 
-def _conv_flops(model, feeds: list[np.ndarray]) -> dict[str, int]:
-    """Per Conv node, by its output's name: output elements x input channels per group x kernel size."""
-    import onnx
+def _site(node, name: str, constants: dict) -> Site:
+    """The planner's view of a Conv node: its weight (as torch), groups, bias and strides."""
+    from onnx import numpy_helper
 
-    shaped = onnx.ModelProto()
-    shaped.CopyFrom(model)
-    constants = {i.name for i in shaped.graph.initializer}
-    graph_inputs = [i for i in shaped.graph.input if i.name not in constants]
-    for value, feed in zip(graph_inputs, feeds):
-        dims = value.type.tensor_type.shape.dim
-        del dims[:]
-        for size in feed.shape:
-            dims.add().dim_value = int(size)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(shaped, data_prop=True)
-    except Exception:  # counts are a report's figures: without shapes there are none
-        return {}
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-              for v in (*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input)}
-    weights = {i.name: tuple(i.dims) for i in inferred.graph.initializer}
-    flops = {}
-    for node in inferred.graph.node:
-        out = shapes.get(node.output[0])
-        if node.op_type != "Conv" or not out or 0 in out or node.input[1] not in weights:
-            continue
-        w = weights[node.input[1]]
-        flops[node.output[0]] = math.prod(out) * math.prod(w[1:])
-    return flops
+    attrs = _attrs(node)
+    tensor = lambda value: torch.from_numpy(np.array(numpy_helper.to_array(constants[value]), copy=True))  # noqa: E731
+    weight = tensor(node.input[1])
+    bias = tensor(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    ones = [1] * (weight.dim() - 2)
+    options = dict(stride=tuple(attrs.get("strides", ones)), padding=0, dilation=tuple(attrs.get("dilations", ones)),
+                   padding_mode="zeros")
+    return Site(name, weight, int(attrs.get("group", 1)), "onnx", [Use(bias, options)])
 
 
-def _load(model: Any):
+def _site_stats(graph, sites: dict[str, Site], counts: OnnxCounts) -> dict[str, SiteStats]:
+    """Pixels (batch x spatial positions) in and out of each site's node, from the inferred shapes."""
+    stats = {}
+    for node in graph.node:
+        name = _name(node)
+        x = counts.shapes.get(node.input[0]) if node.input else None
+        y = counts.shapes.get(node.output[0]) if node.output else None
+        if name in sites and x and y:
+            stats[name] = SiteStats(x[0] * math.prod(x[2:]), y[0] * math.prod(y[2:]), tuple(x))
+    return stats
+
+
+def _with_flops(layer: LayerChange, dense: int | None, pair: list[int | None]) -> LayerChange:
+    """The layer with its node's multiply-adds before and its two nodes' after, when both were counted."""
+    if dense is None or None in pair:
+        return layer
+    return dataclasses.replace(layer, flops_before=dense, flops_after=sum(pair), calls=1)
+
+
+def load_onnx(model: Any):
     import onnx
 
     if isinstance(model, onnx.ModelProto):
@@ -202,9 +215,12 @@ def _load(model: Any):
     if not path.is_file():
         raise OnnxFileError(f"{path} does not exist")
     try:
-        return onnx.load(str(path))
+        proto = onnx.load(str(path))
     except Exception as error:
         raise OnnxFileError(f"{path} is not a valid ONNX model ({type(error).__name__}: {error})") from None
+    if not proto.graph.node:  # protobuf parses many byte strings as an empty message
+        raise OnnxFileError(f"{path} is not a valid ONNX model (it holds no graph nodes); export it again")
+    return proto
 
 
 def _passes_check(model, full: bool) -> bool:
@@ -222,7 +238,7 @@ def _subgraph_convs(graph) -> list[str]:
     for node in graph.node:
         for attr in node.attribute:
             for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                found += [n.name or n.output[0] for n in sub.node if n.op_type == "Conv"] + _subgraph_convs(sub)
+                found += [_name(n) for n in sub.node if n.op_type == "Conv"] + _subgraph_convs(sub)
     return found
 
 
@@ -247,49 +263,41 @@ def _reason(node, name: str, constants: dict, overridable: set[str], include, ex
         return f"a Conv of {len(shape) - 2} spatial dimensions: 1 to 3 are separated"
     if constants[weight].data_type not in (1, 10, 11):  # float, float16, double
         return "its weight is not a float tensor"
-    from .sites import shape_reason
-
     return pattern_reason([name], include, exclude) or shape_reason(shape, group)
 
 
-def _pair(node, name: str, constants: dict, rank: Rank, order: str, used: set[str]):
-    """The two nodes standing in for ``node``, their initializers, and the layer's record."""
+def _pair(node, site: Site, pick: tuple[str, int], used: set[str]):
+    """The two nodes standing in for ``node`` at the planned (order, rank), their initializers, and the layer's record."""
     from onnx import helper, numpy_helper
 
-    attrs = _attrs(node)
-    w = numpy_helper.to_array(constants[node.input[1]])
-    weight = torch.from_numpy(np.array(w, copy=True))
-    groups = int(attrs.get("group", 1))
+    order, rank = pick
+    attrs, name, weight, groups = _attrs(node), site.name, site.weight, site.groups
+    dtype = weight.numpy().dtype
     n, m_g, *kernel = weight.shape
-    m = m_g * groups
-    if isinstance(rank, Energy):
-        r = energy_rank(weight, groups, order, rank.share)
-    else:
-        r = max_rank(weight, groups, order) if rank == "full" else min(int(rank), max_rank(weight, groups, order))
-    factors = separable_factors(weight, r, groups, order)
+    factors = separable_factors(weight, rank, groups, order)
     spatial_name, mixing_name, middle = (_fresh(f"{name}/{part}", used) for part in ("depthwise.weight", "pointwise.weight", "separable"))
-    graph_inits = [numpy_helper.from_array(factors.spatial.numpy().astype(w.dtype), spatial_name),
-                   numpy_helper.from_array(factors.mixing.numpy().astype(w.dtype), mixing_name)]
-    spatial_attrs = {k: v for k, v in attrs.items() if k in ("kernel_shape", "strides", "dilations", "pads", "auto_pad")}
+    inits = [numpy_helper.from_array(factors.spatial.numpy().astype(dtype), spatial_name),
+             numpy_helper.from_array(factors.mixing.numpy().astype(dtype), mixing_name)]
+    spatial_attrs = {k: v for k, v in attrs.items() if k in ("strides", "dilations", "pads", "auto_pad")}
     spatial_attrs["kernel_shape"] = list(kernel)
     ones = [1] * len(kernel)
     bias = [node.input[2]] if len(node.input) > 2 and node.input[2] else []
     x, y = node.input[0], node.output[0]
     dw_name, pw_name = _fresh(f"{name}/depthwise", used), _fresh(f"{name}/pointwise", used)
     if order == "dw-pw":
-        first = helper.make_node("Conv", [x, spatial_name], [middle], name=dw_name, group=m, **spatial_attrs)
+        first = helper.make_node("Conv", [x, spatial_name], [middle], name=dw_name, group=m_g * groups, **spatial_attrs)
         second = helper.make_node("Conv", [middle, mixing_name, *bias], [y], name=pw_name, group=groups, kernel_shape=ones)
     else:
         first = helper.make_node("Conv", [x, mixing_name], [middle], name=pw_name, group=groups, kernel_shape=ones)
         second = helper.make_node("Conv", [middle, spatial_name, *bias], [y], name=dw_name, group=n, **spatial_attrs)
-    strides = tuple(attrs.get("strides", ones))
-    params_after = factors.spatial.numel() + factors.mixing.numel() + (n if bias else 0)
     record = LayerChange(
-        name=name, aliases=(), source="onnx", in_channels=m, out_channels=n, kernel_size=tuple(kernel), stride=strides,
-        groups=groups, rank=factors.rank, order=order, params_before=math.prod(w.shape) + (n if bias else 0),
-        params_after=params_after, flops_before=None, flops_after=None, calls=None, weight_error=factors.weight_error,
+        name=name, aliases=(), source="onnx", in_channels=m_g * groups, out_channels=n, kernel_size=tuple(kernel),
+        stride=site.options["stride"], groups=groups, rank=factors.rank, order=order,
+        params_before=weight.numel() + (n if bias else 0),
+        params_after=factors.spatial.numel() + factors.mixing.numel() + (n if bias else 0),
+        flops_before=None, flops_after=None, calls=None, weight_error=factors.weight_error,
     )
-    return [first, second], graph_inits, record
+    return [first, second], inits, record
 
 
 def _fresh(base: str, used: set[str]) -> str:
@@ -323,7 +331,7 @@ def _read_anywhere(graph) -> set[str]:
     return read
 
 
-def _inputs(model, example_inputs: Any) -> tuple[list[np.ndarray] | None, str | None]:
+def example_feeds(model, example_inputs: Any) -> tuple[list[np.ndarray] | None, str | None]:
     """The feeds for the graph's inputs (those that are not initializers), or why there are none."""
     from onnx import helper
 
@@ -348,9 +356,8 @@ def _inputs(model, example_inputs: Any) -> tuple[list[np.ndarray] | None, str | 
     return arrays, None
 
 
-def _verify(original, separated, example_inputs: Any, created: set[str]) -> tuple[bool, str, float | None, float | None]:
+def _verify(original, separated, feeds, why_not: str | None, created: set[str]) -> tuple[bool, str, float | None, float | None]:
     """Run both models in onnxruntime CPU and compare; check every new node feeds a graph output."""
-    feeds, why_not = _inputs(original, example_inputs)
     if feeds is None:
         return False, f"not run: {why_not}", None, None
     dead = created - _live_nodes(separated.graph)

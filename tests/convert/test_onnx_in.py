@@ -174,3 +174,24 @@ def test_counts_survive_unnamed_and_colliding_nodes_and_old_ir_initializer_input
     separated = convtool.separate_onnx(old, rank="full")
     assert separated.verified and separated.max_abs_error < 1e-4
     assert "w" not in {i.name for i in separated.model.graph.input}  # the replaced weight leaves the inputs too
+
+
+def test_flop_targets_cost_the_graph_as_the_torch_path_does(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 32, 5, padding=2), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 10),
+    ).eval()
+    x = torch.randn(2, 3, 24, 24)
+    path = convtool.export_onnx(model, x, tmp_path / "m.onnx").path
+    from convtool.measure.onnx_counts import count_onnx
+
+    assert count_onnx(onnx.load(str(path)), [x.numpy()]).flops == convtool.analyze(model, x).flops
+    for target in (0.2, 0.5):
+        from_onnx = convtool.separate_onnx(path, x, rank=convtool.FlopsTarget(target), order="auto")
+        from_torch = convtool.separate(model, x, rank=convtool.FlopsTarget(target), order="auto")
+        assert [(l.order, l.rank) for l in from_onnx.layers] == [(l.order, l.rank) for l in from_torch.layers]
+        assert from_onnx.budget_met == from_torch.budget_met
+        assert (from_onnx.flops_before, from_onnx.flops_after) == (from_torch.flops_before, from_torch.flops_after)
+    with pytest.raises(convtool.InvalidOptionError, match="FLOP target needs"):
+        convtool.separate_onnx(path, rank=convtool.FlopsTarget(0.5))  # dynamic batch, no inputs
