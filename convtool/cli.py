@@ -291,12 +291,18 @@ def separate(model, output, rank, flops_target, energy, latency_provider, includ
     rank_value = _parse_rank(rank, flops_target, energy)
     if _is_onnx(model):
         unsupported = [flag for flag, value in (
-            ("--latency", latency_provider), ("--calibration", calibration), ("--distill-steps", distill_steps),
+            ("--latency", latency_provider), ("--distill-steps", distill_steps), ("--recalibrate-bn", recalibrate_bn),
             ("--onnx", onnx_path), ("--arch", arch), ("--allow-pickle", allow_pickle), ("--report", report_path)) if value]
         if unsupported:
             raise InvalidOptionError(f"{', '.join(unsupported)}: not available for ONNX input yet; "
                                      "separate the PyTorch model for those, or drop them")
-        return _separate_onnx(model, output, rank_value, order, include, exclude, input_shapes, force, ui)
+        data = None
+        if calibration:
+            from .io import load_calibration
+
+            size, mean_values, std_values = _data_options(image_size, mean, std)
+            data = load_calibration(calibration, image_size=size, mean=mean_values, std=std_values)
+        return _separate_onnx(model, output, rank_value, order, include, exclude, input_shapes, force, ui, data, calibration)
     _needs("--distill-steps", bool(distill_steps), "--calibration FILE|DIR (the unlabeled inputs to distil on)", calibration)
     for option, value in (("--recalibrate-bn", recalibrate_bn), ("--image-size", image_size), ("--mean", mean), ("--std", std)):
         _needs(option, bool(value), "--calibration FILE|DIR", calibration)
@@ -377,8 +383,8 @@ def _is_onnx(path: str) -> bool:
     return Path(path).suffix.lower() == ".onnx"
 
 
-def _separate_onnx(model, output, rank, order, include, exclude, input_shapes, force, ui) -> int:
-    """``separate`` for a model given as ONNX: separated, checked in onnxruntime, written atomically."""
+def _separate_onnx(model, output, rank, order, include, exclude, input_shapes, force, ui, data=None, data_path=None) -> int:
+    """``separate`` for a model given as ONNX: separated (and refit on ``data``), checked in onnxruntime, written atomically."""
 
     import convtool
 
@@ -388,10 +394,12 @@ def _separate_onnx(model, output, rank, order, include, exclude, input_shapes, f
     output = output or str(Path(model).with_name(Path(model).stem + ".separated.onnx"))
     if Path(output).suffix.lower() != ".onnx":
         raise InvalidOptionError(f"-o {output}: an ONNX model is written as .onnx")
-    check_output(output, force=force, inputs=[model])
+    check_output(output, force=force, inputs=[model, *([data_path] if data_path else [])])
     inputs = _onnx_inputs(input_shapes)
-    with ui.status("separating the ONNX graph and checking it in onnxruntime"):
-        result = convtool.separate_onnx(model, inputs, rank=rank, order=order, include=include, exclude=exclude)
+    if inputs is None and data is not None:  # the first calibration sample, as for PyTorch models
+        inputs = tuple(t[:1] for t in data) if isinstance(data, tuple) else (data[:1],)
+    with ui.status("separating the ONNX graph" + (", calibrating" if data is not None else "") + " and checking it in onnxruntime"):
+        result = convtool.separate_onnx(model, inputs, rank=rank, order=order, include=include, exclude=exclude, calibration=data)
     with Staging() as staging:
         staging.write(output, lambda tmp: save_onnx(result, tmp))
     before = sum(layer.params_before for layer in result.layers)
@@ -401,8 +409,9 @@ def _separate_onnx(model, output, rank, order, include, exclude, input_shapes, f
              if counted and len(counted) == len(result.layers) else "")
     ui.note(f"separated {len(result.layers)} Conv nodes: {before:,} -> {after:,} parameters in those layers{flops}")
     for layer in result.layers:
+        refit = f", output error after the refit {layer.output_error:.3g}" if layer.output_error is not None else ""
         ui.note(f"  {layer.name}: {layer.in_channels}->{layer.out_channels} {'x'.join(map(str, layer.kernel_size))}, "
-                f"rank {layer.rank} {layer.order}, weight error {layer.weight_error:.3g}")
+                f"rank {layer.rank} {layer.order}, weight error {layer.weight_error:.3g}{refit}")
     for skip in result.skipped:
         ui.note(f"  left as it was: {skip.name}: {skip.reason}")
     if result.budget_met is False:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -697,8 +698,12 @@ def test_separate_an_onnx_model(project):
     assert again.exit_code == 2 and "--force" in again.output
     unshaped = run("separate", source, "-o", project / "u.onnx")
     assert unshaped.exit_code == 0 and "not verified" in unshaped.stderr and "--input-shape" in unshaped.stderr
-    refused = run("separate", source, "--calibration", project / "small.pt", "-o", project / "x.onnx")
+    refused = run("separate", source, "--latency", "cpu", "-o", project / "x.onnx")
     assert refused.exit_code == 2 and "not available for ONNX input yet" in refused.output
+    np.save(project / "data.npy", np.random.default_rng(0).standard_normal((40, 3, 16, 16)).astype(np.float32))
+    calibrated = run("separate", source, "--calibration", project / "data.npy", "-o", project / "c.onnx")
+    assert calibrated.exit_code == 0, calibrated.output
+    assert "output error after the refit" in calibrated.stderr and "verified: ran" in calibrated.stderr
     assert not (project / "x.onnx").exists()
     budget = run("separate", source, "--rank", "auto", "--flops-target", "0.5", "--order", "auto", "--input-shape", "1,3,16,16",
                  "-o", project / "b.onnx")

@@ -8,8 +8,9 @@ Every other node, initializer, input, output, opset import and metadata entry is
 
 Ranks are decided by the torch path's planner (:func:`~convtool.convert.plan.make_plan`): a
 fixed rank, an energy, or a FLOP target costed from the shapes onnx infers, counted as fvcore
-counts (:mod:`~convtool.measure.onnx_counts`). Not yet here (see README, Limitations):
-calibration, the runtime form (BatchNorm folding, branches) and external-data output.
+counts (:mod:`~convtool.measure.onnx_counts`); calibration refits with the same least squares
+(:mod:`~convtool.convert.onnx_refit`). Not yet here (see README, Limitations): the runtime form
+(BatchNorm folding, branches) and the latency filter.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from ..core.records import FlopsTarget, LayerChange, Rank, SkippedLayer, check_r
 from ..errors import InvalidOptionError, NothingToSeparateError, OnnxFileError, SeparationError
 from ..measure.onnx_counts import OnnxCounts, count_onnx
 from ..measure.onnxrt import open_session
+from .calibrate import calibration_batches
+from .onnx_refit import LastConv, refit_onnx
 from .plan import SiteStats, make_plan
 from .sites import Site, Use, pattern_reason, shape_reason
 
@@ -69,6 +72,7 @@ def separate_onnx(
     order: str = "dw-pw",
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    calibration: Any = None,
 ) -> OnnxSeparation:
     """Replace every standard ``Conv`` node of an ONNX model by a depthwise-separable pair, and check it.
 
@@ -81,6 +85,10 @@ def separate_onnx(
             before; needs input shapes).
         order: ``"dw-pw"``, ``"pw-dw"`` or ``"auto"`` (per node, the lower weight error).
         include, exclude: glob patterns on node names, as in :func:`~convtool.separate`.
+        calibration: unlabeled inputs (an array or tensor, a tuple of them for several inputs,
+            or an iterable of batches): each pair's last conv is then refit by least squares to
+            reproduce the original node's outputs, layer by layer in execution order
+            (:mod:`~convtool.convert.onnx_refit`).
 
     Raises:
         OnnxFileError: the file is not a valid ONNX model.
@@ -152,6 +160,11 @@ def separate_onnx(
         graph.input.extend(onnx.helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in new_inits)
     _drop_replaced_weights(graph, {n.input[1] for n in original.graph.node if n.op_type == "Conv" and len(n.input) > 1}
                            - {n.input[1] for n in graph.node if n.op_type == "Conv" and len(n.input) > 1})
+    if calibration is not None:
+        lasts = [LastConv(layer.name, next(n for n in new_nodes if n.output and n.output[0] == outputs[layer.name][1]),
+                          outputs[layer.name][1]) for layer in layers]
+        errors = refit_onnx(original, work, lasts, _numpy_batches(calibration))
+        layers = [dataclasses.replace(layer, output_error=errors.get(layer.name)) for layer in layers]
     try:
         for full in checks:
             onnx.checker.check_model(work, full_check=full)
@@ -166,6 +179,16 @@ def separate_onnx(
                   for layer in layers]
         flops = (counts.flops, after.flops)
     return OnnxSeparation(work, tuple(layers), tuple(skipped), verified, verification, max_abs, relative, plan.budget_met, *flops)
+
+
+def _numpy_batches(calibration: Any) -> list[list[np.ndarray]]:
+    """Calibration data as batches of numpy inputs, cut and checked as the PyTorch path does."""
+    as_torch = lambda a: a if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a))  # noqa: E731
+    if isinstance(calibration, (np.ndarray, torch.Tensor)):
+        calibration = as_torch(calibration)
+    elif isinstance(calibration, tuple):
+        calibration = tuple(as_torch(a) for a in calibration)
+    return [[t.numpy() for t in batch] for batch in calibration_batches(calibration)]
 
 
 def _name(node) -> str:

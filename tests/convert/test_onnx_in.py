@@ -195,3 +195,26 @@ def test_flop_targets_cost_the_graph_as_the_torch_path_does(tmp_path):
         assert (from_onnx.flops_before, from_onnx.flops_after) == (from_torch.flops_before, from_torch.flops_after)
     with pytest.raises(convtool.InvalidOptionError, match="FLOP target needs"):
         convtool.separate_onnx(path, rank=convtool.FlopsTarget(0.5))  # dynamic batch, no inputs
+
+
+@pytest.mark.parametrize("order", ["dw-pw", "pw-dw"])
+def test_calibration_refits_in_onnxruntime_as_the_torch_path_does(tmp_path, order):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 12, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(12, 12, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(12, 8, 5, padding=2),
+    ).eval()
+    data = torch.randn(64, 3, 16, 16)
+    path = convtool.export_onnx(model, data[:1], tmp_path / "m.onnx").path
+    plain = convtool.separate_onnx(path, data[:2], rank=1, order=order)
+    refit = convtool.separate_onnx(path, data[:2], rank=1, order=order, calibration=data)
+    from_torch = convtool.separate(model, data[:1], rank=1, order=order, calibration=data)
+    feeds = [data.numpy()]
+    ref = _run(onnx.load(str(path)), feeds)[0]
+    error = lambda m: float(np.linalg.norm(_run(m, feeds)[0] - ref) / np.linalg.norm(ref))  # noqa: E731
+    assert error(refit.model) < 0.8 * error(plain.model)
+    with torch.no_grad():
+        torch_error = float((from_torch.model(data) - model(data)).norm() / model(data).norm())
+    assert error(refit.model) == pytest.approx(torch_error, rel=0.05)
+    assert all(layer.output_error is not None for layer in refit.layers)
+    assert refit.verified
