@@ -302,7 +302,8 @@ def separate(model, output, rank, flops_target, energy, latency_provider, includ
 
             size, mean_values, std_values = _data_options(image_size, mean, std)
             data = load_calibration(calibration, image_size=size, mean=mean_values, std=std_values)
-        return _separate_onnx(model, output, rank_value, order, include, exclude, input_shapes, force, ui, data, calibration)
+        return _separate_onnx(model, output, rank_value, order, include, exclude, input_shapes, force, ui, data, calibration,
+                              _providers(providers)[0])
     _needs("--distill-steps", bool(distill_steps), "--calibration FILE|DIR (the unlabeled inputs to distil on)", calibration)
     for option, value in (("--recalibrate-bn", recalibrate_bn), ("--image-size", image_size), ("--mean", mean), ("--std", std)):
         _needs(option, bool(value), "--calibration FILE|DIR", calibration)
@@ -383,7 +384,8 @@ def _is_onnx(path: str) -> bool:
     return Path(path).suffix.lower() == ".onnx"
 
 
-def _separate_onnx(model, output, rank, order, include, exclude, input_shapes, force, ui, data=None, data_path=None) -> int:
+def _separate_onnx(model, output, rank, order, include, exclude, input_shapes, force, ui, data=None, data_path=None,
+                   providers=("cpu",)) -> int:
     """``separate`` for a model given as ONNX: separated (and refit on ``data``), checked in onnxruntime, written atomically."""
 
     import convtool
@@ -399,7 +401,8 @@ def _separate_onnx(model, output, rank, order, include, exclude, input_shapes, f
     if inputs is None and data is not None:  # the first calibration sample, as for PyTorch models
         inputs = tuple(t[:1] for t in data) if isinstance(data, tuple) else (data[:1],)
     with ui.status("separating the ONNX graph" + (", calibrating" if data is not None else "") + " and checking it in onnxruntime"):
-        result = convtool.separate_onnx(model, inputs, rank=rank, order=order, include=include, exclude=exclude, calibration=data)
+        result = convtool.separate_onnx(model, inputs, rank=rank, order=order, include=include, exclude=exclude, calibration=data,
+                                        providers=providers)
     with Staging() as staging:
         staging.write(output, lambda tmp: save_onnx(result, tmp))
     before = sum(layer.params_before for layer in result.layers)
@@ -419,10 +422,12 @@ def _separate_onnx(model, output, rank, order, include, exclude, input_shapes, f
     if result.flops_before is not None:
         ui.note(f"the graph: {result.flops_before:,} -> {result.flops_after:,} multiply-adds "
                 f"({result.flops_before / max(result.flops_after, 1):.2f}x fewer)")
-    if result.verified:
-        ui.note(f"verified: {result.verification}; max abs error {result.max_abs_error:.3g}, relative {result.relative_error:.3g}")
-    else:
-        ui.note(f"not verified: {result.verification}")
+    ui.note(f"verified: {result.verification}" if result.verified else f"not verified: {result.verification}")
+    for run_ in result.runs:
+        if run_.ran:
+            ui.note(f"{run_.provider}: ran both models; max abs error {run_.max_abs_error:.3g}, relative {run_.relative_error:.3g}")
+        else:
+            ui.note(f"{run_.provider}: not run: {run_.reason}")
     ui.note(f"wrote {output}")
     return 0
 

@@ -693,6 +693,8 @@ def test_separate_an_onnx_model(project):
     result = run("separate", source, "--rank", "full", "--input-shape", "1,3,16,16")
     assert result.exit_code == 0, result.output
     assert "separated 2 Conv nodes" in result.stderr and "verified: ran in onnxruntime" in result.stderr
+    assert "CPUExecutionProvider: ran both models" in result.stderr
+    assert "CUDAExecutionProvider: not run" in result.stderr  # asked by default, never reported as run without a GPU
     assert (project / "small.separated.onnx").exists() and digest(source) == before
     again = run("separate", source)
     assert again.exit_code == 2 and "--force" in again.output

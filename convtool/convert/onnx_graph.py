@@ -30,11 +30,22 @@ from ..core.decompose import ORDERS, separable_factors
 from ..core.records import FlopsTarget, LayerChange, Rank, SkippedLayer, check_rank
 from ..errors import InvalidOptionError, NothingToSeparateError, OnnxFileError, SeparationError
 from ..measure.onnx_counts import OnnxCounts, count_onnx
-from ..measure.onnxrt import open_session
+from ..measure.onnxrt import missing_reason, open_session, provider_name
 from .calibrate import calibration_batches
 from .onnx_refit import LastConv, refit_onnx
 from .plan import SiteStats, make_plan
 from .sites import Site, Use, pattern_reason, shape_reason
+
+
+@dataclass(frozen=True)
+class OnnxRun:
+    """Both models run on one onnxruntime provider, or why they were not: ``ran`` False is never a pass."""
+
+    provider: str
+    ran: bool
+    max_abs_error: float | None = None
+    relative_error: float | None = None
+    reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -46,10 +57,12 @@ class OnnxSeparation:
             inference, the full check, whenever the original passes it).
         layers: one record per separated ``Conv`` node, named after the node.
         skipped: every ``Conv`` node left as it was, with why.
-        verified: the separated model ran in onnxruntime (CPU) on the example inputs, every new
-            node lies on a path to a graph output, and its outputs were compared with the
-            original's (``max_abs_error``, ``relative_error``).
+        verified: the separated model ran in onnxruntime on the example inputs (on the CPU
+            provider at least), every new node lies on a path to a graph output, and its
+            outputs were compared with the original's (``max_abs_error``, ``relative_error``,
+            the CPU run's).
         verification: how the claim was checked, or why it could not be.
+        runs: one record per provider asked for, run or not (and why not).
     """
 
     model: Any = field(repr=False)
@@ -62,6 +75,7 @@ class OnnxSeparation:
     budget_met: bool | None = None
     flops_before: int | None = None  # the whole graph's, on the example inputs, when their shapes are known
     flops_after: int | None = None
+    runs: tuple[OnnxRun, ...] = ()
 
 
 def separate_onnx(
@@ -73,6 +87,7 @@ def separate_onnx(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     calibration: Any = None,
+    providers: Sequence[str] = ("cpu",),
 ) -> OnnxSeparation:
     """Replace every standard ``Conv`` node of an ONNX model by a depthwise-separable pair, and check it.
 
@@ -89,6 +104,8 @@ def separate_onnx(
             or an iterable of batches): each pair's last conv is then refit by least squares to
             reproduce the original node's outputs, layer by layer in execution order
             (:mod:`~convtool.convert.onnx_refit`).
+        providers: onnxruntime providers to run both models on (``"cpu"``, ``"cuda"``); one
+            this build lacks, or that falls back to the CPU, is reported as not run.
 
     Raises:
         OnnxFileError: the file is not a valid ONNX model.
@@ -171,14 +188,17 @@ def separate_onnx(
     except Exception as error:  # a bug of this pass, not the user's
         raise SeparationError(f"the separated ONNX model fails onnx.checker ({error}); please report it") from None
     created = {n.name for n in new_nodes} - {n.name for n in original.graph.node}
-    verified, verification, max_abs, relative = _verify(original, work, feeds, why_not, created)
+    runs, verification = _verify(original, work, feeds, why_not, created, providers)
+    cpu = next((r for r in runs if r.provider == "CPUExecutionProvider" and r.ran), None)
+    verified, max_abs, relative = cpu is not None, cpu.max_abs_error if cpu else None, cpu.relative_error if cpu else None
     flops: tuple[int | None, int | None] = (None, None)
     if counts is not None:
         after = count_onnx(work, feeds)
         layers = [_with_flops(layer, counts.nodes.get(outputs[layer.name][1]), [after.nodes.get(v) for v in outputs[layer.name]])
                   for layer in layers]
         flops = (counts.flops, after.flops)
-    return OnnxSeparation(work, tuple(layers), tuple(skipped), verified, verification, max_abs, relative, plan.budget_met, *flops)
+    return OnnxSeparation(work, tuple(layers), tuple(skipped), verified, verification, max_abs, relative, plan.budget_met, *flops,
+                          runs=tuple(runs))
 
 
 def _numpy_batches(calibration: Any) -> list[list[np.ndarray]]:
@@ -379,33 +399,52 @@ def example_feeds(model, example_inputs: Any) -> tuple[list[np.ndarray] | None, 
     return arrays, None
 
 
-def _verify(original, separated, feeds, why_not: str | None, created: set[str]) -> tuple[bool, str, float | None, float | None]:
-    """Run both models in onnxruntime CPU and compare; check every new node feeds a graph output."""
+def _verify(original, separated, feeds, why_not: str | None, created: set[str], providers: Sequence[str]) -> tuple[list[OnnxRun], str]:
+    """Run both models on each provider and compare; check every new node feeds a graph output.
+
+    The CPU is always among the providers: it is what ``verified`` stands on.
+    """
+    names = list(dict.fromkeys(["CPUExecutionProvider", *(provider_name(p) for p in providers)]))
     if feeds is None:
-        return False, f"not run: {why_not}", None, None
+        return [OnnxRun(n, False, reason=f"not run: {why_not}") for n in names], f"not run: {why_not}"
     dead = created - _live_nodes(separated.graph)
     if dead:
-        return False, f"not proven: nodes {sorted(dead)} reach no graph output", None, None
+        reason = f"not proven: nodes {sorted(dead)} reach no graph output"
+        return [OnnxRun(n, False, reason=reason) for n in names], reason
     with tempfile.TemporaryDirectory(prefix="convtool-onnx-") as tmp:
-        outputs = []
+        paths = []
         for label, proto in (("original", original), ("separated", separated)):
-            path = Path(tmp) / f"{label}.onnx"
-            _save(proto, path)
-            session = open_session(path, "CPUExecutionProvider")
-            names = [i.name for i in session.get_inputs()]
-            try:
-                outputs.append(session.run(None, dict(zip(names, feeds))))
-            except Exception as error:
-                if label == "original":
-                    raise InvalidOptionError(f"the ONNX model does not run on the example inputs ({error}); check --input-shape") from None
-                raise SeparationError(f"the separated ONNX model fails in onnxruntime ({error}); please report it") from None
-            del session  # one session at a time: each holds a copy of the weights
+            paths.append(Path(tmp) / f"{label}.onnx")
+            _save(proto, paths[-1])
+        runs = [_run_on(name, paths, feeds) for name in names]
+    shapes = ", ".join("x".join(map(str, f.shape)) for f in feeds)
+    ran = [r.provider for r in runs if r.ran]
+    return runs, f"ran in onnxruntime ({', '.join(ran) or 'nowhere'}) on inputs {shapes}; every new node feeds a graph output"
+
+
+def _run_on(provider: str, paths: list[Path], feeds) -> OnnxRun:
+    """Both models on one provider: their outputs compared, or why they could not run there."""
+    reason = missing_reason(provider)
+    if reason:
+        return OnnxRun(provider, False, reason=reason)
+    outputs = []
+    for label, path in zip(("original", "separated"), paths):
+        session = open_session(path, provider)
+        if session.get_providers()[0] != provider:
+            return OnnxRun(provider, False, reason=f"onnxruntime could not load {provider} and fell back to the CPU")
+        names = [i.name for i in session.get_inputs()]
+        try:
+            outputs.append(session.run(None, dict(zip(names, feeds))))
+        except Exception as error:
+            if label == "original":
+                raise InvalidOptionError(f"the ONNX model does not run on the example inputs ({error}); check --input-shape") from None
+            raise SeparationError(f"the separated ONNX model fails in onnxruntime ({error}); please report it") from None
+        del session  # one session at a time: each holds a copy of the weights
     diffs = [np.abs(a.astype(np.float64) - b.astype(np.float64)) for a, b in zip(*outputs)]
     max_abs = max(float(d.max()) if d.size else 0.0 for d in diffs)
     norm = math.sqrt(sum(float(np.square(b.astype(np.float64)).sum()) for b in outputs[0]))
     relative = math.sqrt(sum(float(np.square(d).sum()) for d in diffs)) / norm if norm else 0.0
-    shapes = ", ".join("x".join(map(str, f.shape)) for f in feeds)
-    return True, f"ran in onnxruntime CPU on inputs {shapes}; every new node feeds a graph output", max_abs, relative
+    return OnnxRun(provider, True, max_abs, relative)
 
 
 def _live_nodes(graph) -> set[str]:

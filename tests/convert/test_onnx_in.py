@@ -218,3 +218,16 @@ def test_calibration_refits_in_onnxruntime_as_the_torch_path_does(tmp_path, orde
     assert error(refit.model) == pytest.approx(torch_error, rel=0.05)
     assert all(layer.output_error is not None for layer in refit.layers)
     assert refit.verified
+
+
+def test_a_provider_that_cannot_run_is_reported_not_run():
+    result = convtool.separate_onnx(_conv_graph({"pads": [1, 1, 1, 1]}), rank="full", providers=("cpu", "cuda"))
+    runs = {r.provider: r for r in result.runs}
+    assert runs["CPUExecutionProvider"].ran and runs["CPUExecutionProvider"].max_abs_error < 1e-4
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        assert not runs["CUDAExecutionProvider"].ran and runs["CUDAExecutionProvider"].reason
+        assert "CUDAExecutionProvider" not in result.verification
+    else:  # a GPU machine: it ran, and matched
+        assert runs["CUDAExecutionProvider"].ran and runs["CUDAExecutionProvider"].max_abs_error < 1e-3
