@@ -88,6 +88,7 @@ def separate_onnx(
     exclude: Sequence[str] = (),
     calibration: Any = None,
     providers: Sequence[str] = ("cpu",),
+    layout: str = "branches",
 ) -> OnnxSeparation:
     """Replace every standard ``Conv`` node of an ONNX model by a depthwise-separable pair, and check it.
 
@@ -104,6 +105,8 @@ def separate_onnx(
             or an iterable of batches): each pair's last conv is then refit by least squares to
             reproduce the original node's outputs, layer by layer in execution order
             (:mod:`~convtool.convert.onnx_refit`).
+        layout: ``"branches"`` (rank > 1 depthwise-first pairs of 1-d and 2-d convs as
+            multiplier-1 branches, the form onnxruntime runs fastest) or ``"multiplier"``.
         providers: onnxruntime providers to run both models on (``"cpu"``, ``"cuda"``); one
             this build lacks, or that falls back to the CPU, is reported as not run.
 
@@ -119,6 +122,8 @@ def separate_onnx(
     rank = check_rank(rank)
     if order not in (*ORDERS, "auto"):
         raise InvalidOptionError(f"order must be one of {', '.join((*ORDERS, 'auto'))}; got {order!r}")
+    if layout not in ("branches", "multiplier"):
+        raise InvalidOptionError(f"layout must be 'branches' or 'multiplier'; got {layout!r}")
     original = load_onnx(model)
     # The result is held to what the original meets: the full check, the plain one, or (for a
     # file onnxruntime runs but the checker refuses) onnxruntime alone.
@@ -155,17 +160,17 @@ def separate_onnx(
     layers: list[LayerChange] = []
     new_nodes: list[Any] = []
     new_inits: list[Any] = []
-    outputs: dict[str, tuple[str, str]] = {}  # per layer, the values its two nodes write
+    outputs: dict[str, list[str]] = {}  # per layer, the values its nodes write, the layer's output last
     used_names = {n.name for n in graph.node} | set(constants) | {v for n in graph.node for v in (*n.input, *n.output)}
     for node in graph.node:
         pick = plan.picks.get(_name(node)) if node.op_type == "Conv" and _name(node) in sites else None
         if pick is None:
             new_nodes.append(node)
             continue
-        pair, inits, record = _pair(node, sites[_name(node)], pick, used_names)
+        pair, inits, record = _pair(node, sites[_name(node)], pick, used_names, layout)
         new_nodes += pair
         new_inits += inits
-        outputs[record.name] = (pair[0].output[0], pair[1].output[0])
+        outputs[record.name] = [n.output[0] for n in pair]
         layers.append(record)
     if not layers:
         reason = next((s.reason for s in reversed(skipped)), "every conv stays dense")
@@ -178,9 +183,9 @@ def separate_onnx(
     _drop_replaced_weights(graph, {n.input[1] for n in original.graph.node if n.op_type == "Conv" and len(n.input) > 1}
                            - {n.input[1] for n in graph.node if n.op_type == "Conv" and len(n.input) > 1})
     if calibration is not None:
-        lasts = [LastConv(layer.name, next(n for n in new_nodes if n.output and n.output[0] == outputs[layer.name][1]),
-                          outputs[layer.name][1]) for layer in layers]
-        errors = refit_onnx(original, work, lasts, _numpy_batches(calibration))
+        lasts = [LastConv(layer.name, next(n for n in new_nodes if n.output and n.output[0] == outputs[layer.name][-1]),
+                          outputs[layer.name][-1]) for layer in layers]
+        errors = refit_onnx(original, work, lasts, _numpy_batches(calibration, original))
         layers = [dataclasses.replace(layer, output_error=errors.get(layer.name)) for layer in layers]
     try:
         for full in checks:
@@ -194,21 +199,32 @@ def separate_onnx(
     flops: tuple[int | None, int | None] = (None, None)
     if counts is not None:
         after = count_onnx(work, feeds)
-        layers = [_with_flops(layer, counts.nodes.get(outputs[layer.name][1]), [after.nodes.get(v) for v in outputs[layer.name]])
+        layers = [_with_flops(layer, counts.nodes.get(outputs[layer.name][-1]), [after.nodes.get(v) for v in outputs[layer.name]])
                   for layer in layers]
         flops = (counts.flops, after.flops)
     return OnnxSeparation(work, tuple(layers), tuple(skipped), verified, verification, max_abs, relative, plan.budget_met, *flops,
                           runs=tuple(runs))
 
 
-def _numpy_batches(calibration: Any) -> list[list[np.ndarray]]:
-    """Calibration data as batches of numpy inputs, cut and checked as the PyTorch path does."""
+def _numpy_batches(calibration: Any, model) -> list[list[np.ndarray]]:
+    """Calibration data as batches of numpy inputs, cut and checked as the PyTorch path does.
+
+    A graph whose batch dimension is fixed gets batches of that size (a last, smaller one is dropped).
+    """
     as_torch = lambda a: a if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a))  # noqa: E731
     if isinstance(calibration, (np.ndarray, torch.Tensor)):
         calibration = as_torch(calibration)
     elif isinstance(calibration, tuple):
         calibration = tuple(as_torch(a) for a in calibration)
-    return [[t.numpy() for t in batch] for batch in calibration_batches(calibration)]
+    constants = {i.name for i in model.graph.initializer}
+    first = next((i for i in model.graph.input if i.name not in constants), None)
+    dims = first.type.tensor_type.shape.dim if first is not None else []
+    fixed = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
+    batches = calibration_batches(calibration, **({"batch_size": fixed} if fixed else {}))
+    batches = [b for b in batches if not fixed or b[0].shape[0] == fixed]
+    if not batches:
+        raise InvalidOptionError(f"the ONNX model takes batches of {fixed}: give at least {fixed} calibration samples")
+    return [[t.numpy() for t in batch] for batch in batches]
 
 
 def _name(node) -> str:
@@ -309,8 +325,15 @@ def _reason(node, name: str, constants: dict, overridable: set[str], include, ex
     return pattern_reason([name], include, exclude) or shape_reason(shape, group)
 
 
-def _pair(node, site: Site, pick: tuple[str, int], used: set[str]):
-    """The two nodes standing in for ``node`` at the planned (order, rank), their initializers, and the layer's record."""
+def _pair(node, site: Site, pick: tuple[str, int], used: set[str], layout: str):
+    """The nodes standing in for ``node`` at the planned (order, rank), the last one writing its output;
+    their initializers; and the layer's record.
+
+    ``layout="branches"`` writes a rank-r depthwise-first pair of a 1-d or 2-d ungrouped conv as
+    r multiplier-1 depthwise convs and a Concat, the form onnxruntime runs fastest
+    (:class:`~convtool.core.modules.BranchedSeparableConv`); ``"multiplier"`` keeps one depthwise
+    conv with r filters per channel.
+    """
     from onnx import helper, numpy_helper
 
     order, rank = pick
@@ -327,12 +350,27 @@ def _pair(node, site: Site, pick: tuple[str, int], used: set[str]):
     bias = [node.input[2]] if len(node.input) > 2 and node.input[2] else []
     x, y = node.input[0], node.output[0]
     dw_name, pw_name = _fresh(f"{name}/depthwise", used), _fresh(f"{name}/pointwise", used)
-    if order == "dw-pw":
-        first = helper.make_node("Conv", [x, spatial_name], [middle], name=dw_name, group=m_g * groups, **spatial_attrs)
-        second = helper.make_node("Conv", [middle, mixing_name, *bias], [y], name=pw_name, group=groups, kernel_shape=ones)
+    m, r = m_g * groups, factors.rank
+    if order == "dw-pw" and layout == "branches" and r > 1 and groups == 1 and len(kernel) < 3:
+        # r multiplier-1 depthwise convs, concatenated: filter i of every channel in branch i, and
+        # the pointwise's columns permuted to match (channel (m, i) moves from m*r + i to i*M + m).
+        inits = []
+        nodes = []
+        for i in range(r):
+            branch = _fresh(f"{name}/depthwise.{i}.weight", used)
+            inits.append(numpy_helper.from_array(factors.spatial[i::r].numpy().astype(dtype), branch))
+            nodes.append(helper.make_node("Conv", [x, branch], [_fresh(f"{name}/branch.{i}", used)],
+                                          name=_fresh(f"{name}/depthwise.{i}", used), group=m, **spatial_attrs))
+        permuted = factors.mixing[:, torch.arange(m * r).reshape(m, r).t().reshape(-1)]
+        inits.append(numpy_helper.from_array(permuted.numpy().astype(dtype), mixing_name))
+        nodes.append(helper.make_node("Concat", [b.output[0] for b in nodes], [middle], name=_fresh(f"{name}/concat", used), axis=1))
+        nodes.append(helper.make_node("Conv", [middle, mixing_name, *bias], [y], name=pw_name, group=groups, kernel_shape=ones))
+    elif order == "dw-pw":
+        nodes = [helper.make_node("Conv", [x, spatial_name], [middle], name=dw_name, group=m, **spatial_attrs),
+                 helper.make_node("Conv", [middle, mixing_name, *bias], [y], name=pw_name, group=groups, kernel_shape=ones)]
     else:
-        first = helper.make_node("Conv", [x, mixing_name], [middle], name=pw_name, group=groups, kernel_shape=ones)
-        second = helper.make_node("Conv", [middle, spatial_name, *bias], [y], name=dw_name, group=n, **spatial_attrs)
+        nodes = [helper.make_node("Conv", [x, mixing_name], [middle], name=pw_name, group=groups, kernel_shape=ones),
+                 helper.make_node("Conv", [middle, spatial_name, *bias], [y], name=dw_name, group=n, **spatial_attrs)]
     record = LayerChange(
         name=name, aliases=(), source="onnx", in_channels=m_g * groups, out_channels=n, kernel_size=tuple(kernel),
         stride=site.options["stride"], groups=groups, rank=factors.rank, order=order,
@@ -340,7 +378,7 @@ def _pair(node, site: Site, pick: tuple[str, int], used: set[str]):
         params_after=factors.spatial.numel() + factors.mixing.numel() + (n if bias else 0),
         flops_before=None, flops_after=None, calls=None, weight_error=factors.weight_error,
     )
-    return [first, second], inits, record
+    return nodes, inits, record
 
 
 def _fresh(base: str, used: set[str]) -> str:

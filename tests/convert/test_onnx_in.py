@@ -40,10 +40,9 @@ def test_full_rank_is_exact_in_onnxruntime_and_the_file_is_untouched(exported, e
     result = convtool.separate_onnx(path, inputs, rank="full", order=order)
     assert path.read_bytes() == before
     assert result.verified and result.relative_error < 1e-5, result.verification
-    convs = [n for n in result.model.graph.node if n.op_type == "Conv"]
-    names = {n.name for n in convs}
+    names = [n.name for n in result.model.graph.node if n.op_type == "Conv"]
     for layer in result.layers:
-        assert {f"{layer.name}/depthwise", f"{layer.name}/pointwise"} <= names
+        assert f"{layer.name}/pointwise" in names and any(n.startswith(f"{layer.name}/depthwise") for n in names)
     onnx.checker.check_model(result.model, full_check=True)
 
 
@@ -116,7 +115,7 @@ def test_an_unfused_batchnorm_after_the_conv_is_kept():
              (("s", rng.random(6) + 0.5), ("o", rng.standard_normal(6)), ("m", rng.standard_normal(6)), ("v", rng.random(6) + 0.5))]
     bn = helper.make_node("BatchNormalization", ["c", "s", "o", "m", "v"], ["y"], name="bn")
     model = _conv_graph({"pads": [1, 1, 1, 1]}, extra_nodes=[bn], extra_inits=stats)
-    result = convtool.separate_onnx(model, rank="full")
+    result = convtool.separate_onnx(model, rank="full", layout="multiplier")
     assert result.verified and result.max_abs_error < 1e-4
     assert [n.op_type for n in result.model.graph.node] == ["Conv", "Conv", "BatchNormalization"]
 
@@ -231,3 +230,17 @@ def test_a_provider_that_cannot_run_is_reported_not_run():
         assert "CUDAExecutionProvider" not in result.verification
     else:  # a GPU machine: it ran, and matched
         assert runs["CUDAExecutionProvider"].ran and runs["CUDAExecutionProvider"].max_abs_error < 1e-3
+
+
+def test_rank_two_ships_as_branches_with_the_same_outputs_and_flops():
+    model = _conv_graph({"pads": [1, 1, 1, 1]}, weight_shape=(8, 6, 3, 3), x_shape=(2, 6, 10, 10))
+    branched = convtool.separate_onnx(model, rank=2)
+    plain = convtool.separate_onnx(model, rank=2, layout="multiplier")
+    ops = [n.op_type for n in branched.model.graph.node]
+    assert ops == ["Conv", "Conv", "Concat", "Conv"] and [n.op_type for n in plain.model.graph.node] == ["Conv", "Conv"]
+    feeds = [np.random.default_rng(1).standard_normal((2, 6, 10, 10)).astype(np.float32)]
+    np.testing.assert_allclose(_run(branched.model, feeds)[0], _run(plain.model, feeds)[0], rtol=1e-4, atol=1e-5)
+    assert branched.layers[0].flops_after == plain.layers[0].flops_after
+    data = np.random.default_rng(2).standard_normal((40, 6, 10, 10)).astype(np.float32)
+    refit = [convtool.separate_onnx(model, rank=2, layout=layout, calibration=data) for layout in ("branches", "multiplier")]
+    assert refit[0].layers[0].output_error == pytest.approx(refit[1].layers[0].output_error, rel=1e-4)
