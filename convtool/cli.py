@@ -292,10 +292,11 @@ def separate(model, output, rank, flops_target, energy, latency_provider, includ
     if _is_onnx(model):
         unsupported = [flag for flag, value in (
             ("--latency", latency_provider), ("--distill-steps", distill_steps), ("--recalibrate-bn", recalibrate_bn),
-            ("--onnx", onnx_path), ("--arch", arch), ("--allow-pickle", allow_pickle), ("--report", report_path)) if value]
+            ("--onnx", onnx_path), ("--arch", arch), ("--allow-pickle", allow_pickle)) if value]
         if unsupported:
             raise InvalidOptionError(f"{', '.join(unsupported)}: not available for ONNX input yet; "
                                      "separate the PyTorch model for those, or drop them")
+        _check_report_suffix(report_path)
         data = None
         if calibration:
             from .io import load_calibration
@@ -303,7 +304,7 @@ def separate(model, output, rank, flops_target, energy, latency_provider, includ
             size, mean_values, std_values = _data_options(image_size, mean, std)
             data = load_calibration(calibration, image_size=size, mean=mean_values, std=std_values)
         return _separate_onnx(model, output, rank_value, order, include, exclude, input_shapes, force, ui, data, calibration,
-                              _providers(providers)[0])
+                              _providers(providers)[0], report_path, as_json)
     _needs("--distill-steps", bool(distill_steps), "--calibration FILE|DIR (the unlabeled inputs to distil on)", calibration)
     for option, value in (("--recalibrate-bn", recalibrate_bn), ("--image-size", image_size), ("--mean", mean), ("--std", std)):
         _needs(option, bool(value), "--calibration FILE|DIR", calibration)
@@ -385,44 +386,52 @@ def _is_onnx(path: str) -> bool:
 
 
 def _separate_onnx(model, output, rank, order, include, exclude, input_shapes, force, ui, data=None, data_path=None,
-                   providers=("cpu",)) -> int:
-    """``separate`` for a model given as ONNX: separated (and refit on ``data``), checked in onnxruntime, written atomically."""
+                   providers=("cpu",), report_path=None, as_json=False) -> int:
+    """``separate`` for a model given as ONNX: separated (and refit on ``data``), checked in onnxruntime, written atomically.
+
+    The report is the one a PyTorch model gets, counted on the graphs and timed on onnxruntime CPU.
+    """
+    import dataclasses
 
     import convtool
 
     from .convert.onnx_graph import save_onnx
     from .io import Staging, check_output
+    from .report.render import to_dict, to_markdown, to_rich
 
     output = output or str(Path(model).with_name(Path(model).stem + ".separated.onnx"))
     if Path(output).suffix.lower() != ".onnx":
         raise InvalidOptionError(f"-o {output}: an ONNX model is written as .onnx")
-    check_output(output, force=force, inputs=[model, *([data_path] if data_path else [])])
+    sources = [model, *([data_path] if data_path else [])]
+    for path in [p for p in (output, report_path) if p]:
+        check_output(path, force=force, inputs=sources)
     inputs = _onnx_inputs(input_shapes)
     if inputs is None and data is not None:  # the first calibration sample, as for PyTorch models
         inputs = tuple(t[:1] for t in data) if isinstance(data, tuple) else (data[:1],)
     with ui.status("separating the ONNX graph" + (", calibrating" if data is not None else "") + " and checking it in onnxruntime"):
         result = convtool.separate_onnx(model, inputs, rank=rank, order=order, include=include, exclude=exclude, calibration=data,
                                         providers=providers)
+    report = None
+    if result.verified:
+        with ui.status("counting, and timing both graphs on onnxruntime CPU"):
+            report = dataclasses.replace(result.report(inputs), latency=result.timed(inputs))
     with Staging() as staging:
         staging.write(output, lambda tmp: save_onnx(result, tmp))
-    before = sum(layer.params_before for layer in result.layers)
-    after = sum(layer.params_after for layer in result.layers)
-    counted = [layer for layer in result.layers if layer.flops_before is not None]
-    flops = (f"; {sum(l.flops_before for l in counted):,} -> {sum(l.flops_after for l in counted):,} multiply-adds"
-             if counted and len(counted) == len(result.layers) else "")
-    ui.note(f"separated {len(result.layers)} Conv nodes: {before:,} -> {after:,} parameters in those layers{flops}")
-    for layer in result.layers:
-        refit = f", output error after the refit {layer.output_error:.3g}" if layer.output_error is not None else ""
-        ui.note(f"  {layer.name}: {layer.in_channels}->{layer.out_channels} {'x'.join(map(str, layer.kernel_size))}, "
-                f"rank {layer.rank} {layer.order}, weight error {layer.weight_error:.3g}{refit}")
-    for skip in result.skipped:
-        ui.note(f"  left as it was: {skip.name}: {skip.reason}")
+        if report_path:
+            if report is None:
+                raise InvalidOptionError(f"--report needs a verified run: {result.verification}")
+            text = _report_text(report_path, lambda: to_dict(report), lambda: to_markdown(report))
+            staging.write(report_path, lambda tmp: tmp.write_text(text))
+    if report is not None:
+        ui.show(to_rich(report))
+        if as_json and not ui.quiet:
+            click.echo(json.dumps(to_dict(report), indent=2, allow_nan=False))
+    else:
+        ui.note(f"separated {len(result.layers)} Conv nodes; not verified: {result.verification}")
+        for skip in result.skipped:
+            ui.note(f"  left as it was: {skip.name}: {skip.reason}")
     if result.budget_met is False:
         ui.note(f"note: the FLOP target {rank.fraction} cannot be met; every separated layer is at its cheapest")
-    if result.flops_before is not None:
-        ui.note(f"the graph: {result.flops_before:,} -> {result.flops_after:,} multiply-adds "
-                f"({result.flops_before / max(result.flops_after, 1):.2f}x fewer)")
-    ui.note(f"verified: {result.verification}" if result.verified else f"not verified: {result.verification}")
     for run_ in result.runs:
         if run_.ran:
             ui.note(f"{run_.provider}: ran both models; max abs error {run_.max_abs_error:.3g}, relative {run_.relative_error:.3g}")

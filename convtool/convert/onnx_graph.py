@@ -29,8 +29,11 @@ import torch
 from ..core.decompose import ORDERS, separable_factors
 from ..core.records import FlopsTarget, LayerChange, Rank, SkippedLayer, check_rank
 from ..errors import InvalidOptionError, NothingToSeparateError, OnnxFileError, SeparationError
-from ..measure.onnx_counts import OnnxCounts, count_onnx
-from ..measure.onnxrt import missing_reason, open_session, provider_name
+from ..core.records import Benchmark
+from ..measure.compare import Comparison
+from ..measure.fidelity import Fidelity, output_fidelity
+from ..measure.onnx_counts import OnnxCounts, count_onnx, onnx_analysis
+from ..measure.onnxrt import missing_reason, open_session, provider_name, time_sessions
 from .calibrate import calibration_batches
 from .onnx_refit import LastConv, refit_onnx
 from .plan import SiteStats, make_plan
@@ -46,6 +49,7 @@ class OnnxRun:
     max_abs_error: float | None = None
     relative_error: float | None = None
     reason: str | None = None
+    fidelity: Fidelity | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,35 @@ class OnnxSeparation:
     flops_before: int | None = None  # the whole graph's, on the example inputs, when their shapes are known
     flops_after: int | None = None
     runs: tuple[OnnxRun, ...] = ()
+    original: Any = field(default=None, repr=False, compare=False)
+
+    def report(self, example_inputs: Any = None) -> Comparison:
+        """The before/after comparison a PyTorch separation gets (:meth:`~convtool.Separation.report`).
+
+        Counts on ``example_inputs`` (or the graph's static shapes); output agreement from the
+        CPU run. Raises InvalidOptionError without input shapes, or when the CPU run did not happen.
+        """
+        feeds, why_not = example_feeds(self.original, example_inputs)
+        cpu = next((r for r in self.runs if r.provider == "CPUExecutionProvider" and r.ran), None)
+        if feeds is None or cpu is None:
+            raise InvalidOptionError(f"no report without a run on the CPU: {why_not or self.verification}")
+        return Comparison(onnx_analysis(self.original, feeds), onnx_analysis(self.model, feeds), self.layers, cpu.fidelity,
+                          self.skipped, self.verified)
+
+    def timed(self, example_inputs: Any = None, runs: int = 20) -> Benchmark:
+        """Both graphs on onnxruntime CPU (2 threads), interleaved, medians."""
+        feeds, why_not = example_feeds(self.original, example_inputs)
+        if feeds is None:
+            raise InvalidOptionError(f"nothing to time on: {why_not}")
+        with tempfile.TemporaryDirectory(prefix="convtool-onnx-time-") as tmp:
+            sessions = []
+            for label, proto in (("original", self.original), ("separated", self.model)):
+                path = Path(tmp) / f"{label}.onnx"
+                _save(proto, path)
+                sessions.append(open_session(path, "CPUExecutionProvider", threads=2))
+            names = [i.name for i in sessions[0].get_inputs()]
+            original_ms, separated_ms = time_sessions(sessions, dict(zip(names, feeds)), runs, warmup=3)
+        return Benchmark("CPUExecutionProvider", original_ms, separated_ms, runs, 2)
 
 
 def separate_onnx(
@@ -203,7 +236,7 @@ def separate_onnx(
                   for layer in layers]
         flops = (counts.flops, after.flops)
     return OnnxSeparation(work, tuple(layers), tuple(skipped), verified, verification, max_abs, relative, plan.budget_met, *flops,
-                          runs=tuple(runs))
+                          runs=tuple(runs), original=original)
 
 
 def _numpy_batches(calibration: Any, model) -> list[list[np.ndarray]]:
@@ -478,11 +511,8 @@ def _run_on(provider: str, paths: list[Path], feeds) -> OnnxRun:
                 raise InvalidOptionError(f"the ONNX model does not run on the example inputs ({error}); check --input-shape") from None
             raise SeparationError(f"the separated ONNX model fails in onnxruntime ({error}); please report it") from None
         del session  # one session at a time: each holds a copy of the weights
-    diffs = [np.abs(a.astype(np.float64) - b.astype(np.float64)) for a, b in zip(*outputs)]
-    max_abs = max(float(d.max()) if d.size else 0.0 for d in diffs)
-    norm = math.sqrt(sum(float(np.square(b.astype(np.float64)).sum()) for b in outputs[0]))
-    relative = math.sqrt(sum(float(np.square(d).sum()) for d in diffs)) / norm if norm else 0.0
-    return OnnxRun(provider, True, max_abs, relative)
+    agreement = output_fidelity([torch.from_numpy(np.asarray(a)) for a in outputs[1]], [torch.from_numpy(np.asarray(b)) for b in outputs[0]])
+    return OnnxRun(provider, True, agreement.max_abs_error, agreement.relative_error, fidelity=agreement)
 
 
 def _live_nodes(graph) -> set[str]:
