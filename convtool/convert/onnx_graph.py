@@ -81,6 +81,7 @@ class OnnxSeparation:
     flops_after: int | None = None
     runs: tuple[OnnxRun, ...] = ()
     original: Any = field(default=None, repr=False, compare=False)
+    folded_batchnorms: tuple[str, ...] = ()  # BatchNormalization nodes folded into the pair before them
 
     def report(self, example_inputs: Any = None) -> Comparison:
         """The before/after comparison a PyTorch separation gets (:meth:`~convtool.Separation.report`).
@@ -122,6 +123,7 @@ def separate_onnx(
     calibration: Any = None,
     providers: Sequence[str] = ("cpu",),
     layout: str = "branches",
+    fold_bn: bool = True,
 ) -> OnnxSeparation:
     """Replace every standard ``Conv`` node of an ONNX model by a depthwise-separable pair, and check it.
 
@@ -140,6 +142,8 @@ def separate_onnx(
             (:mod:`~convtool.convert.onnx_refit`).
         layout: ``"branches"`` (rank > 1 depthwise-first pairs of 1-d and 2-d convs as
             multiplier-1 branches, the form onnxruntime runs fastest) or ``"multiplier"``.
+        fold_bn: fold a BatchNormalization that alone reads a separated pair's output into the
+            pair's last conv (the runtime form; onnxruntime does it on loading too).
         providers: onnxruntime providers to run both models on (``"cpu"``, ``"cuda"``); one
             this build lacks, or that falls back to the CPU, is reported as not run.
 
@@ -220,6 +224,8 @@ def separate_onnx(
                           outputs[layer.name][-1]) for layer in layers]
         errors = refit_onnx(original, work, lasts, _numpy_batches(calibration, original))
         layers = [dataclasses.replace(layer, output_error=errors.get(layer.name)) for layer in layers]
+    renamed = _fold_batchnorm(graph, [outputs[layer.name] for layer in layers]) if fold_bn else {}
+    folded = [bn for bn, _ in renamed.values()]
     try:
         for full in checks:
             onnx.checker.check_model(work, full_check=full)
@@ -232,11 +238,63 @@ def separate_onnx(
     flops: tuple[int | None, int | None] = (None, None)
     if counts is not None:
         after = count_onnx(work, feeds)
-        layers = [_with_flops(layer, counts.nodes.get(outputs[layer.name][-1]), [after.nodes.get(v) for v in outputs[layer.name]])
+        written = {y: value for y, (_, value) in renamed.items()}  # a folded layer's conv writes the BatchNorm's output
+        layers = [_with_flops(layer, counts.nodes.get(outputs[layer.name][-1]),
+                              [after.nodes.get(written.get(v, v)) for v in outputs[layer.name]])
                   for layer in layers]
         flops = (counts.flops, after.flops)
     return OnnxSeparation(work, tuple(layers), tuple(skipped), verified, verification, max_abs, relative, plan.budget_met, *flops,
-                          runs=tuple(runs), original=original)
+                          runs=tuple(runs), original=original, folded_batchnorms=tuple(folded))
+
+
+def _fold_batchnorm(graph, pairs: list[list[str]]) -> dict[str, tuple[str, str]]:
+    """Fold each inference BatchNormalization that alone reads a pair's output into the pair's last conv.
+
+    ``pairs``: per separated layer, the values its nodes write, its output last. The BatchNorm's
+    statistics and affine must be constants; the conv then writes the BatchNorm's output.
+    Returns, per folded layer output, the folded BatchNorm's name and output (what the conv
+    writes now); constants no node reads any more are dropped.
+    """
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in graph.initializer}
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for value in node.input:
+            readers.setdefault(value, []).append(node)
+    outputs = {o.name for o in graph.output}
+    producer = {o: node for node in graph.node for o in node.output}
+    folded: dict[str, tuple[str, str]] = {}
+    doomed, stale = [], set()
+    for values in pairs:
+        y, conv = values[-1], producer[values[-1]]
+        users = readers.get(y, [])
+        if y in outputs or len(users) != 1 or users[0].op_type != "BatchNormalization" or len(users[0].output) != 1:
+            continue
+        bn = users[0]
+        if not all(v in inits for v in bn.input[1:5]) or len(readers.get(conv.input[1], [])) != 1:
+            continue
+        scale, shift, mean, var = (numpy_helper.to_array(inits[v]).astype(np.float64) for v in bn.input[1:5])
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        factor = scale / np.sqrt(var + eps)
+        weight = numpy_helper.to_array(inits[conv.input[1]])
+        inits[conv.input[1]].CopyFrom(numpy_helper.from_array(
+            (weight.astype(np.float64) * factor.reshape(-1, *[1] * (weight.ndim - 1))).astype(weight.dtype), conv.input[1]))
+        bias = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] else 0.0
+        bias_name = _fresh(f"{_name(conv)}.folded_bias", set(inits) | {v for n in graph.node for v in (*n.input, *n.output)})
+        new_bias = numpy_helper.from_array(((bias - mean) * factor + shift).astype(weight.dtype), bias_name)
+        graph.initializer.append(new_bias)
+        inits[bias_name] = new_bias
+        stale |= set(conv.input[2:]) | set(bn.input[1:5])
+        del conv.input[2:]
+        conv.input.append(bias_name)
+        conv.output[0] = bn.output[0]
+        doomed.append(bn)
+        folded[y] = (_name(bn), bn.output[0])
+    for bn in doomed:
+        graph.node.remove(bn)
+    _drop_replaced_weights(graph, stale)
+    return folded
 
 
 def _numpy_batches(calibration: Any, model) -> list[list[np.ndarray]]:
