@@ -21,19 +21,19 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from ..core.decompose import ORDERS, separable_factors
 from ..core.records import FlopsTarget, LayerChange, Rank, SkippedLayer, check_rank
-from ..errors import InvalidOptionError, NothingToSeparateError, OnnxFileError, SeparationError
+from ..errors import AnalysisError, InvalidOptionError, NothingToSeparateError, OnnxFileError, SeparationError
 from ..core.records import Benchmark
 from ..measure.compare import Comparison
 from ..measure.fidelity import Fidelity, output_fidelity
 from ..measure.onnx_counts import OnnxCounts, count_onnx, onnx_analysis
-from ..measure.onnxrt import missing_reason, open_session, provider_name, time_sessions
+from ..measure.onnxrt import missing_reason, open_session, provider_name, time_sessions, write_proto
 from .calibrate import calibration_batches
 from .onnx_refit import LastConv, refit_onnx
 from .plan import SiteStats, make_plan
@@ -105,7 +105,7 @@ class OnnxSeparation:
             sessions = []
             for label, proto in (("original", self.original), ("separated", self.model)):
                 path = Path(tmp) / f"{label}.onnx"
-                _save(proto, path)
+                write_proto(proto, path)
                 sessions.append(open_session(path, "CPUExecutionProvider", threads=2))
             names = [i.name for i in sessions[0].get_inputs()]
             original_ms, separated_ms = time_sessions(sessions, dict(zip(names, feeds)), runs, warmup=3)
@@ -166,9 +166,14 @@ def separate_onnx(
     # file onnxruntime runs but the checker refuses) onnxruntime alone.
     checks = [full for full in (True, False) if _passes_check(original, full)][:1]
     feeds, why_not = example_feeds(original, example_inputs)
-    counts = count_onnx(original, feeds) if feeds is not None else None
+    counts = None
+    if feeds is not None:
+        try:
+            counts = count_onnx(original, feeds)
+        except AnalysisError as error:
+            why_not = str(error)
     if isinstance(rank, FlopsTarget) and counts is None:
-        raise InvalidOptionError(f"a FLOP target needs the inputs' shapes to count FLOPs: {why_not}")
+        raise InvalidOptionError(f"a FLOP target needs the graph's FLOPs counted: {why_not}")
     work = onnx.ModelProto()
     work.CopyFrom(original)
     graph = work.graph
@@ -199,12 +204,16 @@ def separate_onnx(
     new_inits: list[Any] = []
     outputs: dict[str, list[str]] = {}  # per layer, the values its nodes write, the layer's output last
     used_names = {n.name for n in graph.node} | set(constants) | {v for n in graph.node for v in (*n.input, *n.output)}
+    readers: dict[str, list[str]] = {}
+    for node in graph.node:
+        for value in node.input:
+            readers.setdefault(value, []).append(node.name)
     for node in graph.node:
         pick = plan.picks.get(_name(node)) if node.op_type == "Conv" and _name(node) in sites else None
         if pick is None:
             new_nodes.append(node)
             continue
-        pair, inits, record = _pair(node, sites[_name(node)], pick, used_names, layout)
+        pair, inits, record = _pair(node, sites[_name(node)], pick, used_names, layout, lambda v: len(readers.get(v, ())) > 1)
         new_nodes += pair
         new_inits += inits
         outputs[record.name] = [n.output[0] for n in pair]
@@ -224,7 +233,7 @@ def separate_onnx(
                           outputs[layer.name][-1]) for layer in layers]
         errors = refit_onnx(original, work, lasts, _numpy_batches(calibration, original))
         layers = [dataclasses.replace(layer, output_error=errors.get(layer.name)) for layer in layers]
-    renamed = _fold_batchnorm(graph, [outputs[layer.name] for layer in layers]) if fold_bn else {}
+    renamed = _fold_batchnorm(graph, [outputs[layer.name] for layer in layers], work.ir_version < 4) if fold_bn else {}
     folded = [bn for bn, _ in renamed.values()]
     try:
         for full in checks:
@@ -237,7 +246,7 @@ def separate_onnx(
     verified, max_abs, relative = cpu is not None, cpu.max_abs_error if cpu else None, cpu.relative_error if cpu else None
     flops: tuple[int | None, int | None] = (None, None)
     if counts is not None:
-        after = count_onnx(work, feeds)
+        after = count_onnx(work, feeds)  # the original's shapes were inferred: the separated graph's are too
         written = {y: value for y, (_, value) in renamed.items()}  # a folded layer's conv writes the BatchNorm's output
         layers = [_with_flops(layer, counts.nodes.get(outputs[layer.name][-1]),
                               [after.nodes.get(written.get(v, v)) for v in outputs[layer.name]])
@@ -247,7 +256,7 @@ def separate_onnx(
                           runs=tuple(runs), original=original, folded_batchnorms=tuple(folded))
 
 
-def _fold_batchnorm(graph, pairs: list[list[str]]) -> dict[str, tuple[str, str]]:
+def _fold_batchnorm(graph, pairs: list[list[str]], listed_inputs: bool) -> dict[str, tuple[str, str]]:
     """Fold each inference BatchNormalization that alone reads a pair's output into the pair's last conv.
 
     ``pairs``: per separated layer, the values its nodes write, its output last. The BatchNorm's
@@ -255,7 +264,7 @@ def _fold_batchnorm(graph, pairs: list[list[str]]) -> dict[str, tuple[str, str]]
     Returns, per folded layer output, the folded BatchNorm's name and output (what the conv
     writes now); constants no node reads any more are dropped.
     """
-    from onnx import numpy_helper
+    from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in graph.initializer}
     readers: dict[str, list[Any]] = {}
@@ -284,6 +293,8 @@ def _fold_batchnorm(graph, pairs: list[list[str]]) -> dict[str, tuple[str, str]]
         bias_name = _fresh(f"{_name(conv)}.folded_bias", set(inits) | {v for n in graph.node for v in (*n.input, *n.output)})
         new_bias = numpy_helper.from_array(((bias - mean) * factor + shift).astype(weight.dtype), bias_name)
         graph.initializer.append(new_bias)
+        if listed_inputs:  # IR < 4: every initializer is an input too
+            graph.input.append(helper.make_tensor_value_info(bias_name, new_bias.data_type, list(new_bias.dims)))
         inits[bias_name] = new_bias
         stale |= set(conv.input[2:]) | set(bn.input[1:5])
         del conv.input[2:]
@@ -315,7 +326,12 @@ def _numpy_batches(calibration: Any, model) -> list[list[np.ndarray]]:
     batches = [b for b in batches if not fixed or b[0].shape[0] == fixed]
     if not batches:
         raise InvalidOptionError(f"the ONNX model takes batches of {fixed}: give at least {fixed} calibration samples")
-    return [[t.numpy() for t in batch] for batch in batches]
+    from onnx import helper
+
+    types = [helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) if i.type.tensor_type.elem_type else None
+             for i in model.graph.input if i.name not in constants]
+    return [[t.numpy().astype(dtype, copy=False) if dtype is not None else t.numpy() for t, dtype in zip(batch, types)]
+            for batch in batches]
 
 
 def _name(node) -> str:
@@ -416,7 +432,7 @@ def _reason(node, name: str, constants: dict, overridable: set[str], include, ex
     return pattern_reason([name], include, exclude) or shape_reason(shape, group)
 
 
-def _pair(node, site: Site, pick: tuple[str, int], used: set[str], layout: str):
+def _pair(node, site: Site, pick: tuple[str, int], used: set[str], layout: str, shared: Callable[[str], bool]):
     """The nodes standing in for ``node`` at the planned (order, rank), the last one writing its output;
     their initializers; and the layer's record.
 
@@ -439,6 +455,10 @@ def _pair(node, site: Site, pick: tuple[str, int], used: set[str], layout: str):
     spatial_attrs["kernel_shape"] = list(kernel)
     ones = [1] * len(kernel)
     bias = [node.input[2]] if len(node.input) > 2 and node.input[2] else []
+    own_bias = None
+    if bias and shared(bias[0]):  # the refit and BatchNorm folding change the pair's bias: it must be its own
+        own_bias = numpy_helper.from_array(site.uses[0].bias.numpy().astype(dtype), _fresh(f"{name}/bias", used))
+        bias = [own_bias.name]
     x, y = node.input[0], node.output[0]
     dw_name, pw_name = _fresh(f"{name}/depthwise", used), _fresh(f"{name}/pointwise", used)
     m, r = m_g * groups, factors.rank
@@ -462,6 +482,8 @@ def _pair(node, site: Site, pick: tuple[str, int], used: set[str], layout: str):
     else:
         nodes = [helper.make_node("Conv", [x, mixing_name], [middle], name=pw_name, group=groups, kernel_shape=ones),
                  helper.make_node("Conv", [middle, spatial_name, *bias], [y], name=dw_name, group=n, **spatial_attrs)]
+    if own_bias is not None:
+        inits.append(own_bias)
     record = LayerChange(
         name=name, aliases=(), source="onnx", in_channels=m_g * groups, out_channels=n, kernel_size=tuple(kernel),
         stride=site.options["stride"], groups=groups, rank=factors.rank, order=order,
@@ -544,7 +566,7 @@ def _verify(original, separated, feeds, why_not: str | None, created: set[str], 
         paths = []
         for label, proto in (("original", original), ("separated", separated)):
             paths.append(Path(tmp) / f"{label}.onnx")
-            _save(proto, paths[-1])
+            write_proto(proto, paths[-1])
         runs = [_run_on(name, paths, feeds) for name in names]
     shapes = ", ".join("x".join(map(str, f.shape)) for f in feeds)
     ran = [r.provider for r in runs if r.ran]
@@ -589,16 +611,8 @@ def _live_nodes(graph) -> set[str]:
     return live
 
 
-def _save(model, path: Path) -> None:
-    """Write ``model``; over 2 GB, its tensors go to a data file beside it (protobuf's limit)."""
-    import onnx
-
-    large = model.ByteSize() > 2_000_000_000 if hasattr(model, "ByteSize") else False
-    onnx.save(model, str(path), save_as_external_data=large, location=path.name + ".data" if large else None)
-
-
 def save_onnx(result: OnnxSeparation, path: str | os.PathLike) -> Path:
     """Write the separated model to ``path`` (external data beside it when over 2 GB)."""
     path = Path(path)
-    _save(result.model, path)
+    write_proto(result.model, path)
     return path

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..measure.onnxrt import open_session
+from ..measure.onnxrt import open_session, write_proto
 from .calibrate import NormalEquations, columns
 
 
@@ -154,9 +154,7 @@ def _exposed(model, values: Sequence[str], overridable: Sequence[str] = ()):
 
 
 def _session(model, path: Path):
-    import onnx
-
-    onnx.save(model, str(path))
+    write_proto(model, path)
     return open_session(path, "CPUExecutionProvider")
 
 

@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..errors import AnalysisError
+
 
 @dataclass(frozen=True)
 class OnnxCounts:
@@ -34,6 +36,9 @@ def count_onnx(model: Any, feeds: Sequence[np.ndarray]) -> OnnxCounts:
 
     Shapes come from onnx's shape inference with the graph's inputs fixed to the feeds' shapes;
     a node whose shapes cannot be inferred counts zero.
+
+    Raises:
+        AnalysisError: onnx's shape inference fails on the graph (over 2 GB, say).
     """
     import onnx
 
@@ -48,8 +53,8 @@ def count_onnx(model: Any, feeds: Sequence[np.ndarray]) -> OnnxCounts:
             dims.add().dim_value = int(size)
     try:
         inferred = onnx.shape_inference.infer_shapes(shaped, data_prop=True)
-    except Exception:  # no shapes, no counts
-        inferred = shaped
+    except Exception as error:  # no shapes, no counts: never a silent zero
+        raise AnalysisError(f"onnx cannot infer this graph's shapes, so its FLOPs cannot be counted ({error})") from None
     shapes: dict[str, tuple[int, ...]] = dict(constants)
     for v in (*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input):
         dims = tuple(d.dim_value for d in v.type.tensor_type.shape.dim)
@@ -60,9 +65,16 @@ def count_onnx(model: Any, feeds: Sequence[np.ndarray]) -> OnnxCounts:
     for node in inferred.graph.node:
         if node.output:
             nodes[node.output[0]] = _node_flops(node, shapes, integers)
-    floats = (1, 10, 11, 16)  # float, float16, double, bfloat16: shape and axis constants are not parameters
-    params = sum(math.prod(i.dims) for i in shaped.graph.initializer if i.data_type in floats)
+    params = sum(math.prod(i.dims) for i in shaped.graph.initializer if i.name in _parameters(shaped.graph))
     return OnnxCounts(int(sum(nodes.values())), int(params), nodes, shapes)
+
+
+def _parameters(graph) -> set[str]:
+    """Float initializers that are parameters as fvcore counts them: not shape or axis constants,
+    not BatchNorm running statistics (buffers in PyTorch)."""
+    floats = {i.name for i in graph.initializer if i.data_type in (1, 10, 11, 16)}
+    statistics = {v for node in graph.node if node.op_type == "BatchNormalization" for v in node.input[3:5]}
+    return floats - statistics
 
 
 def _attr(node, name: str, default: Any) -> Any:
@@ -137,7 +149,8 @@ def onnx_analysis(model: Any, feeds: Sequence[np.ndarray]):
     from .counts import Analysis, ModuleCost
 
     counts = count_onnx(model, feeds)
-    floats = {i.name: math.prod(i.dims) for i in model.graph.initializer if i.data_type in (1, 10, 11, 16)}
+    parameters = _parameters(model.graph)
+    floats = {i.name: math.prod(i.dims) for i in model.graph.initializer if i.name in parameters}
     rows = [ModuleCost("", "graph", counts.params, counts.flops, 0, 0)]
     for node in model.graph.node:
         params = sum(floats.get(v, 0) for v in node.input)

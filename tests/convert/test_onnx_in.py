@@ -258,3 +258,45 @@ def test_a_graph_of_transposed_convs_says_why_nothing_is_separated(tmp_path):
     path = convtool.export_onnx(model, inputs, tmp_path / "g.onnx").path
     with pytest.raises(NothingToSeparateError, match="ConvTranspose nodes are not separated from ONNX yet"):
         convtool.separate_onnx(path, inputs)
+
+
+def test_shared_biases_float16_calibration_and_old_ir_folding():
+    """Found in review: a bias shared by two convs was rewritten for both; fp16 calibration and IR 3 folding failed."""
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.standard_normal((6, 4, 3, 3)).astype(np.float32) for _ in range(2))
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w1", "b"], ["y1"], name="c1", pads=[1, 1, 1, 1]),
+         helper.make_node("Conv", ["x", "w2", "b"], ["y2"], name="c2", pads=[1, 1, 1, 1])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 8, 8])],
+        [helper.make_tensor_value_info(v, TensorProto.FLOAT, [2, 6, 8, 8]) for v in ("y1", "y2")],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+         numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    data = rng.standard_normal((40, 4, 8, 8)).astype(np.float32)
+    one = convtool.separate_onnx(model, rank=1, exclude=["c2"], calibration=data)
+    feeds = [data[:2]]
+    np.testing.assert_array_equal(_run(one.model, feeds)[1], _run(model, feeds)[1])  # c2, left as it was, is unchanged
+    both = convtool.separate_onnx(model, rank=1, calibration=data)
+    ref = _run(model, feeds)
+    for layer, out, r in zip(both.layers, _run(both.model, feeds), ref):
+        actual = float(np.linalg.norm(out - r) / np.linalg.norm(r))
+        assert layer.output_error == pytest.approx(actual, rel=0.3)  # on the calibration data vs two samples of it
+
+    half = onnx.ModelProto()
+    half.CopyFrom(model)
+    for init in half.graph.initializer:
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name))
+    for value in (*half.graph.input, *half.graph.output):
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    assert convtool.separate_onnx(half, rank=2, calibration=data).verified
+
+    bn_stats = [numpy_helper.from_array(v.astype(np.float32), n) for n, v in
+                (("s", rng.random(6) + 0.5), ("o", rng.standard_normal(6)), ("m", rng.standard_normal(6)), ("v", rng.random(6) + 0.5))]
+    old = _conv_graph({"pads": [1, 1, 1, 1]}, extra_nodes=[helper.make_node("BatchNormalization", ["c", "s", "o", "m", "v"], ["y"], name="bn")],
+                      extra_inits=bn_stats)
+    old.ir_version = 3
+    old.opset_import[0].version = 8
+    old.graph.input.extend([helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in old.graph.initializer])
+    folded = convtool.separate_onnx(old, rank="full")
+    assert folded.verified and folded.folded_batchnorms == ("bn",) and folded.max_abs_error < 1e-4
