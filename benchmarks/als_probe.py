@@ -8,7 +8,8 @@ conv's normal equations G = X X^T, B = X Y^T are taken over the pair's input in 
 model (earlier pairs already refit) and the original conv's outputs; then, for 1 or 3 rounds,
 the depthwise filters are solved given the pointwise mix (Hessian (P^T P) (x) G), and the mix
 given the filters, each exact least squares with a 1e-6 ridge; kept where the layer's error
-drops. Prints each layer's relative squared output error before and after, and test accuracy.
+drops. Prints each layer's relative squared output error before and after, and test accuracy;
+then the same through the product, ``separate(..., refit="both")``.
 """
 import sys
 from pathlib import Path
@@ -88,3 +89,6 @@ for target in (0.25, 0.35):
             print(f"  {name} rank {r}: layer error {before:.4f} -> {after:.4f}")
         with torch.no_grad():
             print(target, f"ALS {rounds} rounds", acc(work))
+    product = convtool.separate(model, cal[:1], rank=convtool.FlopsTarget(target), calibration=cal, refit="both")
+    with torch.no_grad():
+        print(target, 'separate(refit="both")', acc(product.model))

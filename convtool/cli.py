@@ -255,6 +255,9 @@ def main() -> None:
 @click.option("--image-size", metavar="H,W", help="Size images of a --calibration folder are resized to.")
 @click.option("--mean", metavar="R,G,B", help="Per-channel mean subtracted from --calibration images (after scaling to [0, 1]).")
 @click.option("--std", metavar="R,G,B", help="Per-channel std dividing --calibration images.")
+@click.option("--refit", type=click.Choice(["last", "both"]), default="last", show_default=True,
+              help="With --calibration: refit each pair's last conv, or both convs (alternating least squares; "
+                   "better fits, slower on large models).")
 @click.option("--recalibrate-bn", is_flag=True, help="Also re-estimate BatchNorm statistics on the calibration data.")
 @click.option("--distill-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="Label-free distillation steps from the original model on the --calibration data.")
@@ -266,7 +269,7 @@ def main() -> None:
 @_output_options
 @_command
 def separate(model, output, rank, flops_target, energy, latency_provider, include, exclude, order, calibration, image_size, mean, std,
-             recalibrate_bn, distill_steps, input_shapes, arch, allow_pickle, device, onnx_path, providers, report_path,
+             refit, recalibrate_bn, distill_steps, input_shapes, arch, allow_pickle, device, onnx_path, providers, report_path,
              force, quiet, as_json):
     """Rewrite every standard conv of MODEL (PyTorch, or an .onnx file) into a depthwise + pointwise pair.
 
@@ -292,6 +295,7 @@ def separate(model, output, rank, flops_target, energy, latency_provider, includ
     if _is_onnx(model):
         unsupported = [flag for flag, value in (
             ("--latency", latency_provider), ("--distill-steps", distill_steps), ("--recalibrate-bn", recalibrate_bn),
+            ("--refit both", refit == "both"),
             ("--onnx", onnx_path), ("--arch", arch), ("--allow-pickle", allow_pickle)) if value]
         if unsupported:
             raise InvalidOptionError(f"{', '.join(unsupported)}: not available for ONNX input yet; "
@@ -306,7 +310,8 @@ def separate(model, output, rank, flops_target, energy, latency_provider, includ
         return _separate_onnx(model, output, rank_value, order, include, exclude, input_shapes, force, ui, data, calibration,
                               _providers(providers)[0], report_path, as_json)
     _needs("--distill-steps", bool(distill_steps), "--calibration FILE|DIR (the unlabeled inputs to distil on)", calibration)
-    for option, value in (("--recalibrate-bn", recalibrate_bn), ("--image-size", image_size), ("--mean", mean), ("--std", std)):
+    for option, value in (("--recalibrate-bn", recalibrate_bn), ("--image-size", image_size), ("--mean", mean), ("--std", std),
+                          ("--refit both", refit == "both")):
         _needs(option, bool(value), "--calibration FILE|DIR", calibration)
     _needs("--providers", bool(providers), "--onnx OUT.onnx (the file to verify)", onnx_path)
     if latency_provider:
@@ -330,7 +335,7 @@ def separate(model, output, rank, flops_target, energy, latency_provider, includ
     with ui.status("tracing and separating" + (" and calibrating" if data is not None else "")):
         result = convtool.separate(
             original, inputs, rank=rank_value, include=include, exclude=exclude, order=order,
-            calibration=data, recalibrate_bn=recalibrate_bn, latency_provider=latency_provider,
+            calibration=data, recalibrate_bn=recalibrate_bn, latency_provider=latency_provider, refit=refit,
         )
     if result.budget_met is False:
         ui.note(f"note: the FLOP target {rank_value.fraction} cannot be met; every separated layer is at its cheapest")

@@ -720,3 +720,13 @@ def test_separate_an_onnx_model(project):
     assert data["flops"] > 0 and any(m["type"] == "Conv" for m in data["modules"])
     unshaped_costs = run("analyze", source)  # a dynamic batch needs --input-shape
     assert unshaped_costs.exit_code == 2, unshaped_costs.output
+
+
+def test_refit_both_halves_from_the_command_line(project):
+    np.save(project / "cal.npy", np.random.default_rng(0).standard_normal((40, 3, 16, 16)).astype(np.float32))
+    result = run("separate", project / "small.pt", "--arch", arch(project), "--calibration", project / "cal.npy", "--refit", "both",
+                 "-o", project / "both.pt", "--json")
+    assert result.exit_code == 0, result.output
+    assert all(layer["output_error"] is not None for layer in json.loads(result.stdout)["layers"])
+    alone = run("separate", project / "small.pt", "--arch", arch(project), "--refit", "both", "-o", project / "x.pt")
+    assert alone.exit_code == 2 and "--calibration" in alone.output

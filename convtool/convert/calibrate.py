@@ -338,6 +338,105 @@ def _as_solution(conv: nn.Module, biases: list[Tensor]) -> Tensor:
     return torch.cat([w, *(b.detach().double().reshape(g, 1, -1) for b in biases)], 1)
 
 
+ALS_LIMIT = 4096  # features (M x K) and filter weights (M x r x K) above which a pair keeps the one-sided refit
+
+
+def refit_both_halves(
+    reference: nn.Module, separated: nn.Module, layers: Sequence[Layer], batches: list[tuple], rounds: int = 3,
+) -> dict[str, float]:
+    """Refit both convs of each depthwise-first pair by alternating least squares, layer by layer in order.
+
+    For each eligible layer (one ungrouped, untransposed pair called once per pass, of at most
+    :data:`ALS_LIMIT` features), the dense conv's normal equations are gathered over the pair's
+    input in ``separated`` (earlier layers already refit, so their error is absorbed) and the
+    original conv's output in ``reference``. Then ``rounds`` times: the depthwise filters given
+    the pointwise mix (Hessian (P^T P) x G), and the mix and bias given the filters, each exact
+    least squares with the refit's ridge. The result is kept only where it fits the data better
+    than the pair's current weights. Costs two passes up to each layer per batch.
+
+    Returns the relative output error left, per layer refit this way.
+    """
+    device = model_device(separated)
+    errors: dict[str, float] = {}
+    with eval_mode(separated), torch.no_grad():
+        for layer in layers:
+            pair = layer.pairs[0]
+            m, r, k = pair.in_channels, pair.rank, math.prod(pair.kernel_size)
+            if (len(layer.pairs) > 1 or pair.order != "dw-pw" or pair.groups != 1 or pair.transposed
+                    or m * k > ALS_LIMIT or m * r * k > ALS_LIMIT):
+                continue
+            equations = _dense_equations(reference, separated, layer, batches, device)
+            if equations is None:
+                continue
+            error = _alternate(pair, equations, rounds)
+            if error is not None:
+                errors[layer.name] = error
+    return errors
+
+
+def _dense_equations(reference, separated, layer: Layer, batches, device) -> "NormalEquations | None":
+    """The dense conv's normal equations over the pair's input in ``separated`` and the original's output."""
+    pair = layer.pairs[0]
+    slots = 1 if pair.bias is not None else 0  # the pair's bias is fit with its mix
+    equations = NormalEquations(slots)
+    for batch in batches:
+        batch = on_device(batch, device)
+        target = record(reference, batch, keep={id(layer.reference_weight)}, stop_after=2, keep_inputs=False)
+        seen = record(separated, batch, keep={id(pair.depthwise.weight)}, stop_after=2, own_mode=True)
+        outputs = [c.output for c in target.calls if c.output is not None]
+        inputs = [c for c in seen.calls if c.input is not None]
+        if len(outputs) != 1 or len(inputs) != 1:  # called more than once a pass: not this refit's case
+            return None
+        call = inputs[0]
+        dense = dict(input=call.input, weight=layer.reference_weight, stride=call.stride, padding=call.padding,
+                     dilation=call.dilation, groups=1)
+        equations.add(columns(dense), outputs[0], 0 if slots else None)
+    return equations if equations.xx is not None else None
+
+
+def _alternate(pair: SeparableConv, equations: "NormalEquations", rounds: int) -> float | None:
+    """Alternate least squares on ``pair``'s depthwise filters D (M, r, K) and pointwise mix P (N, M, r) with bias c."""
+    m, r, k, n = pair.in_channels, pair.rank, math.prod(pair.kernel_size), pair.out_channels
+    f, slots = m * k, equations.slots  # features: M*K, then the bias's 1 when the pair has a bias
+    xx, xy = equations.xx[0].cpu(), equations.xy[0].cpu()
+    d = pair.depthwise.weight.detach().double().reshape(m, r, k).cpu()
+    p = pair.pointwise.weight.detach().double().reshape(n, m, r).cpu()
+    c = pair.bias.detach().double().cpu() if slots else torch.zeros(n, dtype=torch.float64)
+
+    def solution(d: Tensor, p: Tensor, c: Tensor) -> Tensor:
+        w = torch.einsum("nmi,mik->nmk", p, d).reshape(n, f)
+        return torch.cat([w, c[:, None]] if slots else [w], 1).t()[None]  # (1, features, N), as NormalEquations solves
+
+    start = equations.relative_error(solution(d, p, c))
+    g = xx[:f, :f].reshape(m, k, m, k)
+    shift = xx[:f, f:] @ c[None, :] if slots else torch.zeros(f, n, dtype=torch.float64)  # the bias's share of X Y^T
+    for _ in range(rounds):
+        # D given P and c: H[(m,i,k),(m',i',k')] = (P^T P)[(m,i),(m',i')] G[(m,k),(m',k')]
+        h = torch.einsum("mioj,mkol->mikojl", torch.einsum("nmi,noj->mioj", p, p), g).reshape(m * r * k, m * r * k)
+        b = torch.einsum("nmi,mkn->mik", p, (xy[:f] - shift).reshape(m, k, n)).reshape(-1)
+        d = solve_normal_equations(h[None], b[None, :, None])[0, :, 0].reshape(m, r, k)
+        # P (and c) given D: the features are the depthwise outputs z_(m,i) (and the bias's 1)
+        lift = torch.zeros(m * r + slots, f + slots, dtype=torch.float64)
+        for channel in range(m):
+            lift[channel * r:(channel + 1) * r, channel * k:(channel + 1) * k] = d[channel]
+        if slots:
+            lift[-1, -1] = 1
+        mix = solve_normal_equations((lift @ xx @ lift.t())[None], (lift @ xy)[None])[0]  # (M*r + slots, N)
+        p = mix[: m * r].t().reshape(n, m, r)
+        if slots:
+            c = mix[-1]
+            shift = xx[:f, f:] @ c[None, :]
+    fitted = equations.relative_error(solution(d, p, c))
+    if not fitted < start:  # the data does not support it: keep what the pair has
+        return None
+    with torch.no_grad():
+        pair.depthwise.weight.copy_(d.reshape(pair.depthwise.weight.shape).to(pair.depthwise.weight))
+        pair.pointwise.weight.copy_(p.reshape(pair.pointwise.weight.shape).to(pair.pointwise.weight))
+        if slots:
+            pair.bias.copy_(c.to(pair.bias))
+    return fitted
+
+
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[tuple]) -> int:
     """Re-estimate every BatchNorm's running statistics on ``batches``; returns how many.
 

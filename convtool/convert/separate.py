@@ -26,7 +26,7 @@ from ..measure.counts import analyze
 from ..measure.layers import describe
 from ..measure.onnxrt import module_latency, require_provider
 from .bake import bake, copy_model, unbake, working_copy
-from .calibrate import Layer, calibration_batches, recalibrate_batchnorm, refit
+from .calibrate import Layer, calibration_batches, recalibrate_batchnorm, refit, refit_both_halves
 from .install import Installed, install
 from .plan import Latency, Plan, SiteStats, make_plan
 from .proof import NOT_RUN, OUTSIDE, RAN, Edits, prove
@@ -108,6 +108,7 @@ def separate(
     calibration: Any = None,
     recalibrate_bn: bool = False,
     latency_provider: str | None = None,
+    refit: str = "last",
 ) -> Separation:
     """Replace every standard ``Conv2d`` of ``model`` by a depthwise-separable pair, and prove it.
 
@@ -141,6 +142,10 @@ def separate(
             by default: the refit already matches each layer's original outputs, and
             re-estimating them on a few hundred images lowered accuracy in every setting of
             benchmarks/accuracy.py.
+        refit: with calibration, ``"last"`` refits each pair's last conv (one pass per batch);
+            ``"both"`` then also refits both convs of each depthwise-first pair by alternating
+            least squares, layer by layer (better fits, two passes up to each layer per batch;
+            benchmarks/RESULTS.md, "Refitting both halves").
         latency_provider: an onnxruntime provider (``"cpu"``, ``"cuda"``) on which each
             layer's separated forms are timed at the layer's input shape (needs example
             inputs); a layer whose separated form is not faster than its dense conv there stays
@@ -163,6 +168,8 @@ def separate(
         (['0'], True)
     """
     rank = check_rank(rank)
+    if refit not in ("last", "both"):
+        raise InvalidOptionError(f"refit must be 'last' or 'both'; got {refit!r}")
     if order not in (*ORDERS, "auto"):
         raise InvalidOptionError(f"order must be one of {', '.join((*ORDERS, 'auto'))}; got {order!r}")
     latency = _latency(latency_provider)
@@ -225,7 +232,7 @@ def separate(
 
     output_errors: dict[str, float | None] = {}
     if batches:
-        output_errors = _calibrate(reference, memo, work, installed, batches, first)
+        output_errors = _calibrate(reference, memo, work, installed, batches, first, both=refit == "both")
         if recalibrate_bn:
             recalibrate_batchnorm(work, batches)
     budget_met, flops_after = plan.budget_met, plan.flops_after
@@ -365,7 +372,10 @@ class _FirstBatch:
         return {id(memo[key]): [c.output for c in group] for key, group in calls.items() if key in memo}
 
 
-def _calibrate(reference, memo, work, installed: list[Installed], batches, first: _FirstBatch | None) -> dict[str, float | None]:
-    """Refit the pairs, each against its dense twin in ``reference``."""
+def _calibrate(reference, memo, work, installed: list[Installed], batches, first: _FirstBatch | None, both: bool) -> dict[str, float | None]:
+    """Refit the pairs, each against its dense twin in ``reference``; with ``both``, then both halves of each."""
     layers = [Layer(i.site.name, memo[id(i.site.weight)], i.claim.pairs) for i in installed]
-    return refit(reference, work, layers, batches, first_targets=first.outputs(memo) if first is not None else None)
+    errors = refit(reference, work, layers, batches, first_targets=first.outputs(memo) if first is not None else None)
+    if both:
+        errors.update(refit_both_halves(reference, work, layers, batches))
+    return errors

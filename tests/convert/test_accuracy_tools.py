@@ -264,3 +264,24 @@ def test_costing_ranks_and_the_refit_share_the_first_batch():
     assert {layer.rank for layer in result.layers} != {1}
     # the reference and the separated model once per batch, and one check that the data fits
     assert _Counted.passes - plain == 2 * 3 + 1
+
+
+@pytest.mark.parametrize("order", ["dw-pw", "pw-dw"])
+def test_refitting_both_halves_reports_the_error_it_leaves_and_never_a_worse_one(order):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(6, 12, 3, padding=1), nn.ReLU(), nn.Conv2d(12, 16, 3, stride=2, padding=1, bias=False)).eval()
+    data = torch.randn(80, 6, 10, 10)
+    last = convtool.separate(model, data[:1], rank=1, order=order, calibration=data)
+    both = convtool.separate(model, data[:1], rank=1, order=order, calibration=data, refit="both")
+    for a, b in zip(last.layers, both.layers):
+        assert b.output_error <= a.output_error + 1e-9
+    if order == "dw-pw":  # the first layer's error is its own, measured on the data the refit used
+        assert both.layers[0].output_error < last.layers[0].output_error
+        with torch.no_grad():
+            expected = float((both.model[0](data) - model[0](data)).norm() / model[0](data).norm())
+        assert both.layers[0].output_error == pytest.approx(expected, rel=1e-3)
+    exact = convtool.separate(model, data[:1], rank="full", calibration=data, refit="both")
+    with torch.no_grad():
+        torch.testing.assert_close(exact.model(data), model(data), rtol=1e-4, atol=1e-4)
+    with pytest.raises(convtool.InvalidOptionError, match="refit"):
+        convtool.separate(model, data[:1], rank=1, calibration=data, refit="first")
