@@ -352,7 +352,8 @@ def refit_both_halves(
     original conv's output in ``reference``. Then ``rounds`` times: the depthwise filters given
     the pointwise mix (Hessian (P^T P) x G), and the mix and bias given the filters, each exact
     least squares with the refit's ridge. The result is kept only where it fits the data better
-    than the pair's current weights. Costs two passes up to each layer per batch.
+    than the pair's current weights on a held-out quarter of each batch. Costs two passes up to
+    each layer per batch.
 
     Returns the relative output error left, per layer refit this way.
     """
@@ -368,17 +369,18 @@ def refit_both_halves(
             equations = _dense_equations(reference, separated, layer, batches, device)
             if equations is None:
                 continue
-            error = _alternate(pair, equations, rounds)
+            error = _alternate(pair, *equations, rounds)
             if error is not None:
                 errors[layer.name] = error
     return errors
 
 
-def _dense_equations(reference, separated, layer: Layer, batches, device) -> "NormalEquations | None":
-    """The dense conv's normal equations over the pair's input in ``separated`` and the original's output."""
+def _dense_equations(reference, separated, layer: Layer, batches, device) -> "tuple[NormalEquations, NormalEquations] | None":
+    """The dense conv's normal equations over the pair's input in ``separated`` and the original's output:
+    those to fit on, and those of a held-out quarter of each batch to judge the fit on."""
     pair = layer.pairs[0]
     slots = 1 if pair.bias is not None else 0  # the pair's bias is fit with its mix
-    equations = NormalEquations(slots)
+    equations, held = NormalEquations(slots), NormalEquations(slots)
     for batch in batches:
         batch = on_device(batch, device)
         target = record(reference, batch, keep={id(layer.reference_weight)}, stop_after=2, keep_inputs=False)
@@ -390,12 +392,21 @@ def _dense_equations(reference, separated, layer: Layer, batches, device) -> "No
         call = inputs[0]
         dense = dict(input=call.input, weight=layer.reference_weight, stride=call.stride, padding=call.padding,
                      dilation=call.dilation, groups=1)
-        equations.add(columns(dense), outputs[0], 0 if slots else None)
-    return equations if equations.xx is not None else None
+        cols, target = columns(dense), outputs[0]
+        cut = cols.shape[0] - max(cols.shape[0] // 4, 1)  # a quarter of each batch is held out to judge the fit
+        if cut < 1:
+            return None
+        equations.add(cols[:cut], target[:cut], 0 if slots else None)
+        held.add(cols[cut:], target[cut:], 0 if slots else None)
+    return (equations, held) if equations.xx is not None else None
 
 
-def _alternate(pair: SeparableConv, equations: "NormalEquations", rounds: int) -> float | None:
-    """Alternate least squares on ``pair``'s depthwise filters D (M, r, K) and pointwise mix P (N, M, r) with bias c."""
+def _alternate(pair: SeparableConv, equations: "NormalEquations", held: "NormalEquations", rounds: int) -> float | None:
+    """Alternate least squares on ``pair``'s depthwise filters D (M, r, K) and pointwise mix P (N, M, r) with bias c.
+
+    Fit on ``equations``, judged on ``held``: the pair changes only if the held-out error falls.
+    Returns the error on all the data, or None where the pair keeps its weights.
+    """
     m, r, k, n = pair.in_channels, pair.rank, math.prod(pair.kernel_size), pair.out_channels
     f, slots = m * k, equations.slots  # features: M*K, then the bias's 1 when the pair has a bias
     xx, xy = equations.xx[0].cpu(), equations.xy[0].cpu()
@@ -407,7 +418,7 @@ def _alternate(pair: SeparableConv, equations: "NormalEquations", rounds: int) -
         w = torch.einsum("nmi,mik->nmk", p, d).reshape(n, f)
         return torch.cat([w, c[:, None]] if slots else [w], 1).t()[None]  # (1, features, N), as NormalEquations solves
 
-    start = equations.relative_error(solution(d, p, c))
+    before = solution(d, p, c)
     g = xx[:f, :f].reshape(m, k, m, k)
     shift = xx[:f, f:] @ c[None, :] if slots else torch.zeros(f, n, dtype=torch.float64)  # the bias's share of X Y^T
     for _ in range(rounds):
@@ -426,9 +437,10 @@ def _alternate(pair: SeparableConv, equations: "NormalEquations", rounds: int) -
         if slots:
             c = mix[-1]
             shift = xx[:f, f:] @ c[None, :]
-    fitted = equations.relative_error(solution(d, p, c))
-    if not fitted < start:  # the data does not support it: keep what the pair has
-        return None
+    after = solution(d, p, c)
+    if held.xx is None or not held.relative_error(after) < held.relative_error(before):
+        return None  # no better on data it was not fit to: keep what the pair has
+    fitted = equations.plus(held).relative_error(after)
     with torch.no_grad():
         pair.depthwise.weight.copy_(d.reshape(pair.depthwise.weight.shape).to(pair.depthwise.weight))
         pair.pointwise.weight.copy_(p.reshape(pair.pointwise.weight.shape).to(pair.pointwise.weight))

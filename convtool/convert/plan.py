@@ -176,10 +176,14 @@ def rank_output_errors(
     n = f.mixing.shape[0] if order == "dw-pw" else f.mixing.shape[0] // f.rank
     ones = (1,) * dims
 
+    output_padding = options.get("output_padding", 0)
+    if transposed and dense is not None:  # a call with output_size= picks its own output padding: match its output
+        output_padding = _output_padding(x, weight, dense, options)
+
     def spatial_conv(t: torch.Tensor, w: torch.Tensor, g: int) -> torch.Tensor:
         if transposed:
             return _TRANSPOSED_FUNCTIONS[dims](t, w, None, options["stride"], options["padding"],
-                                               options.get("output_padding", 0), g, options["dilation"])
+                                               output_padding, g, options["dilation"])
         return conv(t, w, None, options["stride"], options["padding"], options["dilation"], g)
 
     if dense is None:
@@ -200,6 +204,17 @@ def rank_output_errors(
         flat = residual.reshape(-1)
         errors[i + 1] = float(flat @ flat)
     return errors
+
+
+def _output_padding(x: torch.Tensor, weight: torch.Tensor, output: torch.Tensor, options: dict) -> tuple[int, ...]:
+    """The output padding a transposed conv call used, read off its output's size."""
+    dims = weight.dim() - 2
+    tup = lambda v: (v,) * dims if isinstance(v, int) else tuple(v)  # noqa: E731
+    stride, padding, dilation = tup(options["stride"]), tup(options["padding"]), tup(options["dilation"])
+    return tuple(
+        out - ((size - 1) * s - 2 * p + d * (k - 1) + 1)
+        for out, size, s, p, d, k in zip(output.shape[-dims:], x.shape[-dims:], stride, padding, dilation, weight.shape[2:])
+    )
 
 
 LATENCY_MARGIN = 0.9  # a pair must take at most this share of the dense conv's time

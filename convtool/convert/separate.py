@@ -376,6 +376,7 @@ def _calibrate(reference, memo, work, installed: list[Installed], batches, first
     """Refit the pairs, each against its dense twin in ``reference``; with ``both``, then both halves of each."""
     layers = [Layer(i.site.name, memo[id(i.site.weight)], i.claim.pairs) for i in installed]
     errors = refit(reference, work, layers, batches, first_targets=first.outputs(memo) if first is not None else None)
-    if both:
-        errors.update(refit_both_halves(reference, work, layers, batches))
+    if both and refit_both_halves(reference, work, layers, batches):
+        # Pairs downstream of a changed one were fit to its old outputs: refit every last conv again.
+        errors = refit(reference, work, layers, batches)
     return errors

@@ -60,8 +60,10 @@ def test_rank_one_leaves_no_standard_conv_of_any_kind(entry):
     assert_layers_proven(result, model, inputs)
 
 
-@pytest.mark.parametrize("entry", [e for e in ZOO_ND if e.name in ("wav2vec2", "hifigan", "unet3d", "dcgan")], ids=lambda e: e.name)
+@pytest.mark.parametrize("entry", [e for e in ZOO_ND if e.name in ("wav2vec2", "hifigan", "unet3d", "dcgan", "deconv_output_size")],
+                         ids=lambda e: e.name)
 def test_flop_target_with_calibration_and_auto_order(entry):
+    """deconv_output_size: a transposed conv called with output_size= is costed at the output padding it used."""
     model, inputs = build(entry)
     data = tuple(torch.cat([x] * 4) for x in inputs)
     result = convtool.separate(model, inputs, rank=convtool.FlopsTarget(0.6), order="auto",
