@@ -1,11 +1,13 @@
-"""Accuracy after separation on scikit-learn's digits: SVD only, + calibration, + distillation.
+"""Accuracy after separation on scikit-learn's digits: SVD only, + calibration, + both halves, + distillation.
 
 Run: .venv/bin/python benchmarks/accuracy.py [--weights examples/digits_cnn.safetensors]
 
 Trains the digits CNN of examples/digits_cnn.py (unless --weights is given), then for rank 1 and
-for FLOP targets 0.15 / 0.25 / 0.5 reports test accuracy after the SVD initialisation alone,
+for FLOP targets 0.15 / 0.25 / 0.35 / 0.5 reports test accuracy after the SVD initialisation alone,
 after calibration (least-squares refit on 256 unlabeled training images; in brackets, with
-BatchNorm statistics re-estimated on them too) and after label-free distillation from the original on the unlabeled training images;
+BatchNorm statistics re-estimated on them too), after calibration with ``refit="both"`` (both
+halves of each pair, alternating least squares; in brackets with BatchNorm re-estimation; and
+its separation's seconds) and after label-free distillation from the original on the unlabeled training images;
 FLOPs (fvcore, whole model); onnxruntime CPU latency against the original (2 threads,
 interleaved, medians, batch 1); and the wall time of convtool's steps (training excluded).
 No label is used after training the original. Prints a Markdown table.
@@ -72,10 +74,10 @@ def main() -> None:
     calibration = train_x[: args.calibration_size]  # unlabeled: images only
     print(f"machine: {platform.machine()}, torch threads 2; original test accuracy {base:.2%}, {base_flops} FLOPs\n")
     print("| setting | FLOPs | FLOP ratio (model / convs) | SVD only | + calibration | (with BN re-estimation) "
-          "| + distillation | ORT CPU latency (orig / sep) | wall s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| + both halves | (with BN re-estimation) | both halves s | + distillation | ORT CPU latency (orig / sep) | wall s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     base_conv = conv_flops(model, x1)
-    settings = [("rank 1", dict(rank=1)), *((f"target {t}", dict(rank=convtool.FlopsTarget(t), order="auto")) for t in (0.15, 0.25, 0.5))]
+    settings = [("rank 1", dict(rank=1)), *((f"target {t}", dict(rank=convtool.FlopsTarget(t), order="auto")) for t in (0.15, 0.25, 0.35, 0.5))]
     for label, options in settings:
         start = time.perf_counter()
         svd = convtool.separate(model, x1, **options)
@@ -83,12 +85,17 @@ def main() -> None:
         distilled = convtool.distill(calibrated.model, model, train_x, steps=args.distill_steps, seed=args.seed)
         wall = time.perf_counter() - start  # convtool's steps: two separations and the distillation
         with_bn = convtool.separate(model, x1, calibration=calibration, recalibrate_bn=True, **options)
+        started = time.perf_counter()
+        both = convtool.separate(model, x1, calibration=calibration, refit="both", **options)
+        both_s = time.perf_counter() - started
+        both_bn = convtool.separate(model, x1, calibration=calibration, refit="both", recalibrate_bn=True, **options)
         flops = convtool.analyze(distilled.model, x1).flops
         timing = convtool.benchmark(model, distilled.model, x1, runs=args.latency_runs, threads=2)
         print(
             f"| {label} | {flops} | {flops / base_flops:.3f} / {conv_flops(distilled.model, x1) / base_conv:.3f} "
             f"| {accuracy(svd.model, test_x, test_y):.2%} "
             f"| {accuracy(calibrated.model, test_x, test_y):.2%} | ({accuracy(with_bn.model, test_x, test_y):.2%}) "
+            f"| {accuracy(both.model, test_x, test_y):.2%} | ({accuracy(both_bn.model, test_x, test_y):.2%}) | {both_s:.1f} "
             f"| {accuracy(distilled.model, test_x, test_y):.2%} "
             f"| {timing.original_ms:.3f} / {timing.separated_ms:.3f} ms ({timing.speedup:.2f}x) | {wall:.1f} |"
         )
