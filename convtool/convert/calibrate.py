@@ -319,23 +319,32 @@ class _Fit:
                 chosen, error = solution, fitted
         last = self.last
         layout = conv_layout(last.weight.detach(), last.groups, last.transposed)
-        f = layout[0].numel()
+        weight, biases = from_solution(chosen, layout.shape, len(self.biases))
         with torch.no_grad():
-            weight = chosen[:, :f, :].permute(0, 2, 1).reshape(layout.shape)
             last.weight.copy_(conv_layout(weight, last.groups, last.transposed).to(last.weight.dtype))
-            for i, bias in enumerate(self.biases):
-                bias.copy_(chosen[:, f + i, :].reshape(-1).to(bias.dtype))
+            for bias, value in zip(self.biases, biases):
+                bias.copy_(value.to(bias.dtype))
         if equations.xx is not None:  # of the weights as stored, cast included
             error = equations.relative_error(_as_solution(last, self.biases))
         return error
 
 
+def as_solution(weight: Tensor, biases: Sequence[Tensor], groups: int) -> Tensor:
+    """A weight in a conv's layout (N, M/g, *k) and its biases as a solution: (groups, features + slots, outputs per group)."""
+    w = weight.detach().double().reshape(groups, weight.shape[0] // groups, -1).transpose(1, 2)
+    return torch.cat([w, *(b.detach().double().reshape(groups, 1, -1) for b in biases)], 1)
+
+
+def from_solution(solution: Tensor, weight_shape: Sequence[int], slots: int) -> tuple[Tensor, list[Tensor]]:
+    """The inverse of :func:`as_solution`: the weight (conv layout) and one bias per slot."""
+    f = math.prod(weight_shape[1:])
+    weight = solution[:, :f, :].permute(0, 2, 1).reshape(tuple(weight_shape))
+    return weight, [solution[:, f + i, :].reshape(-1) for i in range(slots)]
+
+
 def _as_solution(conv: nn.Module, biases: list[Tensor]) -> Tensor:
-    """A conv's weight and bias slots in the (groups, features + slots, outputs per group) form of a solution."""
-    g = conv.groups
-    layout = conv_layout(conv.weight.detach().double(), g, conv.transposed)
-    w = layout.reshape(g, conv.out_channels // g, -1).transpose(1, 2)
-    return torch.cat([w, *(b.detach().double().reshape(g, 1, -1) for b in biases)], 1)
+    """A conv module's weight and bias slots as a solution."""
+    return as_solution(conv_layout(conv.weight.detach().double(), conv.groups, conv.transposed), biases, conv.groups)
 
 
 ALS_LIMIT = 4096  # features (M x K) and filter weights (M x r x K) above which a pair keeps the one-sided refit
@@ -415,8 +424,7 @@ def _alternate(pair: SeparableConv, equations: "NormalEquations", held: "NormalE
     c = pair.bias.detach().double().cpu() if slots else torch.zeros(n, dtype=torch.float64)
 
     def solution(d: Tensor, p: Tensor, c: Tensor) -> Tensor:
-        w = torch.einsum("nmi,mik->nmk", p, d).reshape(n, f)
-        return torch.cat([w, c[:, None]] if slots else [w], 1).t()[None]  # (1, features, N), as NormalEquations solves
+        return as_solution(torch.einsum("nmi,mik->nmk", p, d), [c] if slots else [], 1)
 
     before = solution(d, p, c)
     g = xx[:f, :f].reshape(m, k, m, k)

@@ -32,7 +32,7 @@ from ..errors import AnalysisError, InvalidOptionError, NothingToSeparateError, 
 from ..core.records import Benchmark
 from ..measure.compare import Comparison
 from ..measure.fidelity import Fidelity, output_fidelity
-from ..measure.onnx_counts import OnnxCounts, count_onnx, onnx_analysis
+from ..measure.onnx_counts import OnnxCounts, count_onnx, node_attributes, onnx_analysis
 from ..measure.onnxrt import missing_reason, open_session, provider_name, time_sessions, write_proto
 from .calibrate import calibration_batches
 from .onnx_refit import LastConv, refit_onnx
@@ -204,10 +204,7 @@ def separate_onnx(
     new_inits: list[Any] = []
     outputs: dict[str, list[str]] = {}  # per layer, the values its nodes write, the layer's output last
     used_names = {n.name for n in graph.node} | set(constants) | {v for n in graph.node for v in (*n.input, *n.output)}
-    readers: dict[str, list[str]] = {}
-    for node in graph.node:
-        for value in node.input:
-            readers.setdefault(value, []).append(node.name)
+    readers = _readers(graph)
     for node in graph.node:
         pick = plan.picks.get(_name(node)) if node.op_type == "Conv" and _name(node) in sites else None
         if pick is None:
@@ -256,6 +253,15 @@ def separate_onnx(
                           runs=tuple(runs), original=original, folded_batchnorms=tuple(folded))
 
 
+def _readers(graph) -> dict[str, list[Any]]:
+    """Per value name, the top-level nodes that read it."""
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for value in node.input:
+            readers.setdefault(value, []).append(node)
+    return readers
+
+
 def _fold_batchnorm(graph, pairs: list[list[str]], listed_inputs: bool) -> dict[str, tuple[str, str]]:
     """Fold each inference BatchNormalization that alone reads a pair's output into the pair's last conv.
 
@@ -267,10 +273,7 @@ def _fold_batchnorm(graph, pairs: list[list[str]], listed_inputs: bool) -> dict[
     from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in graph.initializer}
-    readers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for value in node.input:
-            readers.setdefault(value, []).append(node)
+    readers = _readers(graph)
     outputs = {o.name for o in graph.output}
     producer = {o: node for node in graph.node for o in node.output}
     folded: dict[str, tuple[str, str]] = {}
@@ -343,7 +346,7 @@ def _site(node, name: str, constants: dict) -> Site:
     """The planner's view of a Conv node: its weight (as torch), groups, bias and strides."""
     from onnx import numpy_helper
 
-    attrs = _attrs(node)
+    attrs = node_attributes(node)
     tensor = lambda value: torch.from_numpy(np.array(numpy_helper.to_array(constants[value]), copy=True))  # noqa: E731
     weight = tensor(node.input[1])
     bias = tensor(node.input[2]) if len(node.input) > 2 and node.input[2] else None
@@ -408,11 +411,6 @@ def _subgraph_convs(graph) -> list[str]:
     return found
 
 
-def _attrs(node) -> dict[str, Any]:
-    import onnx
-
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-
 
 def _reason(node, name: str, constants: dict, overridable: set[str], include, exclude) -> str | None:
     weight = node.input[1] if len(node.input) > 1 else ""
@@ -424,7 +422,7 @@ def _reason(node, name: str, constants: dict, overridable: set[str], include, ex
     if bias and bias not in constants:
         return "its bias is computed in the graph: left as it is"
     shape = tuple(constants[weight].dims)
-    group = int(_attrs(node).get("group", 1))
+    group = int(node_attributes(node).get("group", 1))
     if len(shape) not in (3, 4, 5):
         return f"a Conv of {len(shape) - 2} spatial dimensions: 1 to 3 are separated"
     if constants[weight].data_type not in (1, 10, 11):  # float, float16, double
@@ -444,7 +442,7 @@ def _pair(node, site: Site, pick: tuple[str, int], used: set[str], layout: str, 
     from onnx import helper, numpy_helper
 
     order, rank = pick
-    attrs, name, weight, groups = _attrs(node), site.name, site.weight, site.groups
+    attrs, name, weight, groups = node_attributes(node), site.name, site.weight, site.groups
     dtype = weight.numpy().dtype
     n, m_g, *kernel = weight.shape
     factors = separable_factors(weight, rank, groups, order)

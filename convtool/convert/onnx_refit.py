@@ -11,7 +11,6 @@ A fit worse than the SVD initialisation on the data keeps the initialisation.
 
 from __future__ import annotations
 
-import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from ..measure.onnxrt import open_session, write_proto
-from .calibrate import NormalEquations, columns
+from ..core.modules import SamePadded
+from ..measure.onnx_counts import node_attributes
+from .calibrate import NormalEquations, as_solution, columns, from_solution
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def _refit_layer(session, last: LastConv, batches, targets, current: dict[str, n
     weight_name = last.node.input[1]
     bias_name = last.node.input[2] if len(last.node.input) > 2 and last.node.input[2] else None
     weight = current[weight_name]
-    attrs = _attrs(last.node)
+    attrs = node_attributes(last.node)
     equations = NormalEquations(1 if bias_name else 0)
     names = [o.name for o in session.get_outputs()]
     # onnxruntime lists initializers that are also inputs apart from the inputs it requires
@@ -75,24 +76,18 @@ def _refit_layer(session, last: LastConv, batches, targets, current: dict[str, n
         x = torch.from_numpy(dict(zip(names, session.run(None, feed)))[last.node.input[0]])
         call = _call(x, weight, attrs)
         equations.add(columns(call), torch.from_numpy(target[last.target]), 0 if bias_name else None)
-    initial = _as_solution(weight, current.get(bias_name) if bias_name else None, call["groups"])
+    as_torch = lambda a: torch.from_numpy(np.array(a, dtype=np.float64))  # noqa: E731
+    initial = as_solution(as_torch(weight), [as_torch(current[bias_name])] if bias_name else [], call["groups"])
     error = equations.relative_error(initial)
     solution = equations.solve()
     fitted = equations.relative_error(solution)
     if fitted > error:  # ill-conditioned data can make the solve worse: keep the initialisation
         return error
-    f = math.prod(weight.shape[1:])
-    current[weight_name] = solution[:, :f, :].permute(0, 2, 1).reshape(weight.shape).numpy().astype(weight.dtype)
+    new_weight, new_biases = from_solution(solution, weight.shape, 1 if bias_name else 0)
+    current[weight_name] = new_weight.numpy().astype(weight.dtype)
     if bias_name:
-        current[bias_name] = solution[:, f, :].reshape(-1).numpy().astype(current[bias_name].dtype)
+        current[bias_name] = new_biases[0].numpy().astype(current[bias_name].dtype)
     return fitted
-
-
-def _as_solution(weight: np.ndarray, bias: np.ndarray | None, groups: int) -> torch.Tensor:
-    w = torch.from_numpy(np.array(weight, dtype=np.float64)).reshape(groups, weight.shape[0] // groups, -1).transpose(1, 2)
-    if bias is None:
-        return w
-    return torch.cat([w, torch.from_numpy(np.array(bias, dtype=np.float64)).reshape(groups, 1, -1)], 1)
 
 
 def _call(x: torch.Tensor, weight: np.ndarray, attrs: dict) -> dict[str, Any]:
@@ -113,25 +108,16 @@ def _pads(attrs: dict, size: list[int], kernel: list[int], strides: list[int], d
     auto = attrs.get("auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
     dims = len(kernel)
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        begins, ends = [], []
-        for i, k, s, d in zip(size, kernel, strides, dilations):
-            total = max((math.ceil(i / s) - 1) * s + (k - 1) * d + 1 - i, 0)
-            small, large = total // 2, total - total // 2
-            begins.append(small if auto == "SAME_UPPER" else large)
-            ends.append(large if auto == "SAME_UPPER" else small)
-    elif auto == "VALID":
+    if auto in ("SAME_UPPER", "SAME_LOWER"):  # TensorFlow's SAME: the odd pixel after (UPPER) or before (LOWER)
+        pads = SamePadded.padding_for(size, kernel, strides, dilations)
+        return pads if auto == "SAME_UPPER" else [p for i in range(0, len(pads), 2) for p in (pads[i + 1], pads[i])]
+    if auto == "VALID":
         begins, ends = [0] * dims, [0] * dims
     else:
         pads = list(attrs.get("pads", [0] * (2 * dims)))
         begins, ends = pads[:dims], pads[dims:]
     return [p for b, e in reversed(list(zip(begins, ends))) for p in (b, e)]
 
-
-def _attrs(node) -> dict[str, Any]:
-    import onnx
-
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _exposed(model, values: Sequence[str], overridable: Sequence[str] = ()):

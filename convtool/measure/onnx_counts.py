@@ -77,13 +77,15 @@ def _parameters(graph) -> set[str]:
     return floats - statistics
 
 
-def _attr(node, name: str, default: Any) -> Any:
+def node_attributes(node) -> dict[str, Any]:
+    """An ONNX node's attributes by name, as Python values."""
     import onnx
 
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _attr(node, name: str, default: Any) -> Any:
+    return node_attributes(node).get(name, default)
 
 
 def _integer_constants(graph) -> dict[str, list[int]]:

@@ -300,3 +300,15 @@ def test_shared_biases_float16_calibration_and_old_ir_folding():
     old.graph.input.extend([helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in old.graph.initializer])
     folded = convtool.separate_onnx(old, rank="full")
     assert folded.verified and folded.folded_batchnorms == ("bn",) and folded.max_abs_error < 1e-4
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER"])
+@pytest.mark.parametrize("order", ["dw-pw", "pw-dw"])
+def test_the_refit_pads_as_auto_pad_does(auto_pad, order):
+    """The refit reads the last conv's input padded as the node pads it: its reported error is the true one."""
+    model = _conv_graph({"auto_pad": auto_pad, "strides": [2, 2]}, x_shape=(40, 4, 9, 8))
+    data = np.random.default_rng(3).standard_normal((40, 4, 9, 8)).astype(np.float32)
+    result = convtool.separate_onnx(model, data, rank=1, order=order, calibration=data)
+    out, ref = _run(result.model, [data])[0], _run(model, [data])[0]
+    actual = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+    assert result.layers[0].output_error == pytest.approx(actual, rel=1e-3)
