@@ -48,3 +48,7 @@ class AnalysisError(ConvtoolError):
 
 class ProviderUnavailableError(ConvtoolError):
     """An onnxruntime execution provider asked for cannot run here, so nothing can be timed on it."""
+
+
+class DistributedError(ConvtoolError):
+    """The processes torchrun started cannot form their group (or lose it): nothing was trained."""

@@ -18,32 +18,38 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.overrides import TorchFunctionMode
+from torch.utils.data import DataLoader, Dataset
 
 from ..core.decompose import as_conv_weight
 from ..core.inputs import eval_mode, model_device, on_device
 from ..core.modules import SeparableConv
 from ..errors import InvalidOptionError
 from ..measure.conv_calls import ALL_CONV_FUNCTIONS, conv_arguments, explicit_padding, record
+from .distributed import all_reduce_sum, world
 
 log = logging.getLogger(__name__)
 
 BATCH = 32
 
 
-def calibration_batches(calibration: Any, batch_size: int = BATCH) -> list[tuple]:
-    """Normalise calibration data to a list of input tuples, refusing empty or non-finite data.
+def calibration_batches(calibration: Any, batch_size: int = BATCH) -> "list[tuple] | StreamedBatches":
+    """Normalise calibration data to input tuples, refusing empty or non-finite data.
 
     A tensor is one input, cut into batches along dim 0; a tuple of tensors is a model's
     several inputs, cut alike; a list or any other iterable yields batches (each a tensor, or
-    a tuple/list of tensors).
+    a tuple/list of tensors). A ``torch.utils.data.Dataset`` (items are inputs, batched by
+    ``batch_size``) or ``DataLoader`` is not read into memory: it gives :class:`StreamedBatches`,
+    read again on each pass and checked batch by batch.
     """
+    if isinstance(calibration, (Dataset, DataLoader)):
+        return StreamedBatches(calibration, batch_size)
     if isinstance(calibration, Tensor):
         calibration = (calibration,)
     if isinstance(calibration, tuple) and all(isinstance(t, Tensor) for t in calibration):
@@ -59,10 +65,47 @@ def calibration_batches(calibration: Any, batch_size: int = BATCH) -> list[tuple
         if not batches or not all(isinstance(t, Tensor) for b in batches for t in b):
             raise InvalidOptionError("calibration batches must be tensors or tuples of tensors")
     for batch in batches:
-        for t in batch:
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise InvalidOptionError("calibration data holds NaN or infinite values; check its normalisation (--mean/--std)")
+        _check_finite(batch)
     return batches
+
+
+def _check_finite(batch: tuple) -> tuple:
+    for t in batch:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InvalidOptionError("calibration data holds NaN or infinite values; check its normalisation (--mean/--std)")
+    return batch
+
+
+class StreamedBatches:
+    """Calibration batches read from a Dataset or DataLoader as a pass needs them, never all in memory.
+
+    Iterable again for each pass (the refit and the BatchNorm re-estimation each make one);
+    ``[0]`` is the first batch (kept: the planner and the refit both start from it). Under a
+    process group, give each process its own share (a DataLoader with a ``DistributedSampler``):
+    the refit sums the normal equations of all processes.
+    """
+
+    def __init__(self, source: "Dataset | DataLoader", batch_size: int = BATCH) -> None:
+        self.loader = source if isinstance(source, DataLoader) else DataLoader(source, batch_size=batch_size)
+        first = next(iter(self), None)
+        if first is None:
+            raise InvalidOptionError("the calibration data set yielded no batch")
+        self.first = first
+
+    def __iter__(self) -> Iterator[tuple]:
+        for batch in self.loader:
+            batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+            if not batch or not all(isinstance(t, Tensor) for t in batch):
+                raise InvalidOptionError("calibration batches must be tensors or tuples of tensors")
+            yield _check_finite(batch)
+
+    def __getitem__(self, index: int) -> tuple:
+        if index != 0:
+            raise IndexError("streamed calibration batches are read in order; only the first is kept")
+        return self.first
+
+    def __bool__(self) -> bool:
+        return True
 
 
 def columns(call: dict[str, Any]) -> Tensor:
@@ -162,6 +205,31 @@ class NormalEquations:
             total.xx = sum((e.xx for e in parts[1:]), parts[0].xx)
             total.xy = sum((e.xy for e in parts[1:]), parts[0].xy)
         total.yy = self.yy + other.yy
+        return total
+
+    def all_reduce(self) -> "NormalEquations":
+        """The equations of every process's data (a sum across the process group; unchanged in one process).
+
+        Every process must call it, in the same order; one that saw no data contributes zeros.
+        """
+        if world().size == 1:
+            return self
+        import torch.distributed as dist
+
+        shapes: list = [None] * world().size
+        dist.all_gather_object(shapes, None if self.xx is None else (tuple(self.xx.shape), tuple(self.xy.shape), str(self.xx.device)))
+        known = [s for s in shapes if s is not None]
+        if not known:
+            return self
+        if len(set(s[:2] for s in known)) > 1:
+            raise InvalidOptionError("the processes' calibration equations differ in shape: every process must separate "
+                                     "the model the same way (the same rank, or the same first calibration batch)")
+        device = self.xx.device if self.xx is not None else torch.device(known[0][2])
+        xx = self.xx if self.xx is not None else torch.zeros(known[0][0], dtype=torch.float64, device=device)
+        xy = self.xy if self.xy is not None else torch.zeros(known[0][1], dtype=torch.float64, device=device)
+        total = NormalEquations(self.slots)
+        total.xx, total.xy = all_reduce_sum(xx.clone()), all_reduce_sum(xy.clone())
+        total.yy = float(all_reduce_sum(torch.tensor([self.yy], dtype=torch.float64, device=device)))
         return total
 
     def relative_error(self, w: Tensor) -> float:
@@ -303,6 +371,7 @@ class _Fit:
         self.targets, self.seen = [], 0
 
     def finish(self) -> float | None:
+        self.done = self.done.all_reduce()  # under a process group, every process's data
         if self.done.xx is None:
             log.info("%s did not run on the calibration data; it keeps its SVD initialisation", self.layer.name)
             return None

@@ -56,31 +56,38 @@ def load_calibration(
 
 
 def _load_images(folder, channels, image_size, mean, std) -> torch.Tensor:
-    import numpy as np
-    from PIL import Image
-
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise InvalidOptionError(f"--calibration {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     if image_size is None:
         raise InvalidOptionError("a folder of calibration images needs --image-size H,W")
+    batch = torch.stack([read_image(file, channels, image_size, "--calibration") for file in files])
+    return normalise(batch, mean, std)
+
+
+def read_image(file: Path, channels: int | None, image_size: tuple[int, int], option: str) -> torch.Tensor:
+    """One image as a (C, H, W) float tensor in [0, 1]: grey for a 1-channel model, else RGB, resized."""
+    import numpy as np
+    from PIL import Image
+
     mode = "L" if channels == 1 else "RGB"
-    images = []
-    for file in files:
-        try:
-            with Image.open(file) as image:
-                image = image.convert(mode).resize((image_size[1], image_size[0]), Image.BILINEAR)
-                array = np.asarray(image, dtype=np.float32) / 255.0
-        except Exception as error:
-            raise InvalidOptionError(f"--calibration: cannot read image {file} ({type(error).__name__})") from None
-        images.append(torch.from_numpy(array).reshape(image_size[0], image_size[1], -1).permute(2, 0, 1))
-    batch = torch.stack(images)
-    c = batch.shape[1]
+    try:
+        with Image.open(file) as image:
+            image = image.convert(mode).resize((image_size[1], image_size[0]), Image.BILINEAR)
+            array = np.asarray(image, dtype=np.float32) / 255.0
+    except Exception as error:
+        raise InvalidOptionError(f"{option}: cannot read image {file} ({type(error).__name__})") from None
+    return torch.from_numpy(array).reshape(image_size[0], image_size[1], -1).permute(2, 0, 1)
+
+
+def normalise(images: torch.Tensor, mean: Sequence[float] | None, std: Sequence[float] | None) -> torch.Tensor:
+    """Images (N, C, H, W) or one image (C, H, W) less ``mean``, over ``std``, per channel (1 or C values each)."""
+    c = images.shape[-3]
     for name, values in (("--mean", mean), ("--std", std)):
         if values is not None and len(values) not in (1, c):
             raise InvalidOptionError(f"{name} needs 1 or {c} values, got {len(values)}")
     if mean is not None:
-        batch = batch - torch.tensor(mean).reshape(1, -1, 1, 1)
+        images = images - torch.tensor(mean).reshape(-1, 1, 1)
     if std is not None:
-        batch = batch / torch.tensor(std).reshape(1, -1, 1, 1)
-    return batch
+        images = images / torch.tensor(std).reshape(-1, 1, 1)
+    return images
