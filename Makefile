@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # A CPU build of torch; an unpinned torch pulls several GB of CUDA packages.
 TORCH  := torch==2.13.0
 
-.PHONY: demo test test-all bench clean
+.PHONY: demo test test-all bench bench-distill clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/convert_speed.py
 	$(PY) benchmarks/accuracy.py
+
+# Distillation throughput on 1 and 2 processes (torchrun, gloo), with the scaling efficiency.
+bench-distill: $(STAMP)
+	$(PY) benchmarks/distill_scaling.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache examples/out

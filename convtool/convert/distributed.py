@@ -78,8 +78,10 @@ def process_group(*, cuda: bool = False, timeout: float = DEFAULT_TIMEOUT) -> It
                                    "start at most one process per GPU (--nproc_per_node)")
         torch.cuda.set_device(local)
     try:
-        dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout))
-        dist.barrier()  # every process has joined: a missing one fails here, not at the first step
+        with _native_stderr_held() as held:
+            dist.init_process_group(backend, init_method="env://", timeout=datetime.timedelta(seconds=timeout))
+            dist.barrier()  # every process has joined: a missing one fails here, not at the first step
+            held.release()
     except Exception as error:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -93,6 +95,41 @@ def process_group(*, cuda: bool = False, timeout: float = DEFAULT_TIMEOUT) -> It
         yield world()
     finally:
         dist.destroy_process_group()
+
+
+class _Held:
+    """What native code wrote to stderr while held; given back on :meth:`release`, dropped otherwise."""
+
+    def __init__(self, file) -> None:
+        self.file, self.released = file, False
+
+    def release(self) -> None:
+        self.released = True
+
+
+@contextlib.contextmanager
+def _native_stderr_held() -> Iterator[_Held]:
+    """Hold what C++ writes to file descriptor 2 during the rendezvous.
+
+    A failed rendezvous makes c10d log dozens of lines of C++ stack per retry; the user needs
+    the one line the error becomes. A rendezvous that succeeds gets its messages back.
+    """
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryFile(mode="w+b") as file:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(file.fileno(), 2)
+        held = _Held(file)
+        try:
+            yield held
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if held.released:
+                file.seek(0)
+                sys.stderr.write(file.read().decode(errors="replace"))
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
