@@ -76,6 +76,8 @@ JOB = """
 
     import convtool
     from convtool.convert.distributed import process_group
+    from torch.utils.data import DataLoader
+
     from tests.convert.test_distributed import Rows, data, tiny
 
     out = Path(sys.argv[1])
@@ -89,7 +91,8 @@ JOB = """
         rows = convtool.distill(student, teacher, Rows(x), steps=6, batch_size=16, lr=3e-3, features=True, workers=1)
         # calibration: each process refits on its own half; the normal equations are summed over both
         half = x[r * 48:(r + 1) * 48]
-        calibrated = convtool.separate(teacher, x[:1], rank=1, calibration=Rows(half))
+        calibrated = convtool.separate(teacher, x[:1], rank=1, calibration=DataLoader(Rows(half), batch_size=16),
+                                       recalibrate_bn=True)
         torch.save(dict(tensors=tensors.model.state_dict(), tensor_losses=tensors.losses, processes=tensors.processes,
                         rows=rows.model.state_dict(), calibrated=calibrated.model.state_dict()), out / f"rank{r}.pt")
 """
@@ -114,11 +117,13 @@ def test_two_processes_give_what_one_process_gives(tmp_path):
     same_weights(rows.model.state_dict(), one.model.state_dict(), rtol=1e-4, atol=1e-5)
 
     # Calibration: both processes install the same refit, and the first layer (whose inputs no
-    # refit changes) gets exactly the one-process least squares over all the data.
-    calibrated = convtool.separate(teacher, x[:1], rank=1, calibration=DataLoader(TensorDataset(x), batch_size=16))
+    # refit changes) gets exactly the one-process least squares over all the data; the BatchNorm
+    # after it, re-estimated on each process's share, gets the statistics of all of it.
+    calibrated = convtool.separate(teacher, x[:1], rank=1, calibration=DataLoader(TensorDataset(x), batch_size=16),
+                                   recalibrate_bn=True)
     for key in ranks[0]["calibrated"]:
         assert torch.equal(ranks[0]["calibrated"][key], ranks[1]["calibrated"][key])
-    first = [k for k in ranks[0]["calibrated"] if k.startswith("0.")]
+    first = [k for k in ranks[0]["calibrated"] if k.startswith(("0.", "1.running"))]
     assert first
     same_weights({k: ranks[0]["calibrated"][k] for k in first}, {k: calibrated.model.state_dict()[k] for k in first},
                  rtol=1e-4, atol=1e-5)
