@@ -1,11 +1,12 @@
-"""Output SQNR of every zoo model at FLOP target 0.5, calibrated with refit="last" and refit="both" (issue 15).
+"""Output SQNR of every zoo model at FLOP target 0.5, calibrated with refit="last" and refit="both", with and without sensitivity (issue 15).
 
 Run: .venv/bin/python benchmarks/refit_zoo.py
 
 The zoo's models (tests/zoo.py, tests/zoo_nd.py; random weights with trained-looking BatchNorm),
 calibrated on 16 noisy copies of their example inputs (noise 0.1), judged on 4 other noisy
 copies: the SQNR (dB) of the separated model's outputs against the original's, from
-``convtool.compare``. Prints a Markdown table.
+``convtool.compare``. "sensitivity" columns allocate the budget by each layer's measured effect
+on the model's output (``FlopsTarget(0.5, sensitivity=True)``). Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import convtool  # noqa: E402
 
 def main() -> None:
     torch.set_num_threads(2)
-    print("| model | refit last dB | refit both dB | gain dB |")
-    print("|---|---:|---:|---:|")
+    print("| model | refit last dB | refit both dB | sensitivity, last dB | sensitivity, both dB | best gain dB |")
+    print("|---|---:|---:|---:|---:|---:|")
     for entry in ZOO + ZOO_ND:
         if entry.name == "lazy":  # no trained weights to keep
             continue
@@ -33,11 +34,13 @@ def main() -> None:
         noisy = lambda copies: tuple(torch.cat([x + 0.1 * torch.randn_like(x) for _ in range(copies)]) for x in inputs)  # noqa: E731
         cal, test = noisy(16), noisy(4)
         sqnr = []
-        for refit in ("last", "both"):
-            result = convtool.separate(model, inputs, rank=convtool.FlopsTarget(0.5), calibration=cal if len(cal) > 1 else cal[0],
-                                       refit=refit)
-            sqnr.append(convtool.compare(model, result.model, test).fidelity.sqnr_db)
-        print(f"| {entry.name} | {sqnr[0]:.2f} | {sqnr[1]:.2f} | {sqnr[1] - sqnr[0]:+.2f} |", flush=True)
+        for sensitivity in (False, True):
+            for refit in ("last", "both"):
+                result = convtool.separate(model, inputs, rank=convtool.FlopsTarget(0.5, sensitivity=sensitivity),
+                                           calibration=cal if len(cal) > 1 else cal[0], refit=refit)
+                sqnr.append(convtool.compare(model, result.model, test).fidelity.sqnr_db)
+        cells = " | ".join(f"{v:.2f}" for v in sqnr)
+        print(f"| {entry.name} | {cells} | {max(sqnr[1:]) - sqnr[0]:+.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.costs import dense_flops, pair_flops
-from ..core.decompose import ORDERS, max_rank, rank_errors, separable_factors
+from ..core.decompose import ORDERS, dense_weight, max_rank, rank_errors, separable_factors
 from ..core.modules import SeparableConv, conv_class
 from ..core.records import Energy, FlopsTarget, Rank
 from ..errors import InvalidOptionError
-from .knapsack import DENSE, Choice, allocate
+from .knapsack import DENSE, Choice, allocate, pareto
 from .sites import Site
 
 _CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -32,6 +32,11 @@ Latency = Callable[[nn.Module, tuple[int, ...]], float]
 # Given site names, each one's first (input, output) on calibration data; called only when
 # output errors can change a decision, since it runs the model.
 Activations = Callable[[list[str]], dict[str, tuple[torch.Tensor, torch.Tensor]]]
+# The model's output divergence on calibration data with one conv's weight (by identity)
+# replaced by another: measure.sensitivity.OutputError.
+Sensitivity = Callable[[torch.Tensor, torch.Tensor], float]
+
+SENSITIVITY_POINTS = 4  # ranks per layer whose effect on the model's output is measured
 
 
 @dataclass(frozen=True)
@@ -248,6 +253,7 @@ def make_plan(
     activations: Activations | None = None,
     latency: Latency | None = None,
     provider: str = "",
+    sensitivity: Sensitivity | None = None,
 ) -> Plan:
     """Decide each site's (order, rank).
 
@@ -262,13 +268,16 @@ def make_plan(
         latency: times a module at an input shape; with it, options not faster than the dense
             conv are dropped, whatever the strategy.
         provider: the runtime ``latency`` times on, for the reasons given.
+        sensitivity: with a FLOP target and ``activations``, each layer's options are judged by
+            the model's output instead of the layer's: a few ranks are measured with
+            ``sensitivity`` and the rest interpolated (:func:`model_errors`).
     """
     picks: dict[str, tuple[str, int] | None] = {}
     reasons: dict[str, str] = {}
     budget: tuple = ()
     if isinstance(rank, FlopsTarget):
         # The latency filter runs inside: it prunes each layer's options before the knapsack.
-        budget = _budget(sites, rank.fraction, order, stats, total_flops, activations, latency, picks, reasons)
+        budget = _budget(sites, rank.fraction, order, stats, total_flops, activations, latency, picks, reasons, sensitivity)
     else:
         for site in sites:
             picks[site.name], reason = _energy(site, rank, order) if isinstance(rank, Energy) else (_fixed(site, rank, order), None)
@@ -313,6 +322,49 @@ def _drop_slow(sites, picks, reasons, stats, latency, provider) -> None:
             reasons[site.name] = f"kept dense: rank {pick[1]} ({pick[0]}) is not faster than the dense conv on {provider}"
 
 
+def model_errors(site: Site, choice: Choice, sensitivity: Sensitivity, points: int = SENSITIVITY_POINTS) -> Choice:
+    """Each option's error at the model's output: a few measured, the rest interpolated.
+
+    The options on the layer's cost/error front are measured at ``points`` spread along it,
+    cheapest and dearest included: the model runs with this layer alone replaced by that
+    rank's dense equivalent. Between them the model error is interpolated against the layer
+    error, log on log (a layer's errors and their effect at the output rise together; the
+    measured ranks pin how steeply); outside them it scales in proportion. An option with no
+    layer error keeps none.
+    """
+    options = {key: value for key, value in choice.options.items() if key != DENSE}
+    front = pareto(options)
+    chosen = {front[round(i * (len(front) - 1) / max(points - 1, 1))] for i in range(min(points, len(front)))}
+    measured = {}
+    for key in chosen:
+        order, r = key
+        f = separable_factors(site.weight, r, site.groups, order, site.transposed)
+        approx = dense_weight(f.spatial, f.mixing, f.rank, site.groups, order, site.transposed)
+        measured[key] = sensitivity(site.weight, approx)
+    curve = sorted((options[key][1], value) for key, value in measured.items() if options[key][1] > 0)
+    result = {DENSE: choice.options[DENSE]}
+    for key, (cost, error) in options.items():
+        result[key] = (cost, measured[key] if key in measured else _interpolate(curve, error))
+    return Choice(result)
+
+
+def _interpolate(curve: list[tuple[float, float]], x: float) -> float:
+    """y at ``x`` on a curve of (x, y) points sorted by x: log-log between points, proportional beyond."""
+    if x <= 0 or not curve:
+        return 0.0
+    if x <= curve[0][0]:
+        return curve[0][1] * x / curve[0][0]
+    if x >= curve[-1][0]:
+        return curve[-1][1] * x / curve[-1][0]
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if x0 <= x <= x1:
+            if y0 <= 0 or y1 <= 0 or x1 == x0:
+                return y0 + (y1 - y0) * (x - x0) / max(x1 - x0, 1e-300)
+            t = math.log(x / x0) / math.log(x1 / x0)
+            return math.exp(math.log(y0) + t * math.log(y1 / y0))
+    return curve[-1][1]
+
+
 def reachable(choice: Choice, slack: float) -> Choice:
     """The options :func:`~convtool.convert.knapsack.allocate` could pick, given the budget's slack.
 
@@ -329,7 +381,7 @@ def reachable(choice: Choice, slack: float) -> Choice:
                    if key == DENSE or (cost < dense and cost <= limit)})
 
 
-def _budget(sites, fraction, order, stats, total_flops, activations, latency, picks, reasons) -> tuple[bool, float, float]:
+def _budget(sites, fraction, order, stats, total_flops, activations, latency, picks, reasons, sensitivity) -> tuple[bool, float, float]:
     """Fill ``picks`` and ``reasons`` under a FLOP budget; returns (met, FLOPs before, FLOPs after)."""
     if not stats:
         raise InvalidOptionError("a FLOP target needs example inputs (or calibration data) to cost each layer")
@@ -353,6 +405,8 @@ def _budget(sites, fraction, order, stats, total_flops, activations, latency, pi
     for i, site in enumerate(ran):
         if site.name in measured:
             choices[i] = _output_errors(site, *measured[site.name], choices[i])
+        if sensitivity is not None and len(choices[i].options) > 1 and site.name in measured:
+            choices[i] = model_errors(site, choices[i], sensitivity)
         if latency is not None:
             choices[i] = faster_than_dense(site, choices[i], stats[site.name], latency)
     picks_list, met = allocate(choices, budget)

@@ -20,11 +20,17 @@ class FlopsTarget:
     Layers may stay dense where the budget is better spent elsewhere. Needs example inputs:
     a conv's FLOPs depend on the resolution it runs at.
 
+    With calibration data, each option's error is its layer's output error on the first batch;
+    with ``sensitivity``, it is instead the error that layer's change causes at the *model's*
+    output (estimated from a few gradient probes, KL divergence for logits), so the budget goes
+    where errors matter to the result.
+
     Example:
         >>> convtool.separate(model, x, rank=convtool.FlopsTarget(0.25))
     """
 
     fraction: float
+    sensitivity: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) or not 0 < self.fraction <= 1:
