@@ -42,6 +42,8 @@ _WHERE = {
     "distill": ".convert.distill",
     "Separation": ".convert.separate",
     "separate": ".convert.separate",
+    "Synthesis": ".convert.synthesize",
+    "synthesize": ".convert.synthesize",
     "export_onnx": ".deploy.export",
     "Benchmark": ".core.records",
     "LayerLatency": ".core.records",
@@ -54,6 +56,7 @@ _WHERE = {
 from .errors import (  # noqa: E402  (errors import nothing heavy)
     AnalysisError,
     ConvtoolError,
+    DistributedError,
     ExportError,
     InvalidOptionError,
     ModelLoadError,
@@ -69,6 +72,7 @@ if TYPE_CHECKING:
     from .convert.distill import Distillation, distill
     from .convert.onnx_graph import OnnxSeparation, separate_onnx
     from .convert.separate import Separation, separate
+    from .convert.synthesize import Synthesis, synthesize
     from .core.decompose import separable_factors
     from .core.modules import SeparableConv, SeparableConv2d
     from .core.records import Benchmark, Energy, FlopsTarget, LayerChange, LayerLatency, SkippedLayer
@@ -101,6 +105,7 @@ __all__ = [
     "Comparison",
     "ConvtoolError",
     "Distillation",
+    "DistributedError",
     "Energy",
     "ExportError",
     "Fidelity",
@@ -123,6 +128,7 @@ __all__ = [
     "Separation",
     "SeparationError",
     "SkippedLayer",
+    "Synthesis",
     "UnsafeModelError",
     "analyze",
     "benchmark",
@@ -133,5 +139,6 @@ __all__ = [
     "separable_factors",
     "separate",
     "separate_onnx",
+    "synthesize",
     "verify_onnx",
 ]

@@ -548,4 +548,39 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[tuple]) -> int:
         finally:
             for m, momentum in saved:
                 m.momentum = momentum
+        _average_over_processes(norms)
     return len(norms)
+
+
+def _average_over_processes(norms: list[_BatchNorm]) -> None:
+    """Under a process group, every process's statistics weighted by the batches it saw: those of all the data."""
+    if world().size == 1:
+        return
+    for m in norms:
+        count = m.num_batches_tracked.to(m.running_mean.device, torch.float64)
+        total = all_reduce_sum(count.clone()).clamp_min(1)
+        for stat in (m.running_mean, m.running_var):
+            stat.copy_(all_reduce_sum(stat.double() * count) / total)
+        m.num_batches_tracked.copy_(total.to(m.num_batches_tracked))
+
+
+def give_biases(layers: Sequence[Layer]) -> list[str]:
+    """Give a zero bias to each layer whose last conv has none, so the refit can fit it; the layers given one.
+
+    Bias correction, as post-training quantization does it: the separated layer's error has a
+    mean per output channel on real data, and a bias fitted with the weights by least squares
+    removes it. A conv trained without bias (the one before a BatchNorm) would otherwise keep
+    that shift. The pairs of one layer share their last weight, so they share the new bias too.
+    """
+    given = []
+    for layer in layers:
+        lasts = [pair.last for pair in layer.pairs]
+        if any(last.bias is not None for last in lasts):
+            continue
+        first = lasts[0]
+        bias = nn.Parameter(torch.zeros(first.out_channels, device=first.weight.device, dtype=first.weight.dtype),
+                            requires_grad=first.weight.requires_grad)
+        for last in lasts:
+            last.bias = bias
+        given.append(layer.name)
+    return given

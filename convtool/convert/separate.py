@@ -25,12 +25,14 @@ from ..measure.conv_calls import ConvCall, ConvRecorder, explicit_padding, recor
 from ..measure.counts import analyze
 from ..measure.layers import describe
 from ..measure.onnxrt import module_latency, require_provider
+from ..measure.sensitivity import OutputError
 from .bake import bake, copy_model, unbake, working_copy
-from .calibrate import Layer, calibration_batches, recalibrate_batchnorm, refit, refit_both_halves
+from .calibrate import Layer, calibration_batches, give_biases, recalibrate_batchnorm, refit, refit_both_halves
 from .install import Installed, install
 from .plan import Latency, Plan, SiteStats, make_plan
 from .proof import NOT_RUN, OUTSIDE, RAN, Edits, prove
 from .sites import Site, find_sites
+from .synthesize import Synthesis, synthesis
 
 if TYPE_CHECKING:
     from ..measure.compare import Comparison
@@ -55,6 +57,8 @@ class Separation:
         budget_met: with a FLOP target, whether it was reached (None without one).
         flops_before, flops_after: with a FLOP target, the model's multiply-adds on the
             example inputs before and after, as the budget counted them.
+        synthetic: with ``calibration="synthetic"``, how the calibration inputs were made
+            from the model alone (``.inputs`` holds them, ``.note`` says what they match).
     """
 
     model: nn.Module
@@ -66,6 +70,7 @@ class Separation:
     budget_met: bool | None = None
     flops_before: float | None = None
     flops_after: float | None = None
+    synthetic: Synthesis | None = None
 
     @property
     def params_before(self) -> int:
@@ -137,7 +142,11 @@ def separate(
         calibration: unlabeled model inputs (a tensor, a tuple of tensors for several inputs,
             or an iterable of batches). A FLOP target then weighs output error instead of
             weight error, and every separated layer's last conv is refit by least squares to
-            reproduce the original layer's outputs on all its calls.
+            reproduce the original layer's outputs on all its calls (with a bias, given to a
+            conv that had none: bias correction). ``"synthetic"``: no data
+            at hand, so :func:`~convtool.synthesize` makes 256 inputs from the model itself
+            (matching its BatchNorm statistics) and those are used; call ``synthesize`` yourself
+            for other settings, or to keep the inputs.
         recalibrate_bn: after calibration, re-estimate BatchNorm statistics on the data. Off
             by default: the refit already matches each layer's original outputs, and
             re-estimating them on a few hundred images lowered accuracy in every setting of
@@ -175,6 +184,7 @@ def separate(
     latency = _latency(latency_provider)
     if not isinstance(model, nn.Module):
         raise InvalidOptionError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    calibration, synthetic = _synthetic(model, example_inputs, calibration)
     batches = calibration_batches(calibration) if calibration is not None else []
     work = working_copy(model)
     device = model_device(work)
@@ -197,6 +207,8 @@ def separate(
             raise InvalidOptionError("a FLOP target or a latency provider needs example inputs (or calibration data) to cost each layer")
         with running(costed, _what(inputs)):
             dense_run = record(work, costed)
+    if isinstance(rank, FlopsTarget) and rank.sensitivity and not batches:
+        raise InvalidOptionError("a FLOP target with sensitivity measures errors at the model's output on calibration data: pass calibration")
     first = _FirstBatch(work, sites, on_device(batches[0], device)) if batches else None
     plan = _plan(work, sites, rank, order, costed, dense_run, first, latency, latency_provider)
     skipped += [SkippedLayer(name, reason) for name, reason in plan.dense_reasons.items()]
@@ -249,7 +261,21 @@ def separate(
     return Separation(
         model=work, layers=layers, skipped=tuple(skipped), original=model, verified=bool(proof_inputs),
         verification=verification, budget_met=budget_met, flops_before=plan.flops_before, flops_after=flops_after,
+        synthetic=synthetic,
     )
+
+
+def _synthetic(model: nn.Module, example_inputs: Any, calibration: Any) -> tuple[Any, Synthesis | None]:
+    """The calibration data, synthesised from the model when it is the word ``"synthetic"``."""
+    if not isinstance(calibration, str):
+        return calibration, None
+    if calibration != "synthetic":
+        raise InvalidOptionError(f"calibration must be model inputs or 'synthetic'; got the string {calibration!r}")
+    if example_inputs is None:
+        raise InvalidOptionError("calibration='synthetic' needs example inputs: the inputs are synthesised in their shape")
+    made = synthesis(model, example_inputs)
+    log.info("%s", made.note)
+    return made.inputs, made
 
 
 def _is_lazy(model: nn.Module) -> bool:
@@ -260,11 +286,21 @@ def _plan(work, sites, rank, order, costed, dense_run, first: "_FirstBatch | Non
     """The rank decisions, with what the strategy needs measured: call statistics, model FLOPs, activations."""
     stats = _site_stats(sites, dense_run) if dense_run is not None else {}
     total = _model_flops(work, costed, dense_run) if isinstance(rank, FlopsTarget) else None
+    sensitivity = None
+    if first is not None and isinstance(rank, FlopsTarget) and rank.sensitivity:
+        sensitivity = _output_error(work, first.batch)
     plan = make_plan(sites, rank, order, stats=stats, total_flops=total, activations=first,
-                     latency=latency, provider=provider or "")
+                     latency=latency, provider=provider or "", sensitivity=sensitivity)
     if first is not None:
         first.drop_inputs()
     return plan
+
+
+def _output_error(model: nn.Module, batch: tuple) -> OutputError:
+    try:
+        return OutputError(model, batch)
+    except ValueError:
+        raise InvalidOptionError("a FLOP target with sensitivity needs a model with a float output to compare") from None
 
 
 def _prove(edits: Edits, installed: list[Installed], inputs: tuple, before: dict[str, str], skipped: list[SkippedLayer]):
@@ -375,6 +411,7 @@ class _FirstBatch:
 def _calibrate(reference, memo, work, installed: list[Installed], batches, first: _FirstBatch | None, both: bool) -> dict[str, float | None]:
     """Refit the pairs, each against its dense twin in ``reference``; with ``both``, then both halves of each."""
     layers = [Layer(i.site.name, memo[id(i.site.weight)], i.claim.pairs) for i in installed]
+    give_biases(layers)
     errors = refit(reference, work, layers, batches, first_targets=first.outputs(memo) if first is not None else None)
     if both and refit_both_halves(reference, work, layers, batches):
         # Pairs downstream of a changed one were fit to its old outputs: refit every last conv again.
