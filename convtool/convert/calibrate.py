@@ -272,7 +272,7 @@ class Layer:
 
 def refit(
     reference: nn.Module, separated: nn.Module, layers: Sequence[Layer], batches: list[tuple],
-    first_targets: dict[int, list[Tensor]] | None = None,
+    first_targets: dict[int, list[Tensor]] | None = None, across_processes: bool = True,
 ) -> dict[str, float | None]:
     """Refit each layer's last conv so its outputs match the reference layer's, in one pass over the data.
 
@@ -291,6 +291,8 @@ def refit(
         batches: calibration input tuples.
         first_targets: the reference's conv outputs on ``batches[0]`` by id of its weights,
             when already recorded (the planner costs ranks on that batch): not run again.
+        across_processes: under a process group, fit on every process's data (each process
+            must then refit the same layers); False fits on this process's batches alone.
 
     Returns:
         Per layer name, the relative output error of its final weights on the calibration data
@@ -314,7 +316,7 @@ def refit(
                 separated(*batch)
             for fit in fits.values():
                 fit.end()
-    return {fit.layer.name: fit.finish() for fit in fits.values()}
+    return {fit.layer.name: fit.finish(across_processes) for fit in fits.values()}
 
 
 class _Refitting(TorchFunctionMode):
@@ -370,8 +372,9 @@ class _Fit:
             self._install(self.done)
         self.targets, self.seen = [], 0
 
-    def finish(self) -> float | None:
-        self.done = self.done.all_reduce()  # under a process group, every process's data
+    def finish(self, across_processes: bool = True) -> float | None:
+        if across_processes:
+            self.done = self.done.all_reduce()  # under a process group, every process's data
         if self.done.xx is None:
             log.info("%s did not run on the calibration data; it keeps its SVD initialisation", self.layer.name)
             return None

@@ -21,6 +21,7 @@ from ..core.decompose import ORDERS, dense_weight, max_rank, rank_errors, separa
 from ..core.modules import SeparableConv, conv_class
 from ..core.records import Energy, FlopsTarget, Rank
 from ..errors import InvalidOptionError
+from .calibrate import Layer, give_biases, refit
 from .knapsack import DENSE, Choice, allocate, pareto
 from .sites import Site
 
@@ -322,15 +323,19 @@ def _drop_slow(sites, picks, reasons, stats, latency, provider) -> None:
             reasons[site.name] = f"kept dense: rank {pick[1]} ({pick[0]}) is not faster than the dense conv on {provider}"
 
 
-def model_errors(site: Site, choice: Choice, sensitivity: Sensitivity, points: int = SENSITIVITY_POINTS) -> Choice:
+def model_errors(site: Site, choice: Choice, sensitivity: Sensitivity, x: torch.Tensor | None = None,
+                 points: int = SENSITIVITY_POINTS) -> Choice:
     """Each option's error at the model's output: a few measured, the rest interpolated.
 
     The options on the layer's cost/error front are measured at ``points`` spread along it,
     cheapest and dearest included: the model runs with this layer alone replaced by that
-    rank's dense equivalent. Between them the model error is interpolated against the layer
-    error, log on log (a layer's errors and their effect at the output rise together; the
-    measured ranks pin how steeply); outside them it scales in proportion. An option with no
-    layer error keeps none.
+    rank's pair, as the refit will leave it where ``x`` (the layer's input on the batch) is
+    given — its last conv refit on ``x`` alone, bias included — else as the SVD gives it. The
+    refit matters: a pair with few features (a stem on three colour channels) keeps its error,
+    one with many fits most of it away, and measuring SVD pairs sent a FLOP budget to the stem
+    of the zoo's inception model. Between the measured ranks the model error is interpolated
+    against the layer error, log on log; outside them it scales in proportion. An option with
+    no layer error keeps none.
     """
     options = {key: value for key, value in choice.options.items() if key != DENSE}
     front = pareto(options)
@@ -338,14 +343,25 @@ def model_errors(site: Site, choice: Choice, sensitivity: Sensitivity, points: i
     measured = {}
     for key in chosen:
         order, r = key
-        f = separable_factors(site.weight, r, site.groups, order, site.transposed)
-        approx = dense_weight(f.spatial, f.mixing, f.rank, site.groups, order, site.transposed)
-        measured[key] = sensitivity(site.weight, approx)
+        if x is not None:
+            measured[key] = sensitivity(site.weight, *_refit_alone(site, order, r, x))
+        else:
+            f = separable_factors(site.weight, r, site.groups, order, site.transposed)
+            measured[key] = sensitivity(site.weight, dense_weight(f.spatial, f.mixing, f.rank, site.groups, order, site.transposed))
     curve = sorted((options[key][1], value) for key, value in measured.items() if options[key][1] > 0)
     result = {DENSE: choice.options[DENSE]}
     for key, (cost, error) in options.items():
         result[key] = (cost, measured[key] if key in measured else _interpolate(curve, error))
     return Choice(result)
+
+
+def _refit_alone(site: Site, order: str, rank: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense weight and bias of the rank's pair with its last conv refit to the dense conv on ``x``."""
+    dense, pair = _dense(site).eval(), _pair(site, order, rank).eval()
+    layer = Layer(site.name, dense.weight, [pair])
+    give_biases([layer])
+    refit(dense, pair, [layer], [(x,)], across_processes=False)  # each process plans on its own batch
+    return pair.weight.detach(), pair.bias.detach()
 
 
 def _interpolate(curve: list[tuple[float, float]], x: float) -> float:
@@ -406,7 +422,8 @@ def _budget(sites, fraction, order, stats, total_flops, activations, latency, pi
         if site.name in measured:
             choices[i] = _output_errors(site, *measured[site.name], choices[i])
         if sensitivity is not None and len(choices[i].options) > 1 and site.name in measured:
-            choices[i] = model_errors(site, choices[i], sensitivity)
+            zero_padded = site.options.get("padding_mode", "zeros") == "zeros"  # else its input came padded
+            choices[i] = model_errors(site, choices[i], sensitivity, measured[site.name][0] if zero_padded else None)
         if latency is not None:
             choices[i] = faster_than_dense(site, choices[i], stats[site.name], latency)
     picks_list, met = allocate(choices, budget)

@@ -28,8 +28,8 @@ TRANSPOSED_FUNCTIONS = (
     F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
 )
 ALL_CONV_FUNCTIONS = CONV_FUNCTIONS + TRANSPOSED_FUNCTIONS
-_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-_TRANSPOSED_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+CONV_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+TRANSPOSED_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
 _DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1, "output_padding": 0}
 
 
@@ -40,7 +40,7 @@ def conv_arguments(args: tuple, kwargs: dict | None, func: Any = None) -> dict[s
     """
     transposed = func in TRANSPOSED_FUNCTIONS
     bound = dict(_DEFAULTS, transposed=transposed)
-    bound.update(zip(_TRANSPOSED_ARGS if transposed else _ARGS, args))
+    bound.update(zip(TRANSPOSED_ARGUMENTS if transposed else CONV_ARGUMENTS, args))
     bound.update(kwargs or {})
     return bound
 

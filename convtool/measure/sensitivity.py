@@ -23,24 +23,26 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ..core.inputs import eval_mode
-from .conv_calls import ALL_CONV_FUNCTIONS
+from .conv_calls import ALL_CONV_FUNCTIONS, CONV_ARGUMENTS, TRANSPOSED_ARGUMENTS, conv_arguments
 
 
 class _Swap(TorchFunctionMode):
-    """Every conv call on ``weight`` (by identity) uses ``replacement`` instead."""
+    """Every conv call on ``weight`` (by identity) uses ``replacement`` instead, and ``bias`` when given."""
 
-    def __init__(self, weight: Tensor, replacement: Tensor) -> None:
+    def __init__(self, weight: Tensor, replacement: Tensor, bias: Tensor | None) -> None:
         super().__init__()
-        self.weight, self.replacement = weight, replacement
+        self.weight, self.replacement, self.bias = weight, replacement, bias
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
         if func in ALL_CONV_FUNCTIONS:
-            if len(args) > 1 and args[1] is self.weight:
-                args = (args[0], self.replacement, *args[2:])
-            elif kwargs.get("weight") is self.weight:
-                kwargs["weight"] = self.replacement
-        return func(*args, **kwargs)
+            call = conv_arguments(args, kwargs, func)
+            if call["weight"] is self.weight:
+                call["weight"] = self.replacement
+                if self.bias is not None:
+                    call["bias"] = self.bias
+                names = TRANSPOSED_ARGUMENTS if call.pop("transposed") else CONV_ARGUMENTS
+                return func(*(call[name] for name in names))
+        return func(*args, **(kwargs or {}))
 
 
 def _leaves(output: object) -> list[Tensor]:
@@ -83,9 +85,10 @@ class OutputError:
             raise ValueError("the model's output has no float tensor to measure a change on")
         self.runs = 0
 
-    def __call__(self, weight: Tensor, replacement: Tensor) -> float:
-        """The divergence with every call of ``weight`` (by identity) using ``replacement``."""
+    def __call__(self, weight: Tensor, replacement: Tensor, bias: Tensor | None = None) -> float:
+        """The divergence with every call of ``weight`` (by identity) using ``replacement`` (and ``bias``, when given)."""
         self.runs += 1
-        with eval_mode(self.model), torch.no_grad(), _Swap(weight, replacement.to(weight.dtype)):
+        bias = bias.to(weight.dtype) if bias is not None else None
+        with eval_mode(self.model), torch.no_grad(), _Swap(weight, replacement.to(weight.dtype), bias):
             changed = _leaves(self.model(*self.inputs))
         return divergence(self.reference, changed)
