@@ -255,7 +255,7 @@ def separate(
     layers = tuple(
         describe(i.site.name, [n for n in i.names if label(n) != i.site.name], i.site.source, i.claim.pairs,
                  calls.get(i.site.name) if proof_inputs else None, dense_weight=i.site.weight,
-                 output_error=output_errors.get(i.site.name))
+                 output_error=output_errors.get(i.site.name), params_before=_dense_params(i.site))
         for i in installed
     )
     return Separation(
@@ -276,6 +276,12 @@ def _synthetic(model: nn.Module, example_inputs: Any, calibration: Any) -> tuple
     made = synthesis(model, example_inputs)
     log.info("%s", made.note)
     return made.inputs, made
+
+
+def _dense_params(site: Site) -> int:
+    """The layer's parameters as it was: its weight and its own biases (the refit may give its pairs one)."""
+    biases = {id(u.bias): u.bias for u in site.uses if u.bias is not None}
+    return site.weight.numel() + sum(b.numel() for b in biases.values())
 
 
 def _is_lazy(model: nn.Module) -> bool:

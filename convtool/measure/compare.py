@@ -103,14 +103,23 @@ def compare(original: nn.Module, separated: nn.Module, example_inputs: Any, *, s
             if pairs:
                 layers.append(describe(
                     layer.name, layer.aliases, layer.source, pairs, calls, dense_weight=_dense_weight(original, layer.name, layer.source),
-                    output_error=layer.output_error if same_model else None,
+                    output_error=layer.output_error if same_model else None, params_before=layer.params_before,
                 ))
         skipped, verified = tuple(separation.skipped), separation.verified
     else:
         for names, pairs in pair_groups(separated):
-            layers.append(describe(names[0], names[1:], "module", pairs, calls, dense_weight=_dense_weight(original, names[0], "module")))
+            layers.append(describe(names[0], names[1:], "module", pairs, calls, dense_weight=_dense_weight(original, names[0], "module"),
+                                   params_before=_dense_params(original, names[0])))
         skipped, verified = (), None
     return Comparison(before, after, tuple(layers), fidelity, skipped, verified)
+
+
+def _dense_params(original: nn.Module, name: str) -> int | None:
+    """The original conv module's parameters at a layer name (weight and bias), if a conv module is there."""
+    found = original if name in ("", "<model>") else get_or_none(original, name)
+    if not isinstance(found, nn.Module) or not isinstance(getattr(found, "weight", None), torch.Tensor):
+        return None
+    return sum(p.numel() for p in found.parameters(recurse=False))
 
 
 def _dense_weight(original: nn.Module, name: str, source: str) -> torch.Tensor | None:

@@ -42,6 +42,7 @@ def describe(
     *,
     dense_weight: torch.Tensor | None = None,
     output_error: float | None = None,
+    params_before: int | None = None,
 ) -> LayerChange:
     """The record of one separated layer.
 
@@ -53,6 +54,8 @@ def describe(
         dense_weight: the weight the layer replaced; the weight error is then that of what the
             pairs apply now (after a refit or fine-tuning), not of their SVD initialisation.
         output_error: the refit's output error, when calibrated.
+        params_before: the dense layer's parameters, when known; else its weight's, plus the
+            pairs' biases (which the refit may have added to a layer trained without one).
     """
     first = pairs[0]
     weight_shape = (first.out_channels, first.in_channels // first.groups, *first.kernel_size)
@@ -80,7 +83,7 @@ def describe(
         groups=first.groups,
         rank=first.rank,
         order=first.order,
-        params_before=math.prod(weight_shape) + sum(b.numel() for b in biases),
+        params_before=params_before if params_before is not None else math.prod(weight_shape) + sum(b.numel() for b in biases),
         params_after=params_after,
         flops_before=flops_before,
         flops_after=flops_after,

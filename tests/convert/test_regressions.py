@@ -124,3 +124,19 @@ def test_saved_model_keeps_mode_dependent_code(tmp_path):
     assert save_model(separated, tmp_path / "m.pt", (x,)) is False  # saved as-is, not traced
     loaded = torch.load(tmp_path / "m.pt", weights_only=False)
     assert type(loaded) is ModeDependent
+
+
+def test_bias_correction_is_counted_after_not_before():
+    """The refit gives a bias to a layer trained without one; the report once counted it in params_before too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU()).eval()
+    x = torch.randn(32, 8, 10, 10)
+    result = convtool.separate(model, x[:1], rank=2, calibration=x)
+    (layer,) = result.layers
+    assert layer.params_before == 16 * 8 * 3 * 3
+    assert layer.params_after == 8 * 2 * 3 * 3 + 16 * 8 * 2 + 16  # the fitted bias is the separated layer's
+    assert result.model[0].bias is not None and bool(result.model[0].bias.abs().sum() > 0)
+    (reported,) = result.report(x[:1]).layers
+    assert (reported.params_before, reported.params_after) == (layer.params_before, layer.params_after)
+    (compared,) = convtool.compare(model, result.model, x[:1]).layers
+    assert (compared.params_before, compared.params_after) == (layer.params_before, layer.params_after)
