@@ -27,7 +27,7 @@ test-all: $(STAMP)
 demo: $(STAMP)
 	mkdir -p examples/out
 	$(VENV)/bin/convtool separate examples/digits_cnn.safetensors \
-		--arch examples/digits_cnn.py:DigitsCNN --rank auto --flops-target 0.25 \
+		--arch examples/digits_cnn.py:DigitsCNN --rank auto --flops-target 0.25 --sensitivity \
 		--calibration examples/digits_train_images.npy --distill-steps 300 \
 		-o examples/out/digits_cnn.separated.pt --onnx examples/out/digits_cnn.separated.onnx \
 		--report examples/out/report.md --force
