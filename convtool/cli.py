@@ -133,6 +133,7 @@ def _example_inputs(model, input_shapes: tuple[str, ...], device: str, ui: Ui, d
 
     shapes = [_parse_shape(s) for s in input_shapes]
     if not shapes and data is not None:
+        data = _first_sample(data)
         tensors = data if isinstance(data, tuple) else (data,)
         sample = tuple(t[:1].to(device) for t in tensors)  # real data
         channels = first_conv_channels(model)
@@ -149,6 +150,16 @@ def _example_inputs(model, input_shapes: tuple[str, ...], device: str, ui: Ui, d
     inputs = tuple(torch.randn(s, generator=generator, dtype=model_dtype(model)).to(device) for s in shapes)
     shown = " and ".join(",".join(map(str, s)) for s in shapes)
     return _checked(model, inputs, f"the model does not run on inputs of shape {shown}", "; check --input-shape")
+
+
+def _first_sample(data):
+    """Tensors as they are; a streamed Dataset's first sample, batched (one sample, or a tuple of them)."""
+    from torch.utils.data import Dataset
+
+    if not isinstance(data, Dataset):
+        return data
+    first = data[0]
+    return tuple(t[None] for t in first) if isinstance(first, tuple) else first[None]
 
 
 def _checked(model, inputs: tuple, problem: str, advice: str) -> tuple:
@@ -506,12 +517,15 @@ def _data_options(image_size: str | None, mean: str | None, std: str | None) -> 
 
 
 def _calibration(path, model, image_size, mean, std):
+    """The --calibration data: a file read into memory, a folder of images or shards streamed (a Dataset)."""
+    from torch.utils.data import Dataset
+
     from .core.inputs import first_conv_channels
-    from .io import load_calibration
+    from .io import open_inputs
 
     param = next(model.parameters(), None)
-    data = load_calibration(path, channels=first_conv_channels(model), image_size=image_size, mean=mean, std=std)
-    if param is None:
+    data = open_inputs(path, channels=first_conv_channels(model), image_size=image_size, mean=mean, std=std, option="--calibration")
+    if param is None or isinstance(data, Dataset):  # a folder is read batch by batch, as float32
         return data
     cast = lambda t: t.to(param.dtype) if t.is_floating_point() else t  # noqa: E731
     return tuple(map(cast, data)) if isinstance(data, tuple) else cast(data)
@@ -778,8 +792,6 @@ def distill(model, teacher, data, output, steps, batch_size, lr, seed, features,
     """
     import os
 
-    from torch.utils.data import Dataset
-
     import convtool
 
     from .convert.distributed import process_group
@@ -804,10 +816,7 @@ def distill(model, teacher, data, output, steps, batch_size, lr, seed, features,
         teacher_model = _load(teacher, arch, allow_pickle, device, ui)
         student = _load(model, None, allow_pickle, device, ui)
         inputs = open_inputs(data, channels=first_conv_channels(teacher_model), image_size=size, mean=mean_values, std=std_values)
-        example = inputs[0] if isinstance(inputs, Dataset) else inputs  # one sample, or the tensors
-        if isinstance(inputs, Dataset):
-            example = tuple(t[None] for t in example) if isinstance(example, tuple) else example[None]
-        example_inputs = _example_inputs(teacher_model, input_shapes, device, ui, example if not input_shapes else None, data)
+        example_inputs = _example_inputs(teacher_model, input_shapes, device, ui, inputs if not input_shapes else None, data)
         ui.note(f"distilling {steps} steps of {batch_size} samples on {world.size} process{'es' if world.size > 1 else ''}")
         with StepProgress(ui.err, steps, batch_size) as progress:
             result = convtool.distill(

@@ -730,3 +730,20 @@ def test_refit_both_halves_from_the_command_line(project):
     assert all(layer["output_error"] is not None for layer in json.loads(result.stdout)["layers"])
     alone = run("separate", project / "small.pt", "--arch", arch(project), "--refit", "both", "-o", project / "x.pt")
     assert alone.exit_code == 2 and "--calibration" in alone.output
+
+
+def test_a_calibration_folder_of_shards_is_streamed_and_fits_as_the_whole_file_does(project):
+    data = np.random.default_rng(0).standard_normal((70, 3, 16, 16)).astype(np.float32)
+    np.save(project / "cal.npy", data)
+    (project / "shards").mkdir()
+    for i, start in enumerate(range(0, 70, 32)):  # shards that do not line up with the refit's batches of 32
+        np.save(project / "shards" / f"part{i}.npy", data[start:start + 32])
+    reports = []
+    for source in ("cal.npy", "shards"):
+        result = run("separate", project / "small.pt", "--arch", arch(project), "--calibration", project / source,
+                     "--rank", "auto", "--flops-target", "0.5", "-o", project / f"{source}.sep.pt", "--json")
+        assert result.exit_code == 0, result.output
+        reports.append(json.loads(result.stdout)["layers"])
+    assert [layer["rank"] for layer in reports[0]] == [layer["rank"] for layer in reports[1]]
+    for whole, streamed in zip(*reports):
+        assert streamed["output_error"] == pytest.approx(whole["output_error"], rel=1e-4)
