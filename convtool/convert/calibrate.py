@@ -420,19 +420,22 @@ def _as_solution(conv: nn.Module, biases: list[Tensor]) -> Tensor:
 
 
 ALS_LIMIT = 4096  # features (M x K) and filter weights (M x r x K) above which a pair keeps the one-sided refit
+PER_OUTPUT_LIMIT = 2e9  # pointwise-first: N·r·(M·K)² multiply-adds per step, and its memory
 
 
 def refit_both_halves(
     reference: nn.Module, separated: nn.Module, layers: Sequence[Layer], batches: list[tuple], rounds: int = 3,
 ) -> dict[str, float]:
-    """Refit both convs of each depthwise-first pair by alternating least squares, layer by layer in order.
+    """Refit both convs of each pair by alternating least squares, layer by layer in order.
 
     For each eligible layer (one ungrouped, untransposed pair called once per pass, of at most
     :data:`ALS_LIMIT` features), the dense conv's normal equations are gathered over the pair's
     input in ``separated`` (earlier layers already refit, so their error is absorbed) and the
-    original conv's output in ``reference``. Then ``rounds`` times: the depthwise filters given
-    the pointwise mix (Hessian (P^T P) x G), and the mix and bias given the filters, each exact
-    least squares with the refit's ridge. The result is kept only where it fits the data better
+    original conv's output in ``reference``. Then ``rounds`` times, each step exact least squares
+    with the refit's ridge: for a depthwise-first pair the depthwise filters given the pointwise
+    mix (Hessian (P^T P) x G), then the mix and bias given the filters; for a pointwise-first
+    pair, per output, the spatial filters and bias given the mixes, then the mixes
+    (:func:`_alternate_pointwise_first`, within :data:`PER_OUTPUT_LIMIT`). The result is kept only where it fits the data better
     than the pair's current weights on a held-out quarter of each batch. Costs two passes up to
     each layer per batch.
 
@@ -443,14 +446,18 @@ def refit_both_halves(
     with eval_mode(separated), torch.no_grad():
         for layer in layers:
             pair = layer.pairs[0]
-            m, r, k = pair.in_channels, pair.rank, math.prod(pair.kernel_size)
-            if (len(layer.pairs) > 1 or pair.order != "dw-pw" or pair.groups != 1 or pair.transposed
-                    or m * k > ALS_LIMIT or m * r * k > ALS_LIMIT):
+            m, r, k, n = pair.in_channels, pair.rank, math.prod(pair.kernel_size), pair.out_channels
+            if len(layer.pairs) > 1 or pair.groups != 1 or pair.transposed or m * k > ALS_LIMIT:
+                continue
+            if pair.order == "dw-pw" and m * r * k > ALS_LIMIT:
+                continue
+            if pair.order == "pw-dw" and n * r * m * m * k * k > PER_OUTPUT_LIMIT:
                 continue
             equations = _dense_equations(reference, separated, layer, batches, device)
             if equations is None:
                 continue
-            error = _alternate(pair, *equations, rounds)
+            alternate = _alternate if pair.order == "dw-pw" else _alternate_pointwise_first
+            error = alternate(pair, *equations, rounds)
             if error is not None:
                 errors[layer.name] = error
     return errors
@@ -460,19 +467,20 @@ def _dense_equations(reference, separated, layer: Layer, batches, device) -> "tu
     """The dense conv's normal equations over the pair's input in ``separated`` and the original's output:
     those to fit on, and those of a held-out quarter of each batch to judge the fit on."""
     pair = layer.pairs[0]
-    slots = 1 if pair.bias is not None else 0  # the pair's bias is fit with its mix
+    slots = 1 if pair.bias is not None else 0  # the pair's bias is fit with the half that holds it
     equations, held = NormalEquations(slots), NormalEquations(slots)
+    first = pair.depthwise if pair.order == "dw-pw" else pair.pointwise  # it receives the pair's input
     for batch in batches:
         batch = on_device(batch, device)
         target = record(reference, batch, keep={id(layer.reference_weight)}, stop_after=2, keep_inputs=False)
-        seen = record(separated, batch, keep={id(pair.depthwise.weight)}, stop_after=2, own_mode=True)
+        seen = record(separated, batch, keep={id(first.weight)}, stop_after=2, own_mode=True)
         outputs = [c.output for c in target.calls if c.output is not None]
         inputs = [c for c in seen.calls if c.input is not None]
         if len(outputs) != 1 or len(inputs) != 1:  # called more than once a pass: not this refit's case
             return None
-        call = inputs[0]
-        dense = dict(input=call.input, weight=layer.reference_weight, stride=call.stride, padding=call.padding,
-                     dilation=call.dilation, groups=1)
+        call, spatial = inputs[0], pair.depthwise  # the spatial half carries the conv's stride, padding, dilation
+        dense = dict(input=call.input, weight=layer.reference_weight, stride=spatial.stride, padding=spatial.padding,
+                     dilation=spatial.dilation, groups=1)
         cols, target = columns(dense), outputs[0]
         cut = cols.shape[0] - max(cols.shape[0] // 4, 1)  # a quarter of each batch is held out to judge the fit
         if cut < 1:
@@ -524,6 +532,57 @@ def _alternate(pair: SeparableConv, equations: "NormalEquations", held: "NormalE
     with torch.no_grad():
         pair.depthwise.weight.copy_(d.reshape(pair.depthwise.weight.shape).to(pair.depthwise.weight))
         pair.pointwise.weight.copy_(p.reshape(pair.pointwise.weight.shape).to(pair.pointwise.weight))
+        if slots:
+            pair.bias.copy_(c.to(pair.bias))
+    return fitted
+
+
+def _alternate_pointwise_first(pair: SeparableConv, equations: "NormalEquations", held: "NormalEquations", rounds: int) -> float | None:
+    """Alternate least squares on a pointwise-first pair: mixes P (N, r, M), spatial filters S (N, r, K), bias c.
+
+    Output n applies W_n = P_nᵀ S_n, so the objective splits over outputs: every step is N
+    small exact least-squares problems, batched (size r·M for the mixes, r·K + 1 for the
+    filters with the bias, which the depthwise half holds). Fit on ``equations``, judged on
+    ``held`` as :func:`_alternate` is.
+    """
+    m, r, k, n = pair.in_channels, pair.rank, math.prod(pair.kernel_size), pair.out_channels
+    f, slots = m * k, equations.slots
+    xx, xy = equations.xx[0].cpu(), equations.xy[0].cpu()
+    g = xx[:f, :f].reshape(m, k, m, k)
+    g0 = xx[:f, f] if slots else torch.zeros(f, dtype=torch.float64)  # the bias's column: the input's sums
+    p = pair.pointwise.weight.detach().double().reshape(n, r, m).cpu()
+    s = pair.depthwise.weight.detach().double().reshape(n, r, k).cpu()
+    c = pair.bias.detach().double().cpu() if slots else torch.zeros(n, dtype=torch.float64)
+    target = xy[:f].reshape(m, k, n)
+
+    def solution(p: Tensor, s: Tensor, c: Tensor) -> Tensor:
+        return as_solution(torch.einsum("nim,nik->nmk", p, s), [c] if slots else [], 1)
+
+    before = solution(p, s, c)
+    for _ in range(rounds):
+        # S (and c) given P: features (i, k) of output n, and the bias's 1
+        h = torch.einsum("nikol,njo->nikjl", torch.einsum("nim,mkol->nikol", p, g), p).reshape(n, r * k, r * k)
+        b = torch.einsum("nim,mkn->nik", p, target).reshape(n, r * k)
+        if slots:
+            cross = torch.einsum("nim,mk->nik", p, g0.reshape(m, k)).reshape(n, r * k, 1)
+            h = torch.cat([torch.cat([h, cross], 2), torch.cat([cross.transpose(1, 2), xx[f:, f:].expand(n, 1, 1)], 2)], 1)
+            b = torch.cat([b, xy[f:].t()], 1)
+        solved = solve_normal_equations(h, b[:, :, None])[:, :, 0]
+        s = solved[:, : r * k].reshape(n, r, k)
+        if slots:
+            c = solved[:, -1]
+        # P given S (c fixed): features (i, m) of output n
+        h = torch.einsum("nimol,njl->nimjo", torch.einsum("nik,mkol->nimol", s, g), s).reshape(n, r * m, r * m)
+        shifted = target - c[None, None, :] * g0.reshape(m, k, 1)
+        b = torch.einsum("nik,mkn->nim", s, shifted).reshape(n, r * m)
+        p = solve_normal_equations(h, b[:, :, None])[:, :, 0].reshape(n, r, m)
+    after = solution(p, s, c)
+    if held.xx is None or not held.relative_error(after) < held.relative_error(before):
+        return None
+    fitted = equations.plus(held).relative_error(after)
+    with torch.no_grad():
+        pair.pointwise.weight.copy_(p.reshape(pair.pointwise.weight.shape).to(pair.pointwise.weight))
+        pair.depthwise.weight.copy_(s.reshape(pair.depthwise.weight.shape).to(pair.depthwise.weight))
         if slots:
             pair.bias.copy_(c.to(pair.bias))
     return fitted
