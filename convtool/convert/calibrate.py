@@ -451,8 +451,8 @@ def refit_both_halves(
                 continue
             if pair.order == "dw-pw" and m * r * k > ALS_LIMIT:
                 continue
-            if pair.order == "pw-dw" and n * r * m * m * k * k > PER_OUTPUT_LIMIT:
-                continue
+            if pair.order == "pw-dw" and (n * r * m * m * k * k > PER_OUTPUT_LIMIT or pair.depthwise.padding_mode != "zeros"):
+                continue  # a padding mode pads inside the depthwise half, after the pointwise: not the dense conv's columns
             equations = _dense_equations(reference, separated, layer, batches, device)
             if equations is None:
                 continue
@@ -476,11 +476,14 @@ def _dense_equations(reference, separated, layer: Layer, batches, device) -> "tu
         seen = record(separated, batch, keep={id(first.weight)}, stop_after=2, own_mode=True)
         outputs = [c.output for c in target.calls if c.output is not None]
         inputs = [c for c in seen.calls if c.input is not None]
-        if len(outputs) != 1 or len(inputs) != 1:  # called more than once a pass: not this refit's case
+        spatial = [c for c in seen.calls if c.weight is pair.depthwise.weight]
+        if len(outputs) != 1 or len(inputs) != 1 or len(spatial) != 1:  # called more than once a pass: not this refit's case
             return None
-        call, spatial = inputs[0], pair.depthwise  # the spatial half carries the conv's stride, padding, dilation
-        dense = dict(input=call.input, weight=layer.reference_weight, stride=spatial.stride, padding=spatial.padding,
-                     dilation=spatial.dilation, groups=1)
+        # The spatial half's call carries the stride, padding and dilation (padding 0 where a
+        # padding mode padded its input first, as for a depthwise-first pair's own input).
+        call, options = inputs[0], spatial[0]
+        dense = dict(input=call.input, weight=layer.reference_weight, stride=options.stride, padding=options.padding,
+                     dilation=options.dilation, groups=1)
         cols, target = columns(dense), outputs[0]
         cut = cols.shape[0] - max(cols.shape[0] // 4, 1)  # a quarter of each batch is held out to judge the fit
         if cut < 1:

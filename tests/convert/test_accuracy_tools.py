@@ -288,3 +288,20 @@ def test_refitting_both_halves_reports_the_error_it_leaves_and_never_a_worse_one
         torch.testing.assert_close(exact.model(data), model(data), rtol=1e-4, atol=1e-4)
     with pytest.raises(convtool.InvalidOptionError, match="refit"):
         convtool.separate(model, data[:1], rank=1, calibration=data, refit="first")
+
+
+@pytest.mark.parametrize("order", ["dw-pw", "pw-dw"])
+def test_refitting_both_halves_of_a_conv_with_a_padding_mode(order):
+    """A reflect-padded conv pads inside its pair: the dense equations must use the padding the spatial half's call used
+    (a depthwise-first pair's refit once crashed on the zoo's U-Net by padding a padded input again)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(6, 12, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
+                          nn.Conv2d(12, 16, 3, padding=1, padding_mode="reflect")).eval()
+    data = torch.randn(48, 6, 10, 10)
+    last = convtool.separate(model, data[:1], rank=2, order=order, calibration=data)
+    both = convtool.separate(model, data[:1], rank=2, order=order, calibration=data, refit="both")
+    for a, b in zip(last.layers, both.layers):
+        assert b.output_error <= a.output_error + 1e-9
+    with torch.no_grad():
+        expected = float((both.model(data) - model(data)).norm() / model(data).norm())
+    assert both.layers[-1].output_error == pytest.approx(expected, rel=1e-3)
