@@ -454,6 +454,11 @@ def refit_both_halves(
             if pair.order == "pw-dw" and (n * r * m * m * k * k > PER_OUTPUT_LIMIT or pair.depthwise.padding_mode != "zeros"):
                 continue  # a padding mode pads inside the depthwise half, after the pointwise: not the dense conv's columns
             equations = _dense_equations(reference, separated, layer, batches, device)
+            if world().size > 1:  # fit on every process's data, so every process ends with the same pair
+                failed = float(all_reduce_sum(torch.tensor([float(equations is None)], device=device)))
+                if failed:
+                    continue
+                equations = (equations[0].all_reduce(), equations[1].all_reduce())
             if equations is None:
                 continue
             alternate = _alternate if pair.order == "dw-pw" else _alternate_pointwise_first

@@ -93,8 +93,10 @@ JOB = """
         half = x[r * 48:(r + 1) * 48]
         calibrated = convtool.separate(teacher, x[:1], rank=1, calibration=DataLoader(Rows(half), batch_size=16),
                                        recalibrate_bn=True)
+        both = convtool.separate(teacher, x[:1], rank=1, calibration=DataLoader(Rows(half), batch_size=16), refit="both")
         torch.save(dict(tensors=tensors.model.state_dict(), tensor_losses=tensors.losses, processes=tensors.processes,
-                        rows=rows.model.state_dict(), calibrated=calibrated.model.state_dict()), out / f"rank{r}.pt")
+                        rows=rows.model.state_dict(), calibrated=calibrated.model.state_dict(), both=both.model.state_dict()),
+                   out / f"rank{r}.pt")
 """
 
 
@@ -123,6 +125,8 @@ def test_two_processes_give_what_one_process_gives(tmp_path):
                                    recalibrate_bn=True)
     for key in ranks[0]["calibrated"]:
         assert torch.equal(ranks[0]["calibrated"][key], ranks[1]["calibrated"][key])
+    for key in ranks[0]["both"]:  # both halves, refit on every process's data, agree too
+        assert torch.equal(ranks[0]["both"][key], ranks[1]["both"][key]), key
     first = [k for k in ranks[0]["calibrated"] if k.startswith(("0.", "1.running"))]
     assert first
     same_weights({k: ranks[0]["calibrated"][k] for k in first}, {k: calibrated.model.state_dict()[k] for k in first},
