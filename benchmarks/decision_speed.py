@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=["tall-kernel", "resnet50"])
     parser.add_argument("--inputs", nargs="*", type=int, default=[64, 256], help="calibration inputs, one per model")
     parser.add_argument("--target", type=float, default=0.25)
+    parser.add_argument("--sensitivity", action="store_true", help="FlopsTarget(target, sensitivity=True): the opt-in output-aware allocation")
     args = parser.parse_args()
     torch.set_num_threads(2)
     print(f"machine: {platform.machine()}, torch threads 2, FlopsTarget({args.target})\n")
@@ -59,7 +60,7 @@ def main() -> None:
         plain = time.perf_counter() - start
         spent["plan"] = 0.0
         start = time.perf_counter()
-        result = convtool.separate(model, data[:1], rank=convtool.FlopsTarget(args.target), calibration=data)
+        result = convtool.separate(model, data[:1], rank=convtool.FlopsTarget(args.target, sensitivity=args.sensitivity), calibration=data)
         total = time.perf_counter() - start
         layers = ", ".join(f"{l.name} {l.order} {l.rank}" for l in result.layers)
         print(f"| {name} | {count} | {plain:.1f} | {total:.1f} | {spent['plan']:.1f} | {layers} |")

@@ -38,6 +38,10 @@ Activations = Callable[[list[str]], dict[str, tuple[torch.Tensor, torch.Tensor]]
 Sensitivity = Callable[[torch.Tensor, torch.Tensor], float]
 
 SENSITIVITY_POINTS = 4  # ranks per layer whose effect on the model's output is measured
+# Features of a last conv's least squares (M/g x r for a pointwise, r x K for a depthwise) above
+# which sensitivity measures SVD pairs instead of refit ones: on the tall-kernel benchmark
+# (1,024 channels, ranks to 32) the refits took the plan from 10 s to 3 minutes.
+SENSITIVITY_REFIT_LIMIT = 1024
 
 
 @dataclass(frozen=True)
@@ -330,7 +334,8 @@ def model_errors(site: Site, choice: Choice, sensitivity: Sensitivity, x: torch.
     The options on the layer's cost/error front are measured at ``points`` spread along it,
     cheapest and dearest included: the model runs with this layer alone replaced by that
     rank's pair, as the refit will leave it where ``x`` (the layer's input on the batch) is
-    given — its last conv refit on ``x`` alone, bias included — else as the SVD gives it. The
+    given — its last conv refit on ``x`` alone, bias included — else, or where that refit has
+    more than :data:`SENSITIVITY_REFIT_LIMIT` features, as the SVD gives it. The
     refit matters: a pair with few features (a stem on three colour channels) keeps its error,
     one with many fits most of it away, and measuring SVD pairs sent a FLOP budget to the stem
     of the zoo's inception model. Between the measured ranks the model error is interpolated
@@ -341,6 +346,9 @@ def model_errors(site: Site, choice: Choice, sensitivity: Sensitivity, x: torch.
     front = pareto(options)
     chosen = {front[round(i * (len(front) - 1) / max(points - 1, 1))] for i in range(min(points, len(front)))}
     measured = {}
+    m_g, kk = site.channels[0] // site.groups, math.prod(site.weight.shape[2:])
+    if x is not None and max(m_g * r if order == "dw-pw" else r * kk for order, r in chosen) > SENSITIVITY_REFIT_LIMIT:
+        x = None  # the one-layer refits would cost more than the whole plan: measure the SVD pairs
     for key in chosen:
         order, r = key
         if x is not None:
