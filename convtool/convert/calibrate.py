@@ -533,15 +533,20 @@ def _alternate(pair: SeparableConv, equations: "NormalEquations", held: "NormalE
         if slots:
             c = mix[-1]
             shift = xx[:f, f:] @ c[None, :]
-    after = solution(d, p, c)
+    return _keep_if_better(pair, equations, held, before, solution(d, p, c), d, p, c)
+
+
+def _keep_if_better(pair: SeparableConv, equations, held, before: Tensor, after: Tensor,
+                    depthwise: Tensor, pointwise: Tensor, bias: Tensor) -> float | None:
+    """Install the alternated weights only if they fit the held-out data better; the error on all the data, or None."""
     if held.xx is None or not held.relative_error(after) < held.relative_error(before):
         return None  # no better on data it was not fit to: keep what the pair has
     fitted = equations.plus(held).relative_error(after)
     with torch.no_grad():
-        pair.depthwise.weight.copy_(d.reshape(pair.depthwise.weight.shape).to(pair.depthwise.weight))
-        pair.pointwise.weight.copy_(p.reshape(pair.pointwise.weight.shape).to(pair.pointwise.weight))
-        if slots:
-            pair.bias.copy_(c.to(pair.bias))
+        pair.depthwise.weight.copy_(depthwise.reshape(pair.depthwise.weight.shape).to(pair.depthwise.weight))
+        pair.pointwise.weight.copy_(pointwise.reshape(pair.pointwise.weight.shape).to(pair.pointwise.weight))
+        if equations.slots:
+            pair.bias.copy_(bias.to(pair.bias))
     return fitted
 
 
@@ -584,16 +589,7 @@ def _alternate_pointwise_first(pair: SeparableConv, equations: "NormalEquations"
         shifted = target - c[None, None, :] * g0.reshape(m, k, 1)
         b = torch.einsum("nik,mkn->nim", s, shifted).reshape(n, r * m)
         p = solve_normal_equations(h, b[:, :, None])[:, :, 0].reshape(n, r, m)
-    after = solution(p, s, c)
-    if held.xx is None or not held.relative_error(after) < held.relative_error(before):
-        return None
-    fitted = equations.plus(held).relative_error(after)
-    with torch.no_grad():
-        pair.pointwise.weight.copy_(p.reshape(pair.pointwise.weight.shape).to(pair.pointwise.weight))
-        pair.depthwise.weight.copy_(s.reshape(pair.depthwise.weight.shape).to(pair.depthwise.weight))
-        if slots:
-            pair.bias.copy_(c.to(pair.bias))
-    return fitted
+    return _keep_if_better(pair, equations, held, before, solution(p, s, c), s, p, c)
 
 
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[tuple]) -> int:
