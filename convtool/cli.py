@@ -808,7 +808,9 @@ def distill(model, teacher, data, output, steps, batch_size, lr, seed, features,
     main_process = os.environ.get("RANK", "0") == "0"  # only the first process writes and prints
     ui = Ui(quiet or not main_process, False)
     sources = _input_files(model, arch, data) + (teacher,)
-    if main_process:
+    # Every process on the first machine checks (they share its disk): one refusing alone would
+    # leave the others waiting for it in the rendezvous until --timeout.
+    if os.environ.get("GROUP_RANK", "0") == "0":
         check_output(output, force=force, inputs=sources)
     size, mean_values, std_values = _data_options(image_size, mean, std)
     checkpoints = Checkpoints(checkpoint_dir, every=checkpoint_every or 0, resume=resume, force=force) if checkpoint_dir else None

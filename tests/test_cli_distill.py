@@ -198,3 +198,13 @@ def test_it_never_overwrites_or_unpickles_without_being_asked(project):
     torch.save([torch.zeros(4, 3, 8, 8), {"not": object()}], project / "evil" / "shard.pt")  # needs unpickling
     result = run(*args(project, "c.pt", "--steps", "2"), "--data", project / "evil")
     assert result.exit_code == 2 and "not a readable .npy/.pt shard" in result.output
+
+
+def test_an_existing_output_stops_every_process_at_once(project):
+    """Only the first process used to check the output: the others then waited for it in the rendezvous until --timeout."""
+    (project / "out.pt").write_text("keep me")
+    started = time.perf_counter()
+    result = torchrun(args(project, "out.pt", "--steps", "2", "--timeout", "120")[0:])
+    assert time.perf_counter() - started < 60, "the other process waited for the one that refused"
+    assert result.returncode != 0 and "--force" in result.stderr
+    assert (project / "out.pt").read_text() == "keep me"

@@ -114,6 +114,9 @@ class _Sampler:
                 self.dataset, batch_sampler=self.indices, num_workers=workers, pin_memory=pin,
                 collate_fn=loader.collate_fn if loader is not None else None,
                 persistent_workers=False, prefetch_factor=4 if workers else None,
+                # its own generator: making an iterator would otherwise draw the workers' base seed
+                # from the global one, one draw a resumed run does not repeat (it stopped bit for bit)
+                generator=torch.Generator().manual_seed(seed),
             )
         self.iterator: Iterator | None = None
 
@@ -287,7 +290,8 @@ def _distill(student, teacher, data, world: World, *, steps, batch_size, lr, see
     dense = dict(teacher.named_modules())
     matched = {n: dense[n] for n in pairs if isinstance(dense.get(n), CONV_TYPES)}
     was_training = student.training
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(teacher):
+    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=cuda_devices), eval_mode(teacher):  # manual_seed reseeds every GPU: restore them all
         torch.manual_seed(seed)
         if state:
             torch.set_rng_state(state["rng"])

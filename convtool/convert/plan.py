@@ -429,9 +429,8 @@ def _budget(sites, fraction, order, stats, total_flops, activations, latency, pi
     for i, site in enumerate(ran):
         if site.name in measured:
             choices[i] = _output_errors(site, *measured[site.name], choices[i])
-        if sensitivity is not None and len(choices[i].options) > 1 and site.name in measured:
-            zero_padded = site.options.get("padding_mode", "zeros") == "zeros"  # else its input came padded
-            choices[i] = model_errors(site, choices[i], sensitivity, measured[site.name][0] if zero_padded else None)
+        if sensitivity is not None and len(choices[i].options) > 1:  # every open site: one unit, the model's output
+            choices[i] = model_errors(site, choices[i], sensitivity, measured[site.name][0] if site.name in measured else None)
         if latency is not None:
             choices[i] = faster_than_dense(site, choices[i], stats[site.name], latency)
     picks_list, met = allocate(choices, budget)

@@ -28,6 +28,7 @@ from ..measure.onnxrt import module_latency, require_provider
 from ..measure.sensitivity import OutputError
 from .bake import bake, copy_model, unbake, working_copy
 from .calibrate import Layer, calibration_batches, give_biases, recalibrate_batchnorm, refit, refit_both_halves
+from .distributed import world
 from .install import Installed, install
 from .plan import Latency, Plan, SiteStats, make_plan
 from .proof import NOT_RUN, OUTSIDE, RAN, Edits, prove
@@ -211,6 +212,8 @@ def separate(
         raise InvalidOptionError("a FLOP target with sensitivity measures errors at the model's output on calibration data: pass calibration")
     first = _FirstBatch(work, sites, on_device(batches[0], device)) if batches else None
     plan = _plan(work, sites, rank, order, costed, dense_run, first, latency, latency_provider)
+    if batches:  # the refit sums every process's equations layer by layer: the layers must be the same
+        _same_plan_everywhere(plan)
     skipped += [SkippedLayer(name, reason) for name, reason in plan.dense_reasons.items()]
 
     proof_inputs, why_not = (inputs, None) if inputs else (sample, None) if sample else guess_inputs(work)
@@ -300,6 +303,22 @@ def _plan(work, sites, rank, order, costed, dense_run, first: "_FirstBatch | Non
     if first is not None:
         first.drop_inputs()
     return plan
+
+
+def _same_plan_everywhere(plan: Plan) -> None:
+    """Under a process group, refuse plans that differ between processes (each planned on its own first batch).
+
+    Their refits would sum the normal equations of different layers, or wait for one another.
+    """
+    if world().size == 1:
+        return
+    import torch.distributed as dist
+
+    picks: list = [None] * world().size
+    dist.all_gather_object(picks, sorted(plan.picks.items()))
+    if any(p != picks[0] for p in picks):
+        raise InvalidOptionError("the processes chose different ranks (each planned on its own first calibration batch); "
+                                 "give every process the same first batch, or a fixed rank")
 
 
 def _output_error(model: nn.Module, batch: tuple) -> OutputError:
@@ -418,7 +437,9 @@ def _calibrate(reference, memo, work, installed: list[Installed], batches, first
     """Refit the pairs, each against its dense twin in ``reference``; with ``both``, then both halves of each."""
     layers = [Layer(i.site.name, memo[id(i.site.weight)], i.claim.pairs) for i in installed]
     give_biases(layers)
-    errors = refit(reference, work, layers, batches, first_targets=first.outputs(memo) if first is not None else None)
+    # A streamed loader may shuffle or transform: its next pass need not start with the batch planned on.
+    shared = first is not None and isinstance(batches, list)
+    errors = refit(reference, work, layers, batches, first_targets=first.outputs(memo) if shared else None)
     if both and refit_both_halves(reference, work, layers, batches):
         # Pairs downstream of a changed one were fit to its old outputs: refit every last conv again.
         errors = refit(reference, work, layers, batches)

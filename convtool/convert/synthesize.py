@@ -168,7 +168,6 @@ def synthesis(
     total, done = -(-n // batch_size) * steps, 0
     small = batch_size * sum(t[:1].numel() for t in inputs) < ONE_THREAD_BELOW
     with torch.random.fork_rng(devices=[]), _Statistics(norms) as stats, eval_mode(teacher), _threads(1 if small else None):
-        torch.manual_seed(seed)
         for first in range(0, n, batch_size):
             size = min(batch_size, n - first)
             xs = [torch.randn((size, *t.shape[1:]), generator=generator, dtype=torch.float32).to(device=device, dtype=t.dtype)

@@ -22,8 +22,9 @@ class FlopsTarget:
 
     With calibration data, each option's error is its layer's output error on the first batch;
     with ``sensitivity``, it is instead the error that layer's change causes at the *model's*
-    output (estimated from a few gradient probes, KL divergence for logits), so the budget goes
-    where errors matter to the result.
+    output (measured by running the model with that layer alone replaced, at a few ranks; mean
+    KL divergence for a 2-d float output, taken to be logits), so the budget goes where errors
+    matter to the result.
 
     Example:
         >>> convtool.separate(model, x, rank=convtool.FlopsTarget(0.25))

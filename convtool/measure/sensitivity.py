@@ -4,9 +4,10 @@ The rank planner spends a FLOP budget where error costs least. Summed layer erro
 error in the stem like one next to the classifier; what matters is the model's output. Here
 the model runs on one calibration batch with a single conv's weight swapped for another (the
 dense weight a rank-r pair computes) and everything else dense, and its output is compared
-with the dense model's: the mean KL divergence per sample for logits (a float
-``(batch, classes)`` output), the relative squared error for any other float output (boxes,
-flow, audio); a model with several outputs adds them up.
+with the dense model's: the mean KL divergence per sample for logits, the relative squared error for
+any other float output (feature maps, flow, audio); a model with several outputs adds them up.
+Any 2-d float output with two or more columns is taken to be logits: a detector's (N, 4) box
+tensor is scored by KL too, which misses a shift of a whole row.
 
 Why run the model rather than estimate from gradients: the changes that matter are not small.
 A first-order estimate (random output probes, the Fisher information at the dense output) was

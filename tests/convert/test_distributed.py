@@ -156,9 +156,14 @@ def test_batches_of_an_iterable_are_dealt_out_in_turn_and_resume_where_they_stop
     assert [float(b[0][0, 0]) for b, _ in zip(_Sampler(loader, 2, 0, World(1, 2), 1, 9, 0, False), range(3))] == [3, 0, 2]
 
 
-def test_a_killed_run_resumes_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("dropout", [False, True], ids=["plain", "dropout"])
+def test_a_killed_run_resumes_bit_for_bit(tmp_path, dropout):
+    """With dropout the student draws from torch's generator each step: the loader must not draw from it too
+    (making its iterator once took a seed from it, a draw the resumed run did not repeat)."""
     teacher, x = tiny(), data()
     student = convtool.separate(teacher, x[:1], rank=1).model
+    if dropout:
+        student = nn.Sequential(*student[:-1], nn.Dropout(0.2), student[-1])
     whole = convtool.distill(student, teacher, Rows(x), steps=8, batch_size=16, lr=3e-3,
                              checkpoints=Checkpoints(tmp_path / "a", every=3))
 
@@ -220,3 +225,33 @@ def test_two_gpu_processes_with_nccl(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for key in ranks[0]["tensors"]:
         assert torch.equal(ranks[0]["tensors"][key].cpu(), ranks[1]["tensors"][key].cpu())
+
+
+PLANS = """
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    import convtool
+    from convtool.convert.distributed import process_group
+
+    from tests.convert.test_distributed import data, tiny
+
+    torch.set_num_threads(1)
+    teacher, x = tiny(), data()
+    with process_group() as world:
+        try:  # each process asks for another rank: their refits would sum different layers' equations
+            convtool.separate(teacher, x[:1], rank=1 + world.rank, calibration=x[world.rank * 48:(world.rank + 1) * 48])
+            answer = "separated"
+        except convtool.InvalidOptionError as error:
+            answer = str(error)
+        Path(sys.argv[1], f"rank{world.rank}.txt").write_text(answer)
+"""
+
+
+def test_processes_that_plan_differently_are_refused_before_the_refit(tmp_path):
+    run = launch(PLANS, tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for r in range(2):
+        assert "chose different ranks" in (tmp_path / f"rank{r}.txt").read_text()
