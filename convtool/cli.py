@@ -152,6 +152,17 @@ def _example_inputs(model, input_shapes: tuple[str, ...], device: str, ui: Ui, d
     return _checked(model, inputs, f"the model does not run on inputs of shape {shown}", "; check --input-shape")
 
 
+def _as_model_dtype(inputs, model):
+    """A streamed data set's float samples in the model's float dtype (files hold float32)."""
+    import torch
+
+    from .core.inputs import model_dtype
+    from .io import CastInputs
+
+    dtype = model_dtype(model)
+    return inputs if dtype == torch.float32 else CastInputs(inputs, dtype)
+
+
 def _first_sample(data):
     """Tensors as they are; a streamed Dataset's first sample, batched (one sample, or a tuple of them)."""
     from torch.utils.data import Dataset
@@ -525,8 +536,10 @@ def _calibration(path, model, image_size, mean, std):
 
     param = next(model.parameters(), None)
     data = open_inputs(path, channels=first_conv_channels(model), image_size=image_size, mean=mean, std=std, option="--calibration")
-    if param is None or isinstance(data, Dataset):  # a folder is read batch by batch, as float32
+    if param is None:
         return data
+    if isinstance(data, Dataset):  # a folder is read batch by batch
+        return _as_model_dtype(data, model)
     cast = lambda t: t.to(param.dtype) if t.is_floating_point() else t  # noqa: E731
     return tuple(map(cast, data)) if isinstance(data, tuple) else cast(data)
 
@@ -792,6 +805,8 @@ def distill(model, teacher, data, output, steps, batch_size, lr, seed, features,
     """
     import os
 
+    from torch.utils.data import Dataset
+
     import convtool
 
     from .convert.distributed import process_group
@@ -818,6 +833,8 @@ def distill(model, teacher, data, output, steps, batch_size, lr, seed, features,
         teacher_model = _load(teacher, arch, allow_pickle, device, ui)
         student = _load(model, None, allow_pickle, device, ui)
         inputs = open_inputs(data, channels=first_conv_channels(teacher_model), image_size=size, mean=mean_values, std=std_values)
+        if isinstance(inputs, Dataset):
+            inputs = _as_model_dtype(inputs, student)
         example_inputs = _example_inputs(teacher_model, input_shapes, device, ui, inputs if not input_shapes else None, data)
         ui.note(f"distilling {steps} steps of {batch_size} samples on {world.size} process{'es' if world.size > 1 else ''}")
         with StepProgress(ui.err, steps, batch_size) as progress:

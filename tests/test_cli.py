@@ -747,3 +747,19 @@ def test_a_calibration_folder_of_shards_is_streamed_and_fits_as_the_whole_file_d
     assert [layer["rank"] for layer in reports[0]] == [layer["rank"] for layer in reports[1]]
     for whole, streamed in zip(*reports):
         assert streamed["output_error"] == pytest.approx(whole["output_error"], rel=1e-4)
+
+
+def test_a_streamed_calibration_folder_reaches_a_float64_model_as_float64(project):
+    """Streaming a folder skipped the cast to the model's dtype that files get: a float64 model then failed on it."""
+    (project / "archs64.py").write_text(
+        "import torch\nfrom torch import nn\n\n\ndef small():\n    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).double()\n")
+    from runpy import run_path
+
+    torch.save(run_path(str(project / "archs64.py"))["small"]().state_dict(), project / "small64.pt")
+    (project / "shards64").mkdir()
+    np.save(project / "shards64" / "part0.npy", np.random.default_rng(0).standard_normal((40, 3, 16, 16)).astype(np.float32))
+    result = run("separate", project / "small64.pt", "--arch", f"{project / 'archs64.py'}:small", "--calibration",
+                 project / "shards64", "-o", project / "s64.pt", "--json")
+    assert result.exit_code == 0, result.output
+    assert all(layer["output_error"] is not None for layer in json.loads(result.stdout)["layers"])

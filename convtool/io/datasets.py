@@ -118,6 +118,21 @@ def _sample(part: Any, row: int) -> torch.Tensor:
     return value if value.is_floating_point() else value.float()
 
 
+class CastInputs(Dataset):
+    """Another data set's samples cast to a model's float dtype (a float64 or float16 model reads float32 files)."""
+
+    def __init__(self, inputs: Dataset, dtype: torch.dtype) -> None:
+        self.inputs, self.dtype = inputs, dtype
+
+    def __len__(self) -> int:
+        return len(self.inputs)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        sample = self.inputs[index]
+        cast = lambda t: t.to(self.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+        return tuple(map(cast, sample)) if isinstance(sample, tuple) else cast(sample)
+
+
 def open_inputs(path: str | os.PathLike, *, channels: int | None = None, image_size: tuple[int, int] | None = None,
                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                 option: str = "--data") -> Dataset | torch.Tensor | tuple[torch.Tensor, ...]:
