@@ -420,7 +420,9 @@ def _as_solution(conv: nn.Module, biases: list[Tensor]) -> Tensor:
 
 
 ALS_LIMIT = 4096  # features (M x K) and filter weights (M x r x K) above which a pair keeps the one-sided refit
-PER_OUTPUT_LIMIT = 2e9  # pointwise-first: N·r·(M·K)² multiply-adds per step, and its memory
+# Pointwise-first pairs: N·r·(M·K)² multiply-adds per step. Memory is that over K (the
+# N·r·K·M·M intermediate) in float64: up to about 1.8 GB for 3x3 kernels at the limit.
+PER_OUTPUT_LIMIT = 2e9
 
 
 def refit_both_halves(

@@ -261,6 +261,14 @@ def _distill(student, teacher, data, world: World, *, steps, batch_size, lr, see
                   freeze_batchnorm=freeze_batchnorm, amp=amp)
     state = _resume_state(checkpoints, config)
     start = state["step"] if state else 0
+    if world.size > 1:  # processes resuming from different steps would wait for one another's exchanges
+        import torch.distributed as dist
+
+        starts: list = [None] * world.size
+        dist.all_gather_object(starts, start)
+        if len(set(starts)) > 1:
+            raise InvalidOptionError(f"the processes found different checkpoints (steps {sorted(set(starts))}): put "
+                                     "--checkpoint-dir on a disk every machine shares")
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise InvalidOptionError("the student has no trainable parameters")

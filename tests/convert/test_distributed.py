@@ -255,3 +255,44 @@ def test_processes_that_plan_differently_are_refused_before_the_refit(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     for r in range(2):
         assert "chose different ranks" in (tmp_path / f"rank{r}.txt").read_text()
+
+
+RESUME_APART = """
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    import convtool
+    from convtool.convert.distributed import process_group
+    from convtool.io import Checkpoints
+
+    from tests.convert.test_distributed import data, tiny
+
+    torch.set_num_threads(1)
+    out = Path(sys.argv[1])
+    teacher, x = tiny(), data()
+    student = convtool.separate(teacher, x[:1], rank=1).model
+    with process_group() as world:
+        folder = out / f"ck{world.rank}"  # as on two machines without a shared disk: only the first one's holds checkpoints
+        def killed(step, loss):
+            if step == 3:
+                raise KeyboardInterrupt  # both processes stop after step 3: the first machine's checkpoint is step 2's
+        try:
+            convtool.distill(student, teacher, x, steps=6, batch_size=16, on_step=killed, checkpoints=Checkpoints(folder, every=2))
+        except KeyboardInterrupt:
+            pass
+        try:
+            convtool.distill(student, teacher, x, steps=6, batch_size=16, checkpoints=Checkpoints(folder, every=2, resume=True))
+            answer = "resumed"
+        except convtool.InvalidOptionError as error:
+            answer = str(error)
+        (out / f"rank{world.rank}.txt").write_text(answer)
+"""
+
+
+def test_processes_that_find_different_checkpoints_are_refused(tmp_path):
+    run = launch(RESUME_APART, tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for r in range(2):
+        assert "found different checkpoints" in (tmp_path / f"rank{r}.txt").read_text()
