@@ -22,18 +22,9 @@ import convtool
 from convtool.cli import main
 from convtool.io import write_model
 
+from .test_cli import ARCHS  # the same small() the separate tests build
+
 ROOT = Path(__file__).resolve().parents[1]
-
-ARCHS = '''
-import torch
-from torch import nn
-
-
-def small():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
-'''
 
 
 @pytest.fixture

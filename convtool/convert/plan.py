@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.costs import dense_flops, pair_flops
-from ..core.decompose import ORDERS, dense_weight, max_rank, rank_errors, separable_factors
+from ..core.decompose import ORDERS, max_rank, rank_errors, separable_factors
 from ..core.modules import SeparableConv, conv_class
 from ..core.records import Energy, FlopsTarget, Rank
 from ..errors import InvalidOptionError
@@ -353,9 +353,8 @@ def model_errors(site: Site, choice: Choice, sensitivity: Sensitivity, x: torch.
         order, r = key
         if x is not None:
             measured[key] = sensitivity(site.weight, *_refit_alone(site, order, r, x))
-        else:
-            f = separable_factors(site.weight, r, site.groups, order, site.transposed)
-            measured[key] = sensitivity(site.weight, dense_weight(f.spatial, f.mixing, f.rank, site.groups, order, site.transposed))
+        else:  # the SVD pair's dense weight
+            measured[key] = sensitivity(site.weight, _pair(site, order, r).weight.detach())
     curve = sorted((options[key][1], value) for key, value in measured.items() if options[key][1] > 0)
     result = {DENSE: choice.options[DENSE]}
     for key, (cost, error) in options.items():

@@ -153,8 +153,8 @@ def separate(
             re-estimating them on a few hundred images lowered accuracy in every setting of
             benchmarks/accuracy.py.
         refit: with calibration, ``"last"`` refits each pair's last conv (one pass per batch);
-            ``"both"`` then also refits both convs of each depthwise-first pair by alternating
-            least squares, layer by layer (better fits, two passes up to each layer per batch;
+            ``"both"`` then also refits both convs of each pair (depthwise- or pointwise-first,
+            ungrouped, called once) by alternating least squares, layer by layer (better fits, two passes up to each layer per batch;
             benchmarks/RESULTS.md, "Refitting both halves").
         latency_provider: an onnxruntime provider (``"cpu"``, ``"cuda"``) on which each
             layer's separated forms are timed at the layer's input shape (needs example
