@@ -52,17 +52,91 @@ class Energy:
             raise InvalidOptionError(f"energy is a share of spectral energy in (0, 1]; got {self.share!r}")
 
 
+@dataclass(frozen=True)
+class AgreementTarget:
+    """The fewest FLOPs whose separated model still agrees with the original on held-out data.
+
+    Users know the agreement they need, not the FLOP fraction that gives it. A part of the
+    calibration data (``held_out``, a quarter by default) is kept aside from the refit; FLOP
+    budgets are tried (one costing of the layers serves them all), each separation refit on the
+    rest and measured on the held-out part, and the smallest budget meeting every floor given
+    wins. ``top1``: the share of held-out samples whose top class is the original's (a model
+    returning one (batch, classes) float output); ``sqnr_db``: the signal-to-error ratio of all
+    outputs together, in dB (any model). Needs calibration data.
+
+    Example:
+        >>> convtool.separate(model, x, rank=convtool.AgreementTarget(0.99), calibration=images)
+    """
+
+    top1: float | None = None
+    sqnr_db: float | None = None
+    sensitivity: bool = False
+    held_out: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.top1 is None and self.sqnr_db is None:
+            raise InvalidOptionError("an agreement target needs a floor: a top-1 agreement in (0, 1] or an SQNR in dB")
+        if self.top1 is not None and (isinstance(self.top1, bool) or not isinstance(self.top1, (int, float))
+                                      or not 0 < self.top1 <= 1):
+            raise InvalidOptionError(f"a top-1 agreement floor is a share in (0, 1]; got {self.top1!r}")
+        if self.sqnr_db is not None and (isinstance(self.sqnr_db, bool) or not isinstance(self.sqnr_db, (int, float))
+                                         or not math.isfinite(self.sqnr_db)):
+            raise InvalidOptionError(f"an SQNR floor is a finite number of dB; got {self.sqnr_db!r}")
+        if not 0 < self.held_out < 1:
+            raise InvalidOptionError(f"the held-out share of the calibration data is in (0, 1); got {self.held_out!r}")
+
+    def floors(self) -> str:
+        """The floors in words: ``top-1 agreement >= 0.99 and SQNR >= 20 dB``."""
+        parts = ([f"top-1 agreement >= {self.top1:g}"] if self.top1 is not None else []) + (
+            [f"SQNR >= {self.sqnr_db:g} dB"] if self.sqnr_db is not None else [])
+        return " and ".join(parts)
+
+    def met(self, top1: float | None, sqnr_db: float | None) -> bool:
+        """Whether measured values meet every floor (an SQNR of None is infinite: identical outputs)."""
+        if self.top1 is not None and (top1 is None or top1 < self.top1):
+            return False
+        return self.sqnr_db is None or sqnr_db is None or sqnr_db >= self.sqnr_db
+
+
+@dataclass(frozen=True)
+class BudgetTried:
+    """One FLOP budget an :class:`AgreementTarget` search tried, and what its separation measured."""
+
+    fraction: float  # the FlopsTarget asked
+    flops_fraction: float  # the model's FLOPs after, over before, as reached
+    top1_agreement: float | None
+    sqnr_db: float | None  # None: identical outputs
+    met: bool
+
+
+@dataclass(frozen=True)
+class BudgetSearch:
+    """How an :class:`AgreementTarget` was met: the floors, what the returned model measured, on what.
+
+    ``samples`` held-out calibration samples (never seen by the refit) gave ``top1_agreement``
+    and ``sqnr_db`` of the model returned, whose FLOPs are ``flops_fraction`` of the original's;
+    ``tried`` lists every budget in the order tried.
+    """
+
+    target: AgreementTarget
+    samples: int
+    flops_fraction: float
+    top1_agreement: float | None
+    sqnr_db: float | None
+    tried: tuple[BudgetTried, ...]
+
+
 #: What ``separate(rank=...)`` takes: a rank for every layer, ``"full"`` (exact), or a strategy.
-Rank = Union[int, Literal["full"], FlopsTarget, Energy]
+Rank = Union[int, Literal["full"], FlopsTarget, Energy, AgreementTarget]
 
 
 def check_rank(rank: object) -> Rank:
     """``rank`` if it is one of the forms :data:`Rank` allows, else a one-line error."""
-    if rank == "full" or isinstance(rank, (FlopsTarget, Energy)):
+    if rank == "full" or isinstance(rank, (FlopsTarget, Energy, AgreementTarget)):
         return rank  # type: ignore[return-value]
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise InvalidOptionError(
-            f"rank must be a positive integer, 'full', FlopsTarget(fraction) or Energy(share); got {rank!r}"
+            f"rank must be a positive integer, 'full', FlopsTarget(fraction), Energy(share) or AgreementTarget(top1); got {rank!r}"
         )
     return rank
 
