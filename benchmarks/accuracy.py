@@ -204,7 +204,7 @@ def calibration_steps(digits_model, train_x, train_y, test_x, test_y, args) -> N
             cells = []
             for _, options, sensitivity, no_bias in columns:
                 data = dict(calibration=calibration) if options else {}
-                patch = mock.patch("convtool.convert.separate.give_biases", lambda layers: []) if no_bias else contextlib.nullcontext()
+                patch = mock.patch("convtool.pytorch.separate.give_biases", lambda layers: []) if no_bias else contextlib.nullcontext()
                 start = time.perf_counter()
                 with patch:
                     result = convtool.separate(model, test[:1], rank=convtool.FlopsTarget(target, sensitivity=sensitivity),

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 import convtool
-from convtool.convert.calibrate import columns
+from convtool.recovery.equations import columns
 from digits_cnn import DigitsCNN, load_digits_tensors
 from convtool.measure.conv_calls import record
 

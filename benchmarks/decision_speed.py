@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from architectures import ARCHITECTURES  # noqa: E402
 
 import convtool  # noqa: E402
-from convtool.convert import plan as plan_module  # noqa: E402
+from convtool.plan import ranks as plan_module  # noqa: E402
 
 SHAPES = {"tall-kernel": (1024, 1024, 1), "resnet50": (3, 224, 224), "resnet18": (3, 224, 224)}
 
@@ -48,7 +48,7 @@ def main() -> None:
         finally:
             spent["plan"] += time.perf_counter() - start
 
-    from convtool.convert import separate as separate_module
+    from convtool.pytorch import separate as separate_module
 
     separate_module.make_plan = timed_plan
     for name, count in zip(args.models, args.inputs):

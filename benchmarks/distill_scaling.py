@@ -31,7 +31,7 @@ import json, sys, time, torch
 sys.path.insert(0, {examples!r})
 from digits_cnn import DigitsCNN
 import convtool
-from convtool.convert.distributed import process_group
+from convtool.recovery.distributed import process_group
 width, size, steps, warmup, batch, cuda = {width}, {size}, {steps}, {warmup}, {batch}, {cuda}
 torch.manual_seed(0)
 teacher = DigitsCNN(width=width).eval()

@@ -43,7 +43,7 @@ def hwm_mb():  # this process's peak resident memory (ru_maxrss would include th
             return int(line.split()[1]) / 1024
 
 import convtool
-from convtool.convert.onnx_graph import save_onnx
+from convtool.onnx.separate import save_onnx
 source, target, rank, shape = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
 import onnx, onnxruntime, torch  # noqa: F401  (imports are not the conversion's)

@@ -2,11 +2,13 @@
 
 The package is a stack; each layer imports only the ones below it:
 
-    cli.py            parse, one library call, render
-    report/           renderings: JSON, Markdown, rich tables
-    convert/ deploy/  separate, plan, prove, calibrate, distill / runtime form, export, verify
-    measure/          fvcore counts, conv calls, fidelity, compare, ONNX files, onnxruntime timing
-    core/             SVD math, the separable modules, the records, names and inputs
+    cli/              a module per command: parse, one library call, render
+    report/ io/       renderings (JSON, Markdown, rich tables) / files in and out
+    pytorch/ | onnx/  the two front ends: an nn.Module, or an ONNX graph, separated and proven
+    plan/             which convs, at which rank and order (shared by both front ends)
+    recovery/ deploy/ refit, distill, synthesize, process groups / runtime form, export, verify
+    measure/          fvcore counts, conv calls, fidelity, compare, torch -> ONNX writing, onnxruntime timing
+    core/             SVD math, the separable modules, the records, names, inputs, the working copy
 
 Example:
     >>> import torch, convtool
@@ -25,8 +27,8 @@ _WHERE = {
     "SeparableConv": ".core.modules",
     "SeparableConv2d": ".core.modules",
     "Energy": ".core.records",
-    "separate_onnx": ".convert.onnx_graph",
-    "OnnxSeparation": ".convert.onnx_graph",
+    "separate_onnx": ".onnx.separate",
+    "OnnxSeparation": ".onnx.separate",
     "FlopsTarget": ".core.records",
     "LayerChange": ".core.records",
     "SkippedLayer": ".core.records",
@@ -38,12 +40,12 @@ _WHERE = {
     "Fidelity": ".measure.fidelity",
     "OutputFidelity": ".measure.fidelity",
     "OnnxExport": ".measure.onnx_file",
-    "Distillation": ".convert.distill",
-    "distill": ".convert.distill",
-    "Separation": ".convert.separate",
-    "separate": ".convert.separate",
-    "Synthesis": ".convert.synthesize",
-    "synthesize": ".convert.synthesize",
+    "Distillation": ".recovery.distill",
+    "distill": ".recovery.distill",
+    "Separation": ".pytorch.separate",
+    "separate": ".pytorch.separate",
+    "Synthesis": ".recovery.synthesize",
+    "synthesize": ".recovery.synthesize",
     "export_onnx": ".deploy.export",
     "Benchmark": ".core.records",
     "LayerLatency": ".core.records",
@@ -53,7 +55,7 @@ _WHERE = {
     "verify_onnx": ".deploy.verify",
 }
 
-from .errors import (  # noqa: E402  (errors import nothing heavy)
+from .errors import (
     AnalysisError,
     ConvtoolError,
     DistributedError,
@@ -69,10 +71,6 @@ from .errors import (  # noqa: E402  (errors import nothing heavy)
 )
 
 if TYPE_CHECKING:
-    from .convert.distill import Distillation, distill
-    from .convert.onnx_graph import OnnxSeparation, separate_onnx
-    from .convert.separate import Separation, separate
-    from .convert.synthesize import Synthesis, synthesize
     from .core.decompose import separable_factors
     from .core.modules import SeparableConv, SeparableConv2d
     from .core.records import Benchmark, Energy, FlopsTarget, LayerChange, LayerLatency, SkippedLayer
@@ -82,6 +80,10 @@ if TYPE_CHECKING:
     from .measure.counts import Analysis, ModuleCost, analyze
     from .measure.fidelity import Fidelity, OutputFidelity
     from .measure.onnx_file import OnnxExport
+    from .onnx.separate import OnnxSeparation, separate_onnx
+    from .pytorch.separate import Separation, separate
+    from .recovery.distill import Distillation, distill
+    from .recovery.synthesize import Synthesis, synthesize
 
 
 def __getattr__(name: str) -> Any:

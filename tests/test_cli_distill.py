@@ -60,7 +60,8 @@ def torchrun(arguments: list[str], processes: int = 2, popen: bool = False, env:
     if popen:
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
                                 start_new_session=True)
-    return subprocess.run(command, capture_output=True, text=True, timeout=240, env=environment)
+    # Room for a machine busy with other work: the tests assert what the processes did, not how fast.
+    return subprocess.run(command, capture_output=True, text=True, timeout=900, env=environment)
 
 
 def weights(path: Path) -> dict:
@@ -118,8 +119,8 @@ def test_a_killed_torchrun_resumes_bit_for_bit(project):
     whole = torchrun(args(project, "whole.pt", *common, "--checkpoint-dir", project / "ck-whole"))
     assert whole.returncode == 0, whole.stderr[-3000:]
     killed = torchrun(args(project, "resumed.pt", *common, "--checkpoint-dir", project / "ck"), popen=True)
-    deadline = time.time() + 120
-    while not list((project / "ck").glob("step-*.pt")) and time.time() < deadline and killed.poll() is None:
+    deadline = time.monotonic() + 600  # a wait for the first checkpoint, not a claim on speed
+    while not list((project / "ck").glob("step-*.pt")) and time.monotonic() < deadline and killed.poll() is None:
         time.sleep(0.02)
     for pid in [*reversed(descendants(killed.pid)), killed.pid]:  # SIGKILL: no handler runs, as when a node dies
         os.kill(pid, signal.SIGKILL)
@@ -135,13 +136,15 @@ def test_a_killed_torchrun_resumes_bit_for_bit(project):
 
 
 def test_a_group_that_cannot_form_is_one_line_and_exit_2(project):
+    # The port stays bound, never listening, for the whole test: connections to it are refused, and
+    # no other program (a second copy of this suite, its torchrun) can take it meanwhile.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    result = subprocess.run([sys.executable, "-m", "convtool", *args(project, "x.pt", "--steps", "2", "--timeout", "2")],
-                            capture_output=True, text=True, timeout=120, env=env)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        result = subprocess.run([sys.executable, "-m", "convtool", *args(project, "x.pt", "--steps", "2", "--timeout", "10")],
+                                capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "could not form at 127.0.0.1" in lines[0] and "Traceback" not in result.stderr
@@ -194,8 +197,10 @@ def test_it_never_overwrites_or_unpickles_without_being_asked(project):
 def test_an_existing_output_stops_every_process_at_once(project):
     """Only the first process used to check the output: the others then waited for it in the rendezvous until --timeout."""
     (project / "out.pt").write_text("keep me")
-    started = time.perf_counter()
-    result = torchrun(args(project, "out.pt", "--steps", "2", "--timeout", "120")[0:])
-    assert time.perf_counter() - started < 60, "the other process waited for the one that refused"
-    assert result.returncode != 0 and "--force" in result.stderr
+    # A --timeout far past the run's own limit: a process left waiting in the rendezvous for the one
+    # that refused would hang the run (TimeoutExpired) or end in "could not form", never in the refusal.
+    result = torchrun(args(project, "out.pt", "--steps", "2", "--timeout", "3600"))
+    refusals = [line for line in result.stderr.splitlines() if line.startswith("Error:") and "--force" in line]
+    assert result.returncode != 0 and refusals, result.stderr[-3000:]
+    assert "could not form" not in result.stderr
     assert (project / "out.pt").read_text() == "keep me"

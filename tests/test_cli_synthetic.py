@@ -58,6 +58,6 @@ def test_a_model_with_nothing_to_synthesise_from_gets_one_line(project):  # noqa
     assert "no BatchNorm statistics" in result.output and "Traceback" not in result.output
 
 
-def test_the_readme_documents_synthetic_calibration():
-    readme = (ROOT / "README.md").read_text()
-    assert "--calibration synthetic" in readme and "--synthetic-samples" in readme and "convtool.synthesize(" in readme
+def test_the_docs_document_synthetic_calibration():
+    cli, api = (ROOT / "docs" / "cli.md").read_text(), (ROOT / "docs" / "python-api.md").read_text()
+    assert "--calibration synthetic" in cli and "--synthetic-samples" in cli and "convtool.synthesize(" in api

@@ -9,8 +9,8 @@ from typing import Any
 from torch import nn
 
 from ..core.inputs import as_inputs, model_device, on_device
-from ..measure.onnx_file import OnnxExport, check_export_options, write_onnx
 from ..errors import InvalidOptionError
+from ..measure.onnx_file import OnnxExport, check_export_options, write_onnx
 from .runtime_form import LAYOUTS, for_runtime
 
 

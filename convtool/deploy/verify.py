@@ -19,8 +19,8 @@ from torch.utils._pytree import tree_flatten
 
 from ..core.inputs import as_inputs, batch_size, batched, eval_mode, model_device, on_device, run_checked
 from ..core.modules import SeparableConv, conv_class
-from ..core.records import Benchmark, LayerLatency
 from ..core.names import describe_error
+from ..core.records import Benchmark, LayerLatency
 from ..errors import OnnxFileError, ProviderUnavailableError
 from ..measure.onnxrt import (
     DEFAULT_PROVIDERS,

@@ -1,4 +1,6 @@
-"""Measuring models: fvcore counts, conv calls, output fidelity, ONNX files and onnxruntime timing.
+"""Measuring models: fvcore counts, conv calls, output fidelity, torch -> ONNX writing and onnxruntime timing.
+
+ONNX graphs themselves (reading, counting, rewriting) are the ONNX front end's, in ``convtool.onnx``.
 
 Imports only ``convtool.core`` and ``convtool.errors``.
 """

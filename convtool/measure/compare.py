@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from ..core.inputs import as_inputs, eval_mode, model_device, on_device, run_checked, running
-from ..errors import InvalidOptionError
-from ..core.names import get_or_none
 from ..core.modules import SeparableConv
+from ..core.names import get_or_none
 from ..core.records import Benchmark, LayerChange, LayerLatency, SkippedLayer
+from ..errors import InvalidOptionError
 from .conv_calls import record
 from .counts import FLOPS_UNIT, Analysis, analyze
 from .fidelity import Fidelity, output_fidelity

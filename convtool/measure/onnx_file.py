@@ -27,7 +27,17 @@ import torch
 from torch import nn
 from torch.utils._pytree import keystr, tree_flatten_with_path, tree_map
 
-from ..core.inputs import as_inputs, batch_size, batched, eval_mode, has_batch, model_device, on_device, run_checked, tensors_of
+from ..core.inputs import (
+    as_inputs,
+    batch_size,
+    batched,
+    eval_mode,
+    has_batch,
+    model_device,
+    on_device,
+    run_checked,
+    tensors_of,
+)
 from ..core.names import describe_error
 from ..errors import ExportError, InvalidOptionError
 

@@ -89,22 +89,6 @@ def open_session(path: str | os.PathLike, provider: str, threads: int | None = N
         raise OnnxFileError(f"{path} is not a valid ONNX model onnxruntime can load ({describe_error(error)}); export it again") from error
 
 
-def write_proto(model: Any, path: str | os.PathLike) -> None:
-    """Write an ``onnx.ModelProto``; over 2 GB, its tensors go to a data file beside it (protobuf's limit).
-
-    Saving as external data rewrites the proto it is given, so a copy is saved then.
-    """
-    import onnx
-
-    path = Path(path)
-    large = model.ByteSize() > 2_000_000_000
-    if large:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        model = copy
-    onnx.save(model, str(path), save_as_external_data=large, location=path.name + ".data" if large else None)
-
-
 def numpy(x: Any) -> Any:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
 

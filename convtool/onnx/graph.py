@@ -1,0 +1,213 @@
+"""Graph surgery for the ONNX front end: which Conv nodes may be separated, their replacement nodes,
+BatchNorm folding, and the bookkeeping that keeps every other node, initializer and input as it was."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..core.decompose import separable_factors
+from ..core.records import LayerChange
+from ..plan.site import Site, pattern_reason, shape_reason
+from .counts import node_attributes
+
+
+def value_readers(graph) -> dict[str, list[Any]]:
+    """Per value name, the top-level nodes that read it."""
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for value in node.input:
+            readers.setdefault(value, []).append(node)
+    return readers
+
+
+def fold_batchnorm(graph, pairs: list[list[str]], listed_inputs: bool) -> dict[str, tuple[str, str]]:
+    """Fold each inference BatchNormalization that alone reads a pair's output into the pair's last conv.
+
+    ``pairs``: per separated layer, the values its nodes write, its output last. The BatchNorm's
+    statistics and affine must be constants; the conv then writes the BatchNorm's output.
+    Returns, per folded layer output, the folded BatchNorm's name and output (what the conv
+    writes now); constants no node reads any more are dropped.
+    """
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in graph.initializer}
+    readers = value_readers(graph)
+    outputs = {o.name for o in graph.output}
+    producer = {o: node for node in graph.node for o in node.output}
+    folded: dict[str, tuple[str, str]] = {}
+    doomed, stale = [], set()
+    for values in pairs:
+        y, conv = values[-1], producer[values[-1]]
+        users = readers.get(y, [])
+        if y in outputs or len(users) != 1 or users[0].op_type != "BatchNormalization" or len(users[0].output) != 1:
+            continue
+        bn = users[0]
+        if not all(v in inits for v in bn.input[1:5]) or len(readers.get(conv.input[1], [])) != 1:
+            continue
+        scale, shift, mean, var = (numpy_helper.to_array(inits[v]).astype(np.float64) for v in bn.input[1:5])
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        factor = scale / np.sqrt(var + eps)
+        weight = numpy_helper.to_array(inits[conv.input[1]])
+        inits[conv.input[1]].CopyFrom(numpy_helper.from_array(
+            (weight.astype(np.float64) * factor.reshape(-1, *[1] * (weight.ndim - 1))).astype(weight.dtype), conv.input[1]))
+        bias = numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64) if len(conv.input) > 2 and conv.input[2] else 0.0
+        bias_name = fresh_name(f"{node_name(conv)}.folded_bias", set(inits) | {v for n in graph.node for v in (*n.input, *n.output)})
+        new_bias = numpy_helper.from_array(((bias - mean) * factor + shift).astype(weight.dtype), bias_name)
+        graph.initializer.append(new_bias)
+        if listed_inputs:  # IR < 4: every initializer is an input too
+            graph.input.append(helper.make_tensor_value_info(bias_name, new_bias.data_type, list(new_bias.dims)))
+        inits[bias_name] = new_bias
+        stale |= set(conv.input[2:]) | set(bn.input[1:5])
+        del conv.input[2:]
+        conv.input.append(bias_name)
+        conv.output[0] = bn.output[0]
+        doomed.append(bn)
+        folded[y] = (node_name(bn), bn.output[0])
+    for bn in doomed:
+        graph.node.remove(bn)
+    drop_replaced_weights(graph, stale)
+    return folded
+
+
+def node_name(node) -> str:
+    """How a node is reported: its name, or its first output's where it has none."""
+    return node.name or (node.output[0] if node.output else "")
+
+
+def subgraph_convs(graph) -> list[str]:
+    found = []
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                found += [node_name(n) for n in sub.node if n.op_type == "Conv"] + subgraph_convs(sub)
+    return found
+
+
+def skip_reason(node, name: str, constants: dict, overridable: set[str], include, exclude) -> str | None:
+    weight = node.input[1] if len(node.input) > 1 else ""
+    bias = node.input[2] if len(node.input) > 2 else ""
+    if weight not in constants:
+        return "its weight is computed in the graph (DequantizeLinear, a graph input...): only constant weights are separated"
+    if weight in overridable or (bias and bias in overridable):
+        return "its weight or bias is also a graph input, so it can change at run time: left as it is"
+    if bias and bias not in constants:
+        return "its bias is computed in the graph: left as it is"
+    shape = tuple(constants[weight].dims)
+    group = int(node_attributes(node).get("group", 1))
+    if len(shape) not in (3, 4, 5):
+        return f"a Conv of {len(shape) - 2} spatial dimensions: 1 to 3 are separated"
+    if constants[weight].data_type not in (1, 10, 11):  # float, float16, double
+        return "its weight is not a float tensor"
+    return pattern_reason([name], include, exclude) or shape_reason(shape, group)
+
+
+def pair_nodes(node, site: Site, pick: tuple[str, int], used: set[str], layout: str, shared: Callable[[str], bool]):
+    """The nodes standing in for ``node`` at the planned (order, rank), the last one writing its output;
+    their initializers; and the layer's record.
+
+    ``layout="branches"`` writes a rank-r depthwise-first pair of a 1-d or 2-d ungrouped conv as
+    r multiplier-1 depthwise convs and a Concat, the form onnxruntime runs fastest
+    (:class:`~convtool.core.modules.BranchedSeparableConv`); ``"multiplier"`` keeps one depthwise
+    conv with r filters per channel.
+    """
+    from onnx import helper, numpy_helper
+
+    order, rank = pick
+    attrs, name, weight, groups = node_attributes(node), site.name, site.weight, site.groups
+    dtype = weight.numpy().dtype
+    n, m_g, *kernel = weight.shape
+    factors = separable_factors(weight, rank, groups, order)
+    spatial_name, mixing_name, middle = (fresh_name(f"{name}/{part}", used) for part in ("depthwise.weight", "pointwise.weight", "separable"))
+    inits = [numpy_helper.from_array(factors.spatial.numpy().astype(dtype), spatial_name),
+             numpy_helper.from_array(factors.mixing.numpy().astype(dtype), mixing_name)]
+    spatial_attrs = {k: v for k, v in attrs.items() if k in ("strides", "dilations", "pads", "auto_pad")}
+    spatial_attrs["kernel_shape"] = list(kernel)
+    ones = [1] * len(kernel)
+    bias = [node.input[2]] if len(node.input) > 2 and node.input[2] else []
+    own_bias = None
+    if bias and shared(bias[0]):  # the refit and BatchNorm folding change the pair's bias: it must be its own
+        own_bias = numpy_helper.from_array(site.uses[0].bias.numpy().astype(dtype), fresh_name(f"{name}/bias", used))
+        bias = [own_bias.name]
+    x, y = node.input[0], node.output[0]
+    dw_name, pw_name = fresh_name(f"{name}/depthwise", used), fresh_name(f"{name}/pointwise", used)
+    m, r = m_g * groups, factors.rank
+    if order == "dw-pw" and layout == "branches" and r > 1 and groups == 1 and len(kernel) < 3:
+        # r multiplier-1 depthwise convs, concatenated: filter i of every channel in branch i, and
+        # the pointwise's columns permuted to match (channel (m, i) moves from m*r + i to i*M + m).
+        inits = []
+        nodes = []
+        for i in range(r):
+            branch = fresh_name(f"{name}/depthwise.{i}.weight", used)
+            inits.append(numpy_helper.from_array(factors.spatial[i::r].numpy().astype(dtype), branch))
+            nodes.append(helper.make_node("Conv", [x, branch], [fresh_name(f"{name}/branch.{i}", used)],
+                                          name=fresh_name(f"{name}/depthwise.{i}", used), group=m, **spatial_attrs))
+        permuted = factors.mixing[:, torch.arange(m * r).reshape(m, r).t().reshape(-1)]
+        inits.append(numpy_helper.from_array(permuted.numpy().astype(dtype), mixing_name))
+        nodes.append(helper.make_node("Concat", [b.output[0] for b in nodes], [middle], name=fresh_name(f"{name}/concat", used), axis=1))
+        nodes.append(helper.make_node("Conv", [middle, mixing_name, *bias], [y], name=pw_name, group=groups, kernel_shape=ones))
+    elif order == "dw-pw":
+        nodes = [helper.make_node("Conv", [x, spatial_name], [middle], name=dw_name, group=m, **spatial_attrs),
+                 helper.make_node("Conv", [middle, mixing_name, *bias], [y], name=pw_name, group=groups, kernel_shape=ones)]
+    else:
+        nodes = [helper.make_node("Conv", [x, mixing_name], [middle], name=pw_name, group=groups, kernel_shape=ones),
+                 helper.make_node("Conv", [middle, spatial_name, *bias], [y], name=dw_name, group=n, **spatial_attrs)]
+    if own_bias is not None:
+        inits.append(own_bias)
+    record = LayerChange(
+        name=name, aliases=(), source="onnx", in_channels=m_g * groups, out_channels=n, kernel_size=tuple(kernel),
+        stride=site.options["stride"], groups=groups, rank=factors.rank, order=order,
+        params_before=weight.numel() + (n if bias else 0),
+        params_after=factors.spatial.numel() + factors.mixing.numel() + (n if bias else 0),
+        flops_before=None, flops_after=None, calls=None, weight_error=factors.weight_error,
+    )
+    return nodes, inits, record
+
+
+def fresh_name(base: str, used: set[str]) -> str:
+    name, i = base, 1
+    while name in used:
+        i += 1
+        name = f"{base}_{i}"
+    used.add(name)
+    return name
+
+
+def drop_replaced_weights(graph, replaced: set[str]) -> None:
+    """Remove the dense weights of separated convs that nothing else reads, at any depth (and their input entries)."""
+    doomed = replaced - read_anywhere(graph) - {o.name for o in graph.output}
+    keep = [init for init in graph.initializer if init.name not in doomed]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    inputs = [i for i in graph.input if i.name not in doomed]
+    del graph.input[:]
+    graph.input.extend(inputs)
+
+
+def read_anywhere(graph) -> set[str]:
+    """Every value name a node of ``graph`` or of its subgraphs (any depth) reads."""
+    read = set()
+    for node in graph.node:
+        read.update(node.input)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                read |= read_anywhere(sub)
+    return read
+
+
+def live_nodes(graph) -> set[str]:
+    """Names of the nodes on a path to a graph output."""
+    producer = {o: node for node in graph.node for o in node.output}
+    live, stack = set(), [o.name for o in graph.output]
+    seen: set[str] = set()
+    while stack:
+        value = stack.pop()
+        node = producer.get(value)
+        if node is None or value in seen:
+            continue
+        seen.add(value)
+        live.add(node.name)
+        stack += list(node.input)
+    return live

@@ -1,0 +1,399 @@
+"""``separate_onnx``: separate the convs of a model held only as ONNX, and prove the result in onnxruntime.
+
+Each top-level ``Conv`` node whose weight is a constant initializer becomes two ``Conv`` nodes
+named after it: a depthwise one carrying the kernel, strides, dilations and padding (``pads``
+or ``auto_pad``), and a pointwise one carrying the groups and the bias, in either order. The
+factors come from the same SVD as the torch path (:func:`~convtool.core.decompose.separable_factors`).
+Every other node, initializer, input, output, opset import and metadata entry is kept as it was.
+
+Ranks are decided by the torch path's planner (:func:`~convtool.plan.ranks.make_plan`): a
+fixed rank, an energy, or a FLOP target costed from the shapes onnx infers, counted as fvcore
+counts (:mod:`~convtool.onnx.counts`); calibration refits with the same least squares
+(:mod:`~convtool.onnx.refit`). Not yet here (see docs/limitations.md): the runtime form
+(BatchNorm folding, branches) and the latency filter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..core.decompose import ORDERS
+from ..core.records import Benchmark, FlopsTarget, LayerChange, Rank, SkippedLayer, check_rank
+from ..errors import AnalysisError, InvalidOptionError, NothingToSeparateError, OnnxFileError, SeparationError
+from ..measure.compare import Comparison
+from ..measure.fidelity import Fidelity, output_fidelity
+from ..measure.onnxrt import missing_reason, open_session, provider_name, time_sessions
+from ..plan.ranks import SiteStats, make_plan
+from ..plan.site import Site, Use
+from ..recovery.batches import calibration_batches
+from .counts import OnnxCounts, count_onnx, node_attributes, onnx_analysis
+from .files import load_onnx, passes_check, write_proto
+from .graph import (
+    drop_replaced_weights,
+    fold_batchnorm,
+    live_nodes,
+    node_name,
+    pair_nodes,
+    skip_reason,
+    subgraph_convs,
+    value_readers,
+)
+from .refit import LastConv, refit_onnx
+
+
+@dataclass(frozen=True)
+class OnnxRun:
+    """Both models run on one onnxruntime provider, or why they were not: ``ran`` False is never a pass."""
+
+    provider: str
+    ran: bool
+    max_abs_error: float | None = None
+    relative_error: float | None = None
+    reason: str | None = None
+    fidelity: Fidelity | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class OnnxSeparation:
+    """What :func:`separate_onnx` did.
+
+    Attributes:
+        model: the separated ``onnx.ModelProto``, checked by ``onnx.checker`` (with shape
+            inference, the full check, whenever the original passes it).
+        layers: one record per separated ``Conv`` node, named after the node.
+        skipped: every ``Conv`` node left as it was, with why.
+        verified: the separated model ran in onnxruntime on the example inputs (on the CPU
+            provider at least), every new node lies on a path to a graph output, and its
+            outputs were compared with the original's (``max_abs_error``, ``relative_error``,
+            the CPU run's).
+        verification: how the claim was checked, or why it could not be.
+        runs: one record per provider asked for, run or not (and why not).
+    """
+
+    model: Any = field(repr=False)
+    layers: tuple[LayerChange, ...]
+    skipped: tuple[SkippedLayer, ...]
+    verified: bool = False
+    verification: str = ""
+    max_abs_error: float | None = None
+    relative_error: float | None = None
+    budget_met: bool | None = None
+    flops_before: int | None = None  # the whole graph's, on the example inputs, when their shapes are known
+    flops_after: int | None = None
+    runs: tuple[OnnxRun, ...] = ()
+    original: Any = field(default=None, repr=False, compare=False)
+    folded_batchnorms: tuple[str, ...] = ()  # BatchNormalization nodes folded into the pair before them
+
+    def report(self, example_inputs: Any = None) -> Comparison:
+        """The before/after comparison a PyTorch separation gets (:meth:`~convtool.Separation.report`).
+
+        Counts on ``example_inputs`` (or the graph's static shapes); output agreement from the
+        CPU run. Raises InvalidOptionError without input shapes, or when the CPU run did not happen.
+        """
+        feeds, why_not = example_feeds(self.original, example_inputs)
+        cpu = next((r for r in self.runs if r.provider == "CPUExecutionProvider" and r.ran), None)
+        if feeds is None or cpu is None:
+            raise InvalidOptionError(f"no report without a run on the CPU: {why_not or self.verification}")
+        return Comparison(onnx_analysis(self.original, feeds), onnx_analysis(self.model, feeds), self.layers, cpu.fidelity,
+                          self.skipped, self.verified)
+
+    def timed(self, example_inputs: Any = None, runs: int = 20) -> Benchmark:
+        """Both graphs on onnxruntime CPU (2 threads), interleaved, medians."""
+        feeds, why_not = example_feeds(self.original, example_inputs)
+        if feeds is None:
+            raise InvalidOptionError(f"nothing to time on: {why_not}")
+        with tempfile.TemporaryDirectory(prefix="convtool-onnx-time-") as tmp:
+            sessions = []
+            for label, proto in (("original", self.original), ("separated", self.model)):
+                path = Path(tmp) / f"{label}.onnx"
+                write_proto(proto, path)
+                sessions.append(open_session(path, "CPUExecutionProvider", threads=2))
+            names = [i.name for i in sessions[0].get_inputs()]
+            original_ms, separated_ms = time_sessions(sessions, dict(zip(names, feeds)), runs, warmup=3)
+        return Benchmark("CPUExecutionProvider", original_ms, separated_ms, runs, 2)
+
+
+def separate_onnx(
+    model: Any,
+    example_inputs: Any = None,
+    *,
+    rank: Rank = 1,
+    order: str = "dw-pw",
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    calibration: Any = None,
+    providers: Sequence[str] = ("cpu",),
+    layout: str = "branches",
+    fold_bn: bool = True,
+) -> OnnxSeparation:
+    """Replace every standard ``Conv`` node of an ONNX model by a depthwise-separable pair, and check it.
+
+    Args:
+        model: a path to a ``.onnx`` file, or an ``onnx.ModelProto`` (not modified).
+        example_inputs: tensors or arrays for the graph's inputs, in order; without them, inputs
+            of the graph's static shapes (a dynamic dimension needs example inputs).
+        rank: a positive int, ``"full"`` (exact), :class:`~convtool.Energy` or
+            :class:`~convtool.FlopsTarget` (the whole graph's FLOPs after, as a fraction of
+            before; needs input shapes).
+        order: ``"dw-pw"``, ``"pw-dw"`` or ``"auto"`` (per node, the lower weight error).
+        include, exclude: glob patterns on node names, as in :func:`~convtool.separate`.
+        calibration: unlabeled inputs (an array or tensor, a tuple of them for several inputs,
+            or an iterable of batches): each pair's last conv is then refit by least squares to
+            reproduce the original node's outputs, layer by layer in execution order
+            (:mod:`~convtool.onnx.refit`).
+        layout: ``"branches"`` (rank > 1 depthwise-first pairs of 1-d and 2-d convs as
+            multiplier-1 branches, the form onnxruntime runs fastest) or ``"multiplier"``.
+        fold_bn: fold a BatchNormalization that alone reads a separated pair's output into the
+            pair's last conv (the runtime form; onnxruntime does it on loading too).
+        providers: onnxruntime providers to run both models on (``"cpu"``, ``"cuda"``); one
+            this build lacks, or that falls back to the CPU, is reported as not run.
+
+    Raises:
+        OnnxFileError: the file is not a valid ONNX model.
+        InvalidOptionError: a bad option, a FLOP target without input shapes, or inputs that do
+            not fit the graph.
+        NothingToSeparateError: no ``Conv`` node can be separated.
+        SeparationError: the separated model does not run in onnxruntime.
+    """
+    import onnx
+
+    rank = check_rank(rank)
+    if order not in (*ORDERS, "auto"):
+        raise InvalidOptionError(f"order must be one of {', '.join((*ORDERS, 'auto'))}; got {order!r}")
+    if layout not in ("branches", "multiplier"):
+        raise InvalidOptionError(f"layout must be 'branches' or 'multiplier'; got {layout!r}")
+    original = load_onnx(model)
+    # The result is held to what the original meets: the full check, the plain one, or (for a
+    # file onnxruntime runs but the checker refuses) onnxruntime alone.
+    checks = [full for full in (True, False) if passes_check(original, full)][:1]
+    feeds, why_not = example_feeds(original, example_inputs)
+    counts = None
+    if feeds is not None:
+        try:
+            counts = count_onnx(original, feeds)
+        except AnalysisError as error:
+            why_not = str(error)
+    if isinstance(rank, FlopsTarget) and counts is None:
+        raise InvalidOptionError(f"a FLOP target needs the graph's FLOPs counted: {why_not}")
+    work = onnx.ModelProto()
+    work.CopyFrom(original)
+    graph = work.graph
+    constants = {init.name: init for init in graph.initializer}
+    # Before IR 4 every initializer had to be listed as an input too: those are constants in practice.
+    overridable = {i.name for i in graph.input} - (set(constants) if work.ir_version < 4 else set())
+    skipped: list[SkippedLayer] = [SkippedLayer(name, "a Conv inside a subgraph (If/Loop/Scan): left as it is")
+                                   for name in subgraph_convs(graph)]
+    sites: dict[str, Site] = {}
+    for node in graph.node:
+        name = node_name(node)
+        if node.op_type == "ConvTranspose":
+            skipped.append(SkippedLayer(name, "ConvTranspose nodes are not separated from ONNX yet (they are from PyTorch)"))
+        elif node.op_type == "Conv" and node.domain in ("", "ai.onnx"):
+            reason = skip_reason(node, name, constants, overridable, include, exclude)
+            if reason:
+                skipped.append(SkippedLayer(name, reason))
+            else:
+                sites[name] = _site(node, name, constants)
+    if not sites:
+        detail = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:5]) or "the graph has no Conv node"
+        raise NothingToSeparateError(f"nothing to separate ({detail})")
+    stats = _site_stats(graph, sites, counts) if counts is not None else {}
+    plan = make_plan(list(sites.values()), rank, order, stats=stats, total_flops=counts.flops if counts else None)
+    skipped += [SkippedLayer(name, reason) for name, reason in plan.dense_reasons.items()]
+    layers: list[LayerChange] = []
+    new_nodes: list[Any] = []
+    new_inits: list[Any] = []
+    outputs: dict[str, list[str]] = {}  # per layer, the values its nodes write, the layer's output last
+    used_names = {n.name for n in graph.node} | set(constants) | {v for n in graph.node for v in (*n.input, *n.output)}
+    readers = value_readers(graph)
+    for node in graph.node:
+        pick = plan.picks.get(node_name(node)) if node.op_type == "Conv" and node_name(node) in sites else None
+        if pick is None:
+            new_nodes.append(node)
+            continue
+        pair, inits, record = pair_nodes(node, sites[node_name(node)], pick, used_names, layout, lambda v: len(readers.get(v, ())) > 1)
+        new_nodes += pair
+        new_inits += inits
+        outputs[record.name] = [n.output[0] for n in pair]
+        layers.append(record)
+    if not layers:
+        reason = next((s.reason for s in reversed(skipped)), "every conv stays dense")
+        raise NothingToSeparateError(f"nothing to separate: every conv stays dense ({reason})")
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    graph.initializer.extend(new_inits)
+    if work.ir_version < 4:  # then every initializer is listed as an input too
+        graph.input.extend(onnx.helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in new_inits)
+    drop_replaced_weights(graph, {n.input[1] for n in original.graph.node if n.op_type == "Conv" and len(n.input) > 1}
+                           - {n.input[1] for n in graph.node if n.op_type == "Conv" and len(n.input) > 1})
+    if calibration is not None:
+        lasts = [LastConv(layer.name, next(n for n in new_nodes if n.output and n.output[0] == outputs[layer.name][-1]),
+                          outputs[layer.name][-1]) for layer in layers]
+        errors = refit_onnx(original, work, lasts, _numpy_batches(calibration, original))
+        layers = [dataclasses.replace(layer, output_error=errors.get(layer.name)) for layer in layers]
+    renamed = fold_batchnorm(graph, [outputs[layer.name] for layer in layers], work.ir_version < 4) if fold_bn else {}
+    folded = [bn for bn, _ in renamed.values()]
+    try:
+        for full in checks:
+            onnx.checker.check_model(work, full_check=full)
+    except Exception as error:  # a bug of this pass, not the user's
+        raise SeparationError(f"the separated ONNX model fails onnx.checker ({error}); please report it") from None
+    created = {n.name for n in new_nodes} - {n.name for n in original.graph.node}
+    runs, verification = _verify(original, work, feeds, why_not, created, providers)
+    cpu = next((r for r in runs if r.provider == "CPUExecutionProvider" and r.ran), None)
+    verified, max_abs, relative = cpu is not None, cpu.max_abs_error if cpu else None, cpu.relative_error if cpu else None
+    flops: tuple[int | None, int | None] = (None, None)
+    if counts is not None:
+        after = count_onnx(work, feeds)  # the original's shapes were inferred: the separated graph's are too
+        written = {y: value for y, (_, value) in renamed.items()}  # a folded layer's conv writes the BatchNorm's output
+        layers = [_with_flops(layer, counts.nodes.get(outputs[layer.name][-1]),
+                              [after.nodes.get(written.get(v, v)) for v in outputs[layer.name]])
+                  for layer in layers]
+        flops = (counts.flops, after.flops)
+    return OnnxSeparation(work, tuple(layers), tuple(skipped), verified, verification, max_abs, relative, plan.budget_met, *flops,
+                          runs=tuple(runs), original=original, folded_batchnorms=tuple(folded))
+
+
+def _numpy_batches(calibration: Any, model) -> list[list[np.ndarray]]:
+    """Calibration data as batches of numpy inputs, cut and checked as the PyTorch path does.
+
+    A graph whose batch dimension is fixed gets batches of that size (a last, smaller one is dropped).
+    """
+    as_torch = lambda a: a if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a))  # noqa: E731
+    if isinstance(calibration, (np.ndarray, torch.Tensor)):
+        calibration = as_torch(calibration)
+    elif isinstance(calibration, tuple):
+        calibration = tuple(as_torch(a) for a in calibration)
+    constants = {i.name for i in model.graph.initializer}
+    first = next((i for i in model.graph.input if i.name not in constants), None)
+    dims = first.type.tensor_type.shape.dim if first is not None else []
+    fixed = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
+    batches = calibration_batches(calibration, **({"batch_size": fixed} if fixed else {}))
+    batches = [b for b in batches if not fixed or b[0].shape[0] == fixed]
+    if not batches:
+        raise InvalidOptionError(f"the ONNX model takes batches of {fixed}: give at least {fixed} calibration samples")
+    from onnx import helper
+
+    types = [helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) if i.type.tensor_type.elem_type else None
+             for i in model.graph.input if i.name not in constants]
+    return [[t.numpy().astype(dtype, copy=False) if dtype is not None else t.numpy() for t, dtype in zip(batch, types)]
+            for batch in batches]
+
+
+def _site(node, name: str, constants: dict) -> Site:
+    """The planner's view of a Conv node: its weight (as torch), groups, bias and strides."""
+    from onnx import numpy_helper
+
+    attrs = node_attributes(node)
+    tensor = lambda value: torch.from_numpy(np.array(numpy_helper.to_array(constants[value]), copy=True))  # noqa: E731
+    weight = tensor(node.input[1])
+    bias = tensor(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    ones = [1] * (weight.dim() - 2)
+    options = dict(stride=tuple(attrs.get("strides", ones)), padding=0, dilation=tuple(attrs.get("dilations", ones)),
+                   padding_mode="zeros")
+    return Site(name, weight, int(attrs.get("group", 1)), "onnx", [Use(bias, options)])
+
+
+def _site_stats(graph, sites: dict[str, Site], counts: OnnxCounts) -> dict[str, SiteStats]:
+    """Pixels (batch x spatial positions) in and out of each site's node, from the inferred shapes."""
+    stats = {}
+    for node in graph.node:
+        name = node_name(node)
+        x = counts.shapes.get(node.input[0]) if node.input else None
+        y = counts.shapes.get(node.output[0]) if node.output else None
+        if name in sites and x and y:
+            stats[name] = SiteStats(x[0] * math.prod(x[2:]), y[0] * math.prod(y[2:]), tuple(x))
+    return stats
+
+
+def _with_flops(layer: LayerChange, dense: int | None, pair: list[int | None]) -> LayerChange:
+    """The layer with its node's multiply-adds before and its two nodes' after, when both were counted."""
+    if dense is None or None in pair:
+        return layer
+    return dataclasses.replace(layer, flops_before=dense, flops_after=sum(pair), calls=1)
+
+
+def example_feeds(model, example_inputs: Any) -> tuple[list[np.ndarray] | None, str | None]:
+    """The feeds for the graph's inputs (those that are not initializers), or why there are none."""
+    from onnx import helper
+
+    constants = {i.name for i in model.graph.initializer}
+    graph_inputs = [i for i in model.graph.input if i.name not in constants]
+    if example_inputs is not None:
+        given = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+        arrays = [t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t) for t in given]
+        arrays = [a.astype(helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type), copy=False)
+                  if i.type.tensor_type.elem_type else a for a, i in zip(arrays, graph_inputs)]
+        if len(arrays) != len(graph_inputs):
+            raise InvalidOptionError(f"the ONNX model takes {len(graph_inputs)} inputs but {len(arrays)} were given; check --input-shape")
+        return arrays, None
+    rng = np.random.default_rng(0)
+    arrays = []
+    for i in graph_inputs:
+        dims = i.type.tensor_type.shape.dim
+        if any(not d.HasField("dim_value") for d in dims):
+            return None, f"input {i.name!r} has a dynamic dimension; pass example inputs (--input-shape)"
+        dtype = helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
+        arrays.append(rng.standard_normal([d.dim_value for d in dims]).astype(dtype))
+    return arrays, None
+
+
+def _verify(original, separated, feeds, why_not: str | None, created: set[str], providers: Sequence[str]) -> tuple[list[OnnxRun], str]:
+    """Run both models on each provider and compare; check every new node feeds a graph output.
+
+    The CPU is always among the providers: it is what ``verified`` stands on.
+    """
+    names = list(dict.fromkeys(["CPUExecutionProvider", *(provider_name(p) for p in providers)]))
+    if feeds is None:
+        return [OnnxRun(n, False, reason=f"not run: {why_not}") for n in names], f"not run: {why_not}"
+    dead = created - live_nodes(separated.graph)
+    if dead:
+        reason = f"not proven: nodes {sorted(dead)} reach no graph output"
+        return [OnnxRun(n, False, reason=reason) for n in names], reason
+    with tempfile.TemporaryDirectory(prefix="convtool-onnx-") as tmp:
+        paths = []
+        for label, proto in (("original", original), ("separated", separated)):
+            paths.append(Path(tmp) / f"{label}.onnx")
+            write_proto(proto, paths[-1])
+        runs = [_run_on(name, paths, feeds) for name in names]
+    shapes = ", ".join("x".join(map(str, f.shape)) for f in feeds)
+    ran = [r.provider for r in runs if r.ran]
+    return runs, f"ran in onnxruntime ({', '.join(ran) or 'nowhere'}) on inputs {shapes}; every new node feeds a graph output"
+
+
+def _run_on(provider: str, paths: list[Path], feeds) -> OnnxRun:
+    """Both models on one provider: their outputs compared, or why they could not run there."""
+    reason = missing_reason(provider)
+    if reason:
+        return OnnxRun(provider, False, reason=reason)
+    outputs = []
+    for label, path in zip(("original", "separated"), paths):
+        session = open_session(path, provider)
+        if session.get_providers()[0] != provider:
+            return OnnxRun(provider, False, reason=f"onnxruntime could not load {provider} and fell back to the CPU")
+        names = [i.name for i in session.get_inputs()]
+        try:
+            outputs.append(session.run(None, dict(zip(names, feeds))))
+        except Exception as error:
+            if label == "original":
+                raise InvalidOptionError(f"the ONNX model does not run on the example inputs ({error}); check --input-shape") from None
+            raise SeparationError(f"the separated ONNX model fails in onnxruntime ({error}); please report it") from None
+        del session  # one session at a time: each holds a copy of the weights
+    agreement = output_fidelity([torch.from_numpy(np.asarray(a)) for a in outputs[1]], [torch.from_numpy(np.asarray(b)) for b in outputs[0]])
+    return OnnxRun(provider, True, agreement.max_abs_error, agreement.relative_error, fidelity=agreement)
+
+
+def save_onnx(result: OnnxSeparation, path: str | os.PathLike) -> Path:
+    """Write the separated model to ``path`` (external data beside it when over 2 GB)."""
+    path = Path(path)
+    write_proto(result.model, path)
+    return path

@@ -1,0 +1,105 @@
+"""What the dense working copy does, measured before it changes: which weights ran, pixels per
+site, the model's FLOPs, and the conv calls of the first calibration batch (planner and refit share them)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..core.names import join
+from ..errors import AnalysisError
+from ..measure.conv_calls import ConvCall, ConvRecorder, explicit_padding, record
+from ..measure.counts import analyze
+from ..plan.ranks import SiteStats
+from ..plan.site import Site
+from .proof import NOT_RUN, OUTSIDE, RAN
+
+
+def dense_behaviour(original: nn.Module, sites: list[Site], run: ConvRecorder) -> dict[str, str]:
+    """Per site, what the dense working copy did with its weight: ran it, did not, or ran the caller's own.
+
+    A deep copy does not copy what closures capture, so a conv reached through one runs the
+    caller's module even in the copy: its weight is then one of the caller's parameters.
+    """
+    used = run.by_weight()
+    callers = {id(p): name for name, p in original.named_parameters(remove_duplicate=False)}
+    outside = {callers[i] for i in used if i in callers}
+    behaviour = {}
+    for site in sites:
+        weight_names = [join(n, "weight") for use in site.uses for n in use.names] or [site.name]
+        if id(site.weight) in used:
+            behaviour[site.name] = RAN
+        elif outside.intersection(weight_names):
+            behaviour[site.name] = OUTSIDE
+        else:
+            behaviour[site.name] = NOT_RUN
+    return behaviour
+
+
+def site_stats(sites: list[Site], run: ConvRecorder) -> dict[str, SiteStats]:
+    """Pixels each site's weight processed, with the input as the layer receives it.
+
+    A conv with a padding mode other than zeros pads its input before calling conv2d, so the
+    recorder saw the padded size; the pair's pointwise (``"pw-dw"``) runs on the unpadded one.
+    """
+    by_weight = run.by_weight()
+    stats = {}
+    for site in sites:
+        calls = by_weight.get(id(site.weight))
+        if not calls:
+            continue
+        o, dims = site.options, site.weight.dim() - 2
+        pad = (0,) * (2 * dims)
+        if o.get("padding_mode", "zeros") != "zeros":
+            pad = explicit_padding(o["padding"], tuple(site.weight.shape[2:]), o["dilation"])
+        # F.pad's order is last dimension first: spatial dimension -j loses pad[2j-2] + pad[2j-1].
+        shapes = [(*s[:-dims], *(s[-j] - pad[2 * j - 2] - pad[2 * j - 1] for j in range(dims, 0, -1)))
+                  for s in (c.input_shape for c in calls)]
+        in_pixels = sum((s[0] if len(s) == dims + 2 else 1) * math.prod(s[-dims:]) for s in shapes)
+        stats[site.name] = SiteStats(in_pixels, sum(c.out_pixels for c in calls), tuple(shapes[0]))
+    return stats
+
+
+def model_flops(model: nn.Module, inputs: tuple, run: ConvRecorder) -> float:
+    """fvcore's count for the whole model; its convs alone where fvcore cannot trace it."""
+    convs = float(sum(c.flops for c in run.calls))
+    try:
+        return float(max(analyze(model, inputs).flops, convs))
+    except AnalysisError:
+        return convs
+
+
+class FirstBatch:
+    """The dense model's conv calls on the first calibration batch, recorded at most once.
+
+    The planner asks for sites' inputs and outputs to cost ranks on; the refit then takes the
+    same outputs as that batch's targets instead of running the dense model on it again.
+    """
+
+    def __init__(self, model: nn.Module, sites: list[Site], batch: tuple) -> None:
+        self.model, self.sites, self.batch = model, sites, batch
+        self.calls: dict[int, list[ConvCall]] | None = None
+
+    def __call__(self, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        if self.calls is None:
+            self.calls = record(self.model, self.batch, keep={id(s.weight) for s in self.sites}).by_weight()
+        return {s.name: (calls[0].input, calls[0].output) for s in self.sites
+                if s.name in names and (calls := self.calls.get(id(s.weight)))}
+
+    def drop_inputs(self) -> None:
+        """Free the inputs once planned: only the outputs serve the refit."""
+        for calls in (self.calls or {}).values():
+            for call in calls:
+                call.input = None
+
+    def outputs(self, memo: dict[int, torch.Tensor]) -> dict[int, list[torch.Tensor]] | None:
+        """The recorded outputs keyed as the refit's reference knows its weights (``memo``: id -> copy), if recorded.
+
+        Handed over, not kept: the refit lets go of them after the first batch.
+        """
+        calls, self.calls = self.calls, None
+        if calls is None:
+            return None
+        return {id(memo[key]): [c.output for c in group] for key, group in calls.items() if key in memo}

@@ -1,0 +1,238 @@
+"""Calibration: refit separated layers on real activations, then re-estimate BatchNorm.
+
+After the SVD initialisation each pair is the best separable approximation of the weights, not
+of what the layer computes on data. With a few unlabeled inputs, the last conv of each pair
+(the pointwise of ``"dw-pw"``, the spatial conv of ``"pw-dw"``) is refit by least squares so
+the pair's outputs match the original layer's outputs. Layers are taken in execution order and
+each is fed the activations of the already-refit layers before it, so later layers also absorb
+the error of earlier ones.
+
+Every call of a layer counts: a conv module run three times, or a weight called with two
+settings, is refit on all its calls at once. The calls are read by the conv recorder, keyed by
+weight, so a layer that did not run on the data is never "refit" on nothing: it keeps its SVD
+initialisation and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
+
+from ..core.inputs import eval_mode, model_device, on_device
+from ..core.modules import SeparableConv
+from ..measure.conv_calls import ALL_CONV_FUNCTIONS, conv_arguments, record
+from .distributed import all_reduce_sum, world
+from .equations import NormalEquations, as_solution, columns, conv_layout, from_solution
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Layer:
+    """A layer to refit: the dense weight in the reference model, and the pairs standing in for it."""
+
+    name: str
+    reference_weight: Tensor
+    pairs: list[SeparableConv]
+
+
+def refit(
+    reference: nn.Module, separated: nn.Module, layers: Sequence[Layer], batches: list[tuple],
+    first_targets: dict[int, list[Tensor]] | None = None, across_processes: bool = True,
+) -> dict[str, float | None]:
+    """Refit each layer's last conv so its outputs match the reference layer's, in one pass over the data.
+
+    Each batch runs through the dense reference once (recording every layer's outputs) and then
+    through the separated model, whose layers are refit as the pass reaches them: at a layer's
+    first call, its least-squares weights are solved from the normal equations of all batches
+    so far plus this call, and installed before the call runs. Later layers therefore see the
+    activations of already-refit earlier layers and absorb their error, which is what recovers
+    accuracy (fitting all layers on the activations of the unrefit model lost it entirely on a
+    nine-layer digits net), at the cost of one pass per batch rather than one per layer.
+
+    Args:
+        reference: the dense model (run, never changed).
+        separated: the model holding the pairs.
+        layers: the layers to refit, in any order.
+        batches: calibration input tuples.
+        first_targets: the reference's conv outputs on ``batches[0]`` by id of its weights,
+            when already recorded (the planner costs ranks on that batch): not run again.
+        across_processes: under a process group, fit on every process's data (each process
+            must then refit the same layers); False fits on this process's batches alone.
+
+    Returns:
+        Per layer name, the relative output error of its final weights on the calibration data
+        (the layer's inputs as the pass met them); None for a layer that did not run on the
+        data (it keeps its SVD initialisation).
+    """
+    device = model_device(separated)
+    fits = {id(layer.pairs[0].last.weight): _Fit(layer) for layer in layers}  # the pairs share their last weight
+    wanted = {id(fit.layer.reference_weight): fit for fit in fits.values()}
+    with eval_mode(separated), torch.no_grad():
+        for i, batch in enumerate(batches):
+            batch = on_device(batch, device)
+            if i == 0 and first_targets is not None:
+                targets, first_targets = first_targets, None
+            else:
+                calls = record(reference, batch, keep=wanted, keep_inputs=False).by_weight()
+                targets = {key: [c.output for c in group] for key, group in calls.items()}
+            for key, fit in wanted.items():
+                fit.begin(targets.get(key, []))
+            with _Refitting(fits):
+                separated(*batch)
+            for fit in fits.values():
+                fit.end()
+    return {fit.layer.name: fit.finish(across_processes) for fit in fits.values()}
+
+
+class _Refitting(TorchFunctionMode):
+    """Refits a layer's last conv on each of its calls, before the call runs."""
+
+    def __init__(self, fits: dict[int, "_Fit"]) -> None:
+        super().__init__()
+        self.fits = fits
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in ALL_CONV_FUNCTIONS:
+            call = conv_arguments(args, kwargs, func)
+            fit = self.fits.get(id(call["weight"]))
+            if fit is not None:
+                fit.see(call)
+        return func(*args, **(kwargs or {}))
+
+
+class _Fit:
+    """One layer's normal equations: those of finished batches, and the current batch's, kept apart.
+
+    A batch's equations count only if the layer ran as often as in the reference: calls are
+    matched by order, so a batch that took another path through the model is dropped.
+    """
+
+    def __init__(self, layer: Layer) -> None:
+        self.layer = layer
+        self.last = layer.pairs[0].last
+        self.biases = list({id(p.last.bias): p.last.bias for p in layer.pairs if p.last.bias is not None}.values())
+        self.slot_of = {id(b): i for i, b in enumerate(self.biases)}
+        self.initial = _as_solution(self.last, self.biases)  # the SVD initialisation
+        self.done = NormalEquations(len(self.biases))
+        self.batch = NormalEquations(len(self.biases))
+        self.targets: list[Tensor] = []
+        self.seen = 0
+
+    def begin(self, targets: list[Tensor]) -> None:
+        self.targets, self.seen = targets, 0
+        self.batch = NormalEquations(len(self.biases))
+
+    def see(self, call: dict[str, Any]) -> None:
+        if self.seen < len(self.targets):
+            slot = self.slot_of.get(id(call["bias"])) if call["bias"] is not None else None
+            self.batch.add(columns(call), self.targets[self.seen], slot)
+        self.seen += 1
+        if self.seen == 1:
+            self._install(self.done.plus(self.batch))
+
+    def end(self) -> None:
+        if self.seen and self.seen == len(self.targets):
+            self.done = self.done.plus(self.batch)
+        elif self.seen:  # unmatched: this batch's calls ran on weights the finished batches do not give
+            self._install(self.done)
+        self.targets, self.seen = [], 0
+
+    def finish(self, across_processes: bool = True) -> float | None:
+        if across_processes:
+            self.done = self.done.all_reduce()  # under a process group, every process's data
+        if self.done.xx is None:
+            log.info("%s did not run on the calibration data; it keeps its SVD initialisation", self.layer.name)
+            return None
+        return self._install(self.done)
+
+    def _install(self, equations: "NormalEquations") -> float | None:
+        """Install the least-squares weights, or the SVD initialisation where they fit worse; the error left."""
+        chosen, error = self.initial, None
+        if equations.xx is not None:
+            error = equations.relative_error(self.initial)
+            solution = equations.solve()
+            fitted = equations.relative_error(solution)
+            if fitted <= error:  # ill-conditioned data can make the solve worse: keep the initialisation
+                chosen, error = solution, fitted
+        last = self.last
+        layout = conv_layout(last.weight.detach(), last.groups, last.transposed)
+        weight, biases = from_solution(chosen, layout.shape, len(self.biases))
+        with torch.no_grad():
+            last.weight.copy_(conv_layout(weight, last.groups, last.transposed).to(last.weight.dtype))
+            for bias, value in zip(self.biases, biases):
+                bias.copy_(value.to(bias.dtype))
+        if equations.xx is not None:  # of the weights as stored, cast included
+            error = equations.relative_error(_as_solution(last, self.biases))
+        return error
+
+
+def _as_solution(conv: nn.Module, biases: list[Tensor]) -> Tensor:
+    """A conv module's weight and bias slots as a solution."""
+    return as_solution(conv_layout(conv.weight.detach().double(), conv.groups, conv.transposed), biases, conv.groups)
+
+
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[tuple]) -> int:
+    """Re-estimate every BatchNorm's running statistics on ``batches``; returns how many.
+
+    Only the BatchNorm layers run in train mode (dropout and the rest stay in eval), with a
+    cumulative average, so the result does not depend on the order of the batches.
+    """
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    device = model_device(model)
+    saved = [(m, m.momentum) for m in norms]
+    with eval_mode(model), torch.no_grad():
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        try:
+            for batch in batches:
+                model(*on_device(batch, device))
+        finally:
+            for m, momentum in saved:
+                m.momentum = momentum
+        _average_over_processes(norms)
+    return len(norms)
+
+
+def _average_over_processes(norms: list[_BatchNorm]) -> None:
+    """Under a process group, every process's statistics weighted by the batches it saw: those of all the data."""
+    if world().size == 1:
+        return
+    for m in norms:
+        count = m.num_batches_tracked.to(m.running_mean.device, torch.float64)
+        total = all_reduce_sum(count.clone()).clamp_min(1)
+        for stat in (m.running_mean, m.running_var):
+            stat.copy_(all_reduce_sum(stat.double() * count) / total)
+        m.num_batches_tracked.copy_(total.to(m.num_batches_tracked))
+
+
+def give_biases(layers: Sequence[Layer]) -> list[str]:
+    """Give a zero bias to each layer whose last conv has none, so the refit can fit it; the layers given one.
+
+    Bias correction, as post-training quantization does it: the separated layer's error has a
+    mean per output channel on real data, and a bias fitted with the weights by least squares
+    removes it. A conv trained without bias (the one before a BatchNorm) would otherwise keep
+    that shift. The pairs of one layer share their last weight, so they share the new bias too.
+    """
+    given = []
+    for layer in layers:
+        lasts = [pair.last for pair in layer.pairs]
+        if any(last.bias is not None for last in lasts):
+            continue
+        first = lasts[0]
+        bias = nn.Parameter(torch.zeros(first.out_channels, device=first.weight.device, dtype=first.weight.dtype),
+                            requires_grad=first.weight.requires_grad)
+        for last in lasts:
+            last.bias = bias
+        given.append(layer.name)
+    return given

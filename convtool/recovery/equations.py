@@ -1,0 +1,186 @@
+"""Least squares for a conv: its calls as columns, the normal equations they sum to, and their solution.
+
+A conv is a matmul of its weight with the columns of its input (:func:`columns`), so fitting a
+conv to target outputs is a linear least-squares problem per group, summed over calls and
+batches (and processes) as :class:`NormalEquations`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..core.decompose import as_conv_weight
+from ..errors import InvalidOptionError
+from ..measure.conv_calls import explicit_padding
+from .distributed import all_reduce_sum, world
+
+
+def columns(call: dict[str, Any]) -> Tensor:
+    """A conv call's input as (batch, groups, features per group, output pixels): the conv is then a matmul.
+
+    ``call`` holds the call's arguments by name (:func:`conv_arguments`). A transposed conv is
+    the conv, with the kernel flipped, of its input spread by the stride (zeros between) and
+    padded by what the kernel overhangs: its columns are that conv's (see :func:`conv_layout`).
+    """
+    x, w = call["input"], call["weight"]
+    kernel = tuple(w.shape[2:])
+    dims = len(kernel)
+    if x.dim() == dims + 1:
+        x = x[None]
+    as_tuple = lambda v: (v,) * dims if isinstance(v, int) else tuple(v)  # noqa: E731
+    stride, dilation = as_tuple(call["stride"]), as_tuple(call["dilation"])
+    if call.get("transposed"):
+        x, stride, pad = _spread(x, kernel, stride, as_tuple(call["padding"]), dilation, as_tuple(call["output_padding"]))
+    else:
+        pad = explicit_padding(call["padding"], kernel, dilation)
+    if all(k == 1 for k in kernel) and all(s == 1 for s in stride) and not any(pad):
+        cols = x.flatten(2)
+    else:
+        if any(pad):
+            x = F.pad(x, pad)
+        cols = F.unfold(x, kernel, dilation=dilation, stride=stride) if dims == 2 else _unfold(x, kernel, dilation, stride)
+    b, _, length = cols.shape
+    return cols.reshape(b, call["groups"], -1, length)
+
+
+def _spread(x: Tensor, kernel, stride, padding, dilation, output_padding) -> tuple[Tensor, tuple, tuple]:
+    """A transposed conv's input as the equivalent conv sees it: zeros between pixels, stride 1, and its padding."""
+    b, c, *size = x.shape
+    spread = x.new_zeros(b, c, *((n - 1) * s + 1 for n, s in zip(size, stride)))
+    spread[(slice(None), slice(None), *(slice(None, None, s) for s in stride))] = x
+    pad = []
+    for k, p, d, o in reversed(list(zip(kernel, padding, dilation, output_padding))):
+        pad += [d * (k - 1) - p, d * (k - 1) - p + o]  # negative crops
+    return spread, (1,) * len(kernel), tuple(pad)
+
+
+def _unfold(x: Tensor, kernel, dilation, stride) -> Tensor:
+    """``F.unfold`` for any number of spatial dimensions: (batch, channels x kernel, positions)."""
+    dims = len(kernel)
+    for i in range(dims):
+        x = x.unfold(2 + i, dilation[i] * (kernel[i] - 1) + 1, stride[i])
+        if dilation[i] > 1:
+            x = x[..., :: dilation[i]]
+    b, c = x.shape[:2]
+    x = x.permute(0, 1, *range(2 + dims, 2 + 2 * dims), *range(2, 2 + dims))
+    return x.reshape(b, c * math.prod(kernel), -1)
+
+
+def conv_layout(weight: Tensor, groups: int, transposed: bool) -> Tensor:
+    """A conv's weight as the matmul of :func:`columns` applies it: (N, M/g, *k).
+
+    A transposed conv's weight (M, N/g, *k), read in a conv's layout with its kernel flipped;
+    its own inverse for a transposed conv's shape (apply it to the result to get back).
+    """
+    if not transposed:
+        return weight
+    return as_conv_weight(weight.flip(list(range(2, weight.dim()))), groups)
+
+
+class NormalEquations:
+    """Accumulates X X^T, X Y^T and Y.Y over calls, in float64, with one bias column per bias tensor.
+
+    They hold all the data says about a linear fit: the error of any weights can be read off
+    them, so no activation needs keeping past its batch.
+    """
+
+    def __init__(self, bias_slots: int) -> None:
+        self.slots = bias_slots
+        self.xx: Tensor | None = None
+        self.xy: Tensor | None = None
+        self.yy = 0.0
+
+    def add(self, cols: Tensor, target: Tensor, slot: int | None) -> None:
+        b, g, f, length = cols.shape
+        x = cols.permute(1, 2, 0, 3).reshape(g, f, b * length).double()
+        if self.slots:
+            ones = x.new_zeros(g, self.slots, b * length)
+            if slot is not None:
+                ones[:, slot] = 1
+            x = torch.cat([x, ones], 1)
+        y = target.reshape(b, g, -1, length).permute(1, 2, 0, 3).reshape(g, -1, b * length).double()
+        xx, xy = x @ x.transpose(1, 2), x @ y.transpose(1, 2)
+        self.xx = xx if self.xx is None else self.xx + xx
+        self.xy = xy if self.xy is None else self.xy + xy
+        self.yy += float(y.pow(2).sum())
+
+    def plus(self, other: "NormalEquations") -> "NormalEquations":
+        """The equations of both sets of data."""
+        total = NormalEquations(self.slots)
+        parts = [e for e in (self, other) if e.xx is not None]
+        if parts:
+            total.xx = sum((e.xx for e in parts[1:]), parts[0].xx)
+            total.xy = sum((e.xy for e in parts[1:]), parts[0].xy)
+        total.yy = self.yy + other.yy
+        return total
+
+    def all_reduce(self) -> "NormalEquations":
+        """The equations of every process's data (a sum across the process group; unchanged in one process).
+
+        Every process must call it, in the same order; one that saw no data contributes zeros.
+        """
+        if world().size == 1:
+            return self
+        import torch.distributed as dist
+
+        shapes: list = [None] * world().size
+        dist.all_gather_object(shapes, None if self.xx is None else (tuple(self.xx.shape), tuple(self.xy.shape), str(self.xx.device)))
+        known = [s for s in shapes if s is not None]
+        if not known:
+            return self
+        if len(set(s[:2] for s in known)) > 1:
+            raise InvalidOptionError("the processes' calibration equations differ in shape: every process must separate "
+                                     "the model the same way (the same rank, or the same first calibration batch)")
+        device = self.xx.device if self.xx is not None else torch.device(known[0][2])
+        xx = self.xx if self.xx is not None else torch.zeros(known[0][0], dtype=torch.float64, device=device)
+        xy = self.xy if self.xy is not None else torch.zeros(known[0][1], dtype=torch.float64, device=device)
+        total = NormalEquations(self.slots)
+        total.xx, total.xy = all_reduce_sum(xx.clone()), all_reduce_sum(xy.clone())
+        total.yy = float(all_reduce_sum(torch.tensor([self.yy], dtype=torch.float64, device=device)))
+        return total
+
+    def relative_error(self, w: Tensor) -> float:
+        """||Y - W^T X|| / ||Y|| for weights ``w`` shaped like :meth:`solve`'s result."""
+        w = w.to(self.xx)
+        residual = self.yy - 2 * float((w * self.xy).sum()) + float((w * (self.xx @ w)).sum())
+        return math.sqrt(max(residual, 0.0) / self.yy) if self.yy > 0 else 0.0
+
+    def solve(self) -> Tensor:
+        """Ridge-regularised least squares, shape (groups, features + bias slots, outputs per group)."""
+        return solve_normal_equations(self.xx, self.xy)
+
+
+def solve_normal_equations(xx: Tensor, xy: Tensor, ridge: float = 1e-6) -> Tensor:
+    """Solve (XX^T + λI) W = XY^T for a batch of symmetric positive semi-definite systems.
+
+    Cholesky, the solver for such systems, where it succeeds (``cholesky_ex`` reports instead
+    of raising); a pseudo-inverse for the rest. Not an LU solve: batched float64 LU in MKL fails
+    on well-conditioned systems once a program has called ``torch.set_num_threads``.
+    """
+    diag = xx.diagonal(dim1=1, dim2=2)
+    scale = ridge * diag.mean(1).clamp_min(1e-12)
+    a = xx + scale[:, None, None] * torch.eye(xx.shape[1], dtype=xx.dtype, device=xx.device)
+    factor, info = torch.linalg.cholesky_ex(a)
+    solution = torch.cholesky_solve(xy, factor)
+    failed = info != 0
+    if bool(failed.any()):
+        solution[failed] = torch.linalg.pinv(a[failed], hermitian=True) @ xy[failed]
+    return solution
+
+
+def as_solution(weight: Tensor, biases: Sequence[Tensor], groups: int) -> Tensor:
+    """A weight in a conv's layout (N, M/g, *k) and its biases as a solution: (groups, features + slots, outputs per group)."""
+    w = weight.detach().double().reshape(groups, weight.shape[0] // groups, -1).transpose(1, 2)
+    return torch.cat([w, *(b.detach().double().reshape(groups, 1, -1) for b in biases)], 1)
+
+
+def from_solution(solution: Tensor, weight_shape: Sequence[int], slots: int) -> tuple[Tensor, list[Tensor]]:
+    """The inverse of :func:`as_solution`: the weight (conv layout) and one bias per slot."""
+    f = math.prod(weight_shape[1:])
+    weight = solution[:, :f, :].permute(0, 2, 1).reshape(tuple(weight_shape))
+    return weight, [solution[:, f + i, :].reshape(-1) for i in range(slots)]
