@@ -26,6 +26,8 @@ _WHERE = {
     "separable_factors": ".core.decompose",
     "SeparableConv": ".core.modules",
     "SeparableConv2d": ".core.modules",
+    "AgreementTarget": ".core.records",
+    "BudgetSearch": ".core.records",
     "Energy": ".core.records",
     "separate_onnx": ".onnx.separate",
     "OnnxSeparation": ".onnx.separate",
@@ -73,7 +75,7 @@ from .errors import (
 if TYPE_CHECKING:
     from .core.decompose import separable_factors
     from .core.modules import SeparableConv, SeparableConv2d
-    from .core.records import Benchmark, Energy, FlopsTarget, LayerChange, LayerLatency, SkippedLayer
+    from .core.records import AgreementTarget, Benchmark, BudgetSearch, Energy, FlopsTarget, LayerChange, LayerLatency, SkippedLayer
     from .deploy.export import export_onnx
     from .deploy.verify import ProviderCheck, benchmark, layer_latencies, verify_onnx
     from .measure.compare import Comparison, compare
@@ -101,9 +103,11 @@ def __dir__() -> list[str]:
 __version__ = "0.2.0"
 
 __all__ = [
+    "AgreementTarget",
     "AnalysisError",
     "Analysis",
     "Benchmark",
+    "BudgetSearch",
     "Comparison",
     "ConvtoolError",
     "Distillation",

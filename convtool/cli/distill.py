@@ -26,6 +26,9 @@ from .options import (
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling and any randomness in the model.")
 @click.option("--features", is_flag=True, help="Also match each separated layer's output to the dense layer it replaced.")
 @click.option("--train-batchnorm", is_flag=True, help="Update BatchNorm statistics too (frozen by default).")
+@click.option("--no-refit", is_flag=True,
+              help="Start from MODEL as it is: skip the least-squares refit of its separated layers on the first 512 "
+                   "samples of --data (done by default: gradient steps from an SVD-only start recover far less).")
 @click.option("--image-size", metavar="H,W", help="Size images of a --data folder are resized to.")
 @click.option("--mean", metavar="R,G,B", help="Per-channel mean subtracted from --data images (after scaling to [0, 1]).")
 @click.option("--std", metavar="R,G,B", help="Per-channel std dividing --data images.")
@@ -41,12 +44,14 @@ from .options import (
 @click.option("--force", is_flag=True, help="Overwrite the output, or start over in a --checkpoint-dir holding checkpoints.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @handles_errors
-def distill(model, teacher, data, output, steps, batch_size, lr, seed, features, train_batchnorm, image_size, mean, std, workers,
+def distill(model, teacher, data, output, steps, batch_size, lr, seed, features, train_batchnorm, no_refit, image_size, mean, std, workers,
             checkpoint_dir, checkpoint_every, resume, amp, timeout, input_shapes, arch, allow_pickle, device, force, quiet):
     """Fine-tune a separated MODEL to reproduce --teacher on unlabeled --data, on one or many processes.
 
     MODEL is a file `convtool separate` wrote (a pickled module: needs --allow-pickle); --arch
-    builds the teacher from a state_dict. Run it under torchrun for several processes (gloo on
+    builds the teacher from a state_dict. Its separated layers are first refit by least squares
+    on the first 512 samples of --data (as `separate --calibration` does; --no-refit skips it).
+    Run it under torchrun for several processes (gloo on
     the CPU, NCCL on CUDA): each takes its share of every batch, and only the first writes and
     prints. A killed run continues with --resume, bit for bit.
 
@@ -96,12 +101,14 @@ def distill(model, teacher, data, output, steps, batch_size, lr, seed, features,
             result = convtool.distill(
                 student, teacher_model, inputs, steps=steps, batch_size=batch_size, lr=lr, seed=seed, features=features,
                 freeze_batchnorm=not train_batchnorm, workers=workers, amp=amp, checkpoints=checkpoints,
-                on_step=progress if not ui.quiet else None,
+                on_step=progress if not ui.quiet else None, refit=not no_refit,
             )
         if not world.main:
             return
         with Staging() as staging:
             portable = staging.write(output, lambda tmp: write_model(result.model, tmp, example_inputs))
+    if result.refit:
+        ui.note(f"refit {len(result.refit)} separated layers on the data before the first step")
     resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
     speed = (steps - result.resumed_from) * batch_size / max(result.seconds, 1e-9)
     ui.note(f"distilled {steps} steps{resumed} on {result.processes} process{'es' if result.processes > 1 else ''} in "

@@ -21,8 +21,14 @@ from .options import (
 @click.option("--rank", help="Separable filters per channel: a positive integer, 'full' (exact) or 'auto' [1; auto with --flops-target or --energy].")
 @click.option("--flops-target", type=float, help="With --rank auto: the model's FLOPs after, as a fraction of before (e.g. 0.25).")
 @click.option("--energy", type=float, help="With --rank auto: per layer, the smallest rank keeping this share of spectral energy (e.g. 0.9).")
+@click.option("--min-agreement", type=float, metavar="SHARE",
+              help="With --calibration: the fewest FLOPs whose top-1 agreement with the original on a held-out quarter "
+                   "of the calibration data is at least SHARE (e.g. 0.99; classifiers).")
+@click.option("--min-sqnr", type=float, metavar="DB",
+              help="With --calibration: the fewest FLOPs whose output SQNR against the original on a held-out quarter "
+                   "of the calibration data is at least DB (any output).")
 @click.option("--sensitivity", is_flag=True,
-              help="With --flops-target and --calibration: spend the budget by each layer's measured effect on the "
+              help="With --flops-target (or --min-agreement / --min-sqnr) and --calibration: spend the budget by each layer's measured effect on the "
                    "model's output, not its own error (a few model runs per layer).")
 @click.option("--latency", "latency_provider", metavar="PROVIDER",
               help="Time each layer on this onnxruntime provider (cpu, cuda); layers whose "
@@ -52,7 +58,7 @@ from .options import (
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @output_options
 @handles_errors
-def separate(model, output, rank, flops_target, energy, sensitivity, latency_provider, include, exclude, order, calibration, synthetic_samples,
+def separate(model, output, rank, flops_target, energy, min_agreement, min_sqnr, sensitivity, latency_provider, include, exclude, order, calibration, synthetic_samples,
              image_size, mean, std, refit, recalibrate_bn, distill_steps, input_shapes, arch, allow_pickle, device, onnx_path, providers, report_path,
              force, quiet, as_json):
     """Rewrite every standard conv of MODEL (PyTorch, or an .onnx file) into a depthwise + pointwise pair.
@@ -68,6 +74,7 @@ def separate(model, output, rank, flops_target, energy, sensitivity, latency_pro
       convtool separate resnet.pt --arch mymodels:resnet18 --rank 2 --onnx resnet.sep.onnx
       convtool separate net.pt --allow-pickle --rank auto --flops-target 0.25 \\
           --calibration images/ --image-size 224,224 --distill-steps 300
+      convtool separate net.pt --allow-pickle --min-agreement 0.99 --calibration images.npy
       convtool separate net.pt --allow-pickle --rank auto --flops-target 0.25 \\
           --calibration synthetic --input-shape 1,3,32,32 --distill-steps 300
       convtool separate vendor.onnx --rank 2 --input-shape 1,3,224,224
@@ -75,12 +82,13 @@ def separate(model, output, rank, flops_target, energy, sensitivity, latency_pro
     import convtool
 
     from ..io import Staging, check_output, write_model
-    from ..report.render import to_dict, to_markdown, to_rich
+    from ..report.render import search_line, to_dict, to_markdown, to_rich
 
     ui = Ui(quiet, as_json)
-    rank_value = _parse_rank(rank, flops_target, energy, sensitivity)
+    rank_value = _parse_rank(rank, flops_target, energy, sensitivity, min_agreement, min_sqnr)
     if is_onnx(model):
         unsupported = [flag for flag, value in (
+            ("--min-agreement", min_agreement is not None), ("--min-sqnr", min_sqnr is not None),
             ("--latency", latency_provider), ("--sensitivity", sensitivity), ("--distill-steps", distill_steps), ("--recalibrate-bn", recalibrate_bn),
             ("--refit both", refit == "both"), ("--calibration synthetic", calibration == "synthetic"),
             ("--synthetic-samples", synthetic_samples),
@@ -105,7 +113,8 @@ def separate(model, output, rank, flops_target, energy, sensitivity, latency_pro
                                      "model-ready inputs of --input-shape: drop it")
     needs_option("--distill-steps", bool(distill_steps), "--calibration FILE|DIR|synthetic (the unlabeled inputs to distil on)", calibration)
     for option, value in (("--recalibrate-bn", recalibrate_bn), ("--image-size", image_size), ("--mean", mean), ("--std", std),
-                          ("--refit both", refit == "both"), ("--sensitivity", sensitivity)):
+                          ("--refit both", refit == "both"), ("--sensitivity", sensitivity),
+                          ("--min-agreement", min_agreement is not None), ("--min-sqnr", min_sqnr is not None)):
         needs_option(option, bool(value), "--calibration FILE|DIR", calibration)
     needs_option("--providers", bool(providers), "--onnx OUT.onnx (the file to verify)", onnx_path)
     if latency_provider:
@@ -139,6 +148,8 @@ def separate(model, output, rank, flops_target, energy, sensitivity, latency_pro
         )
     if result.budget_met is False:
         ui.note(f"note: the FLOP target {rank_value.fraction} cannot be met; every separated layer is at its cheapest")
+    if result.search is not None:
+        ui.note(search_line(result.search))
     separated = result.model
     if distill_steps:
         # On synthetic inputs, matching each separated layer's output too lifted digits at 0.25 of
@@ -281,28 +292,36 @@ def _distill(student, teacher, data, steps, ui, features=False):
     import convtool
 
     if ui.quiet:
-        return convtool.distill(student, teacher, data, steps=steps, features=features).model
+        return convtool.distill(student, teacher, data, steps=steps, features=features, refit=False).model
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("distilling"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn())
     with Progress(*columns, console=ui.err, transient=not ui.err.is_terminal) as progress:
         task = progress.add_task("distill", total=steps, loss="-")
         result = convtool.distill(
-            student, teacher, data, steps=steps, features=features,
+            student, teacher, data, steps=steps, features=features, refit=False,  # separate has just refit on this data
             on_step=lambda step, loss: progress.update(task, completed=step, loss=f"{loss:.4f}"),
         )
     ui.note(f"distilled {steps} steps in {result.seconds:.1f} s: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
     return result.model
 
 
-def _parse_rank(text: str | None, flops_target: float | None, energy: float | None, sensitivity: bool = False):
-    """The flags as one typed rank: an int, "full", FlopsTarget or Energy (auto alone means a quarter of the FLOPs)."""
-    from ..core.records import Energy, FlopsTarget
+def _parse_rank(text: str | None, flops_target: float | None, energy: float | None, sensitivity: bool = False,
+                min_agreement: float | None = None, min_sqnr: float | None = None):
+    """The flags as one typed rank: an int, "full", FlopsTarget, Energy or AgreementTarget (auto alone: a quarter of the FLOPs)."""
+    from ..core.records import AgreementTarget, Energy, FlopsTarget
+
+    if min_agreement is not None or min_sqnr is not None:
+        clash = [flag for flag, value in (("--flops-target", flops_target), ("--energy", energy), ("--rank", text)) if value is not None]
+        if clash:
+            raise InvalidOptionError(f"--min-agreement / --min-sqnr choose the budget themselves: drop {', '.join(clash)}")
+        return AgreementTarget(min_agreement, min_sqnr, sensitivity)
 
     if flops_target is not None and energy is not None:
         raise InvalidOptionError("give --flops-target or --energy, not both")
     if sensitivity and (energy is not None or text not in (None, "auto") or (flops_target is None and text is None)):
-        raise InvalidOptionError("--sensitivity weighs the layers of a FLOP budget: use it with --rank auto --flops-target F")
+        raise InvalidOptionError("--sensitivity weighs the layers of a FLOP budget: use it with --rank auto --flops-target F "
+                                 "or --min-agreement / --min-sqnr")
     chosen = FlopsTarget(flops_target, sensitivity) if flops_target is not None else Energy(energy) if energy is not None else None
     if text is None or text == "auto":
         return chosen or (FlopsTarget(0.25, sensitivity) if text == "auto" else 1)

@@ -98,6 +98,12 @@ class AgreementTarget:
         return self.sqnr_db is None or sqnr_db is None or sqnr_db >= self.sqnr_db
 
 
+def measured_words(top1: float | None, sqnr_db: float | None) -> str:
+    """What a separation measured, in words: ``top-1 agreement 98.75%, SQNR 12.2 dB``."""
+    words = [f"top-1 agreement {top1:.2%}"] if top1 is not None else []
+    return ", ".join(words + ["SQNR inf (identical)" if sqnr_db is None else f"SQNR {sqnr_db:.1f} dB"])
+
+
 @dataclass(frozen=True)
 class BudgetTried:
     """One FLOP budget an :class:`AgreementTarget` search tried, and what its separation measured."""

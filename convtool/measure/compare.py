@@ -13,7 +13,7 @@ from torch import nn
 from ..core.inputs import as_inputs, eval_mode, model_device, on_device, run_checked, running
 from ..core.modules import SeparableConv
 from ..core.names import get_or_none
-from ..core.records import Benchmark, LayerChange, LayerLatency, SkippedLayer
+from ..core.records import Benchmark, BudgetSearch, LayerChange, LayerLatency, SkippedLayer
 from ..errors import InvalidOptionError
 from .conv_calls import record
 from .counts import FLOPS_UNIT, Analysis, analyze
@@ -37,6 +37,9 @@ class Comparison:
             with ``--onnx``; set it with ``dataclasses.replace`` and :func:`~convtool.benchmark`).
         slower_layers: when the separated model is slower, the layers whose separated form is
             not faster than a dense conv, timed alone (:func:`~convtool.layer_latencies`).
+        search: from a Separation made with an :class:`~convtool.AgreementTarget`, how the
+            budget was chosen and what the model measured on held-out data; None when the
+            model compared is not the one measured (fine-tuned after, say).
     """
 
     before: Analysis
@@ -48,6 +51,7 @@ class Comparison:
     latency: Benchmark | None = None
     slower_layers: tuple[LayerLatency, ...] = ()
     flops_unit: str = FLOPS_UNIT
+    search: BudgetSearch | None = None
 
     @property
     def params_ratio(self) -> float:
@@ -106,12 +110,13 @@ def compare(original: nn.Module, separated: nn.Module, example_inputs: Any, *, s
                     output_error=layer.output_error if same_model else None, params_before=layer.params_before,
                 ))
         skipped, verified = tuple(separation.skipped), separation.verified
+        search = getattr(separation, "search", None) if same_model else None  # measured on that model alone
     else:
         for names, pairs in pair_groups(separated):
             layers.append(describe(names[0], names[1:], "module", pairs, calls, dense_weight=_dense_weight(original, names[0], "module"),
                                    params_before=_dense_params(original, names[0])))
-        skipped, verified = (), None
-    return Comparison(before, after, tuple(layers), fidelity, skipped, verified)
+        skipped, verified, search = (), None, None
+    return Comparison(before, after, tuple(layers), fidelity, skipped, verified, search=search)
 
 
 def _dense_params(original: nn.Module, name: str) -> int | None:

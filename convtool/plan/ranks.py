@@ -9,7 +9,7 @@ function, so it depends only on the core math.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -259,6 +259,7 @@ def make_plan(
     latency: Latency | None = None,
     provider: str = "",
     sensitivity: Sensitivity | None = None,
+    costing: Costing | None = None,
 ) -> Plan:
     """Decide each site's (order, rank).
 
@@ -276,13 +277,16 @@ def make_plan(
         sensitivity: with a FLOP target and ``activations``, each layer's options are judged by
             the model's output instead of the layer's: a few ranks are measured with
             ``sensitivity`` and the rest interpolated (:func:`model_errors`).
+        costing: with a FLOP target, a :class:`Costing` to fill (when empty) or to reuse
+            instead of measuring again: a search over budgets costs the layers once.
     """
     picks: dict[str, tuple[str, int] | None] = {}
     reasons: dict[str, str] = {}
     budget: tuple = ()
     if isinstance(rank, FlopsTarget):
         # The latency filter runs inside: it prunes each layer's options before the knapsack.
-        budget = _budget(sites, rank.fraction, order, stats, total_flops, activations, latency, picks, reasons, sensitivity)
+        budget = _budget(sites, rank.fraction, order, stats, total_flops, activations, latency, picks, reasons, sensitivity,
+                         costing)
     else:
         for site in sites:
             picks[site.name], reason = _energy(site, rank, order) if isinstance(rank, Energy) else (_fixed(site, rank, order), None)
@@ -404,7 +408,34 @@ def reachable(choice: Choice, slack: float) -> Choice:
                    if key == DENSE or (cost < dense and cost <= limit)})
 
 
-def _budget(sites, fraction, order, stats, total_flops, activations, latency, picks, reasons, sensitivity) -> tuple[bool, float, float]:
+@dataclass
+class Costing:
+    """Each layer's options under a FLOP target, costed once for every budget a search tries.
+
+    The costing (FLOPs, output errors, sensitivity, latency) does not depend on the budget;
+    only which options a budget can reach does. Filled by the first plan made with it, with
+    every option cheaper than the dense conv (the widest budget's), then reused as it is.
+    """
+
+    choices: dict[str, Choice] = field(default_factory=dict)  # by site name
+    total: float = 0.0  # the model's FLOPs
+    fixed: float = 0.0  # the FLOPs of all but the costed sites
+
+    def picks(self, fraction: float) -> tuple:
+        """What the knapsack picks at ``fraction`` of the FLOPs: budgets giving the same plan give the same model."""
+        names = list(self.choices)
+        chosen, _ = allocate([self.choices[n] for n in names], fraction * self.total - self.fixed)
+        return tuple(zip(names, chosen))
+
+    @property
+    def floor(self) -> float:
+        """The smallest reachable FLOP fraction: every layer at its cheapest option."""
+        cheapest = sum(min(cost for cost, _ in c.options.values()) for c in self.choices.values())
+        return (self.fixed + cheapest) / self.total if self.total else 1.0
+
+
+def _budget(sites, fraction, order, stats, total_flops, activations, latency, picks, reasons, sensitivity,
+            costing: Costing | None = None) -> tuple[bool, float, float]:
     """Fill ``picks`` and ``reasons`` under a FLOP budget; returns (met, FLOPs before, FLOPs after)."""
     if not stats:
         raise InvalidOptionError("a FLOP target needs example inputs (or calibration data) to cost each layer")
@@ -413,25 +444,24 @@ def _budget(sites, fraction, order, stats, total_flops, activations, latency, pi
     for site in sites:
         if site.name not in stats:
             reasons[site.name] = "did not run on the example inputs, so its cost is unknown"
-    choices = [weight_options(site, _orders(order), stats[site.name]) for site in ran]
-    # The target is a fraction of the whole model's FLOPs (what the report shows): everything
-    # but the sites that ran is a fixed cost.
-    mine = sum(c.options[DENSE][0] for c in choices)
-    total = max(float(total_flops or 0.0), mine)
-    fixed = total - mine
-    budget = fraction * total - fixed
-    slack = budget - sum(min(cost for cost, _ in c.options.values()) for c in choices)
-    choices = [reachable(c, slack) for c in choices]
-    # A conv with a padding mode other than zeros receives its input already padded.
-    costed = [s.name for s, c in zip(ran, choices) if len(c.options) > 1 and s.options.get("padding_mode", "zeros") == "zeros"]
-    measured = activations(costed) if costed and activations is not None else {}
-    for i, site in enumerate(ran):
-        if site.name in measured:
-            choices[i] = _output_errors(site, *measured[site.name], choices[i])
-        if sensitivity is not None and len(choices[i].options) > 1:  # every open site: one unit, the model's output
-            choices[i] = model_errors(site, choices[i], sensitivity, measured[site.name][0] if site.name in measured else None)
-        if latency is not None:
-            choices[i] = faster_than_dense(site, choices[i], stats[site.name], latency)
+    if costing is not None and costing.choices and set(costing.choices) == {s.name for s in ran}:
+        choices = [costing.choices[s.name] for s in ran]
+        total, fixed = costing.total, costing.fixed
+        budget = fraction * total - fixed
+    else:
+        choices = [weight_options(site, _orders(order), stats[site.name]) for site in ran]
+        # The target is a fraction of the whole model's FLOPs (what the report shows): everything
+        # but the sites that ran is a fixed cost.
+        mine = sum(c.options[DENSE][0] for c in choices)
+        total = max(float(total_flops or 0.0), mine)
+        fixed = total - mine
+        budget = fraction * total - fixed
+        # A costing kept for other budgets keeps every option a budget could reach: the widest's.
+        slack = (total if costing is not None else budget) - sum(min(cost for cost, _ in c.options.values()) for c in choices)
+        choices = [reachable(c, slack) for c in choices]
+        choices = _measured(ran, choices, stats, activations, latency, sensitivity)
+        if costing is not None:
+            costing.choices, costing.total, costing.fixed = dict(zip((s.name for s in ran), choices)), total, fixed
     picks_list, met = allocate(choices, budget)
     after = fixed
     for site, choice, pick in zip(ran, choices, picks_list):
@@ -441,3 +471,19 @@ def _budget(sites, fraction, order, stats, total_flops, activations, latency, pi
         else:
             picks[site.name] = pick
     return met, total, after
+
+
+def _measured(ran, choices: list[Choice], stats, activations, latency, sensitivity) -> list[Choice]:
+    """The options' errors measured where data can change a decision, and the slow ones dropped."""
+    # A conv with a padding mode other than zeros receives its input already padded.
+    costed = [s.name for s, c in zip(ran, choices) if len(c.options) > 1 and s.options.get("padding_mode", "zeros") == "zeros"]
+    measured = activations(costed) if costed and activations is not None else {}
+    choices = list(choices)
+    for i, site in enumerate(ran):
+        if site.name in measured:
+            choices[i] = _output_errors(site, *measured[site.name], choices[i])
+        if sensitivity is not None and len(choices[i].options) > 1:  # every open site: one unit, the model's output
+            choices[i] = model_errors(site, choices[i], sensitivity, measured[site.name][0] if site.name in measured else None)
+        if latency is not None:
+            choices[i] = faster_than_dense(site, choices[i], stats[site.name], latency)
+    return choices

@@ -10,6 +10,7 @@ layer (``_describe``: ``measure.layers``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
@@ -21,14 +22,14 @@ from ..core.decompose import ORDERS
 from ..core.inputs import as_inputs, guess_inputs, model_device, on_device, run_checked, running, tensors_of
 from ..core.modules import SeparableConv, runtime_forms
 from ..core.names import label
-from ..core.records import FlopsTarget, LayerChange, Rank, SkippedLayer, check_rank
+from ..core.records import AgreementTarget, BudgetSearch, FlopsTarget, LayerChange, Rank, SkippedLayer, check_rank
 from ..core.working_copy import copy_model, working_copy
 from ..errors import InvalidOptionError, NothingToSeparateError
 from ..measure.conv_calls import ConvRecorder, record
 from ..measure.layers import describe
 from ..measure.onnxrt import module_latency, require_provider
 from ..measure.sensitivity import OutputError
-from ..plan.ranks import Latency, Plan, make_plan
+from ..plan.ranks import Costing, Latency, Plan, make_plan
 from ..plan.site import Site
 from ..recovery.batches import calibration_batches
 from ..recovery.both_halves import refit_both_halves
@@ -39,6 +40,7 @@ from .bake import bake, unbake
 from .dense import FirstBatch, dense_behaviour, model_flops, site_stats
 from .install import Installed, install
 from .proof import Edits, prove
+from .search import search_budget
 from .sites import find_sites
 
 if TYPE_CHECKING:
@@ -66,6 +68,8 @@ class Separation:
             example inputs before and after, as the budget counted them.
         synthetic: with ``calibration="synthetic"``, how the calibration inputs were made
             from the model alone (``.inputs`` holds them, ``.note`` says what they match).
+        search: with an :class:`~convtool.AgreementTarget`, the floors, what the model returned
+            measured on how many held-out samples, and every budget tried (None otherwise).
     """
 
     model: nn.Module
@@ -78,6 +82,7 @@ class Separation:
     flops_before: float | None = None
     flops_after: float | None = None
     synthetic: Synthesis | None = None
+    search: BudgetSearch | None = None
 
     @property
     def params_before(self) -> int:
@@ -141,8 +146,10 @@ def separate(
             costed on them.
         rank: separable filters per channel: a positive int, ``"full"`` (exact),
             :class:`~convtool.FlopsTarget` (the model's FLOPs after, as a fraction of before;
-            layers may stay dense where that is cheaper) or :class:`~convtool.Energy` (per
-            layer, the smallest rank keeping that share of the squared singular values). An
+            layers may stay dense where that is cheaper), :class:`~convtool.Energy` (per
+            layer, the smallest rank keeping that share of the squared singular values) or
+            :class:`~convtool.AgreementTarget` (the fewest FLOPs whose model keeps a top-1
+            agreement or SQNR floor on held-out calibration data; needs calibration). An
             explicit rank separates every eligible conv, even where it costs more than the dense conv.
         order: ``"dw-pw"`` (depthwise then pointwise), ``"pw-dw"`` (pointwise then
             depthwise), or ``"auto"`` (per layer, the lower error at the rank or budget).
@@ -177,7 +184,8 @@ def separate(
     Raises:
         InvalidOptionError: bad ``rank``, ``order``, data, or a model on the meta device.
         ProviderUnavailableError: ``latency_provider`` cannot run here.
-        NothingToSeparateError: no conv can be separated under these options.
+        NothingToSeparateError: no conv can be separated under these options (or, for an
+            agreement target, no budget that separates one meets the floor).
         SeparationError: the separated model fails on the inputs.
 
     Example:
@@ -188,9 +196,28 @@ def separate(
     """
     rank, latency = _checked_options(model, rank, order, refit, latency_provider)
     calibration, synthetic = _synthetic(model, example_inputs, calibration)
+    options = dict(order=order, include=include, exclude=exclude, recalibrate_bn=recalibrate_bn,
+                   latency_provider=latency_provider, refit=refit)
+    if isinstance(rank, AgreementTarget):
+        if calibration is None:
+            raise InvalidOptionError("an agreement target measures the separated model on held-out calibration data: pass calibration")
+
+        def separate_at(target: FlopsTarget, fit: Any, costing: Costing) -> Separation:
+            return _separate(model, example_inputs, rank=target, calibration=fit, latency=latency, costing=costing, **options)
+
+        result, search = search_budget(model, rank, calibration, separate_at)
+        return dataclasses.replace(result, search=search, synthetic=synthetic)
+    return dataclasses.replace(_separate(model, example_inputs, rank=rank, calibration=calibration, latency=latency, **options),
+                               synthetic=synthetic)
+
+
+def _separate(model: nn.Module, example_inputs: Any, *, rank: Rank, order: str, include: Sequence[str], exclude: Sequence[str],
+              calibration: Any, recalibrate_bn: bool, latency_provider: str | None, latency: Latency | None, refit: str,
+              costing: Costing | None = None) -> Separation:
+    """:func:`separate` at one rank option, its options checked; ``costing`` reused across the budgets of a search."""
     prepared = _prepare(model, example_inputs, calibration)
     sites, skipped, tracing = _sites(prepared.work, include, exclude)
-    plan, dense_run, first = _plan_ranks(prepared, sites, rank, order, latency, latency_provider)
+    plan, dense_run, first = _plan_ranks(prepared, sites, rank, order, latency, latency_provider, costing)
     skipped += [SkippedLayer(name, reason) for name, reason in plan.dense_reasons.items()]
     reference = copy_model(prepared.work) if prepared.batches else None  # the dense model the refit matches
     placed = _install_and_prove(model, prepared, sites, plan, tracing, dense_run, skipped)
@@ -199,7 +226,7 @@ def separate(
     return Separation(
         model=placed.model, layers=_describe(placed, output_errors), skipped=tuple(skipped), original=model,
         verified=placed.verified, verification=placed.verification, budget_met=budget_met,
-        flops_before=plan.flops_before, flops_after=flops_after, synthetic=synthetic,
+        flops_before=plan.flops_before, flops_after=flops_after,
     )
 
 
@@ -258,6 +285,7 @@ def _sites(work: nn.Module, include: Sequence[str], exclude: Sequence[str]) -> t
 
 def _plan_ranks(
     prepared: _Prepared, sites: list[Site], rank: Rank, order: str, latency: Latency | None, provider: str | None,
+    costing: Costing | None = None,
 ) -> tuple[Plan, ConvRecorder | None, FirstBatch | None]:
     """The rank decisions, with what the strategy needs measured first.
 
@@ -278,10 +306,10 @@ def _plan_ranks(
     stats = site_stats(sites, dense_run) if dense_run is not None else {}
     total = model_flops(work, costed, dense_run) if isinstance(rank, FlopsTarget) else None
     sensitivity = None
-    if first is not None and isinstance(rank, FlopsTarget) and rank.sensitivity:
+    if first is not None and isinstance(rank, FlopsTarget) and rank.sensitivity and not (costing and costing.choices):
         sensitivity = _output_error(work, first.batch)
     plan = make_plan(sites, rank, order, stats=stats, total_flops=total, activations=first,
-                     latency=latency, provider=provider or "", sensitivity=sensitivity)
+                     latency=latency, provider=provider or "", sensitivity=sensitivity, costing=costing)
     if first is not None:
         first.drop_inputs()
     if prepared.batches:  # the refit sums every process's equations layer by layer: the layers must be the same

@@ -17,11 +17,11 @@ import dataclasses
 import math
 from typing import Any
 
-from ..core.records import LayerChange
+from ..core.records import BudgetSearch, LayerChange, measured_words
 from ..measure.compare import Comparison
 from ..measure.counts import FLOPS_UNIT, Analysis, ModuleCost
 
-SCHEMA_VERSION = 3  # 3: layers carry "transposed"
+SCHEMA_VERSION = 4  # 3: layers carry "transposed"; 4: "budget_search"
 
 
 def human(n: float | None) -> str:
@@ -85,7 +85,24 @@ def to_dict(comparison: Comparison) -> dict[str, Any]:
             "slower_layers": [dataclasses.asdict(layer) for layer in c.slower_layers],
         },
         "unsupported_ops": {"before": c.before.unsupported_ops, "after": c.after.unsupported_ops},
+        "budget_search": None if c.search is None else {
+            "top1_floor": c.search.target.top1,
+            "sqnr_db_floor": c.search.target.sqnr_db,
+            "held_out_samples": c.search.samples,
+            "flops_fraction": c.search.flops_fraction,
+            "top1_agreement": c.search.top1_agreement,
+            "sqnr_db": _json_value(c.search.sqnr_db),
+            "tried": [{k: _json_value(v) for k, v in dataclasses.asdict(t).items()} for t in c.search.tried],
+        },
     }
+
+
+def search_line(search: BudgetSearch) -> str:
+    """How an agreement target chose the budget, in one sentence: the floor, what was measured, on what."""
+    measured = measured_words(search.top1_agreement, search.sqnr_db)
+    return (f"Budget: the fewest FLOPs meeting {search.target.floors()} on {search.samples} held-out calibration samples "
+            f"(not used by the refit): {measured} at {search.flops_fraction:.3f} of the FLOPs, "
+            f"{len(search.tried)} budgets tried.")
 
 
 def _fidelity_line(c: Comparison) -> str:
@@ -196,6 +213,8 @@ def to_markdown(comparison: Comparison) -> str:
     verified = _verified_line(c)
     if verified:
         lines += [verified, ""]
+    if c.search is not None:
+        lines += [_md(search_line(c.search)), ""]
     for text in _latency_lines(c):
         lines += [_md(text), ""]
     if c.layers:
@@ -228,6 +247,8 @@ def to_rich(comparison: Comparison, *, max_layers: int | None = 40) -> list[Any]
     verified = _verified_line(c)
     if verified:
         out.append(verified)
+    if c.search is not None:
+        out.append(search_line(c.search))
     out += _latency_lines(c)
     if c.layers:
         rows = _layer_rows(c)
