@@ -3,6 +3,7 @@
 Run: .venv/bin/python benchmarks/accuracy.py [--weights examples/digits_cnn.safetensors]
      .venv/bin/python benchmarks/accuracy.py --weights examples/digits_cnn.safetensors --data-free
      (the data-free table: no data at all against real unlabeled images; see ``data_free``)
+     .venv/bin/python benchmarks/accuracy.py --pitch benchmarks/pitch_net.safetensors  (the pitch table of issue 23)
 
 Trains the digits CNN of examples/digits_cnn.py (unless --weights is given), then for rank 1 and
 for FLOP targets 0.15 / 0.25 / 0.35 / 0.5 reports test accuracy after the SVD initialisation alone,
@@ -65,8 +66,14 @@ def main() -> None:
     parser.add_argument("--steps", action="store_true",
                         help="print the calibration-steps table instead (issue 15): bias correction, sensitivity, both halves, "
                              "alone and together, on the digits CNN and a tall-kernel net")
+    parser.add_argument("--pitch", type=Path, metavar="WEIGHTS",
+                        help="print the pitch table instead (issue 23): the CREPE-style estimator of benchmarks/pitch.py "
+                             "with these weights, agreement within 50 cents with the original at 0.5 / 0.35 / 0.25")
+    parser.add_argument("--targets", default="0.5,0.35,0.25", help="with --pitch: the FLOP targets")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.pitch:
+        return pitch_table(args)
 
     train_x, train_y, test_x, test_y = load_digits_tensors()
     if args.weights:
@@ -214,6 +221,60 @@ def calibration_steps(digits_model, train_x, train_y, test_x, test_y, args) -> N
                     kept = float((result.model.eval()(test).argmax(1) == original).float().mean())
                 cells.append(f"{accuracy(result.model, test, test_y):.2%} ({kept:.1%}) {seconds:.1f} s")
             print(f"| {name} | {target} | " + " | ".join(cells) + " |", flush=True)
+
+
+def pitch_table(args) -> None:
+    """Issue 23: the pitch estimator at each FLOP target, calibration only and after distillation, with seconds.
+
+    Every cell is the share of 1,000 held-out tones whose pitch (the decoded estimate, in cents)
+    is within 50 cents of the original model's, then the wall seconds of that separation
+    (distillation: the separation's seconds plus the distillation's). No label is used. Columns,
+    all ``order="auto"``: the SVD alone; calibration as convtool 0.2 did it (plain least
+    squares on all the frames, the one-input-channel first conv dense); + the least squares
+    shrunk towards the SVD pair as far as a held-out quarter of the frames says helps; + the
+    first conv (a filterbank) separable under the budget (everything of this issue); the same on
+    256 frames; then distilled ``--distill-steps`` steps on 2,048 unlabeled frames (the 256
+    calibration frames among them), starting from the 256-frame calibration.
+    """
+    from unittest import mock
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import pitch
+
+    from convtool.recovery.equations import NormalEquations
+
+    model = pitch.load(args.pitch)
+    test, f0 = pitch.tones(1000, seed=123_456)
+    original = pitch.estimate(model, test)
+    frames, _ = pitch.tones(2048, seed=777)
+    print(f"{args.pitch.name}: raw pitch accuracy {pitch.agreement(original, pitch.to_cents(f0)):.2%} on the 1,000 test tones; "
+          f"{convtool.analyze(model, test[:1]).flops / 1e6:.0f}M FLOPs\n")
+    plain = mock.patch.object(NormalEquations, "solve_judged", lambda self, prior, held: (self.plus(held).solve(), 1e-6))
+    columns = [
+        ("SVD only", dict(), None, ["convs.0.0"]),
+        ("0.2 calibration, 64 frames", dict(calibration=frames[:64]), plain, ["convs.0.0"]),
+        ("+ judged shrinkage, 64", dict(calibration=frames[:64]), None, ["convs.0.0"]),
+        ("+ filterbank separable, 64", dict(calibration=frames[:64]), None, []),
+        ("all, 256 frames", dict(calibration=frames[:256]), None, []),
+    ]
+    print("| target | FLOPs after | " + " | ".join(c[0] for c in columns) + f" | + distillation ({args.distill_steps} steps) |")
+    print("|---:|---:|" + "---:|" * (len(columns) + 1))
+    for target in (float(t) for t in args.targets.split(",")):
+        cells, last = [], None
+        for _, options, patch, exclude in columns:
+            start = time.perf_counter()
+            with patch or contextlib.nullcontext():
+                result = convtool.separate(model, test[:1], rank=convtool.FlopsTarget(target), order="auto", exclude=exclude,
+                                           **options)
+            seconds = time.perf_counter() - start
+            cells.append(f"{pitch.agreement(pitch.estimate(result.model, test), original):.1%} {seconds:.0f} s")
+            last = (result, seconds)
+        result, seconds = last
+        start = time.perf_counter()
+        distilled = convtool.distill(result.model, model, frames, steps=args.distill_steps, seed=args.seed, refit=False)
+        seconds += time.perf_counter() - start
+        cells.append(f"{pitch.agreement(pitch.estimate(distilled.model, test), original):.1%} {seconds:.0f} s")
+        print(f"| {target} | {result.flops_after / result.flops_before:.3f} | " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

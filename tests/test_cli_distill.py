@@ -83,8 +83,11 @@ def test_one_process_writes_the_model_and_leaves_inputs_alone(project):
 
 
 def test_two_processes_match_one_and_only_the_first_writes_and_prints(project):
-    one = run(*args(project, "one.pt", "--steps", "12"))
-    assert one.exit_code == 0, one.output
+    # One process launched the same way (one thread, as torchrun gives each process): the refit
+    # before the first step solves least squares whose conditioning magnifies the rounding of a
+    # different thread count far beyond the tolerance, which is not what this compares.
+    one = torchrun(args(project, "one.pt", "--steps", "12"), processes=1)
+    assert one.returncode == 0, one.stderr[-3000:]
     two = torchrun(args(project, "two.pt", "--steps", "12", "--checkpoint-dir", project / "ck", "--checkpoint-every", "5"))
     assert two.returncode == 0, two.stderr[-3000:]
     output = two.stdout + two.stderr

@@ -437,7 +437,9 @@ def runtime_forms(pair: SeparableConv, widths: set[int] | None = None) -> list[n
     Conv1d run as a 1 x k Conv2d. New modules, except the pair itself.
     """
     forms: list[nn.Module] = [pair]
-    if pair.rank > 1 and pair.groups == 1 and not pair.transposed:
+    # One input channel, depthwise first: the "depthwise" conv is a plain 1 -> r conv, no multiplier to undo.
+    filterbank = pair.order == "dw-pw" and pair.in_channels == 1
+    if pair.rank > 1 and pair.groups == 1 and not pair.transposed and not filterbank:
         # 3-d depthwise branches ran 1.15-5.0x slower than one channel-multiplier conv, in every
         # layer measured (benchmarks/RESULTS.md): there the pair as built stays preferred.
         branches = BranchedSeparableConv(pair)

@@ -3,7 +3,8 @@
 Three strategies, one return path: a fixed rank (or ``"full"``), :class:`~convtool.Energy`,
 and :class:`~convtool.FlopsTarget`. The planner measures nothing itself: the caller hands it
 each site's call statistics, the model's FLOPs, calibration activations and a latency
-function, so it depends only on the core math.
+function, so it depends only on the core math; what errors those activations give is
+``measured``'s.
 """
 
 from __future__ import annotations
@@ -13,35 +14,21 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..core.costs import dense_flops, pair_flops
-from ..core.decompose import ORDERS, max_rank, rank_errors, separable_factors
-from ..core.modules import SeparableConv, conv_class
+from ..core.decompose import ORDERS, max_rank, rank_errors
 from ..core.records import Energy, FlopsTarget, Rank
 from ..errors import InvalidOptionError
-from ..recovery.calibrate import Layer, give_biases, refit
-from .knapsack import DENSE, Choice, allocate, pareto
+from .knapsack import DENSE, Choice, allocate
+from .measured import Sensitivity, dense_for, model_errors, output_errors, pair_for
 from .site import Site
-
-_CONV_FUNCTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_TRANSPOSED_FUNCTIONS = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 # Median milliseconds of a module on one runtime at an input shape.
 Latency = Callable[[nn.Module, tuple[int, ...]], float]
 # Given site names, each one's first (input, output) on calibration data; called only when
 # output errors can change a decision, since it runs the model.
 Activations = Callable[[list[str]], dict[str, tuple[torch.Tensor, torch.Tensor]]]
-# The model's output divergence on calibration data with one conv's weight (by identity)
-# replaced by another: measure.sensitivity.OutputError.
-Sensitivity = Callable[[torch.Tensor, torch.Tensor], float]
-
-SENSITIVITY_POINTS = 4  # ranks per layer whose effect on the model's output is measured
-# Features of a last conv's least squares (M/g x r for a pointwise, r x K for a depthwise) above
-# which sensitivity measures SVD pairs instead of refit ones: on the tall-kernel benchmark
-# (1,024 channels, ranks to 32) the refits took the plan from 10 s to 3 minutes.
-SENSITIVITY_REFIT_LIMIT = 1024
 
 
 @dataclass(frozen=True)
@@ -120,117 +107,10 @@ def weight_options(site: Site, orders: tuple[str, ...], stats: SiteStats) -> Cho
     return Choice(options)
 
 
-def _pair(site: Site, order: str, rank: int) -> SeparableConv:
-    use = site.uses[0]
-    return SeparableConv.from_weight(site.weight, use.bias, groups=site.groups, rank=rank, order=order,
-                                     transposed=site.transposed, **use.options)
-
-
-def _dense(site: Site) -> nn.Module:
-    use, w = site.uses[0], site.weight
-    conv = conv_class(w.dim() - 2, site.transposed)(
-        *site.channels, tuple(w.shape[2:]), groups=site.groups, bias=use.bias is not None, device=w.device,
-        dtype=w.dtype, **use.options,
-    )
-    with torch.no_grad():
-        conv.weight.copy_(w)
-        if use.bias is not None:
-            conv.bias.copy_(use.bias)
-    return conv
-
-
-def _output_errors(site: Site, x: torch.Tensor, output: torch.Tensor, choice: Choice) -> Choice:
-    """Replace weight-space errors by measured output errors on calibration activations.
-
-    ``x`` and ``output`` are one call of the dense conv, bias included in ``output``. One
-    factorisation per order: the rank-r pair's output is the sum of its first r rank-1
-    components (each a depthwise and a pointwise conv), so the errors of every rank come from
-    one pass over the components, not from a new SVD and a new pair per rank.
-    """
-    bias = site.uses[0].bias
-    options: dict[tuple[str, int], tuple[float, float]] = {}
-    with torch.no_grad():
-        reference = output.reshape(-1).double()
-        norm = float(reference @ reference) or 1.0
-        # The residual starts in float64: subtracting the bias in float32 would round it.
-        dense = reference.reshape(output.shape)
-        if bias is not None:
-            dense = dense - bias.double().reshape(1, -1, *[1] * (output.dim() - 2))
-        for order in {key[0] for key in choice.options if key != DENSE}:
-            top = max(key[1] for key in choice.options if key[0] == order)
-            conv_options = dict(site.options, transposed=site.transposed)
-            errors = rank_output_errors(site.weight, bias, site.groups, order, x, top, conv_options, dense=dense.clone())
-            options.update({key: (cost, errors[key[1]] / norm) for key, (cost, _) in choice.options.items() if key[0] == order})
-    options[DENSE] = (choice.options[DENSE][0], 0.0)
-    return Choice(options)
-
-
-def rank_output_errors(
-    weight: torch.Tensor, bias: torch.Tensor | None, groups: int, order: str, x: torch.Tensor, top: int, options: dict,
-    dense: torch.Tensor | None = None,
-) -> dict[int, float]:
-    """Squared output error on ``x`` of the rank-r pair, for r = 1 .. ``top``, from one SVD.
-
-    ``options`` holds the conv's stride, padding and dilation (zero padding), and for a
-    transposed conv ``transposed`` and ``output_padding``; ``dense``, the
-    dense conv's output on ``x`` without bias, when the caller has it (it may be consumed).
-    The residual is kept in float64: the errors of high ranks are small differences of large
-    outputs.
-    """
-    transposed = options.get("transposed", False)
-    f = separable_factors(weight, top, groups, order, transposed)
-    dims = weight.dim() - 2
-    conv = _CONV_FUNCTIONS[dims]
-    in_channels = weight.shape[0] if transposed else weight.shape[1] * groups
-    m_g = in_channels // groups
-    n = f.mixing.shape[0] if order == "dw-pw" else f.mixing.shape[0] // f.rank
-    ones = (1,) * dims
-
-    output_padding = options.get("output_padding", 0)
-    if transposed and dense is not None:  # a call with output_size= picks its own output padding: match its output
-        output_padding = _output_padding(x, weight, dense, options)
-
-    def spatial_conv(t: torch.Tensor, w: torch.Tensor, g: int) -> torch.Tensor:
-        if transposed:
-            return _TRANSPOSED_FUNCTIONS[dims](t, w, None, options["stride"], options["padding"],
-                                               output_padding, g, options["dilation"])
-        return conv(t, w, None, options["stride"], options["padding"], options["dilation"], g)
-
-    if dense is None:
-        dense = spatial_conv(x, weight, groups)
-    residual = dense.double()
-    errors = {}
-    for i in range(f.rank):
-        if order == "dw-pw":
-            # filter i of every input channel
-            spatial = f.spatial[:, i : i + 1] if transposed else f.spatial[i :: f.rank]
-            mixing = f.mixing.reshape(n, m_g, f.rank, *ones)[:, :, i]
-            part = conv(spatial_conv(x, spatial, in_channels), mixing, None, 1, 0, 1, groups)
-        else:
-            mixing = f.mixing.reshape(n, f.rank, m_g, *ones)[:, i]
-            spatial = f.spatial[i :: f.rank] if transposed else f.spatial[:, i : i + 1]
-            part = spatial_conv(conv(x, mixing, None, 1, 0, 1, groups), spatial, n)
-        residual -= part  # promoted in place: no float64 copy of each part
-        flat = residual.reshape(-1)
-        errors[i + 1] = float(flat @ flat)
-    return errors
-
-
-def _output_padding(x: torch.Tensor, weight: torch.Tensor, output: torch.Tensor, options: dict) -> tuple[int, ...]:
-    """The output padding a transposed conv call used, read off its output's size."""
-    dims = weight.dim() - 2
-    tup = lambda v: (v,) * dims if isinstance(v, int) else tuple(v)  # noqa: E731
-    stride, padding, dilation = tup(options["stride"]), tup(options["padding"]), tup(options["dilation"])
-    return tuple(
-        out - ((size - 1) * s - 2 * p + d * (k - 1) + 1)
-        for out, size, s, p, d, k in zip(output.shape[-dims:], x.shape[-dims:], stride, padding, dilation, weight.shape[2:])
-    )
-
-
 LATENCY_MARGIN = 0.9  # a pair must take at most this share of the dense conv's time
 
 
-def faster_than_dense(site: Site, choice: Choice, stats: SiteStats, latency: Latency) -> Choice:
+def faster_thandense_for(site: Site, choice: Choice, stats: SiteStats, latency: Latency) -> Choice:
     """Drop the options the runtime does not run clearly faster than the dense conv.
 
     Clearly: by :data:`LATENCY_MARGIN`, since a small layer's timings vary by more than a few
@@ -238,11 +118,11 @@ def faster_than_dense(site: Site, choice: Choice, stats: SiteStats, latency: Lat
     measured from 1 up, per order, and stop at the first that is not faster: higher ranks of
     the same order cost more still.
     """
-    dense_ms = latency(_dense(site).eval(), stats.input_shape)
+    dense_ms = latency(dense_for(site).eval(), stats.input_shape)
     kept = {DENSE: choice.options[DENSE]}
     for order in sorted({key[0] for key in choice.options if key != DENSE}):
         for r in sorted(key[1] for key in choice.options if key[0] == order):
-            if latency(_pair(site, order, r).eval(), stats.input_shape) >= LATENCY_MARGIN * dense_ms:
+            if latency(pair_for(site, order, r).eval(), stats.input_shape) >= LATENCY_MARGIN * dense_ms:
                 break
             kept[(order, r)] = choice.options[(order, r)]
     return Choice(kept)
@@ -289,12 +169,30 @@ def make_plan(
                          costing)
     else:
         for site in sites:
-            picks[site.name], reason = _energy(site, rank, order) if isinstance(rank, Energy) else (_fixed(site, rank, order), None)
+            reason = None if isinstance(rank, Energy) else single_channel_reason(site)
+            if reason:
+                picks[site.name] = None
+            else:
+                picks[site.name], reason = _energy(site, rank, order) if isinstance(rank, Energy) else (_fixed(site, rank, order), None)
             if reason:
                 reasons[site.name] = reason
         if latency is not None:
             _drop_slow(sites, picks, reasons, stats, latency, provider)
     return Plan(picks, reasons, *budget)
+
+
+def single_channel_reason(site: Site) -> str | None:
+    """Why a conv with one input channel stays dense under a fixed rank (None for any other conv).
+
+    Such a conv (a learned filterbank: a 512-tap audio front end, a grayscale stem) has one
+    N x K slice: its rank-r pair is r filters then a mix, exact at r = min(N, K). Rank 1 keeps
+    one filter of the bank, so a rank given for the model's multi-channel layers would wreck
+    it; a FLOP target or Energy weighs its ranks by their cost and error instead.
+    """
+    if site.channels[0] // site.groups != 1 or site.groups != 1:
+        return None
+    return ("kept dense: a single input channel (a filterbank); a fixed rank would keep that many of its filters, so "
+            "it is separated only under a FLOP target or energy, which weigh its ranks")
 
 
 def _fixed(site: Site, rank: int | str, order: str) -> tuple[str, int]:
@@ -326,70 +224,9 @@ def _drop_slow(sites, picks, reasons, stats, latency, provider) -> None:
         if pick is None or site_stats is None:
             continue
         single = Choice({DENSE: (0.0, 0.0), pick: (0.0, 0.0)})
-        if pick not in faster_than_dense(site, single, site_stats, latency).options:
+        if pick not in faster_thandense_for(site, single, site_stats, latency).options:
             picks[site.name] = None
             reasons[site.name] = f"kept dense: rank {pick[1]} ({pick[0]}) is not faster than the dense conv on {provider}"
-
-
-def model_errors(site: Site, choice: Choice, sensitivity: Sensitivity, x: torch.Tensor | None = None,
-                 points: int = SENSITIVITY_POINTS) -> Choice:
-    """Each option's error at the model's output: a few measured, the rest interpolated.
-
-    The options on the layer's cost/error front are measured at ``points`` spread along it,
-    cheapest and dearest included: the model runs with this layer alone replaced by that
-    rank's pair, as the refit will leave it where ``x`` (the layer's input on the batch) is
-    given — its last conv refit on ``x`` alone, bias included — else, or where that refit has
-    more than :data:`SENSITIVITY_REFIT_LIMIT` features, as the SVD gives it. The
-    refit matters: a pair with few features (a stem on three colour channels) keeps its error,
-    one with many fits most of it away, and measuring SVD pairs sent a FLOP budget to the stem
-    of the zoo's inception model. Between the measured ranks the model error is interpolated
-    against the layer error, log on log; outside them it scales in proportion. An option with
-    no layer error keeps none.
-    """
-    options = {key: value for key, value in choice.options.items() if key != DENSE}
-    front = pareto(options)
-    chosen = {front[round(i * (len(front) - 1) / max(points - 1, 1))] for i in range(min(points, len(front)))}
-    measured = {}
-    m_g, kk = site.channels[0] // site.groups, math.prod(site.weight.shape[2:])
-    if x is not None and max(m_g * r if order == "dw-pw" else r * kk for order, r in chosen) > SENSITIVITY_REFIT_LIMIT:
-        x = None  # the one-layer refits would cost more than the whole plan: measure the SVD pairs
-    for key in chosen:
-        order, r = key
-        if x is not None:
-            measured[key] = sensitivity(site.weight, *_refit_alone(site, order, r, x))
-        else:  # the SVD pair's dense weight
-            measured[key] = sensitivity(site.weight, _pair(site, order, r).weight.detach())
-    curve = sorted((options[key][1], value) for key, value in measured.items() if options[key][1] > 0)
-    result = {DENSE: choice.options[DENSE]}
-    for key, (cost, error) in options.items():
-        result[key] = (cost, measured[key] if key in measured else _interpolate(curve, error))
-    return Choice(result)
-
-
-def _refit_alone(site: Site, order: str, rank: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The dense weight and bias of the rank's pair with its last conv refit to the dense conv on ``x``."""
-    dense, pair = _dense(site).eval(), _pair(site, order, rank).eval()
-    layer = Layer(site.name, dense.weight, [pair])
-    give_biases([layer])
-    refit(dense, pair, [layer], [(x,)], across_processes=False)  # each process plans on its own batch
-    return pair.weight.detach(), pair.bias.detach()
-
-
-def _interpolate(curve: list[tuple[float, float]], x: float) -> float:
-    """y at ``x`` on a curve of (x, y) points sorted by x: log-log between points, proportional beyond."""
-    if x <= 0 or not curve:
-        return 0.0
-    if x <= curve[0][0]:
-        return curve[0][1] * x / curve[0][0]
-    if x >= curve[-1][0]:
-        return curve[-1][1] * x / curve[-1][0]
-    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
-        if x0 <= x <= x1:
-            if y0 <= 0 or y1 <= 0 or x1 == x0:
-                return y0 + (y1 - y0) * (x - x0) / max(x1 - x0, 1e-300)
-            t = math.log(x / x0) / math.log(x1 / x0)
-            return math.exp(math.log(y0) + t * math.log(y1 / y0))
-    return curve[-1][1]
 
 
 def reachable(choice: Choice, slack: float) -> Choice:
@@ -481,9 +318,9 @@ def _measured(ran, choices: list[Choice], stats, activations, latency, sensitivi
     choices = list(choices)
     for i, site in enumerate(ran):
         if site.name in measured:
-            choices[i] = _output_errors(site, *measured[site.name], choices[i])
+            choices[i] = output_errors(site, *measured[site.name], choices[i])
         if sensitivity is not None and len(choices[i].options) > 1:  # every open site: one unit, the model's output
             choices[i] = model_errors(site, choices[i], sensitivity, measured[site.name][0] if site.name in measured else None)
         if latency is not None:
-            choices[i] = faster_than_dense(site, choices[i], stats[site.name], latency)
+            choices[i] = faster_thandense_for(site, choices[i], stats[site.name], latency)
     return choices

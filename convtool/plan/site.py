@@ -73,6 +73,8 @@ def shape_reason(weight_shape: Sequence[int], groups: int, transposed: bool = Fa
     in_per_group = weight_shape[0] // groups if transposed else weight_shape[1]
     if all(k == 1 for k in kernel):
         return f"{'x'.join(['1'] * max(len(kernel), 2))} conv: already pointwise"
-    if in_per_group == 1:
-        return "already depthwise" if groups > 1 else "already depthwise (a single input channel)"
+    if in_per_group == 1 and groups > 1:
+        return "already depthwise"
+    # One input channel and ungrouped: a filterbank, separable as r filters then a mix of them
+    # (planned only under a budget: see plan.ranks.single_channel_reason).
     return None

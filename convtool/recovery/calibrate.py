@@ -28,7 +28,7 @@ from ..core.inputs import eval_mode, model_device, on_device
 from ..core.modules import SeparableConv
 from ..measure.conv_calls import ALL_CONV_FUNCTIONS, conv_arguments, record
 from .distributed import all_reduce_sum, world
-from .equations import NormalEquations, as_solution, columns, conv_layout, from_solution
+from .equations import SHRINKAGE, NormalEquations, as_solution, columns, conv_layout, from_solution
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,10 @@ class _Fit:
     """One layer's normal equations: those of finished batches, and the current batch's, kept apart.
 
     A batch's equations count only if the layer ran as often as in the reference: calls are
-    matched by order, so a batch that took another path through the model is dropped.
+    matched by order, so a batch that took another path through the model is dropped. A
+    quarter of each batch's samples (of every fourth batch, for batches of one) is held out:
+    the weights are shrunk towards the SVD initialisation as far as those samples say helps
+    (:meth:`NormalEquations.solve_judged`), then fit on all of them.
     """
 
     def __init__(self, layer: Layer) -> None:
@@ -120,47 +123,58 @@ class _Fit:
         self.biases = list({id(p.last.bias): p.last.bias for p in layer.pairs if p.last.bias is not None}.values())
         self.slot_of = {id(b): i for i, b in enumerate(self.biases)}
         self.initial = _as_solution(self.last, self.biases)  # the SVD initialisation
-        self.done = NormalEquations(len(self.biases))
-        self.batch = NormalEquations(len(self.biases))
+        slots = len(self.biases)
+        self.done, self.done_held = NormalEquations(slots), NormalEquations(slots)
+        self.batch, self.batch_held = NormalEquations(slots), NormalEquations(slots)
         self.targets: list[Tensor] = []
         self.seen = 0
+        self.batches = 0
+        self.strength: float | None = None  # the shrinkage last chosen (None: the initialisation)
 
     def begin(self, targets: list[Tensor]) -> None:
         self.targets, self.seen = targets, 0
-        self.batch = NormalEquations(len(self.biases))
+        self.batch, self.batch_held = NormalEquations(len(self.biases)), NormalEquations(len(self.biases))
+        self.batches += 1
 
     def see(self, call: dict[str, Any]) -> None:
         if self.seen < len(self.targets):
             slot = self.slot_of.get(id(call["bias"])) if call["bias"] is not None else None
-            self.batch.add(columns(call), self.targets[self.seen], slot)
+            cols, target = columns(call), self.targets[self.seen]
+            b = cols.shape[0]
+            if b > 1:
+                cut = b - max(b // 4, 1)
+                self.batch.add(cols[:cut], target[:cut], slot)
+                self.batch_held.add(cols[cut:], target[cut:], slot)
+            else:
+                (self.batch_held if self.batches % 4 == 0 else self.batch).add(cols, target, slot)
         self.seen += 1
         if self.seen == 1:
-            self._install(self.done.plus(self.batch))
+            self._install(self.done.plus(self.batch), self.done_held.plus(self.batch_held))
 
     def end(self) -> None:
         if self.seen and self.seen == len(self.targets):
-            self.done = self.done.plus(self.batch)
+            self.done, self.done_held = self.done.plus(self.batch), self.done_held.plus(self.batch_held)
         elif self.seen:  # unmatched: this batch's calls ran on weights the finished batches do not give
-            self._install(self.done)
+            self._install(self.done, self.done_held)
         self.targets, self.seen = [], 0
 
     def finish(self, across_processes: bool = True) -> float | None:
-        if across_processes:
-            self.done = self.done.all_reduce()  # under a process group, every process's data
-        if self.done.xx is None:
+        if across_processes:  # under a process group, every process's data
+            self.done, self.done_held = self.done.all_reduce(), self.done_held.all_reduce()
+        if self.done.xx is None and self.done_held.xx is None:
             log.info("%s did not run on the calibration data; it keeps its SVD initialisation", self.layer.name)
             return None
-        return self._install(self.done)
+        return self._install(self.done, self.done_held)
 
-    def _install(self, equations: "NormalEquations") -> float | None:
-        """Install the least-squares weights, or the SVD initialisation where they fit worse; the error left."""
-        chosen, error = self.initial, None
-        if equations.xx is not None:
-            error = equations.relative_error(self.initial)
-            solution = equations.solve()
-            fitted = equations.relative_error(solution)
-            if fitted <= error:  # ill-conditioned data can make the solve worse: keep the initialisation
-                chosen, error = solution, fitted
+    def _install(self, fit: NormalEquations, held: NormalEquations) -> float | None:
+        """Install the judged least-squares weights (or the plain ones, or the initialisation); the error left on all the data."""
+        chosen, every = self.initial, fit.plus(held)
+        if fit.xx is not None and held.xx is not None:
+            chosen, self.strength = fit.solve_judged(self.initial, held)
+        elif every.xx is not None:
+            solution = every.solve()
+            if every.relative_error(solution) <= every.relative_error(self.initial):  # ill-conditioned data can make it worse
+                chosen, self.strength = solution, SHRINKAGE[0]
         last = self.last
         layout = conv_layout(last.weight.detach(), last.groups, last.transposed)
         weight, biases = from_solution(chosen, layout.shape, len(self.biases))
@@ -168,9 +182,9 @@ class _Fit:
             last.weight.copy_(conv_layout(weight, last.groups, last.transposed).to(last.weight.dtype))
             for bias, value in zip(self.biases, biases):
                 bias.copy_(value.to(bias.dtype))
-        if equations.xx is not None:  # of the weights as stored, cast included
-            error = equations.relative_error(_as_solution(last, self.biases))
-        return error
+        if every.xx is None:
+            return None
+        return every.relative_error(_as_solution(last, self.biases))  # of the weights as stored, cast included
 
 
 def _as_solution(conv: nn.Module, biases: list[Tensor]) -> Tensor:

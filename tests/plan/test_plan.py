@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import convtool
 from convtool import SeparableConv
-from convtool.plan.ranks import rank_output_errors
+from convtool.plan.measured import rank_output_errors
 from convtool.core.decompose import max_rank
 
 from ..core.test_decompose import _input, conv_configs

@@ -7,7 +7,7 @@ from torch import nn
 
 import convtool
 from convtool import FlopsTarget, InvalidOptionError
-from convtool.plan.ranks import _interpolate
+from convtool.plan.measured import _interpolate
 from convtool.core.decompose import dense_weight, separable_factors
 from convtool.measure.sensitivity import OutputError, divergence
 

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import convtool
 from convtool import InvalidOptionError
-from convtool.recovery.distill import _Sampler, _StepIndices
+from convtool.recovery.sampling import Sampler as _Sampler, StepIndices as _StepIndices
 from convtool.recovery.distributed import World, process_group
 from convtool.errors import DistributedError, OutputExistsError
 from convtool.io import Checkpoints
