@@ -121,7 +121,9 @@ def search_budget(
         try:
             result = separate_at(FlopsTarget(fraction, sensitivity=target.sensitivity), fit, costing)
         except NothingToSeparateError:
-            return None
+            if not costing.choices:  # nothing to separate at any budget: the model's own reason
+                raise
+            return None  # this budget keeps every conv dense
         top1, sqnr = held.measure(result.model)
         reached = result.flops_after / result.flops_before
         met = target.met(top1, sqnr)

@@ -95,3 +95,9 @@ def test_held_out_batches_are_never_fit_on():
     assert fit[0][0].flatten().tolist() == [0, 1, 2, 3, 4, 5] and held[0][0].flatten().tolist() == [6, 7]
     with pytest.raises(InvalidOptionError, match="at least 4 samples"):
         split_held_out(torch.zeros(1, 1), 0.25)
+
+
+def test_a_model_with_nothing_to_separate_says_why_not_which_floor():
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.Conv2d(4, 8, 1))
+    with pytest.raises(NothingToSeparateError, match="already depthwise"):
+        convtool.separate(model, torch.randn(1, 4, 8, 8), rank=AgreementTarget(sqnr_db=10), calibration=torch.randn(16, 4, 8, 8))
