@@ -19,3 +19,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The example's trained digits CNN (eval mode), its unlabeled training images and the labelled test split."""
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    sys.path.insert(0, str(examples))
+    from digits_cnn import DigitsCNN, load_digits_tensors
+
+    model = DigitsCNN()
+    model.load_state_dict(load_file(str(examples / "digits_cnn.safetensors")))
+    _, _, test_x, test_y = load_digits_tensors()
+    images = torch.from_numpy(np.load(examples / "digits_train_images.npy"))
+    return model.eval(), images, test_x, test_y

@@ -1,10 +1,7 @@
 """``AgreementTarget``: the fewest FLOPs that keep a floor of agreement on held-out data (issue 23, item 4)."""
 
-import sys
-from pathlib import Path
 from unittest import mock
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -13,22 +10,6 @@ import convtool
 from convtool import AgreementTarget, InvalidOptionError, NothingToSeparateError
 from convtool.pytorch.search import split_held_out
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def digits():
-    """The example's trained digits CNN, its unlabeled training images and the labelled test split."""
-    sys.path.insert(0, str(ROOT / "examples"))
-    from digits_cnn import DigitsCNN, load_digits_tensors
-    from safetensors.torch import load_file
-
-    model = DigitsCNN()
-    model.load_state_dict(load_file(str(ROOT / "examples" / "digits_cnn.safetensors")))
-    _, _, test_x, _ = load_digits_tensors()
-    images = torch.from_numpy(np.load(ROOT / "examples" / "digits_train_images.npy"))
-    return model.eval(), images, test_x
-
 
 def agreement(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
     with torch.no_grad():
@@ -36,7 +17,7 @@ def agreement(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
 
 
 def test_the_floor_holds_on_unseen_data_at_fewer_flops_than_half(digits):
-    model, images, test_x = digits
+    model, images, test_x, _ = digits
     result = convtool.separate(model, images[:1], rank=AgreementTarget(0.99), order="auto", calibration=images)
     search = result.search
     assert search.top1_agreement >= 0.99 and search.samples == 320  # every fourth batch of 32 held out
@@ -52,7 +33,7 @@ def test_the_floor_holds_on_unseen_data_at_fewer_flops_than_half(digits):
 
 
 def test_the_layers_are_costed_once_for_every_budget(digits):
-    model, images, _ = digits
+    model, images, _, _ = digits
     from convtool.plan import ranks
 
     with mock.patch.object(ranks, "_measured", wraps=ranks._measured) as measured:
@@ -62,7 +43,7 @@ def test_the_layers_are_costed_once_for_every_budget(digits):
 
 
 def test_no_budget_meeting_the_floor_is_one_line(digits):
-    model, images, _ = digits
+    model, images, _, _ = digits
     with pytest.raises(NothingToSeparateError, match=r"no FLOP budget meets SQNR >= 90 dB on \d+ held-out") as error:
         convtool.separate(model, images[:1], rank=AgreementTarget(sqnr_db=90), calibration=images[:128])
     assert "\n" not in str(error.value)

@@ -1,30 +1,10 @@
 """``distill`` starts from a refit (issue 23, item 3): an SVD-only separation distils as well as a calibrated one."""
 
-import sys
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import convtool
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def digits():
-    """The example's trained digits CNN, its unlabeled training images and the labelled test split."""
-    sys.path.insert(0, str(ROOT / "examples"))
-    from digits_cnn import DigitsCNN, load_digits_tensors
-    from safetensors.torch import load_file
-
-    model = DigitsCNN()
-    model.load_state_dict(load_file(str(ROOT / "examples" / "digits_cnn.safetensors")))
-    _, _, test_x, test_y = load_digits_tensors()
-    images = torch.from_numpy(np.load(ROOT / "examples" / "digits_train_images.npy"))
-    return model.eval(), images, test_x, test_y
 
 
 def accuracy(model, x, y) -> float:
