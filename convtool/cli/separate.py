@@ -224,6 +224,10 @@ def _separate_onnx(model, output, rank, order, include, exclude, input_shapes, f
         ui.note(f"separated {len(result.layers)} Conv nodes; not verified: {result.verification}")
         for skip in result.skipped:
             ui.note(f"  left as it was: {skip.name}: {skip.reason}")
+    for branch in result.branches:
+        ui.note(f"counted: {branch}")
+    if result.not_refit:
+        ui.note(f"not refit (inside subgraphs, kept as their SVD factors): {', '.join(result.not_refit)}")
     if result.budget_met is False:
         ui.note(f"note: the FLOP target {rank.fraction} cannot be met; every separated layer is at its cheapest")
     for run_ in result.runs:

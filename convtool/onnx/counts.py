@@ -29,6 +29,8 @@ class OnnxCounts:
     params: int
     nodes: dict[str, int] = field(default_factory=dict)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    runs: dict[str, int] = field(default_factory=dict)  # per node (first output), times it ran: 0 in a branch not taken
+    branches: tuple[str, ...] = ()  # which branch of each If, and how many Loop/Scan iterations, were counted
 
 
 def count_onnx(model: Any, feeds: Sequence[np.ndarray]) -> OnnxCounts:
@@ -56,17 +58,101 @@ def count_onnx(model: Any, feeds: Sequence[np.ndarray]) -> OnnxCounts:
     except Exception as error:  # no shapes, no counts: never a silent zero
         raise AnalysisError(f"onnx cannot infer this graph's shapes, so its FLOPs cannot be counted ({error})") from None
     shapes: dict[str, tuple[int, ...]] = dict(constants)
-    for v in (*inferred.graph.value_info, *inferred.graph.output, *inferred.graph.input):
-        dims = tuple(d.dim_value for d in v.type.tensor_type.shape.dim)
-        if dims and all(d > 0 for d in dims):
-            shapes[v.name] = dims
+    for graph in _graphs(inferred.graph):
+        for v in (*graph.value_info, *graph.output, *graph.input):
+            dims = tuple(d.dim_value for d in v.type.tensor_type.shape.dim)
+            if dims and all(d > 0 for d in dims):
+                shapes[v.name] = dims
+        shapes.update({i.name: tuple(i.dims) for i in graph.initializer})
     integers = _integer_constants(inferred.graph)
-    nodes = {}
-    for node in inferred.graph.node:
-        if node.output:
-            nodes[node.output[0]] = _node_flops(node, shapes, integers)
+    nodes: dict[str, int] = {}
+    runs: dict[str, int] = {}
+    branches: list[str] = []
+    known = _control_values(model, feeds) if any(n.op_type in _CONTROL for n in model.graph.node) else {}
+    _count_graph(inferred.graph, 1, shapes, integers, known, nodes, runs, branches)
     params = sum(math.prod(i.dims) for i in shaped.graph.initializer if i.name in _parameters(shaped.graph))
-    return OnnxCounts(int(sum(nodes.values())), int(params), nodes, shapes)
+    return OnnxCounts(int(sum(nodes.values())), int(params), nodes, shapes, runs, tuple(branches))
+
+
+_CONTROL = ("If", "Loop", "Scan")
+
+
+def _graphs(graph):
+    """``graph`` and its subgraphs, at any depth."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                yield from _graphs(sub)
+
+
+def _count_graph(graph, times: int, shapes, integers, known, nodes, runs, branches) -> None:
+    """Each node's multiply-adds times the runs of its graph; a subgraph's runs from the values that decide them."""
+    integers = dict(integers, **_integer_constants(graph))
+    for node in graph.node:
+        if not node.output:
+            continue
+        nodes[node.output[0]] = _node_flops(node, shapes, integers) * times
+        runs[node.output[0]] = times
+        if node.op_type not in _CONTROL:
+            continue
+        name = node.name or node.output[0]
+        subgraphs = {a.name: a.g for a in node.attribute if a.HasField("g")}
+        value = lambda i: known.get(node.input[i], integers.get(node.input[i])) if len(node.input) > i and node.input[i] else None  # noqa: E731
+        if node.op_type == "If":
+            cond = value(0)
+            if cond is None:
+                branches.append(f"{name}: the branch taken is not known (its condition is computed inside a subgraph): neither counted")
+                picked = {}
+            else:
+                taken = "then_branch" if bool(np.asarray(cond).reshape(-1)[0]) else "else_branch"
+                branches.append(f"{name}: {taken} taken on the example inputs (the other not counted)")
+                picked = {taken: times}
+        else:
+            if node.op_type == "Loop":
+                trips = value(0)
+                count = int(np.asarray(trips).reshape(-1)[0]) if trips is not None else None
+                what = f"{count} iterations (its trip count; an earlier exit is not seen)" if count is not None else None
+            else:  # Scan: one iteration per element of the first scan input along its axis
+                axes = node_attributes(node).get("scan_input_axes", [0])
+                first = shapes.get(node.input[-int(node_attributes(node).get("num_scan_inputs", 1))])
+                count = first[axes[0] if axes else 0] if first else None
+                what = f"{count} iterations" if count is not None else None
+            if count is None:
+                branches.append(f"{name}: its iterations are not known: its body is not counted")
+            else:
+                branches.append(f"{name}: body counted for {what}")
+            picked = {"body": times * count} if count is not None else {}
+        for attr, sub in subgraphs.items():
+            _count_graph(sub, picked.get(attr, 0), shapes, integers, known, nodes, runs, branches)
+
+
+def _control_values(model, feeds) -> dict[str, np.ndarray]:
+    """The values that decide the main graph's If branches and Loop trip counts, from one onnxruntime run."""
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+    from onnx import helper
+
+    from ..measure.onnxrt import open_session
+    from .files import write_proto
+
+    wanted = [n.input[0] for n in model.graph.node if n.op_type in ("If", "Loop") and n.input and n.input[0]]
+    constants = {i.name for i in model.graph.initializer}
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    have = {o.name for o in exposed.graph.output}
+    exposed.graph.output.extend(helper.make_empty_tensor_value_info(v) for v in dict.fromkeys(wanted) if v not in have | constants)
+    try:
+        with tempfile.TemporaryDirectory(prefix="convtool-onnx-branches-") as tmp:
+            write_proto(exposed, Path(tmp) / "branches.onnx")
+            session = open_session(Path(tmp) / "branches.onnx", "CPUExecutionProvider")
+            names = [i.name for i in session.get_inputs()]
+            values = session.run(None, dict(zip(names, feeds)))
+            return {o.name: v for o, v in zip(session.get_outputs(), values) if o.name in wanted}
+    except Exception:  # the run's own error is the verification's to report
+        return {}
 
 
 def _parameters(graph) -> set[str]:
@@ -92,11 +178,11 @@ def _integer_constants(graph) -> dict[str, list[int]]:
     """Small integer tensors the graph holds as initializers or Constant nodes (axes, shapes)."""
     from onnx import numpy_helper
 
-    found = {i.name: numpy_helper.to_array(i).reshape(-1).tolist() for i in graph.initializer if i.data_type in (6, 7) and math.prod(i.dims) <= 8}
+    found = {i.name: numpy_helper.to_array(i).reshape(-1).tolist() for i in graph.initializer if i.data_type in (6, 7, 9) and math.prod(i.dims) <= 8}
     for node in graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].HasField("t"):
             t = node.attribute[0].t
-            if t.data_type in (6, 7) and math.prod(t.dims) <= 8:
+            if t.data_type in (6, 7, 9) and math.prod(t.dims) <= 8:  # int32, int64, bool
                 found[node.output[0]] = numpy_helper.to_array(t).reshape(-1).tolist()
     return found
 

@@ -10,7 +10,7 @@ import torch
 
 from ..core.decompose import separable_factors
 from ..core.records import LayerChange
-from ..plan.site import Site, pattern_reason, shape_reason
+from ..plan.site import Site
 from .counts import node_attributes
 
 
@@ -77,31 +77,85 @@ def node_name(node) -> str:
     return node.name or (node.output[0] if node.output else "")
 
 
-def subgraph_convs(graph) -> list[str]:
-    found = []
+def install_pairs(model, scopes, where, sites: dict[str, Site], picks: dict, layout: str):
+    """Put each planned node's pair in its place, in whichever graph holds it; the pairs' weights go
+    to the main graph's initializers (a subgraph sees them as outer-scope values).
+
+    Subgraphs are rewritten before the graphs holding them (the rewrite copies a graph's nodes).
+    Returns the layers' records (in the order of ``scopes``), per layer the values its nodes write
+    (its output last), and the names of the nodes created. Dense weights, and the Constant nodes
+    and Identity/Cast/Reshape chains that made them, are dropped once nothing reads them.
+    """
+    from onnx import helper
+
+    graph = model.graph
+    main_inits = {i.name for i in graph.initializer}
+    used: set[str] = set()
+    reads: dict[str, int] = {}
+    for scope in scopes:
+        used.update(i.name for i in scope.graph.initializer)
+        for n in scope.graph.node:
+            used.update((n.name, *n.input, *n.output))
+            for v in n.input:
+                reads[v] = reads.get(v, 0) + 1
+    by_output = {c.node.output[0]: c for c in where.values()}
+    own_bias = lambda v: v not in main_inits or reads.get(v, 0) > 1  # noqa: E731 - refit and folding change the pair's bias
+    per_scope: dict[int, list] = {}
+    outputs: dict[str, list[str]] = {}
+    created: set[str] = set()
+    replaced: set[str] = set()
+    new_inits: list[Any] = []
+    for index in reversed(range(len(scopes))):
+        scope, new_nodes, records = scopes[index], [], []
+        for node in scope.graph.node:
+            found = by_output.get(node.output[0]) if node.op_type == "Conv" and node.output else None
+            pick = picks.get(found.name) if found is not None else None
+            if pick is None:
+                new_nodes.append(node)
+                continue
+            pair, inits, record = pair_nodes(node, sites[found.name], pick, used, layout, own_bias)
+            new_nodes += pair
+            new_inits += inits
+            outputs[record.name] = [n.output[0] for n in pair]
+            created |= {n.name for n in pair}
+            replaced |= {v for i in node.input[1:] if i for v in scope.constants.chains.get(i, (i,))}
+            records.append(record)
+        if records:
+            del scope.graph.node[:]
+            scope.graph.node.extend(new_nodes)
+        per_scope[index] = records
+    graph.initializer.extend(new_inits)
+    if model.ir_version < 4:  # then every initializer is listed as an input too
+        graph.input.extend(helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in new_inits)
+    drop_unread(graph, replaced)
+    layers = [record for index in range(len(scopes)) for record in per_scope[index]]
+    return layers, outputs, created
+
+
+def drop_unread(graph, values: set[str]) -> None:
+    """Drop the initializers (at any depth) and the Constant/Identity/Cast/Reshape nodes among ``values`` that nothing reads."""
+    drop_replaced_weights(graph, values)
+    changed = True
+    while changed:
+        changed = False
+        for g in _graphs(graph):
+            read = read_anywhere(g) | {o.name for o in g.output}
+            for node in [n for n in g.node if n.op_type in ("Constant", "Identity", "Cast", "Reshape") and n.output
+                         and all(o in values and o not in read for o in n.output)]:
+                g.node.remove(node)
+                changed = True
+        for g in list(_graphs(graph))[1:]:
+            doomed = values - read_anywhere(g) - {o.name for o in g.output}
+            for init in [i for i in g.initializer if i.name in doomed]:
+                g.initializer.remove(init)
+
+
+def _graphs(graph):
+    yield graph
     for node in graph.node:
         for attr in node.attribute:
             for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                found += [node_name(n) for n in sub.node if n.op_type == "Conv"] + subgraph_convs(sub)
-    return found
-
-
-def skip_reason(node, name: str, constants: dict, overridable: set[str], include, exclude) -> str | None:
-    weight = node.input[1] if len(node.input) > 1 else ""
-    bias = node.input[2] if len(node.input) > 2 else ""
-    if weight not in constants:
-        return "its weight is computed in the graph (DequantizeLinear, a graph input...): only constant weights are separated"
-    if weight in overridable or (bias and bias in overridable):
-        return "its weight or bias is also a graph input, so it can change at run time: left as it is"
-    if bias and bias not in constants:
-        return "its bias is computed in the graph: left as it is"
-    shape = tuple(constants[weight].dims)
-    group = int(node_attributes(node).get("group", 1))
-    if len(shape) not in (3, 4, 5):
-        return f"a Conv of {len(shape) - 2} spatial dimensions: 1 to 3 are separated"
-    if constants[weight].data_type not in (1, 10, 11):  # float, float16, double
-        return "its weight is not a float tensor"
-    return pattern_reason([name], include, exclude) or shape_reason(shape, group)
+                yield from _graphs(sub)
 
 
 def pair_nodes(node, site: Site, pick: tuple[str, int], used: set[str], layout: str, shared: Callable[[str], bool]):
@@ -198,7 +252,7 @@ def read_anywhere(graph) -> set[str]:
 
 
 def live_nodes(graph) -> set[str]:
-    """Names of the nodes on a path to a graph output."""
+    """Names of the nodes on a path to a graph output; in a subgraph of a live node, to the subgraph's outputs."""
     producer = {o: node for node in graph.node for o in node.output}
     live, stack = set(), [o.name for o in graph.output]
     seen: set[str] = set()
@@ -210,4 +264,8 @@ def live_nodes(graph) -> set[str]:
         seen.add(value)
         live.add(node.name)
         stack += list(node.input)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                stack += list(read_anywhere(sub))
+                live |= live_nodes(sub)
     return live

@@ -16,7 +16,6 @@ counts (:mod:`~convtool.onnx.counts`); calibration refits with the same least sq
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -32,22 +31,13 @@ from ..errors import AnalysisError, InvalidOptionError, NothingToSeparateError, 
 from ..measure.compare import Comparison
 from ..measure.fidelity import Fidelity, output_fidelity
 from ..measure.onnxrt import missing_reason, open_session, provider_name, time_sessions
-from ..plan.ranks import SiteStats, make_plan
-from ..plan.site import Site, Use
+from ..plan.ranks import make_plan
 from ..recovery.batches import calibration_batches
-from .counts import OnnxCounts, count_onnx, node_attributes, onnx_analysis
+from .counts import count_onnx, onnx_analysis
 from .files import load_onnx, passes_check, write_proto
-from .graph import (
-    drop_replaced_weights,
-    fold_batchnorm,
-    live_nodes,
-    node_name,
-    pair_nodes,
-    skip_reason,
-    subgraph_convs,
-    value_readers,
-)
+from .graph import fold_batchnorm, install_pairs, live_nodes
 from .refit import LastConv, refit_onnx
+from .sites import find_sites, model_scopes, site_stats
 
 
 @dataclass(frozen=True)
@@ -92,6 +82,8 @@ class OnnxSeparation:
     runs: tuple[OnnxRun, ...] = ()
     original: Any = field(default=None, repr=False, compare=False)
     folded_batchnorms: tuple[str, ...] = ()  # BatchNormalization nodes folded into the pair before them
+    not_refit: tuple[str, ...] = ()  # layers inside subgraphs, which calibration does not refit (their SVD factors stay)
+    branches: tuple[str, ...] = ()  # which branch of each If (and how many loop iterations) the FLOPs count
 
     def report(self, example_inputs: Any = None) -> Comparison:
         """The before/after comparison a PyTorch separation gets (:meth:`~convtool.Separation.report`).
@@ -187,67 +179,37 @@ def separate_onnx(
     work = onnx.ModelProto()
     work.CopyFrom(original)
     graph = work.graph
-    constants = {init.name: init for init in graph.initializer}
+    initializers = {init.name for init in graph.initializer}
     # Before IR 4 every initializer had to be listed as an input too: those are constants in practice.
-    overridable = {i.name for i in graph.input} - (set(constants) if work.ir_version < 4 else set())
-    skipped: list[SkippedLayer] = [SkippedLayer(name, "a Conv inside a subgraph (If/Loop/Scan): left as it is")
-                                   for name in subgraph_convs(graph)]
-    sites: dict[str, Site] = {}
-    for node in graph.node:
-        name = node_name(node)
-        if node.op_type == "ConvTranspose":
-            skipped.append(SkippedLayer(name, "ConvTranspose nodes are not separated from ONNX yet (they are from PyTorch)"))
-        elif node.op_type == "Conv" and node.domain in ("", "ai.onnx"):
-            reason = skip_reason(node, name, constants, overridable, include, exclude)
-            if reason:
-                skipped.append(SkippedLayer(name, reason))
-            else:
-                sites[name] = _site(node, name, constants)
+    overridable = {i.name for i in graph.input} - (initializers if work.ir_version < 4 else set())
+    scopes = model_scopes(work)
+    sites, where, skipped = find_sites(scopes, overridable, include, exclude)
     if not sites:
         detail = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:5]) or "the graph has no Conv node"
         raise NothingToSeparateError(f"nothing to separate ({detail})")
-    stats = _site_stats(graph, sites, counts) if counts is not None else {}
+    stats = site_stats(where, counts) if counts is not None else {}
     plan = make_plan(list(sites.values()), rank, order, stats=stats, total_flops=counts.flops if counts else None)
     skipped += [SkippedLayer(name, reason) for name, reason in plan.dense_reasons.items()]
-    layers: list[LayerChange] = []
-    new_nodes: list[Any] = []
-    new_inits: list[Any] = []
-    outputs: dict[str, list[str]] = {}  # per layer, the values its nodes write, the layer's output last
-    used_names = {n.name for n in graph.node} | set(constants) | {v for n in graph.node for v in (*n.input, *n.output)}
-    readers = value_readers(graph)
-    for node in graph.node:
-        pick = plan.picks.get(node_name(node)) if node.op_type == "Conv" and node_name(node) in sites else None
-        if pick is None:
-            new_nodes.append(node)
-            continue
-        pair, inits, record = pair_nodes(node, sites[node_name(node)], pick, used_names, layout, lambda v: len(readers.get(v, ())) > 1)
-        new_nodes += pair
-        new_inits += inits
-        outputs[record.name] = [n.output[0] for n in pair]
-        layers.append(record)
+    layers, outputs, created = install_pairs(work, scopes, where, sites, plan.picks, layout)
     if not layers:
         reason = next((s.reason for s in reversed(skipped)), "every conv stays dense")
         raise NothingToSeparateError(f"nothing to separate: every conv stays dense ({reason})")
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    graph.initializer.extend(new_inits)
-    if work.ir_version < 4:  # then every initializer is listed as an input too
-        graph.input.extend(onnx.helper.make_tensor_value_info(i.name, i.data_type, list(i.dims)) for i in new_inits)
-    drop_replaced_weights(graph, {n.input[1] for n in original.graph.node if n.op_type == "Conv" and len(n.input) > 1}
-                           - {n.input[1] for n in graph.node if n.op_type == "Conv" and len(n.input) > 1})
+    main = [layer for layer in layers if not where[layer.name].scope.path]
+    not_refit = ()
     if calibration is not None:
-        lasts = [LastConv(layer.name, next(n for n in new_nodes if n.output and n.output[0] == outputs[layer.name][-1]),
-                          outputs[layer.name][-1]) for layer in layers]
-        errors = refit_onnx(original, work, lasts, _numpy_batches(calibration, original))
+        # A subgraph's values cannot be graph outputs: its pairs keep their SVD factors (and the result says so).
+        not_refit = tuple(layer.name for layer in layers if layer not in main)
+        lasts = [LastConv(layer.name, next(n for n in graph.node if n.output and n.output[0] == outputs[layer.name][-1]),
+                          outputs[layer.name][-1]) for layer in main]
+        errors = refit_onnx(original, work, lasts, _numpy_batches(calibration, original)) if lasts else {}
         layers = [dataclasses.replace(layer, output_error=errors.get(layer.name)) for layer in layers]
-    renamed = fold_batchnorm(graph, [outputs[layer.name] for layer in layers], work.ir_version < 4) if fold_bn else {}
+    renamed = fold_batchnorm(graph, [outputs[layer.name] for layer in main], work.ir_version < 4) if fold_bn else {}
     folded = [bn for bn, _ in renamed.values()]
     try:
         for full in checks:
             onnx.checker.check_model(work, full_check=full)
     except Exception as error:  # a bug of this pass, not the user's
         raise SeparationError(f"the separated ONNX model fails onnx.checker ({error}); please report it") from None
-    created = {n.name for n in new_nodes} - {n.name for n in original.graph.node}
     runs, verification = _verify(original, work, feeds, why_not, created, providers)
     cpu = next((r for r in runs if r.provider == "CPUExecutionProvider" and r.ran), None)
     verified, max_abs, relative = cpu is not None, cpu.max_abs_error if cpu else None, cpu.relative_error if cpu else None
@@ -260,7 +222,8 @@ def separate_onnx(
                   for layer in layers]
         flops = (counts.flops, after.flops)
     return OnnxSeparation(work, tuple(layers), tuple(skipped), verified, verification, max_abs, relative, plan.budget_met, *flops,
-                          runs=tuple(runs), original=original, folded_batchnorms=tuple(folded))
+                          runs=tuple(runs), original=original, folded_batchnorms=tuple(folded), not_refit=not_refit,
+                          branches=counts.branches if counts is not None else ())
 
 
 def _numpy_batches(calibration: Any, model) -> list[list[np.ndarray]]:
@@ -287,32 +250,6 @@ def _numpy_batches(calibration: Any, model) -> list[list[np.ndarray]]:
              for i in model.graph.input if i.name not in constants]
     return [[t.numpy().astype(dtype, copy=False) if dtype is not None else t.numpy() for t, dtype in zip(batch, types)]
             for batch in batches]
-
-
-def _site(node, name: str, constants: dict) -> Site:
-    """The planner's view of a Conv node: its weight (as torch), groups, bias and strides."""
-    from onnx import numpy_helper
-
-    attrs = node_attributes(node)
-    tensor = lambda value: torch.from_numpy(np.array(numpy_helper.to_array(constants[value]), copy=True))  # noqa: E731
-    weight = tensor(node.input[1])
-    bias = tensor(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-    ones = [1] * (weight.dim() - 2)
-    options = dict(stride=tuple(attrs.get("strides", ones)), padding=0, dilation=tuple(attrs.get("dilations", ones)),
-                   padding_mode="zeros")
-    return Site(name, weight, int(attrs.get("group", 1)), "onnx", [Use(bias, options)])
-
-
-def _site_stats(graph, sites: dict[str, Site], counts: OnnxCounts) -> dict[str, SiteStats]:
-    """Pixels (batch x spatial positions) in and out of each site's node, from the inferred shapes."""
-    stats = {}
-    for node in graph.node:
-        name = node_name(node)
-        x = counts.shapes.get(node.input[0]) if node.input else None
-        y = counts.shapes.get(node.output[0]) if node.output else None
-        if name in sites and x and y:
-            stats[name] = SiteStats(x[0] * math.prod(x[2:]), y[0] * math.prod(y[2:]), tuple(x))
-    return stats
 
 
 def _with_flops(layer: LayerChange, dense: int | None, pair: list[int | None]) -> LayerChange:

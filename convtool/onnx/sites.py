@@ -1,0 +1,128 @@
+"""The ``Conv`` nodes of an ONNX model that may be separated, in the main graph and in every subgraph.
+
+Branches of ``If`` and bodies of ``Loop`` and ``Scan`` are ordinary graphs: their convs are
+found as the main graph's are, with the constants of the graphs around them in scope. A node
+is reported by its name where that name is unique in the model, else by the path of the
+nodes and attributes that hold it (``if_0/then_branch/conv``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..core.records import SkippedLayer
+from ..plan.ranks import SiteStats
+from ..plan.site import Site, Use, pattern_reason, shape_reason
+from .constants import Constants, model_constants
+from .counts import OnnxCounts, node_attributes
+
+
+@dataclass
+class Scope:
+    """One graph of the model: the main one (``path`` "") or a subgraph, with the constants it sees."""
+
+    graph: Any
+    path: str
+    constants: Constants
+
+
+@dataclass
+class ConvNode:
+    """A ``Conv`` node that may be separated: its unique name, the graph holding it, the constants in its scope."""
+
+    name: str
+    node: Any
+    scope: Scope
+
+
+def model_scopes(model) -> list[Scope]:
+    """The main graph and its subgraphs at any depth, parents before children."""
+    found: list[Scope] = []
+
+    def walk(graph, path: str, constants: Constants) -> None:
+        found.append(Scope(graph, path, constants))
+        for node in graph.node:
+            for attr in node.attribute:
+                for i, sub in enumerate([attr.g] if attr.HasField("g") else list(attr.graphs)):
+                    where = f"{path}/" if path else ""
+                    where += f"{node.name or node.output[0]}/{attr.name}" + ("" if attr.HasField("g") else f".{i}")
+                    walk(sub, where, constants.inner(sub))
+
+    walk(model.graph, "", model_constants(model))
+    return found
+
+
+def find_sites(scopes: list[Scope], overridable: set[str], include: Sequence[str], exclude: Sequence[str],
+               ) -> tuple[dict[str, Site], dict[str, ConvNode], list[SkippedLayer]]:
+    """Every Conv node of every graph: the planner's sites (by unique name), where each sits, and those left as they are."""
+    counts: dict[str, int] = {}
+    for scope in scopes:
+        for node in scope.graph.node:
+            counts[node.name] = counts.get(node.name, 0) + 1
+    sites: dict[str, Site] = {}
+    where: dict[str, ConvNode] = {}
+    skipped: list[SkippedLayer] = []
+    for scope in scopes:
+        for node in scope.graph.node:
+            if node.op_type not in ("Conv", "ConvTranspose") or node.domain not in ("", "ai.onnx"):
+                continue
+            name = node.name or (node.output[0] if node.output else "")
+            if scope.path and (not node.name or counts[node.name] > 1):
+                name = f"{scope.path}/{name}"
+            if node.op_type == "ConvTranspose":
+                skipped.append(SkippedLayer(name, "ConvTranspose nodes are not separated from ONNX yet (they are from PyTorch)"))
+                continue
+            reason = skip_reason(node, name, scope.constants, overridable, include, exclude)
+            if reason:
+                skipped.append(SkippedLayer(name, reason))
+                continue
+            sites[name] = conv_site(node, name, scope.constants)
+            where[name] = ConvNode(name, node, scope)
+    return sites, where, skipped
+
+
+def skip_reason(node, name: str, constants: Constants, overridable: set[str], include, exclude) -> str | None:
+    weight = node.input[1] if len(node.input) > 1 else ""
+    bias = node.input[2] if len(node.input) > 2 else ""
+    if weight not in constants.values:
+        return f"its weight is computed in the graph (by {constants.reason(weight)}): only constant weights are separated"
+    if weight in overridable or (bias and bias in overridable):
+        return "its weight or bias is also a graph input, so it can change at run time: left as it is"
+    if bias and bias not in constants.values:
+        return f"its bias is computed in the graph (by {constants.reason(bias)}): left as it is"
+    value = constants.values[weight]
+    group = int(node_attributes(node).get("group", 1))
+    if value.ndim not in (3, 4, 5):
+        return f"a Conv of {value.ndim - 2} spatial dimensions: 1 to 3 are separated"
+    if value.dtype not in (np.float32, np.float16, np.float64):
+        return "its weight is not a float tensor"
+    return pattern_reason([name], include, exclude) or shape_reason(tuple(value.shape), group)
+
+
+def conv_site(node, name: str, constants: Constants) -> Site:
+    """The planner's view of a Conv node: its weight (as torch), groups, bias and strides."""
+    attrs = node_attributes(node)
+    tensor = lambda value: torch.from_numpy(np.array(constants.values[value], copy=True))  # noqa: E731
+    weight = tensor(node.input[1])
+    bias = tensor(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    ones = [1] * (weight.dim() - 2)
+    options = dict(stride=tuple(attrs.get("strides", ones)), padding=0, dilation=tuple(attrs.get("dilations", ones)),
+                   padding_mode="zeros")
+    return Site(name, weight, int(attrs.get("group", 1)), "onnx", [Use(bias, options)])
+
+
+def site_stats(where: dict[str, ConvNode], counts: OnnxCounts) -> dict[str, SiteStats]:
+    """Pixels (batch x spatial positions, times the node's runs) in and out of each site's node; none for a node that did not run."""
+    stats = {}
+    for name, found in where.items():
+        node = found.node
+        x, y = counts.shapes.get(node.input[0]), counts.shapes.get(node.output[0])
+        runs = counts.runs.get(node.output[0], 0)
+        if x and y and runs:
+            stats[name] = SiteStats(runs * x[0] * math.prod(x[2:]), runs * y[0] * math.prod(y[2:]), tuple(x))
+    return stats
