@@ -415,9 +415,9 @@ class TCN(nn.Module):
 
 
 ZOO_ND: list[ZooModel] = [
-    ZooModel("wav2vec2", Wav2Vec2Like, lambda: (torch.randn(2, 1, 1600),), {"feature_extractor.conv_layers.0.conv": "depthwise"}),
+    ZooModel("wav2vec2", Wav2Vec2Like, lambda: (torch.randn(2, 1, 1600),), {"feature_extractor.conv_layers.0.conv": "single input channel"}),
     ZooModel("hifigan", HiFiGANGenerator, lambda: (torch.randn(1, 20, 16),)),
-    ZooModel("unet3d", UNet3d, lambda: (torch.randn(1, 1, 16, 16, 16),), {"enc1.double_conv.0": "depthwise", "head": "1x1"}),
+    ZooModel("unet3d", UNet3d, lambda: (torch.randn(1, 1, 16, 16, 16),), {"enc1.double_conv.0": "single input channel", "head": "1x1"}),
     ZooModel("dcgan", DCGANGenerator, lambda: (torch.randn(2, 16, 1, 1),)),
     ZooModel("deconv_output_size", DeconvOutputSize, lambda: (torch.randn(2, 3, 12, 16),)),
     # Plain fx.symbolic_trace fails inside Conv2dSame.forward (math.ceil / max on sizes); a tracer
