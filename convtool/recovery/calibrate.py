@@ -148,13 +148,16 @@ class _Fit:
             else:
                 (self.batch_held if self.batches % 4 == 0 else self.batch).add(cols, target, slot)
         self.seen += 1
-        if self.seen == 1:
-            self._install(self.done.plus(self.batch), self.done_held.plus(self.batch_held))
+        if self.seen == 1:  # the batch's equations join the finished ones in place for the install (no copies)
+            with self.done.including(self.batch), self.done_held.including(self.batch_held):
+                self._install(self.done, self.done_held)
 
     def end(self) -> None:
         if self.seen and self.seen == len(self.targets):
-            self.done, self.done_held = self.done.plus(self.batch), self.done_held.plus(self.batch_held)
-        elif self.seen:  # unmatched: this batch's calls ran on weights the finished batches do not give
+            self.done.absorb(self.batch)
+            self.done_held.absorb(self.batch_held)
+        self.batch, self.batch_held = NormalEquations(len(self.biases)), NormalEquations(len(self.biases))  # let them go
+        if self.seen and self.seen != len(self.targets):  # unmatched: its calls ran on weights the finished batches do not give
             self._install(self.done, self.done_held)
         self.targets, self.seen = [], 0
 
@@ -168,13 +171,15 @@ class _Fit:
 
     def _install(self, fit: NormalEquations, held: NormalEquations) -> float | None:
         """Install the judged least-squares weights (or the plain ones, or the initialisation); the error left on all the data."""
-        chosen, every = self.initial, fit.plus(held)
+        chosen = self.initial
         if fit.xx is not None and held.xx is not None:
             chosen, self.strength = fit.solve_judged(self.initial, held)
-        elif every.xx is not None:
-            solution = every.solve()
-            if every.relative_error(solution) <= every.relative_error(self.initial):  # ill-conditioned data can make it worse
-                chosen, self.strength = solution, SHRINKAGE[0]
+        else:
+            only = fit if fit.xx is not None else held
+            if only.xx is not None:
+                solution = only.solve()
+                if only.relative_error(solution) <= only.relative_error(self.initial):  # ill-conditioned data can make it worse
+                    chosen, self.strength = solution, SHRINKAGE[0]
         last = self.last
         layout = conv_layout(last.weight.detach(), last.groups, last.transposed)
         weight, biases = from_solution(chosen, layout.shape, len(self.biases))
@@ -182,9 +187,10 @@ class _Fit:
             last.weight.copy_(conv_layout(weight, last.groups, last.transposed).to(last.weight.dtype))
             for bias, value in zip(self.biases, biases):
                 bias.copy_(value.to(bias.dtype))
-        if every.xx is None:
+        if fit.xx is None and held.xx is None:
             return None
-        return every.relative_error(_as_solution(last, self.biases))  # of the weights as stored, cast included
+        with fit.including(held) as every:  # of the weights as stored, cast included
+            return every.relative_error(_as_solution(last, self.biases))
 
 
 def _as_solution(conv: nn.Module, biases: list[Tensor]) -> Tensor:

@@ -7,8 +7,9 @@ batches (and processes) as :class:`NormalEquations`.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -96,18 +97,33 @@ class NormalEquations:
         self.yy = 0.0
 
     def add(self, cols: Tensor, target: Tensor, slot: int | None) -> None:
+        """Add a call's columns (batch, groups, features, pixels) and target, a few samples at a time.
+
+        In float64 a call's columns can be several times the activations (a 1,024-channel 64x1
+        depthwise conv: 3 GB for 32 pitch frames), so they are taken in chunks of at most
+        :data:`CHUNK_BYTES` and summed in place.
+        """
         b, g, f, length = cols.shape
-        x = cols.permute(1, 2, 0, 3).reshape(g, f, b * length).double()
-        if self.slots:
-            ones = x.new_zeros(g, self.slots, b * length)
-            if slot is not None:
-                ones[:, slot] = 1
-            x = torch.cat([x, ones], 1)
-        y = target.reshape(b, g, -1, length).permute(1, 2, 0, 3).reshape(g, -1, b * length).double()
-        xx, xy = x @ x.transpose(1, 2), x @ y.transpose(1, 2)
-        self.xx = xx if self.xx is None else self.xx + xx
-        self.xy = xy if self.xy is None else self.xy + xy
-        self.yy += float(y.pow(2).sum())
+        step = max(1, int(CHUNK_BYTES // max(g * (f + self.slots) * length * 8, 1)))
+        target = target.reshape(b, g, -1, length)
+        for start in range(0, b, step):
+            part = slice(start, start + step)
+            n = cols[part].shape[0]
+            x = cols[part].permute(1, 2, 0, 3).reshape(g, f, n * length).double()
+            if self.slots:
+                ones = x.new_zeros(g, self.slots, n * length)
+                if slot is not None:
+                    ones[:, slot] = 1
+                x = torch.cat([x, ones], 1)
+            y = target[part].permute(1, 2, 0, 3).reshape(g, -1, n * length).double()
+            xx, xy = x @ x.transpose(1, 2), x @ y.transpose(1, 2)
+            del x
+            if self.xx is None:
+                self.xx, self.xy = xx, xy
+            else:
+                self.xx += xx
+                self.xy += xy
+            self.yy += float(y.pow(2).sum())
 
     def plus(self, other: "NormalEquations") -> "NormalEquations":
         """The equations of both sets of data."""
@@ -173,8 +189,50 @@ class NormalEquations:
         best = min(scores, key=lambda k: (scores[k], k is not None, -(k or 0.0)))
         if best is None:
             return prior, None
-        return self.plus(held).solve(best, prior), best
+        with self.including(held):
+            return self.solve(best, prior), best
 
+    def absorb(self, other: "NormalEquations") -> None:
+        """Add ``other``'s equations to these, in place (``other`` is left as it was)."""
+        if other.xx is None:
+            return
+        if self.xx is None:
+            self.xx, self.xy = other.xx.clone(), other.xy.clone()
+        else:
+            self.xx += other.xx
+            self.xy += other.xy
+        self.yy += other.yy
+
+    @contextlib.contextmanager
+    def including(self, other: "NormalEquations") -> Iterator["NormalEquations"]:
+        """These equations with ``other``'s added in place for the block, then taken out again.
+
+        A layer's equations can be gigabytes (a pointwise-first pair's depthwise half: N
+        problems of r·K features); :meth:`plus` would copy them.
+        """
+        if other.xx is None:
+            yield self
+            return
+        if self.xx is None:
+            self.xx, self.xy = other.xx.clone(), other.xy.clone()
+            self.yy += other.yy
+            try:
+                yield self
+            finally:
+                self.xx, self.xy, self.yy = None, None, self.yy - other.yy
+            return
+        self.xx += other.xx
+        self.xy += other.xy
+        self.yy += other.yy
+        try:
+            yield self
+        finally:
+            self.xx -= other.xx
+            self.xy -= other.xy
+            self.yy -= other.yy
+
+
+CHUNK_BYTES = 256 * 2**20  # the float64 columns :meth:`NormalEquations.add` holds at once
 
 # Ridge strengths (relative to the mean of X X^T's diagonal) a judged solve chooses among.
 SHRINKAGE = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
