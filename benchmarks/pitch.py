@@ -11,7 +11,9 @@ Tones: f0 log-uniform in 65-1,000 Hz, 1-12 harmonics below Nyquist with random d
 amplitudes and phases, a little vibrato, white noise at 0-40 dB SNR; each frame normalised to
 zero mean and unit variance, as CREPE does. The label of a frame is its f0; the loss is the
 cross-entropy of the bins' softmax against a Gaussian (25 cents) around the true pitch (CREPE
-uses sigmoids and binary cross-entropy, which learned ten times slower here), and the estimate
+uses sigmoids and binary cross-entropy: with those, at lr 1e-3, the half-width net had 6% raw
+pitch accuracy after 120 steps; with this loss at lr 3e-3 a quarter-width one had 84% after 60,
+and the half-width one 98% after 150), and the estimate
 is the probability-weighted mean of the cents around the top bin (CREPE's local average).
 
 Train: .venv/bin/python benchmarks/pitch.py train [--width 0.5] [--steps 3000] [--out benchmarks/pitch_net.safetensors]
