@@ -58,7 +58,7 @@ def count_onnx(model: Any, feeds: Sequence[np.ndarray]) -> OnnxCounts:
     except Exception as error:  # no shapes, no counts: never a silent zero
         raise AnalysisError(f"onnx cannot infer this graph's shapes, so its FLOPs cannot be counted ({error})") from None
     shapes: dict[str, tuple[int, ...]] = dict(constants)
-    for graph in _graphs(inferred.graph):
+    for graph in all_graphs(inferred.graph):
         for v in (*graph.value_info, *graph.output, *graph.input):
             dims = tuple(d.dim_value for d in v.type.tensor_type.shape.dim)
             if dims and all(d > 0 for d in dims):
@@ -77,13 +77,13 @@ def count_onnx(model: Any, feeds: Sequence[np.ndarray]) -> OnnxCounts:
 _CONTROL = ("If", "Loop", "Scan")
 
 
-def _graphs(graph):
-    """``graph`` and its subgraphs, at any depth."""
+def all_graphs(graph):
+    """``graph`` and its subgraphs (``If`` branches, ``Loop``/``Scan`` bodies), at any depth."""
     yield graph
     for node in graph.node:
         for attr in node.attribute:
             for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                yield from _graphs(sub)
+                yield from all_graphs(sub)
 
 
 def _count_graph(graph, times: int, shapes, integers, known, nodes, runs, branches) -> None:

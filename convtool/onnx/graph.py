@@ -11,7 +11,7 @@ import torch
 from ..core.decompose import separable_factors
 from ..core.records import LayerChange
 from ..plan.site import Site
-from .counts import node_attributes
+from .counts import all_graphs, node_attributes
 
 
 def value_readers(graph) -> dict[str, list[Any]]:
@@ -138,24 +138,16 @@ def drop_unread(graph, values: set[str]) -> None:
     changed = True
     while changed:
         changed = False
-        for g in _graphs(graph):
+        for g in all_graphs(graph):
             read = read_anywhere(g) | {o.name for o in g.output}
             for node in [n for n in g.node if n.op_type in ("Constant", "Identity", "Cast", "Reshape") and n.output
                          and all(o in values and o not in read for o in n.output)]:
                 g.node.remove(node)
                 changed = True
-        for g in list(_graphs(graph))[1:]:
+        for g in list(all_graphs(graph))[1:]:
             doomed = values - read_anywhere(g) - {o.name for o in g.output}
             for init in [i for i in g.initializer if i.name in doomed]:
                 g.initializer.remove(init)
-
-
-def _graphs(graph):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                yield from _graphs(sub)
 
 
 def pair_nodes(node, site: Site, pick: tuple[str, int], used: set[str], layout: str, shared: Callable[[str], bool]):

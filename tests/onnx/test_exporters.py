@@ -9,6 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import convtool
 from convtool import NothingToSeparateError
+from convtool.onnx.counts import all_graphs
 
 RNG = np.random.default_rng(0)
 
@@ -18,17 +19,10 @@ def _run(model, feeds: dict) -> list[np.ndarray]:
     return session.run(None, feeds)
 
 
-def _graphs(graph):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                yield from _graphs(sub)
-
 
 def _constant_values(model) -> dict:
-    found = {i.name: numpy_helper.to_array(i) for g in _graphs(model.graph) for i in g.initializer}
-    for g in _graphs(model.graph):
+    found = {i.name: numpy_helper.to_array(i) for g in all_graphs(model.graph) for i in g.initializer}
+    for g in all_graphs(model.graph):
         for n in g.node:
             if n.op_type == "Constant":
                 found[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
@@ -39,7 +33,7 @@ def _standard_convs(model) -> list[str]:
     """Conv nodes at any depth that are neither depthwise nor pointwise."""
     values = _constant_values(model)
     left = []
-    for g in _graphs(model.graph):
+    for g in all_graphs(model.graph):
         for n in g.node:
             if n.op_type in ("Conv", "ConvTranspose"):
                 w = values.get(n.input[1])
@@ -51,7 +45,7 @@ def _standard_convs(model) -> list[str]:
 
 
 def _ops(model) -> list[str]:
-    return sorted(n.op_type for g in _graphs(model.graph) for n in g.node if n.op_type not in ("Conv", "Concat"))
+    return sorted(n.op_type for g in all_graphs(model.graph) for n in g.node if n.op_type not in ("Conv", "Concat"))
 
 
 def _constant(name: str, array: np.ndarray):
@@ -173,7 +167,7 @@ def test_convs_in_both_branches_of_an_if_are_separated_exactly(nested):
     kept = lambda m: [op for op in _ops(m) if op != "Constant"]  # noqa: E731 - the else branch's weight went with its conv
     assert kept(one.model) == kept(model)
     onnx.checker.check_model(one.model, full_check=True)
-    names = [n.name for g in _graphs(one.model.graph) for n in g.node]
+    names = [n.name for g in all_graphs(one.model.graph) for n in g.node]
     assert len(names) == len(set(names))  # node names unique across graphs
     assert one.verified
 
