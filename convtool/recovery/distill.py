@@ -30,6 +30,7 @@ from ..core.inputs import eval_mode, model_device, on_device, run_checked
 from ..core.modules import CONV_TYPES, SeparableConv
 from ..core.working_copy import copy_model
 from ..errors import InvalidOptionError
+from ..measure.layers import pair_groups
 from .batches import BATCH, calibration_batches
 from .calibrate import Layer, give_biases, refit as refit_layers
 from .distributed import World, all_reduce_sum, process_group
@@ -283,19 +284,15 @@ def matched_layers(student: nn.Module, teacher: nn.Module) -> list[Layer]:
     """The student's separated layers, each with the teacher's dense weight of the same name and shape.
 
     Separated layers keep the qualified name of the conv they replaced (``layer1.0.conv1``
-    stands where ``layer1.0.conv1.weight`` was); pairs sharing their last conv are one layer.
+    stands where ``layer1.0.conv1.weight`` was); pairs sharing their factors are one layer
+    (:func:`~convtool.measure.layers.pair_groups`, as the report groups them).
     A pair with no such weight in the teacher (renamed, or computed by a parametrization) is
     left as it is, and said so in the log.
     """
     dense = dict(teacher.named_parameters(remove_duplicate=False))
-    groups: dict[int, tuple[str, list[SeparableConv]]] = {}
-    for name, module in student.named_modules(remove_duplicate=False):
-        if isinstance(module, SeparableConv):
-            entry = groups.setdefault(id(module.last.weight), (name, []))
-            if all(module is not p for p in entry[1]):
-                entry[1].append(module)
     layers = []
-    for name, pairs in groups.values():
+    for names, pairs in pair_groups(student):
+        name = names[0]
         weight = dense.get(f"{name}.weight" if name else "weight")
         with torch.no_grad():
             shape = tuple(pairs[0].weight.shape)
