@@ -46,6 +46,9 @@ _WHERE = {
     "distill": ".recovery.distill",
     "Separation": ".pytorch.separate",
     "separate": ".pytorch.separate",
+    "Sweep": ".pytorch.sweep",
+    "SweepPoint": ".pytorch.sweep",
+    "sweep": ".pytorch.sweep",
     "Synthesis": ".recovery.synthesize",
     "synthesize": ".recovery.synthesize",
     "export_onnx": ".deploy.export",
@@ -84,6 +87,7 @@ if TYPE_CHECKING:
     from .measure.onnx_file import OnnxExport
     from .onnx.separate import OnnxSeparation, separate_onnx
     from .pytorch.separate import Separation, separate
+    from .pytorch.sweep import Sweep, SweepPoint, sweep
     from .recovery.distill import Distillation, distill
     from .recovery.synthesize import Synthesis, synthesize
 
@@ -134,6 +138,8 @@ __all__ = [
     "Separation",
     "SeparationError",
     "SkippedLayer",
+    "Sweep",
+    "SweepPoint",
     "Synthesis",
     "UnsafeModelError",
     "analyze",
@@ -145,6 +151,7 @@ __all__ = [
     "separable_factors",
     "separate",
     "separate_onnx",
+    "sweep",
     "synthesize",
     "verify_onnx",
 ]

@@ -14,6 +14,7 @@ from .analyze import analyze
 from .distill import distill
 from .export import export
 from .separate import separate
+from .sweep import sweep
 from .verify import verify
 
 
@@ -23,7 +24,7 @@ def main() -> None:
     """convtool: make a trained model's convolutions depthwise-separable, measure it, ship it to ONNX."""
 
 
-for command in (separate, analyze, export, verify, distill):
+for command in (separate, sweep, analyze, export, verify, distill):
     main.add_command(command)
 
 __all__ = ["main"]

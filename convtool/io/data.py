@@ -28,31 +28,49 @@ def load_calibration(
     folder of images, resized to ``image_size``, scaled to [0, 1], then normalised by
     ``mean`` and ``std`` per channel.
     """
-    import numpy as np
-
     path = Path(path)
     if not path.exists():
         raise InvalidOptionError(f"--calibration {path} does not exist")
     if path.is_dir():
         return _load_images(path, channels, image_size, mean, std)
+    tensors = _read_tensors(path, "--calibration")
+    if not all(t.dim() >= 1 for t in tensors):
+        raise InvalidOptionError(f"--calibration {path} should hold a tensor of inputs (or one per model input)")
+    tensors = tuple(t.float() if not t.is_floating_point() else t for t in tensors)
+    return tensors[0] if len(tensors) == 1 else tensors
+
+
+def load_tensors(path: str | os.PathLike, *, option: str = "--metric-data") -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """The tensors a file holds, dtypes kept (labels stay integers): what a user's metric receives.
+
+    ``.pt`` (a tensor, or a tuple/list of them; read with ``weights_only=True``), ``.npy``, or
+    ``.npz`` (arrays in file order; no pickles). One tensor alone, several as a tuple.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidOptionError(f"{option} {path} is not a file")
+    tensors = _read_tensors(path, option)
+    return tensors[0] if len(tensors) == 1 else tensors
+
+
+def _read_tensors(path: Path, option: str) -> tuple[torch.Tensor, ...]:
+    """The tensors of a .pt/.npy/.npz file, as stored, or a one-line error."""
+    import numpy as np
+
     try:
         if path.suffix == ".npy":
             data: Any = torch.from_numpy(np.load(path, allow_pickle=False))
         elif path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as archive:
-                arrays = [torch.from_numpy(archive[k]) for k in archive.files]
-            data = arrays[0] if len(arrays) == 1 else tuple(arrays)
+                data = tuple(torch.from_numpy(archive[k]) for k in archive.files)
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise InvalidOptionError(f"--calibration {path} is not a readable .pt/.npy/.npz tensor file ({type(error).__name__})") from None
-    if isinstance(data, list):
-        data = tuple(data)
-    tensors = data if isinstance(data, tuple) else (data,)
-    if not tensors or not all(isinstance(t, torch.Tensor) and t.dim() >= 1 for t in tensors):
-        raise InvalidOptionError(f"--calibration {path} should hold a tensor of inputs (or one per model input)")
-    tensors = tuple(t.float() if not t.is_floating_point() else t for t in tensors)
-    return tensors[0] if len(tensors) == 1 else tensors
+        raise InvalidOptionError(f"{option} {path} is not a readable .pt/.npy/.npz tensor file ({type(error).__name__})") from None
+    tensors = tuple(data) if isinstance(data, (tuple, list)) else (data,)
+    if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
+        raise InvalidOptionError(f"{option} {path} should hold a tensor (or a tuple of tensors)")
+    return tensors
 
 
 def _load_images(folder, channels, image_size, mean, std) -> torch.Tensor:

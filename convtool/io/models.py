@@ -34,20 +34,20 @@ class LoadedModel:
     path: Path
 
 
-def resolve_arch(spec: str) -> Callable[[], nn.Module]:
-    """The callable named by ``MODULE:CALLABLE`` or ``path/to/file.py:CALLABLE``.
+def resolve_arch(spec: str, option: str = "--arch") -> Callable[..., Any]:
+    """The callable named by ``MODULE:CALLABLE`` or ``path/to/file.py:CALLABLE`` (``option`` names it in errors).
 
     The current directory is importable, as users expect of a command they run in their
     project.
     """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise InvalidOptionError(f"--arch {spec!r} should look like MODULE:CALLABLE or path/to/file.py:CALLABLE")
+        raise InvalidOptionError(f"{option} {spec!r} should look like MODULE:CALLABLE or path/to/file.py:CALLABLE")
     try:
         if module_name.endswith(".py"):
             file = Path(module_name)
             if not file.is_file():
-                raise InvalidOptionError(f"--arch file {file} does not exist")
+                raise InvalidOptionError(f"{option} file {file} does not exist")
             # Classes pickle by their module's name; never shadow a module already imported.
             name = file.stem if file.stem not in sys.modules else f"convtool_arch_{file.stem}"
             spec_ = importlib.util.spec_from_file_location(name, file)
@@ -60,14 +60,14 @@ def resolve_arch(spec: str) -> Callable[[], nn.Module]:
     except InvalidOptionError:
         raise
     except Exception as error:
-        raise InvalidOptionError(f"--arch {spec!r}: cannot import {module_name} ({type(error).__name__}: {error})") from error
+        raise InvalidOptionError(f"{option} {spec!r}: cannot import {module_name} ({type(error).__name__}: {error})") from error
     target: Any = module
     for part in attr.split("."):
         if not hasattr(target, part):
-            raise InvalidOptionError(f"--arch {spec!r}: {module_name} has no attribute {attr!r}")
+            raise InvalidOptionError(f"{option} {spec!r}: {module_name} has no attribute {attr!r}")
         target = getattr(target, part)
     if not callable(target):
-        raise InvalidOptionError(f"--arch {spec!r} is not callable")
+        raise InvalidOptionError(f"{option} {spec!r} is not callable")
     return target
 
 

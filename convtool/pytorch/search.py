@@ -55,13 +55,16 @@ def split_held_out(calibration: Any, share: float) -> tuple[list[tuple], list[tu
 
 
 class HeldOut:
-    """The original's outputs on the held-out batches, and the measure of a separated model against them."""
+    """The original's outputs on the held-out batches, and the measure of a separated model against them.
 
-    def __init__(self, original: nn.Module, batches: list[tuple], target: AgreementTarget) -> None:
+    ``target`` None (a sweep) measures whatever the outputs give, refusing nothing.
+    """
+
+    def __init__(self, original: nn.Module, batches: list[tuple], target: AgreementTarget | None) -> None:
         self.batches, self.target = batches, target
         self.samples = sum(b[0].shape[0] for b in batches)
         self.reference = self._outputs(original)
-        if target.top1 is not None:
+        if target is not None and target.top1 is not None:
             probe = output_fidelity(self.reference, self.reference)
             if probe.top1_agreement is None:
                 raise InvalidOptionError(
