@@ -1,6 +1,7 @@
 """`convtool sweep`: the trade-off over FLOP budgets, written as sweep.json, sweep.md and sweep.png (issue 25)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 from .test_cli import arch, digest, project, run  # noqa: F401  (project is a fixture)
 
+ROOT = Path(__file__).resolve().parents[1]
 POINT_FIELDS = {"target", "flops_fraction", "flops", "params", "latency_ms", "speedup", "top1_agreement", "sqnr_db", "metric",
                 "layers", "budget_met", "seconds"}
 METRIC = '''
@@ -47,7 +49,7 @@ def test_sweep_writes_json_markdown_and_a_png(project):
     markdown = (project / "out" / "sweep.md").read_text()
     assert "| mean_top |" in markdown and "| original |" in markdown and "| 0.25 (not reached) |" in markdown
     assert markdown in result.stdout  # the table printed is the one written
-    assert "sweep: step 3/3: timing 3 ONNX files" in result.stderr  # progress on stderr
+    assert "sweep: step 4/4: timing 3 ONNX files" in result.stderr  # progress on stderr
     pytest.importorskip("matplotlib")
     png = (project / "out" / "sweep.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000  # a drawn figure, not an empty file
@@ -99,3 +101,18 @@ def test_an_output_that_is_a_file_is_refused(project):
     (project / "out").write_text("a file")
     result = run(*sweep_args(project, "-o", project / "out"))
     assert result.exit_code == 2 and "is a file; give a folder" in result.stderr
+
+
+@pytest.mark.slow
+def test_the_digits_example_writes_the_three_files(tmp_path):
+    examples = ROOT / "examples"
+    result = run("sweep", examples / "digits_cnn.safetensors", "--arch", f"{examples / 'digits_cnn.py'}:DigitsCNN",
+                 "--calibration", examples / "digits_train_images.npy", "--metric", f"{examples / 'digits_metric.py'}:accuracy",
+                 "--metric-data", examples / "digits_test.npz", "--targets", "0.5,0.25", "-o", tmp_path / "sweep")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert report["original"]["metric"] == pytest.approx(0.9933, abs=1e-4)  # the example's 99.33% test accuracy
+    assert all(p["budget_met"] and p["metric"] > 0.97 for p in report["points"])
+    assert (tmp_path / "sweep" / "sweep.md").read_text().count("\n| ") == 5  # header, rule, original, two targets
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "sweep" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

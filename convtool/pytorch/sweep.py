@@ -10,6 +10,7 @@ original on calibration data the refit never saw, and the user's own metric if g
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 import time
@@ -24,7 +25,6 @@ from ..core.inputs import as_inputs, eval_mode, model_device, on_device, tensors
 from ..core.records import FlopsTarget
 from ..deploy.export import export_onnx
 from ..errors import InvalidOptionError, NothingToSeparateError, ProviderUnavailableError
-from ..measure.counts import analyze
 from ..measure.onnx_file import check_export_options
 from ..measure.onnxrt import feed, open_session, require_provider, time_sessions
 from ..plan.ranks import Costing
@@ -151,8 +151,9 @@ def sweep(
         threads: onnxruntime intra-op threads; its default when None.
         exporter: as for :func:`~convtool.export_onnx` (``"torchscript"`` for a model
             torch.export refuses, or to export faster).
-        on_step: called as ``on_step(done, total, what)`` before each step (a target's
-            separation, then the timing), for a progress bar.
+        on_step: called as ``on_step(done, total, what)`` before each step (the original's
+            export, each target's separation, then the timing) and once at the end, for a
+            progress bar.
 
     Returns:
         A :class:`Sweep`: the original's point and one :class:`SweepPoint` per target.
@@ -189,16 +190,18 @@ def sweep(
                  else f"the example inputs ({held.samples} sample{'s' if held.samples != 1 else ''}; pass calibration data "
                       "for a figure that means something)")
     data = metric_data if metric_data is not None else _joined(held_batches)
-    total = len(fractions) + 1
+    total = len(fractions) + 2  # the original, each target, the timing
     options = dict(order=order, include=include, exclude=exclude, recalibrate_bn=False, latency_provider=None, refit=refit)
     costing = Costing()  # filled by the first separation, reused by every later one
-    measured = []
+    points: list[SweepPoint] = []
     with tempfile.TemporaryDirectory(prefix="convtool-sweep-") as tmp:
+        if on_step:
+            on_step(0, total, "exporting and judging the original")
         files = [_export(model, inputs, Path(tmp) / "original.onnx", exporter)]
         reference = _judged(model, held, metric, data, is_original=True)
         for i, fraction in enumerate(fractions):
             if on_step:
-                on_step(i, total, f"separating at {fraction:g} of the FLOPs")
+                on_step(i + 1, total, f"separating at {fraction:g} of the FLOPs")
             began = time.perf_counter()
             try:
                 result = _separate(model, inputs, rank=FlopsTarget(fraction, sensitivity), calibration=fit, latency=None,
@@ -206,30 +209,25 @@ def sweep(
             except NothingToSeparateError:
                 if not costing.choices:  # nothing to separate at any budget: the model's own reason
                     raise
-                result = None  # this budget keeps every conv dense: the point is the original
-            if result is None:
-                files.append(files[0])
-                measured.append((fraction, None, None, _params(model), reference, 0, fraction >= 1, time.perf_counter() - began))
+                files.append(files[0])  # this budget keeps every conv dense: the point is the original's
+                points.append(SweepPoint(fraction, 1.0, costing.total, _params(model), math.nan, math.nan, *reference, 0,
+                                         fraction >= 1, time.perf_counter() - began))
                 continue
             files.append(_export(result.model, inputs, Path(tmp) / f"{i}.onnx", exporter))
             judged = _judged(result.model, held, metric, data, is_original=False)
-            measured.append((fraction, result.flops_before, result.flops_after, _params(result.model), judged,
-                             len(result.layers), bool(result.budget_met), time.perf_counter() - began))
-            del result
+            points.append(SweepPoint(fraction, result.flops_after / result.flops_before, result.flops_after,
+                                     _params(result.model), math.nan, math.nan, *judged, len(result.layers),
+                                     bool(result.budget_met), time.perf_counter() - began))
+            del result  # one separated model in memory at a time
         if on_step:
-            on_step(len(fractions), total, f"timing {len(files)} ONNX files on {name}")
-        latencies = _timed(files, inputs, name, runs, warmup, threads)
+            on_step(len(fractions) + 1, total, f"timing {len(files)} ONNX files on {name}")
+        original_ms, *latencies = _timed(files, inputs, name, runs, warmup, threads)
     if on_step:
         on_step(total, total, "done")
-    before = next((float(m[1]) for m in measured if m[1] is not None), None) or float(analyze(model, inputs).flops)
-    original = SweepPoint(None, 1.0, before, _params(model), latencies[0], 1.0, *reference, 0, None, 0.0)
-    points = tuple(
-        SweepPoint(fraction, (after or before) / before, float(after or before), params, ms, latencies[0] / ms, *judged, layers,
-                   met, seconds)
-        for (fraction, _, after, params, judged, layers, met, seconds), ms in zip(measured, latencies[1:])
-    )
+    original = SweepPoint(None, 1.0, costing.total, _params(model), original_ms, 1.0, *reference, 0, None, 0.0)
+    points = [dataclasses.replace(p, latency_ms=ms, speedup=original_ms / ms) for p, ms in zip(points, latencies)]
     shapes = tuple(tuple(t.shape) for t in tensors_of(inputs))
-    return Sweep(original, points, None if metric is None else _metric_name(metric), judged_on, name, runs, threads, shapes,
+    return Sweep(original, tuple(points), None if metric is None else _metric_name(metric), judged_on, name, runs, threads, shapes,
                  time.perf_counter() - started)
 
 

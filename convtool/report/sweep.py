@@ -88,8 +88,9 @@ def plot_available() -> bool:
 def write_sweep_png(sweep: Sweep, path: str | os.PathLike, *, title: str | None = None) -> None:
     """Draw the trade-off: the measure against measured speed-up, and against the FLOPs fraction.
 
-    One point per target, labelled with it, joined in the order of the targets; the original
-    is a star at (1, its value), or a dotted line at 1 when its value is infinite (SQNR).
+    One point per target, labelled with it (points that coincide share one label), joined in
+    the targets' order against FLOPs; the original is a star at (1, its value), or a dotted
+    line at 1 when its value is infinite (SQNR).
 
     Raises:
         ImportError: matplotlib is not installed (:data:`PLOT_HINT` says how to get it).
@@ -99,12 +100,14 @@ def write_sweep_png(sweep: Sweep, path: str | os.PathLike, *, title: str | None 
     figure = Figure(figsize=(9, 3.6), dpi=100, layout="constrained")
     axes = figure.subplots(1, 2, sharey=True)
     percent = sweep.metric_name is None and sweep.original.top1_agreement is not None
-    for ax, attribute, label in ((axes[0], "speedup", f"measured speed-up on {sweep.provider.replace('ExecutionProvider', '')} (x)"),
-                                 (axes[1], "flops_fraction", "FLOPs, fraction of the original's")):
+    panels = ((axes[0], "speedup", f"measured speed-up on {sweep.provider.replace('ExecutionProvider', '')} (x)", "o"),
+              (axes[1], "flops_fraction", "FLOPs, fraction of the original's", "o-"))
+    for ax, attribute, label, style in panels:
+        # Speed-ups need not fall in the targets' order: joining them would draw a curve that is not there.
         points = [(getattr(p, attribute), sweep.value(p), p) for p in sweep.points if sweep.value(p) is not None]
-        ax.plot([x for x, _, _ in points], [y for _, y, _ in points], "o-", color="tab:blue", label="separated")
-        for x, y, p in points:
-            ax.annotate(f"{p.target:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.plot([x for x, _, _ in points], [y for _, y, _ in points], style, color="tab:blue", label="separated")
+        for (x, y), targets in _labels(points).items():
+            ax.annotate(", ".join(targets), (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
         original = sweep.value(sweep.original)
         if original is None:
             ax.axvline(1.0, color="tab:red", linestyle=":", label="original (identical outputs)")
@@ -122,3 +125,16 @@ def write_sweep_png(sweep: Sweep, path: str | os.PathLike, *, title: str | None 
     axes[0].legend(fontsize=8, loc="lower left")
     figure.suptitle(f"convtool sweep{': ' + title if title else ''} (labels: FLOP targets)", fontsize=10)
     figure.savefig(path, format="png")
+
+
+def _labels(points: list[tuple[float, float, SweepPoint]]) -> dict[tuple[float, float], list[str]]:
+    """One label per place: targets whose points lie within 2% of the axes' spans of each other share it."""
+    if not points:
+        return {}
+    xs, ys = [x for x, _, _ in points], [y for _, y, _ in points]
+    span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    labels: dict[tuple[float, float], list[str]] = {}
+    for x, y, p in points:
+        near = next((k for k in labels if abs(k[0] - x) <= 0.02 * span_x and abs(k[1] - y) <= 0.02 * span_y), (x, y))
+        labels.setdefault(near, []).append(f"{p.target:g}")
+    return labels

@@ -69,7 +69,10 @@ def test_without_a_metric_the_measure_is_agreement_and_the_metric_gets_the_held_
     result = convtool.sweep(model, targets=(0.5,), calibration=data, metric=mean_logit, **FAST)
     assert torch.equal(calls[0], data[-4:])  # no batch to hold out whole: each batch's last quarter
     assert isinstance(result.points[0].metric, float)
-    plain = convtool.sweep(model, torch.randn(1, 3, 8, 8), targets=(0.5,), **FAST)
+    steps = []
+    plain = convtool.sweep(model, torch.randn(1, 3, 8, 8), targets=(0.5,), on_step=lambda *step: steps.append(step), **FAST)
+    assert steps == [(0, 3, "exporting and judging the original"), (1, 3, "separating at 0.5 of the FLOPs"),
+                     (2, 3, "timing 2 ONNX files on CPUExecutionProvider"), (3, 3, "done")]
     assert plain.metric_name is None and plain.measure == "top-1 agreement"
     assert plain.value(plain.points[0]) == plain.points[0].top1_agreement
     assert plain.judged_on.startswith("the example inputs (1 sample")
