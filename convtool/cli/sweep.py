@@ -69,6 +69,7 @@ def sweep(model, output_dir, targets, calibration, image_size, mean, std, metric
 
     from ..io import Staging, check_output, load_tensors, resolve_arch
     from ..report.sweep import PLOT_HINT, plot_available, sweep_to_dict, sweep_to_markdown, write_sweep_png
+
     ui = Ui(quiet, False)
     fractions = parse_targets(targets)
     synthetic = calibration == "synthetic"
@@ -77,6 +78,7 @@ def sweep(model, output_dir, targets, calibration, image_size, mean, std, metric
     for option, value in (("--sensitivity", sensitivity), ("--refit both", refit == "both")):
         needs_option(option, bool(value), "--calibration FILE|DIR|synthetic", calibration)
     needs_option("--metric-data", bool(metric_data), "--metric MODULE:FN", metric)
+    data_options = parse_data_options(image_size, mean, std)
     from ..measure.onnxrt import require_provider
 
     require_provider(provider)  # refuse before any work: nothing is timed on a provider that cannot run
@@ -87,7 +89,6 @@ def sweep(model, output_dir, targets, calibration, image_size, mean, std, metric
     sources = input_files(model, arch, None if synthetic else calibration) + tuple(p for p in (metric_data,) if p)
     for name in names:
         check_output(folder / name, force=force, inputs=sources)
-    data_options = parse_data_options(image_size, mean, std)
 
     original = load(model, arch, allow_pickle, device, ui)
     if synthetic:
