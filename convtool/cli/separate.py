@@ -227,7 +227,7 @@ def _separate_onnx(model, output, rank, order, include, exclude, input_shapes, f
     for branch in result.branches:
         ui.note(f"counted: {branch}")
     if result.not_refit:
-        ui.note(f"not refit (inside subgraphs, kept as their SVD factors): {', '.join(result.not_refit)}")
+        ui.note(f"not refit (inside subgraphs or ending in a transposed conv, kept as their SVD factors): {', '.join(result.not_refit)}")
     if result.budget_met is False:
         ui.note(f"note: the FLOP target {rank.fraction} cannot be met; every separated layer is at its cheapest")
     for run_ in result.runs:

@@ -1,8 +1,10 @@
 """``separate_onnx``: separate the convs of a model held only as ONNX, and prove the result in onnxruntime.
 
-Each top-level ``Conv`` node whose weight is a constant initializer becomes two ``Conv`` nodes
-named after it: a depthwise one carrying the kernel, strides, dilations and padding (``pads``
-or ``auto_pad``), and a pointwise one carrying the groups and the bias, in either order. The
+Each ``Conv`` node (in the main graph or a subgraph) whose weight is a constant becomes two
+``Conv`` nodes named after it: a depthwise one carrying the kernel, strides, dilations and
+padding (``pads`` or ``auto_pad``), and a pointwise one carrying the groups and the bias, in
+either order; a ``ConvTranspose`` node's depthwise half is a ``ConvTranspose`` keeping its
+output padding too. The
 factors come from the same SVD as the torch path (:func:`~convtool.core.decompose.separable_factors`).
 Every other node, initializer, input, output, opset import and metadata entry is kept as it was.
 
@@ -82,7 +84,7 @@ class OnnxSeparation:
     runs: tuple[OnnxRun, ...] = ()
     original: Any = field(default=None, repr=False, compare=False)
     folded_batchnorms: tuple[str, ...] = ()  # BatchNormalization nodes folded into the pair before them
-    not_refit: tuple[str, ...] = ()  # layers inside subgraphs, which calibration does not refit (their SVD factors stay)
+    not_refit: tuple[str, ...] = ()  # layers calibration does not refit (inside subgraphs, or ending in a transposed conv): their SVD factors stay
     branches: tuple[str, ...] = ()  # which branch of each If (and how many loop iterations) the FLOPs count
 
     def report(self, example_inputs: Any = None) -> Comparison:
@@ -197,10 +199,12 @@ def separate_onnx(
     main = [layer for layer in layers if not where[layer.name].scope.path]
     not_refit = ()
     if calibration is not None:
-        # A subgraph's values cannot be graph outputs: its pairs keep their SVD factors (and the result says so).
-        not_refit = tuple(layer.name for layer in layers if layer not in main)
-        lasts = [LastConv(layer.name, next(n for n in graph.node if n.output and n.output[0] == outputs[layer.name][-1]),
-                          outputs[layer.name][-1]) for layer in main]
+        # A subgraph's values cannot be graph outputs, and a pair ending in a transposed conv has no
+        # least squares here: those pairs keep their SVD factors (and the result says so).
+        last_node = {layer.name: next(n for n in graph.node if n.output and n.output[0] == outputs[layer.name][-1]) for layer in main}
+        refit = [layer for layer in main if last_node[layer.name].op_type == "Conv"]
+        not_refit = tuple(layer.name for layer in layers if layer not in refit)
+        lasts = [LastConv(layer.name, last_node[layer.name], outputs[layer.name][-1]) for layer in refit]
         errors = refit_onnx(original, work, lasts, _numpy_batches(calibration, original)) if lasts else {}
         layers = [dataclasses.replace(layer, output_error=errors.get(layer.name)) for layer in layers]
     renamed = fold_batchnorm(graph, [outputs[layer.name] for layer in main], work.ir_version < 4) if fold_bn else {}
