@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,13 +21,16 @@ def load_calibration(
     image_size: tuple[int, int] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    by_name: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...] | dict[str, torch.Tensor]:
     """Model-ready unlabeled inputs from a file or a folder of images.
 
     ``.pt`` (a tensor, or a tuple/list of tensors for several inputs; read with
     ``weights_only=True``), ``.npy`` and ``.npz`` (arrays in file order; no pickles), or a
     folder of images, resized to ``image_size``, scaled to [0, 1], then normalised by
-    ``mean`` and ``std`` per channel.
+    ``mean`` and ``std`` per channel. With ``by_name`` (an ONNX graph's named inputs), an
+    ``.npz`` whose arrays were saved by name (``np.savez(f, input=..., sr=...)``) gives a dict
+    of them, their dtypes kept.
     """
     import numpy as np
 
@@ -41,6 +45,9 @@ def load_calibration(
         elif path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as archive:
                 arrays = [torch.from_numpy(archive[k]) for k in archive.files]
+                names = archive.files
+            if by_name and not all(re.fullmatch(r"arr_\d+", k) for k in names):  # np.savez's names for unnamed arrays
+                return dict(zip(names, arrays))
             data = arrays[0] if len(arrays) == 1 else tuple(arrays)
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)

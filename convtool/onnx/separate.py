@@ -34,8 +34,8 @@ from ..measure.compare import Comparison
 from ..measure.fidelity import Fidelity, output_fidelity
 from ..measure.onnxrt import missing_reason, open_session, provider_name, time_sessions
 from ..plan.ranks import make_plan
-from ..recovery.batches import calibration_batches
 from .counts import count_onnx, onnx_analysis
+from .feeds import calibration_feeds, example_feeds, given_values
 from .files import load_onnx, passes_check, write_proto
 from .graph import fold_batchnorm, install_pairs, live_nodes
 from .refit import LastConv, refit_onnx
@@ -86,14 +86,21 @@ class OnnxSeparation:
     folded_batchnorms: tuple[str, ...] = ()  # BatchNormalization nodes folded into the pair before them
     not_refit: tuple[str, ...] = ()  # layers calibration does not refit (inside subgraphs, or ending in a transposed conv): their SVD factors stay
     branches: tuple[str, ...] = ()  # which branch of each If (and how many loop iterations) the FLOPs count
+    feeds: tuple = field(default=(), repr=False, compare=False)  # the inputs it ran on, in the graph's order
+
+    def _feeds(self, example_inputs: Any) -> tuple[list[np.ndarray] | None, str | None]:
+        """The inputs given, else those the separation ran on."""
+        if example_inputs is None and self.feeds:
+            return list(self.feeds), None
+        return example_feeds(self.original, example_inputs)
 
     def report(self, example_inputs: Any = None) -> Comparison:
         """The before/after comparison a PyTorch separation gets (:meth:`~convtool.Separation.report`).
 
-        Counts on ``example_inputs`` (or the graph's static shapes); output agreement from the
+        Counts on ``example_inputs`` (or the inputs the separation ran on); output agreement from the
         CPU run. Raises InvalidOptionError without input shapes, or when the CPU run did not happen.
         """
-        feeds, why_not = example_feeds(self.original, example_inputs)
+        feeds, why_not = self._feeds(example_inputs)
         cpu = next((r for r in self.runs if r.provider == "CPUExecutionProvider" and r.ran), None)
         if feeds is None or cpu is None:
             raise InvalidOptionError(f"no report without a run on the CPU: {why_not or self.verification}")
@@ -102,7 +109,7 @@ class OnnxSeparation:
 
     def timed(self, example_inputs: Any = None, runs: int = 20) -> Benchmark:
         """Both graphs on onnxruntime CPU (2 threads), interleaved, medians."""
-        feeds, why_not = example_feeds(self.original, example_inputs)
+        feeds, why_not = self._feeds(example_inputs)
         if feeds is None:
             raise InvalidOptionError(f"nothing to time on: {why_not}")
         with tempfile.TemporaryDirectory(prefix="convtool-onnx-time-") as tmp:
@@ -133,15 +140,21 @@ def separate_onnx(
 
     Args:
         model: a path to a ``.onnx`` file, or an ``onnx.ModelProto`` (not modified).
-        example_inputs: tensors or arrays for the graph's inputs, in order; without them, inputs
-            of the graph's static shapes (a dynamic dimension needs example inputs).
+        example_inputs: the graph's inputs, in order (a sequence) or by name (a dict): each an
+            array, tensor or number, or a tuple of ints, a shape filled with seeded noise (float
+            inputs). Float inputs of static shape not given get noise; any other input not
+            given (an int64 sample rate, a dynamic dimension) is refused, naming each, when some
+            inputs were given, and leaves the result unverified (saying why) when none were
+            (:mod:`~convtool.onnx.feeds`).
         rank: a positive int, ``"full"`` (exact), :class:`~convtool.Energy` or
             :class:`~convtool.FlopsTarget` (the whole graph's FLOPs after, as a fraction of
             before; needs input shapes).
         order: ``"dw-pw"``, ``"pw-dw"`` or ``"auto"`` (per node, the lower weight error).
         include, exclude: glob patterns on node names, as in :func:`~convtool.separate`.
         calibration: unlabeled inputs (an array or tensor, a tuple of them for several inputs,
-            or an iterable of batches): each pair's last conv is then refit by least squares to
+            a dict of them by input name, or an iterable of batches; an array of an input's whole
+            declared shape, a state say, goes with every batch; an input the data lacks takes its
+            value from ``example_inputs``): each pair's last conv is then refit by least squares to
             reproduce the original node's outputs, layer by layer in execution order
             (:mod:`~convtool.onnx.refit`).
         layout: ``"branches"`` (rank > 1 depthwise-first pairs of 1-d and 2-d convs as
@@ -170,6 +183,9 @@ def separate_onnx(
     # file onnxruntime runs but the checker refuses) onnxruntime alone.
     checks = [full for full in (True, False) if passes_check(original, full)][:1]
     feeds, why_not = example_feeds(original, example_inputs)
+    fixed = given_values(original, example_inputs)
+    if feeds is None and example_inputs is None and calibration is not None:  # the first calibration batch, then
+        feeds, why_not = calibration_feeds(calibration, original, fixed)[0], None
     counts = None
     if feeds is not None:
         try:
@@ -205,7 +221,8 @@ def separate_onnx(
         refit = [layer for layer in main if last_node[layer.name].op_type == "Conv"]
         not_refit = tuple(layer.name for layer in layers if layer not in refit)
         lasts = [LastConv(layer.name, last_node[layer.name], outputs[layer.name][-1]) for layer in refit]
-        errors = refit_onnx(original, work, lasts, _numpy_batches(calibration, original)) if lasts else {}
+        batches = calibration_feeds(calibration, original, fixed, feeds[0].shape[0] if feeds and feeds[0].ndim else None)
+        errors = refit_onnx(original, work, lasts, batches) if lasts else {}
         layers = [dataclasses.replace(layer, output_error=errors.get(layer.name)) for layer in layers]
     renamed = fold_batchnorm(graph, [outputs[layer.name] for layer in main], work.ir_version < 4) if fold_bn else {}
     folded = [bn for bn, _ in renamed.values()]
@@ -227,33 +244,7 @@ def separate_onnx(
         flops = (counts.flops, after.flops)
     return OnnxSeparation(work, tuple(layers), tuple(skipped), verified, verification, max_abs, relative, plan.budget_met, *flops,
                           runs=tuple(runs), original=original, folded_batchnorms=tuple(folded), not_refit=not_refit,
-                          branches=counts.branches if counts is not None else ())
-
-
-def _numpy_batches(calibration: Any, model) -> list[list[np.ndarray]]:
-    """Calibration data as batches of numpy inputs, cut and checked as the PyTorch path does.
-
-    A graph whose batch dimension is fixed gets batches of that size (a last, smaller one is dropped).
-    """
-    as_torch = lambda a: a if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a))  # noqa: E731
-    if isinstance(calibration, (np.ndarray, torch.Tensor)):
-        calibration = as_torch(calibration)
-    elif isinstance(calibration, tuple):
-        calibration = tuple(as_torch(a) for a in calibration)
-    constants = {i.name for i in model.graph.initializer}
-    first = next((i for i in model.graph.input if i.name not in constants), None)
-    dims = first.type.tensor_type.shape.dim if first is not None else []
-    fixed = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
-    batches = calibration_batches(calibration, **({"batch_size": fixed} if fixed else {}))
-    batches = [b for b in batches if not fixed or b[0].shape[0] == fixed]
-    if not batches:
-        raise InvalidOptionError(f"the ONNX model takes batches of {fixed}: give at least {fixed} calibration samples")
-    from onnx import helper
-
-    types = [helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) if i.type.tensor_type.elem_type else None
-             for i in model.graph.input if i.name not in constants]
-    return [[t.numpy().astype(dtype, copy=False) if dtype is not None else t.numpy() for t, dtype in zip(batch, types)]
-            for batch in batches]
+                          branches=counts.branches if counts is not None else (), feeds=tuple(feeds or ()))
 
 
 def _with_flops(layer: LayerChange, dense: int | None, pair: list[int | None]) -> LayerChange:
@@ -261,31 +252,6 @@ def _with_flops(layer: LayerChange, dense: int | None, pair: list[int | None]) -
     if dense is None or None in pair:
         return layer
     return dataclasses.replace(layer, flops_before=dense, flops_after=sum(pair), calls=1)
-
-
-def example_feeds(model, example_inputs: Any) -> tuple[list[np.ndarray] | None, str | None]:
-    """The feeds for the graph's inputs (those that are not initializers), or why there are none."""
-    from onnx import helper
-
-    constants = {i.name for i in model.graph.initializer}
-    graph_inputs = [i for i in model.graph.input if i.name not in constants]
-    if example_inputs is not None:
-        given = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-        arrays = [t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t) for t in given]
-        arrays = [a.astype(helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type), copy=False)
-                  if i.type.tensor_type.elem_type else a for a, i in zip(arrays, graph_inputs)]
-        if len(arrays) != len(graph_inputs):
-            raise InvalidOptionError(f"the ONNX model takes {len(graph_inputs)} inputs but {len(arrays)} were given; check --input-shape")
-        return arrays, None
-    rng = np.random.default_rng(0)
-    arrays = []
-    for i in graph_inputs:
-        dims = i.type.tensor_type.shape.dim
-        if any(not d.HasField("dim_value") for d in dims):
-            return None, f"input {i.name!r} has a dynamic dimension; pass example inputs (--input-shape)"
-        dtype = helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
-        arrays.append(rng.standard_normal([d.dim_value for d in dims]).astype(dtype))
-    return arrays, None
 
 
 def _verify(original, separated, feeds, why_not: str | None, created: set[str], providers: Sequence[str]) -> tuple[list[OnnxRun], str]:
