@@ -50,3 +50,50 @@ def write_proto(model: Any, path: str | os.PathLike) -> None:
         copy.CopyFrom(model)
         model = copy
     onnx.save(model, str(path), save_as_external_data=large, location=path.name + ".data" if large else None)
+
+
+_PAGE = 4096  # onnxruntime maps external weights page-aligned instead of copying them
+
+
+def write_with_weights_beside(model: Any, path: str | os.PathLike, threshold: int = 1024) -> None:
+    """Write ``model`` with the main graph's initializers over ``threshold`` bytes in a data file beside it.
+
+    For files onnxruntime and onnx's checker read back at once: onnxruntime maps page-aligned
+    external weights rather than copying them, and nothing here serialises the whole model
+    into one string (each weight is written as it is read). ``model`` is not modified.
+    """
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    path = Path(path)
+    data_name = path.name + ".data"
+    skeleton = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            getattr(skeleton, field.name).extend(value) if hasattr(value, "extend") else (
+                getattr(skeleton, field.name).CopyFrom(value) if field.message_type is not None else setattr(skeleton, field.name, value))
+    for field, value in model.graph.ListFields():
+        if field.name == "initializer":
+            continue
+        target = getattr(skeleton.graph, field.name) if field.message_type is not None else None
+        if hasattr(value, "extend"):
+            target.extend(value)
+        elif target is not None:
+            target.CopyFrom(value)
+        else:
+            setattr(skeleton.graph, field.name, value)
+    with open(path.with_name(data_name), "wb") as data:
+        for init in model.graph.initializer:
+            if init.data_location == TensorProto.EXTERNAL or init.ByteSize() <= threshold:
+                skeleton.graph.initializer.add().CopyFrom(init)
+                continue
+            raw = init.raw_data if init.HasField("raw_data") else numpy_helper.to_array(init).tobytes()
+            data.write(b"\0" * (-data.tell() % _PAGE))
+            offset = data.tell()
+            data.write(raw)
+            entry = skeleton.graph.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims,
+                                                   data_location=TensorProto.EXTERNAL)
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry.external_data.add(key=key, value=value)
+            del raw
+    path.write_bytes(skeleton.SerializeToString())

@@ -233,12 +233,10 @@ def fresh_name(base: str, used: set[str]) -> str:
 def drop_replaced_weights(graph, replaced: set[str]) -> None:
     """Remove the dense weights of separated convs that nothing else reads, at any depth (and their input entries)."""
     doomed = replaced - read_anywhere(graph) - {o.name for o in graph.output}
-    keep = [init for init in graph.initializer if init.name not in doomed]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    inputs = [i for i in graph.input if i.name not in doomed]
-    del graph.input[:]
-    graph.input.extend(inputs)
+    # Deleted in place: re-adding the kept ones would copy every weight the graph keeps.
+    for field in (graph.initializer, graph.input):
+        for index in reversed([i for i, value in enumerate(field) if value.name in doomed]):
+            del field[index]
 
 
 def read_anywhere(graph) -> set[str]:
