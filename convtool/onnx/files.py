@@ -84,7 +84,7 @@ def write_with_weights_beside(model: Any, path: str | os.PathLike, threshold: in
             setattr(skeleton.graph, field.name, value)
     with open(path.with_name(data_name), "wb") as data:
         for init in model.graph.initializer:
-            if init.data_location == TensorProto.EXTERNAL or init.ByteSize() <= threshold:
+            if init.data_location == TensorProto.EXTERNAL or init.data_type == TensorProto.STRING or init.ByteSize() <= threshold:
                 skeleton.graph.initializer.add().CopyFrom(init)
                 continue
             raw = init.raw_data if init.HasField("raw_data") else numpy_helper.to_array(init).tobytes()
