@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import AnalysisError
+from .files import copy_fields
 
 
 @dataclass(frozen=True)
@@ -86,27 +87,14 @@ def _skeleton(model):
     import onnx
 
     skeleton = onnx.ModelProto()
-    _copy_fields(model, skeleton, skip="graph")
-    _copy_fields(model.graph, skeleton.graph, skip="initializer")
+    copy_fields(model, skeleton, skip="graph")
+    copy_fields(model.graph, skeleton.graph, skip="initializer")
     for init in model.graph.initializer:
         if math.prod(init.dims) <= _SMALL:
             skeleton.graph.initializer.add().CopyFrom(init)
         else:
             skeleton.graph.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims)
     return skeleton
-
-
-def _copy_fields(source, target, skip: str) -> None:
-    """Copy every set field of a protobuf message but one."""
-    for field, value in source.ListFields():
-        if field.name == skip:
-            continue
-        if hasattr(value, "extend"):  # a repeated field
-            getattr(target, field.name).extend(value)
-        elif field.message_type is not None:
-            getattr(target, field.name).CopyFrom(value)
-        else:
-            setattr(target, field.name, value)
 
 
 def all_graphs(graph):

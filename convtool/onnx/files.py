@@ -68,20 +68,8 @@ def write_with_weights_beside(model: Any, path: str | os.PathLike, threshold: in
     path = Path(path)
     data_name = path.name + ".data"
     skeleton = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name != "graph":
-            getattr(skeleton, field.name).extend(value) if hasattr(value, "extend") else (
-                getattr(skeleton, field.name).CopyFrom(value) if field.message_type is not None else setattr(skeleton, field.name, value))
-    for field, value in model.graph.ListFields():
-        if field.name == "initializer":
-            continue
-        target = getattr(skeleton.graph, field.name) if field.message_type is not None else None
-        if hasattr(value, "extend"):
-            target.extend(value)
-        elif target is not None:
-            target.CopyFrom(value)
-        else:
-            setattr(skeleton.graph, field.name, value)
+    copy_fields(model, skeleton, skip="graph")
+    copy_fields(model.graph, skeleton.graph, skip="initializer")
     with open(path.with_name(data_name), "wb") as data:
         for init in model.graph.initializer:
             if init.data_location == TensorProto.EXTERNAL or init.data_type == TensorProto.STRING or init.ByteSize() <= threshold:
@@ -97,3 +85,16 @@ def write_with_weights_beside(model: Any, path: str | os.PathLike, threshold: in
                 entry.external_data.add(key=key, value=value)
             del raw
     path.write_bytes(skeleton.SerializeToString())
+
+
+def copy_fields(source: Any, target: Any, skip: str) -> None:
+    """Copy every set field of a protobuf message into ``target`` but the one named ``skip`` (a model's weights, say)."""
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if hasattr(value, "extend"):  # a repeated field
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
