@@ -296,6 +296,51 @@ class TwoInputs(nn.Module):
         return fused, fused.mean((2, 3))
 
 
+class BasicConv(nn.Module):
+    """Inception-v3's BasicConv2d: conv, BatchNorm, ReLU."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, **options) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, kernel, bias=False, **options)
+        self.bn = nn.BatchNorm2d(cout, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+class InceptionAux(nn.Module):
+    """Inception-v3's auxiliary head, scaled down: pooled to 4x4, then a conv to 1x1 followed by BatchNorm."""
+
+    def __init__(self, cin: int, classes: int) -> None:
+        super().__init__()
+        self.conv0 = BasicConv(cin, 8, 1)
+        self.conv1 = BasicConv(8, 12, 4)
+        self.fc = nn.Linear(12, classes)
+
+    def forward(self, x):
+        x = self.conv1(self.conv0(F.avg_pool2d(x, 5, 3)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class InceptionV3Like(nn.Module):
+    """The aux head gated as inception-v3 gates it (``if self.training and self.aux_logits``), on 32x32 images."""
+
+    def __init__(self, classes: int = 10, aux_logits: bool = True) -> None:
+        super().__init__()
+        self.aux_logits = aux_logits
+        self.stem = BasicConv(3, 16, 3, stride=2, padding=1)
+        self.mixed = BasicConv(16, 16, 3, padding=1)
+        self.AuxLogits = InceptionAux(16, classes) if aux_logits else None
+        self.dropout = nn.Dropout(0.5)
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = self.mixed(self.stem(x))
+        aux = self.AuxLogits(x) if self.training and self.aux_logits else None
+        logits = self.fc(self.dropout(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)))
+        return (logits, aux) if aux is not None else logits
+
+
 @dataclass(frozen=True)
 class ZooModel:
     name: str

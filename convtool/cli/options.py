@@ -113,7 +113,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
     except ValueError:
         shape = ()
     if not shape or any(d < 1 for d in shape):
-        raise InvalidOptionError(f"--input-shape {text!r} should be positive integers separated by commas, like 1,3,224,224")
+        raise InvalidOptionError(f"--input-shape {text!r} should be positive integers separated by commas, like 1,3,224,224 "
+                                 "(an ONNX input may be named: state=2,1,128)")
     return shape
 
 
@@ -257,11 +258,45 @@ def parse_providers(text: str | None) -> tuple[list[str], bool]:
     return names, True
 
 
-def onnx_inputs(input_shapes: tuple[str, ...]):
+def onnx_input_options(func: Callable) -> Callable:
+    """--input-value, for the ONNX inputs no shape describes (an int64 sample rate)."""
+    return click.option("--input-value", "input_values", multiple=True, metavar="NAME=VALUE",
+                        help="ONNX models: the value of input NAME (a number, or numbers separated by commas), "
+                             "e.g. sr=16000; repeatable. Integer inputs have no default.")(func)
+
+
+def onnx_inputs(input_shapes: tuple[str, ...], input_values: tuple[str, ...] = ()):
+    """The ONNX graph's example inputs from the command line: shapes by position or name, values by name.
+
+    Unnamed shapes alone give a tuple of shapes (the inputs in order); with any name, a dict
+    whose integer keys are positions among the inputs not named (see convtool.onnx.feeds).
+    """
     import numpy as np
 
-    rng = np.random.default_rng(0)
-    return tuple(rng.standard_normal(parse_shape(s)).astype(np.float32) for s in input_shapes) or None
+    named: dict = {}
+    unnamed = []
+    for text in input_shapes:
+        name, sep, dims = text.rpartition("=")
+        if sep and not name:
+            raise InvalidOptionError(f"--input-shape {text!r}: give NAME=dims or dims")
+        if name:
+            named[name] = parse_shape(dims)
+        else:
+            unnamed.append(parse_shape(dims))
+    for text in input_values:
+        name, sep, value = text.partition("=")
+        try:
+            numbers = [int(v) if v.strip().lstrip("+-").isdigit() else float(v) for v in value.split(",")] if sep and name else []
+        except ValueError:
+            numbers = []
+        if not numbers:
+            raise InvalidOptionError(f"--input-value {text!r} should be NAME=number (or numbers separated by commas), like sr=16000")
+        if name in named:
+            raise InvalidOptionError(f"input {name!r} is given both a shape and a value; give one")
+        named[name] = np.array(numbers[0] if len(numbers) == 1 else numbers)
+    if not named:
+        return tuple(unnamed) or None
+    return named | dict(enumerate(unnamed))
 
 
 def is_onnx(path: str) -> bool:

@@ -10,8 +10,8 @@ import click
 from ..errors import InvalidOptionError
 from .options import (
     Ui, as_model_dtype, check_report_suffix, export_line, finish_verification, handles_errors, input_files, is_onnx,
-    load, make_inputs, model_options, needs_option, onnx_inputs, output_options, parse_data_options, parse_providers,
-    report_text,
+    load, make_inputs, model_options, needs_option, onnx_input_options, onnx_inputs, output_options, parse_data_options,
+    parse_providers, report_text,
 )
 
 
@@ -52,6 +52,7 @@ from .options import (
 @click.option("--distill-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="Label-free distillation steps from the original model on the --calibration data.")
 @model_options
+@onnx_input_options
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), help="Also export the separated model to this ONNX file and verify it.")
 @click.option("--providers", help="onnxruntime providers to verify on, comma-separated [cpu,cuda].")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report to FILE.json or FILE.md.")
@@ -59,7 +60,7 @@ from .options import (
 @output_options
 @handles_errors
 def separate(model, output, rank, flops_target, energy, min_agreement, min_sqnr, sensitivity, latency_provider, include, exclude, order, calibration, synthetic_samples,
-             image_size, mean, std, refit, recalibrate_bn, distill_steps, input_shapes, arch, allow_pickle, device, onnx_path, providers, report_path,
+             image_size, mean, std, refit, recalibrate_bn, distill_steps, input_shapes, arch, allow_pickle, device, input_values, onnx_path, providers, report_path,
              force, quiet, as_json):
     """Rewrite every standard conv of MODEL (PyTorch, or an .onnx file) into a depthwise + pointwise pair.
 
@@ -102,9 +103,11 @@ def separate(model, output, rank, flops_target, energy, min_agreement, min_sqnr,
             from ..io import load_calibration
 
             size, mean_values, std_values = parse_data_options(image_size, mean, std)
-            data = load_calibration(calibration, image_size=size, mean=mean_values, std=std_values)
-        return _separate_onnx(model, output, rank_value, order, include, exclude, input_shapes, force, ui, data, calibration,
-                              parse_providers(providers)[0], report_path, as_json)
+            data = load_calibration(calibration, image_size=size, mean=mean_values, std=std_values, by_name=True)
+        return _separate_onnx(model, output, rank_value, order, include, exclude, onnx_inputs(input_shapes, input_values), force, ui,
+                              data, calibration, parse_providers(providers)[0], report_path, as_json)
+    if input_values:
+        raise InvalidOptionError("--input-value names an ONNX model's input; a PyTorch model takes --input-shape")
     synthetic = calibration == "synthetic"  # the word, not a path: ./synthetic names a path so called
     needs_option("--synthetic-samples", synthetic_samples is not None, "--calibration synthetic", synthetic)
     for option, value in (("--image-size", image_size), ("--mean", mean), ("--std", std)):
@@ -179,7 +182,7 @@ def separate(model, output, rank, flops_target, energy, min_agreement, min_sqnr,
     return 0
 
 
-def _separate_onnx(model, output, rank, order, include, exclude, input_shapes, force, ui, data=None, data_path=None,
+def _separate_onnx(model, output, rank, order, include, exclude, inputs, force, ui, data=None, data_path=None,
                    providers=("cpu",), report_path=None, as_json=False) -> int:
     """``separate`` for a model given as ONNX: separated (and refit on ``data``), checked in onnxruntime, written atomically.
 
@@ -199,8 +202,7 @@ def _separate_onnx(model, output, rank, order, include, exclude, input_shapes, f
     sources = [model, *([data_path] if data_path else [])]
     for path in [p for p in (output, report_path) if p]:
         check_output(path, force=force, inputs=sources)
-    inputs = onnx_inputs(input_shapes)
-    if inputs is None and data is not None:  # the first calibration sample, as for PyTorch models
+    if inputs is None and data is not None and not isinstance(data, dict):  # the first calibration sample, as for PyTorch models
         inputs = tuple(t[:1] for t in data) if isinstance(data, tuple) else (data[:1],)
     with ui.status("separating the ONNX graph" + (", calibrating" if data is not None else "") + " and checking it in onnxruntime"):
         result = convtool.separate_onnx(model, inputs, rank=rank, order=order, include=include, exclude=exclude, calibration=data,
@@ -208,7 +210,7 @@ def _separate_onnx(model, output, rank, order, include, exclude, input_shapes, f
     report = None
     if result.verified:
         with ui.status("counting, and timing both graphs on onnxruntime CPU"):
-            report = dataclasses.replace(result.report(inputs), latency=result.timed(inputs))
+            report = dataclasses.replace(result.report(), latency=result.timed())  # on the inputs it ran on
     with Staging() as staging:
         staging.write(output, lambda tmp: save_onnx(result, tmp))
         if report_path:
@@ -227,7 +229,7 @@ def _separate_onnx(model, output, rank, order, include, exclude, input_shapes, f
     for branch in result.branches:
         ui.note(f"counted: {branch}")
     if result.not_refit:
-        ui.note(f"not refit (inside subgraphs, kept as their SVD factors): {', '.join(result.not_refit)}")
+        ui.note(f"not refit (inside subgraphs or ending in a transposed conv, kept as their SVD factors): {', '.join(result.not_refit)}")
     if result.budget_met is False:
         ui.note(f"note: the FLOP target {rank.fraction} cannot be met; every separated layer is at its cheapest")
     for run_ in result.runs:

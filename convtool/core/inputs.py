@@ -174,3 +174,24 @@ class kept_state:
         with torch.no_grad():
             for buffer, saved in self.buffers:
                 buffer.copy_(saved)
+
+
+class train_mode:
+    """Runs a block with every module in train mode when none is (an eval-mode model), then restores each one's mode.
+
+    A model already training keeps its own modes (a frozen BatchNorm stays frozen). Buffers and
+    the random stream are the caller's to keep (:class:`kept_state`).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.modes = model, {}
+
+    def __enter__(self) -> nn.Module:
+        self.modes = {m: m.training for m in self.model.modules()}
+        if not any(self.modes.values()):
+            self.model.train()
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        for module, mode in self.modes.items():
+            module.training = mode

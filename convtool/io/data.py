@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,20 +21,25 @@ def load_calibration(
     image_size: tuple[int, int] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    by_name: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...] | dict[str, torch.Tensor]:
     """Model-ready unlabeled inputs from a file or a folder of images.
 
     ``.pt`` (a tensor, or a tuple/list of tensors for several inputs; read with
     ``weights_only=True``), ``.npy`` and ``.npz`` (arrays in file order; no pickles), or a
     folder of images, resized to ``image_size``, scaled to [0, 1], then normalised by
-    ``mean`` and ``std`` per channel.
+    ``mean`` and ``std`` per channel. With ``by_name`` (an ONNX graph's named inputs), an
+    ``.npz`` whose arrays were saved by name (``np.savez(f, input=..., sr=...)``) gives a dict
+    of them, their dtypes kept.
     """
     path = Path(path)
     if not path.exists():
         raise InvalidOptionError(f"--calibration {path} does not exist")
     if path.is_dir():
         return _load_images(path, channels, image_size, mean, std)
-    tensors = _read_tensors(path, "--calibration")
+    tensors = _read_tensors(path, "--calibration", by_name)
+    if isinstance(tensors, dict):
+        return tensors
     if not all(t.dim() >= 1 for t in tensors):
         raise InvalidOptionError(f"--calibration {path} should hold a tensor of inputs (or one per model input)")
     tensors = tuple(t.float() if not t.is_floating_point() else t for t in tensors)
@@ -53,8 +59,8 @@ def load_tensors(path: str | os.PathLike, *, option: str = "--metric-data") -> t
     return tensors[0] if len(tensors) == 1 else tensors
 
 
-def _read_tensors(path: Path, option: str) -> tuple[torch.Tensor, ...]:
-    """The tensors of a .pt/.npy/.npz file, as stored, or a one-line error."""
+def _read_tensors(path: Path, option: str, by_name: bool = False) -> tuple[torch.Tensor, ...] | dict[str, torch.Tensor]:
+    """The tensors of a .pt/.npy/.npz file, as stored, or a one-line error (by name: an .npz saved by name as a dict)."""
     import numpy as np
 
     try:
@@ -62,7 +68,10 @@ def _read_tensors(path: Path, option: str) -> tuple[torch.Tensor, ...]:
             data: Any = torch.from_numpy(np.load(path, allow_pickle=False))
         elif path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as archive:
-                data = tuple(torch.from_numpy(archive[k]) for k in archive.files)
+                arrays, names = [torch.from_numpy(archive[k]) for k in archive.files], archive.files
+            if by_name and not all(re.fullmatch(r"arr_\d+", k) for k in names):  # np.savez's names for unnamed arrays
+                return dict(zip(names, arrays))
+            data = tuple(arrays)
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:

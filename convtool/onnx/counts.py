@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import AnalysisError
+from .files import copy_fields
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,7 @@ def count_onnx(model: Any, feeds: Sequence[np.ndarray]) -> OnnxCounts:
     """
     import onnx
 
-    shaped = onnx.ModelProto()
-    shaped.CopyFrom(model)
+    shaped = _skeleton(model)
     constants = {i.name: tuple(i.dims) for i in shaped.graph.initializer}
     graph_inputs = [i for i in shaped.graph.input if i.name not in constants]
     for value, feed in zip(graph_inputs, feeds):
@@ -75,6 +75,26 @@ def count_onnx(model: Any, feeds: Sequence[np.ndarray]) -> OnnxCounts:
 
 
 _CONTROL = ("If", "Loop", "Scan")
+_SMALL = 64  # elements: initializers this small keep their values (shapes, axes, scales that shape inference reads)
+
+
+def _skeleton(model):
+    """A copy of ``model`` whose large initializers keep their name, type and dims but not their data.
+
+    Shape inference reads a weight's dims only, and copying a 100 MB model's weights (then
+    serialising them into onnx's C++ side) to count its FLOPs tripled the memory counting took.
+    """
+    import onnx
+
+    skeleton = onnx.ModelProto()
+    copy_fields(model, skeleton, skip="graph")
+    copy_fields(model.graph, skeleton.graph, skip="initializer")
+    for init in model.graph.initializer:
+        if math.prod(init.dims) <= _SMALL:
+            skeleton.graph.initializer.add().CopyFrom(init)
+        else:
+            skeleton.graph.initializer.add(name=init.name, data_type=init.data_type, dims=init.dims)
+    return skeleton
 
 
 def all_graphs(graph):

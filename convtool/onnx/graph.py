@@ -47,6 +47,8 @@ def fold_batchnorm(graph, pairs: list[list[str]], listed_inputs: bool) -> dict[s
         bn = users[0]
         if not all(v in inits for v in bn.input[1:5]) or len(readers.get(conv.input[1], [])) != 1:
             continue
+        if conv.op_type != "Conv":  # a transposed depthwise conv holds its output channels in its weight's second axis
+            continue
         scale, shift, mean, var = (numpy_helper.to_array(inits[v]).astype(np.float64) for v in bn.input[1:5])
         eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
         factor = scale / np.sqrt(var + eps)
@@ -108,7 +110,7 @@ def install_pairs(model, scopes, where, sites: dict[str, Site], picks: dict, lay
     for index in reversed(range(len(scopes))):
         scope, new_nodes, records = scopes[index], [], []
         for node in scope.graph.node:
-            found = by_output.get(node.output[0]) if node.op_type == "Conv" and node.output else None
+            found = by_output.get(node.output[0]) if node.op_type in ("Conv", "ConvTranspose") and node.output else None
             pick = picks.get(found.name) if found is not None else None
             if pick is None:
                 new_nodes.append(node)
@@ -157,20 +159,27 @@ def pair_nodes(node, site: Site, pick: tuple[str, int], used: set[str], layout: 
     ``layout="branches"`` writes a rank-r depthwise-first pair of a 1-d or 2-d ungrouped conv as
     r multiplier-1 depthwise convs and a Concat, the form onnxruntime runs fastest
     (:class:`~convtool.core.modules.BranchedSeparableConv`); ``"multiplier"`` keeps one depthwise
-    conv with r filters per channel.
+    conv with r filters per channel. A ``ConvTranspose`` becomes a depthwise ``ConvTranspose``
+    (its strides, pads, output padding, dilations, auto_pad and spatial output_shape, which act
+    on each channel alone) and a 1x1 ``Conv`` (its group and bias), as
+    :class:`~convtool.core.modules.SeparableConv` pairs a transposed conv in PyTorch; always
+    in the multiplier form.
     """
     from onnx import helper, numpy_helper
 
     order, rank = pick
     attrs, name, weight, groups = node_attributes(node), site.name, site.weight, site.groups
+    transposed = node.op_type == "ConvTranspose"
     dtype = weight.numpy().dtype
-    n, m_g, *kernel = weight.shape
-    factors = separable_factors(weight, rank, groups, order)
+    (m, n), kernel = site.channels, list(weight.shape[2:])
+    factors = separable_factors(weight, rank, groups, order, transposed)
     spatial_name, mixing_name, middle = (fresh_name(f"{name}/{part}", used) for part in ("depthwise.weight", "pointwise.weight", "separable"))
     inits = [numpy_helper.from_array(factors.spatial.numpy().astype(dtype), spatial_name),
              numpy_helper.from_array(factors.mixing.numpy().astype(dtype), mixing_name)]
-    spatial_attrs = {k: v for k, v in attrs.items() if k in ("strides", "dilations", "pads", "auto_pad")}
+    geometry = ("strides", "dilations", "pads", "auto_pad") + (("output_padding", "output_shape") if transposed else ())
+    spatial_attrs = {k: v for k, v in attrs.items() if k in geometry}
     spatial_attrs["kernel_shape"] = list(kernel)
+    spatial_op = node.op_type
     ones = [1] * len(kernel)
     bias = [node.input[2]] if len(node.input) > 2 and node.input[2] else []
     own_bias = None
@@ -179,8 +188,8 @@ def pair_nodes(node, site: Site, pick: tuple[str, int], used: set[str], layout: 
         bias = [own_bias.name]
     x, y = node.input[0], node.output[0]
     dw_name, pw_name = fresh_name(f"{name}/depthwise", used), fresh_name(f"{name}/pointwise", used)
-    m, r = m_g * groups, factors.rank
-    if order == "dw-pw" and layout == "branches" and r > 1 and groups == 1 and len(kernel) < 3:
+    r = factors.rank
+    if order == "dw-pw" and layout == "branches" and r > 1 and groups == 1 and len(kernel) < 3 and not transposed:
         # r multiplier-1 depthwise convs, concatenated: filter i of every channel in branch i, and
         # the pointwise's columns permuted to match (channel (m, i) moves from m*r + i to i*M + m).
         inits = []
@@ -195,19 +204,19 @@ def pair_nodes(node, site: Site, pick: tuple[str, int], used: set[str], layout: 
         nodes.append(helper.make_node("Concat", [b.output[0] for b in nodes], [middle], name=fresh_name(f"{name}/concat", used), axis=1))
         nodes.append(helper.make_node("Conv", [middle, mixing_name, *bias], [y], name=pw_name, group=groups, kernel_shape=ones))
     elif order == "dw-pw":
-        nodes = [helper.make_node("Conv", [x, spatial_name], [middle], name=dw_name, group=m, **spatial_attrs),
+        nodes = [helper.make_node(spatial_op, [x, spatial_name], [middle], name=dw_name, group=m, **spatial_attrs),
                  helper.make_node("Conv", [middle, mixing_name, *bias], [y], name=pw_name, group=groups, kernel_shape=ones)]
     else:
         nodes = [helper.make_node("Conv", [x, mixing_name], [middle], name=pw_name, group=groups, kernel_shape=ones),
-                 helper.make_node("Conv", [middle, spatial_name, *bias], [y], name=dw_name, group=n, **spatial_attrs)]
+                 helper.make_node(spatial_op, [middle, spatial_name, *bias], [y], name=dw_name, group=n, **spatial_attrs)]
     if own_bias is not None:
         inits.append(own_bias)
     record = LayerChange(
-        name=name, aliases=(), source="onnx", in_channels=m_g * groups, out_channels=n, kernel_size=tuple(kernel),
+        name=name, aliases=(), source="onnx", in_channels=m, out_channels=n, kernel_size=tuple(kernel),
         stride=site.options["stride"], groups=groups, rank=factors.rank, order=order,
         params_before=weight.numel() + (n if bias else 0),
         params_after=factors.spatial.numel() + factors.mixing.numel() + (n if bias else 0),
-        flops_before=None, flops_after=None, calls=None, weight_error=factors.weight_error,
+        flops_before=None, flops_after=None, calls=None, weight_error=factors.weight_error, transposed=transposed,
     )
     return nodes, inits, record
 
@@ -224,12 +233,10 @@ def fresh_name(base: str, used: set[str]) -> str:
 def drop_replaced_weights(graph, replaced: set[str]) -> None:
     """Remove the dense weights of separated convs that nothing else reads, at any depth (and their input entries)."""
     doomed = replaced - read_anywhere(graph) - {o.name for o in graph.output}
-    keep = [init for init in graph.initializer if init.name not in doomed]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    inputs = [i for i in graph.input if i.name not in doomed]
-    del graph.input[:]
-    graph.input.extend(inputs)
+    # Deleted in place: re-adding the kept ones would copy every weight the graph keeps.
+    for field in (graph.initializer, graph.input):
+        for index in reversed([i for i, value in enumerate(field) if value.name in doomed]):
+            del field[index]
 
 
 def read_anywhere(graph) -> set[str]:

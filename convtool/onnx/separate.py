@@ -1,8 +1,10 @@
 """``separate_onnx``: separate the convs of a model held only as ONNX, and prove the result in onnxruntime.
 
-Each top-level ``Conv`` node whose weight is a constant initializer becomes two ``Conv`` nodes
-named after it: a depthwise one carrying the kernel, strides, dilations and padding (``pads``
-or ``auto_pad``), and a pointwise one carrying the groups and the bias, in either order. The
+Each ``Conv`` node (in the main graph or a subgraph) whose weight is a constant becomes two
+``Conv`` nodes named after it: a depthwise one carrying the kernel, strides, dilations and
+padding (``pads`` or ``auto_pad``), and a pointwise one carrying the groups and the bias, in
+either order; a ``ConvTranspose`` node's depthwise half is a ``ConvTranspose`` keeping its
+output padding too. The
 factors come from the same SVD as the torch path (:func:`~convtool.core.decompose.separable_factors`).
 Every other node, initializer, input, output, opset import and metadata entry is kept as it was.
 
@@ -30,11 +32,11 @@ from ..core.records import Benchmark, FlopsTarget, LayerChange, Rank, SkippedLay
 from ..errors import AnalysisError, InvalidOptionError, NothingToSeparateError, OnnxFileError, SeparationError
 from ..measure.compare import Comparison
 from ..measure.fidelity import Fidelity, output_fidelity
-from ..measure.onnxrt import missing_reason, open_session, provider_name, time_sessions
+from ..measure.onnxrt import missing_reason, open_session, provider_name, release_freed_memory, time_sessions
 from ..plan.ranks import make_plan
-from ..recovery.batches import calibration_batches
 from .counts import count_onnx, onnx_analysis
-from .files import load_onnx, passes_check, write_proto
+from .feeds import calibration_feeds, example_feeds, given_values
+from .files import load_onnx, passes_check, write_proto, write_with_weights_beside
 from .graph import fold_batchnorm, install_pairs, live_nodes
 from .refit import LastConv, refit_onnx
 from .sites import find_sites, model_scopes, site_stats
@@ -80,34 +82,49 @@ class OnnxSeparation:
     flops_before: int | None = None  # the whole graph's, on the example inputs, when their shapes are known
     flops_after: int | None = None
     runs: tuple[OnnxRun, ...] = ()
-    original: Any = field(default=None, repr=False, compare=False)
+    original: Any = field(default=None, repr=False, compare=False)  # the input proto; None when it was a file (``source``)
     folded_batchnorms: tuple[str, ...] = ()  # BatchNormalization nodes folded into the pair before them
-    not_refit: tuple[str, ...] = ()  # layers inside subgraphs, which calibration does not refit (their SVD factors stay)
+    not_refit: tuple[str, ...] = ()  # layers calibration does not refit (inside subgraphs, or ending in a transposed conv): their SVD factors stay
     branches: tuple[str, ...] = ()  # which branch of each If (and how many loop iterations) the FLOPs count
+    feeds: tuple = field(default=(), repr=False, compare=False)  # the inputs it ran on, in the graph's order
+    source: Path | None = field(default=None, repr=False, compare=False)  # the file the model was read from
+
+    def original_model(self):
+        """The model as given: the proto, or read again from its file (not held in memory meanwhile)."""
+        return self.original if self.original is not None else load_onnx(self.source)
+
+    def _feeds(self, example_inputs: Any) -> tuple[list[np.ndarray] | None, str | None]:
+        """The inputs given, else those the separation ran on."""
+        if example_inputs is None and self.feeds:
+            return list(self.feeds), None
+        return example_feeds(self.model, example_inputs)  # the separated graph takes the same inputs
 
     def report(self, example_inputs: Any = None) -> Comparison:
         """The before/after comparison a PyTorch separation gets (:meth:`~convtool.Separation.report`).
 
-        Counts on ``example_inputs`` (or the graph's static shapes); output agreement from the
+        Counts on ``example_inputs`` (or the inputs the separation ran on); output agreement from the
         CPU run. Raises InvalidOptionError without input shapes, or when the CPU run did not happen.
         """
-        feeds, why_not = example_feeds(self.original, example_inputs)
+        feeds, why_not = self._feeds(example_inputs)
         cpu = next((r for r in self.runs if r.provider == "CPUExecutionProvider" and r.ran), None)
         if feeds is None or cpu is None:
             raise InvalidOptionError(f"no report without a run on the CPU: {why_not or self.verification}")
-        return Comparison(onnx_analysis(self.original, feeds), onnx_analysis(self.model, feeds), self.layers, cpu.fidelity,
+        return Comparison(onnx_analysis(self.original_model(), feeds), onnx_analysis(self.model, feeds), self.layers, cpu.fidelity,
                           self.skipped, self.verified)
 
     def timed(self, example_inputs: Any = None, runs: int = 20) -> Benchmark:
         """Both graphs on onnxruntime CPU (2 threads), interleaved, medians."""
-        feeds, why_not = example_feeds(self.original, example_inputs)
+        feeds, why_not = self._feeds(example_inputs)
         if feeds is None:
             raise InvalidOptionError(f"nothing to time on: {why_not}")
         with tempfile.TemporaryDirectory(prefix="convtool-onnx-time-") as tmp:
             sessions = []
-            for label, proto in (("original", self.original), ("separated", self.model)):
+            for label in ("original", "separated"):
+                proto = self.original_model() if label == "original" else self.model
                 path = Path(tmp) / f"{label}.onnx"
-                write_proto(proto, path)
+                write_with_weights_beside(proto, path)  # onnxruntime maps the weights: two sessions, one copy each
+                del proto
+                release_freed_memory()
                 sessions.append(open_session(path, "CPUExecutionProvider", threads=2))
             names = [i.name for i in sessions[0].get_inputs()]
             original_ms, separated_ms = time_sessions(sessions, dict(zip(names, feeds)), runs, warmup=3)
@@ -131,15 +148,21 @@ def separate_onnx(
 
     Args:
         model: a path to a ``.onnx`` file, or an ``onnx.ModelProto`` (not modified).
-        example_inputs: tensors or arrays for the graph's inputs, in order; without them, inputs
-            of the graph's static shapes (a dynamic dimension needs example inputs).
+        example_inputs: the graph's inputs, in order (a sequence) or by name (a dict): each an
+            array, tensor or number, or a tuple of ints, a shape filled with seeded noise (float
+            inputs). Float inputs of static shape not given get noise; any other input not
+            given (an int64 sample rate, a dynamic dimension) is refused, naming each, when some
+            inputs were given, and leaves the result unverified (saying why) when none were
+            (:mod:`~convtool.onnx.feeds`).
         rank: a positive int, ``"full"`` (exact), :class:`~convtool.Energy` or
             :class:`~convtool.FlopsTarget` (the whole graph's FLOPs after, as a fraction of
             before; needs input shapes).
         order: ``"dw-pw"``, ``"pw-dw"`` or ``"auto"`` (per node, the lower weight error).
         include, exclude: glob patterns on node names, as in :func:`~convtool.separate`.
         calibration: unlabeled inputs (an array or tensor, a tuple of them for several inputs,
-            or an iterable of batches): each pair's last conv is then refit by least squares to
+            a dict of them by input name, or an iterable of batches; an array of an input's whole
+            declared shape, a state say, goes with every batch; an input the data lacks takes its
+            value from ``example_inputs``): each pair's last conv is then refit by least squares to
             reproduce the original node's outputs, layer by layer in execution order
             (:mod:`~convtool.onnx.refit`).
         layout: ``"branches"`` (rank > 1 depthwise-first pairs of 1-d and 2-d convs as
@@ -156,18 +179,33 @@ def separate_onnx(
         NothingToSeparateError: no ``Conv`` node can be separated.
         SeparationError: the separated model does not run in onnxruntime.
     """
-    import onnx
-
     rank = check_rank(rank)
     if order not in (*ORDERS, "auto"):
         raise InvalidOptionError(f"order must be one of {', '.join((*ORDERS, 'auto'))}; got {order!r}")
     if layout not in ("branches", "multiplier"):
         raise InvalidOptionError(f"layout must be 'branches' or 'multiplier'; got {layout!r}")
+    with tempfile.TemporaryDirectory(prefix="convtool-onnx-") as staging:  # the files onnxruntime and the checker read
+        return _separate(model, example_inputs, rank, order, include, exclude, calibration, providers, layout, fold_bn, Path(staging))
+
+
+def _separate(model, example_inputs, rank, order, include, exclude, calibration, providers, layout, fold_bn, staging: Path) -> OnnxSeparation:
+    """:func:`separate_onnx`, its options checked, with a folder for the files it writes on the way."""
+    import onnx
+
+    source = None if isinstance(model, onnx.ModelProto) else Path(model)
     original = load_onnx(model)
     # The result is held to what the original meets: the full check, the plain one, or (for a
     # file onnxruntime runs but the checker refuses) onnxruntime alone.
-    checks = [full for full in (True, False) if passes_check(original, full)][:1]
+    # A file is checked from the file (onnx reads it on its side: no serialised copy of the proto).
+    checks = [full for full in (True, False) if passes_check(str(source) if source is not None else original, full)][:1]
     feeds, why_not = example_feeds(original, example_inputs)
+    fixed = given_values(original, example_inputs)
+    if feeds is None and example_inputs is None and calibration is not None:  # the first calibration batch, then
+        feeds, why_not = calibration_feeds(calibration, original, fixed)[0], None
+    original_file = None
+    if feeds is not None:  # written for onnxruntime now, while the proto is at hand: the rewrite reuses it
+        original_file = staging / "original.onnx"
+        write_with_weights_beside(original, original_file)
     counts = None
     if feeds is not None:
         try:
@@ -176,8 +214,11 @@ def separate_onnx(
             why_not = str(error)
     if isinstance(rank, FlopsTarget) and counts is None:
         raise InvalidOptionError(f"a FLOP target needs the graph's FLOPs counted: {why_not}")
-    work = onnx.ModelProto()
-    work.CopyFrom(original)
+    if source is not None:  # the file is the original: rewrite the proto read from it, holding no second copy
+        work, original = original, None
+    else:  # the caller's proto is not modified
+        work = onnx.ModelProto()
+        work.CopyFrom(original)
     graph = work.graph
     initializers = {init.name for init in graph.initializer}
     # Before IR 4 every initializer had to be listed as an input too: those are constants in practice.
@@ -195,22 +236,30 @@ def separate_onnx(
         reason = next((s.reason for s in reversed(skipped)), "every conv stays dense")
         raise NothingToSeparateError(f"nothing to separate: every conv stays dense ({reason})")
     main = [layer for layer in layers if not where[layer.name].scope.path]
+    del scopes, sites, where  # their arrays of every weight: not needed past the rewrite (peak memory)
+    release_freed_memory()
     not_refit = ()
     if calibration is not None:
-        # A subgraph's values cannot be graph outputs: its pairs keep their SVD factors (and the result says so).
-        not_refit = tuple(layer.name for layer in layers if layer not in main)
-        lasts = [LastConv(layer.name, next(n for n in graph.node if n.output and n.output[0] == outputs[layer.name][-1]),
-                          outputs[layer.name][-1]) for layer in main]
-        errors = refit_onnx(original, work, lasts, _numpy_batches(calibration, original)) if lasts else {}
+        # A subgraph's values cannot be graph outputs, and a pair ending in a transposed conv has no
+        # least squares here: those pairs keep their SVD factors (and the result says so).
+        last_node = {layer.name: next(n for n in graph.node if n.output and n.output[0] == outputs[layer.name][-1]) for layer in main}
+        refit = [layer for layer in main if last_node[layer.name].op_type == "Conv"]
+        not_refit = tuple(layer.name for layer in layers if layer not in refit)
+        lasts = [LastConv(layer.name, last_node[layer.name], outputs[layer.name][-1]) for layer in refit]
+        batches = calibration_feeds(calibration, work, fixed, feeds[0].shape[0] if feeds and feeds[0].ndim else None)
+        errors = refit_onnx(original if original is not None else load_onnx(source), work, lasts, batches) if lasts else {}
         layers = [dataclasses.replace(layer, output_error=errors.get(layer.name)) for layer in layers]
     renamed = fold_batchnorm(graph, [outputs[layer.name] for layer in main], work.ir_version < 4) if fold_bn else {}
     folded = [bn for bn, _ in renamed.values()]
+    # Written once, then checked and run from the file: no serialised copy of the proto beside it.
+    written = staging / "separated.onnx"
+    write_with_weights_beside(work, written)
     try:
         for full in checks:
-            onnx.checker.check_model(work, full_check=full)
+            onnx.checker.check_model(str(written), full_check=full)
     except Exception as error:  # a bug of this pass, not the user's
         raise SeparationError(f"the separated ONNX model fails onnx.checker ({error}); please report it") from None
-    runs, verification = _verify(original, work, feeds, why_not, created, providers)
+    runs, verification = _verify(original_file, written, work.graph, feeds, why_not, created, providers)
     cpu = next((r for r in runs if r.provider == "CPUExecutionProvider" and r.ran), None)
     verified, max_abs, relative = cpu is not None, cpu.max_abs_error if cpu else None, cpu.relative_error if cpu else None
     flops: tuple[int | None, int | None] = (None, None)
@@ -223,33 +272,7 @@ def separate_onnx(
         flops = (counts.flops, after.flops)
     return OnnxSeparation(work, tuple(layers), tuple(skipped), verified, verification, max_abs, relative, plan.budget_met, *flops,
                           runs=tuple(runs), original=original, folded_batchnorms=tuple(folded), not_refit=not_refit,
-                          branches=counts.branches if counts is not None else ())
-
-
-def _numpy_batches(calibration: Any, model) -> list[list[np.ndarray]]:
-    """Calibration data as batches of numpy inputs, cut and checked as the PyTorch path does.
-
-    A graph whose batch dimension is fixed gets batches of that size (a last, smaller one is dropped).
-    """
-    as_torch = lambda a: a if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a))  # noqa: E731
-    if isinstance(calibration, (np.ndarray, torch.Tensor)):
-        calibration = as_torch(calibration)
-    elif isinstance(calibration, tuple):
-        calibration = tuple(as_torch(a) for a in calibration)
-    constants = {i.name for i in model.graph.initializer}
-    first = next((i for i in model.graph.input if i.name not in constants), None)
-    dims = first.type.tensor_type.shape.dim if first is not None else []
-    fixed = dims[0].dim_value if dims and dims[0].HasField("dim_value") else None
-    batches = calibration_batches(calibration, **({"batch_size": fixed} if fixed else {}))
-    batches = [b for b in batches if not fixed or b[0].shape[0] == fixed]
-    if not batches:
-        raise InvalidOptionError(f"the ONNX model takes batches of {fixed}: give at least {fixed} calibration samples")
-    from onnx import helper
-
-    types = [helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type) if i.type.tensor_type.elem_type else None
-             for i in model.graph.input if i.name not in constants]
-    return [[t.numpy().astype(dtype, copy=False) if dtype is not None else t.numpy() for t, dtype in zip(batch, types)]
-            for batch in batches]
+                          branches=counts.branches if counts is not None else (), feeds=tuple(feeds or ()), source=source)
 
 
 def _with_flops(layer: LayerChange, dense: int | None, pair: list[int | None]) -> LayerChange:
@@ -259,49 +282,21 @@ def _with_flops(layer: LayerChange, dense: int | None, pair: list[int | None]) -
     return dataclasses.replace(layer, flops_before=dense, flops_after=sum(pair), calls=1)
 
 
-def example_feeds(model, example_inputs: Any) -> tuple[list[np.ndarray] | None, str | None]:
-    """The feeds for the graph's inputs (those that are not initializers), or why there are none."""
-    from onnx import helper
+def _verify(original: Path | None, separated: Path, graph, feeds, why_not: str | None, created: set[str], providers: Sequence[str],
+            ) -> tuple[list[OnnxRun], str]:
+    """Run both models on each provider and compare; check every new node (of ``graph``, the separated one) feeds a graph output.
 
-    constants = {i.name for i in model.graph.initializer}
-    graph_inputs = [i for i in model.graph.input if i.name not in constants]
-    if example_inputs is not None:
-        given = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-        arrays = [t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t) for t in given]
-        arrays = [a.astype(helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type), copy=False)
-                  if i.type.tensor_type.elem_type else a for a, i in zip(arrays, graph_inputs)]
-        if len(arrays) != len(graph_inputs):
-            raise InvalidOptionError(f"the ONNX model takes {len(graph_inputs)} inputs but {len(arrays)} were given; check --input-shape")
-        return arrays, None
-    rng = np.random.default_rng(0)
-    arrays = []
-    for i in graph_inputs:
-        dims = i.type.tensor_type.shape.dim
-        if any(not d.HasField("dim_value") for d in dims):
-            return None, f"input {i.name!r} has a dynamic dimension; pass example inputs (--input-shape)"
-        dtype = helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type)
-        arrays.append(rng.standard_normal([d.dim_value for d in dims]).astype(dtype))
-    return arrays, None
-
-
-def _verify(original, separated, feeds, why_not: str | None, created: set[str], providers: Sequence[str]) -> tuple[list[OnnxRun], str]:
-    """Run both models on each provider and compare; check every new node feeds a graph output.
-
-    The CPU is always among the providers: it is what ``verified`` stands on.
+    ``original`` and ``separated``: the paths of the two models' files (the original's None
+    without inputs). The CPU is always among the providers: it is what ``verified`` stands on.
     """
     names = list(dict.fromkeys(["CPUExecutionProvider", *(provider_name(p) for p in providers)]))
     if feeds is None:
         return [OnnxRun(n, False, reason=f"not run: {why_not}") for n in names], f"not run: {why_not}"
-    dead = created - live_nodes(separated.graph)
+    dead = created - live_nodes(graph)
     if dead:
         reason = f"not proven: nodes {sorted(dead)} reach no graph output"
         return [OnnxRun(n, False, reason=reason) for n in names], reason
-    with tempfile.TemporaryDirectory(prefix="convtool-onnx-") as tmp:
-        paths = []
-        for label, proto in (("original", original), ("separated", separated)):
-            paths.append(Path(tmp) / f"{label}.onnx")
-            write_proto(proto, paths[-1])
-        runs = [_run_on(name, paths, feeds) for name in names]
+    runs = [_run_on(name, [original, separated], feeds) for name in names]
     shapes = ", ".join("x".join(map(str, f.shape)) for f in feeds)
     ran = [r.provider for r in runs if r.ran]
     return runs, f"ran in onnxruntime ({', '.join(ran) or 'nowhere'}) on inputs {shapes}; every new node feeds a graph output"
@@ -325,6 +320,7 @@ def _run_on(provider: str, paths: list[Path], feeds) -> OnnxRun:
                 raise InvalidOptionError(f"the ONNX model does not run on the example inputs ({error}); check --input-shape") from None
             raise SeparationError(f"the separated ONNX model fails in onnxruntime ({error}); please report it") from None
         del session  # one session at a time: each holds a copy of the weights
+        release_freed_memory()
     agreement = output_fidelity([torch.from_numpy(np.asarray(a)) for a in outputs[1]], [torch.from_numpy(np.asarray(b)) for b in outputs[0]])
     return OnnxRun(provider, True, agreement.max_abs_error, agreement.relative_error, fidelity=agreement)
 

@@ -74,9 +74,6 @@ def find_sites(scopes: list[Scope], overridable: set[str], include: Sequence[str
             name = node.name or (node.output[0] if node.output else "")
             if scope.path and (not node.name or counts[node.name] > 1):
                 name = f"{scope.path}/{name}"
-            if node.op_type == "ConvTranspose":
-                skipped.append(SkippedLayer(name, "ConvTranspose nodes are not separated from ONNX yet (they are from PyTorch)"))
-                continue
             reason = skip_reason(node, name, scope.constants, overridable, include, exclude)
             if reason:
                 skipped.append(SkippedLayer(name, reason))
@@ -96,16 +93,22 @@ def skip_reason(node, name: str, constants: Constants, overridable: set[str], in
     if bias and bias not in constants.values:
         return f"its bias is computed in the graph (by {constants.reason(bias)}): left as it is"
     value = constants.values[weight]
-    group = int(node_attributes(node).get("group", 1))
+    attrs = node_attributes(node)
+    group = int(attrs.get("group", 1))
     if value.ndim not in (3, 4, 5):
-        return f"a Conv of {value.ndim - 2} spatial dimensions: 1 to 3 are separated"
+        return f"a {node.op_type} of {value.ndim - 2} spatial dimensions: 1 to 3 are separated"
     if value.dtype not in (np.float32, np.float16, np.float64):
         return "its weight is not a float tensor"
-    return pattern_reason([name], include, exclude) or shape_reason(tuple(value.shape), group)
+    if node.op_type == "ConvTranspose" and "output_shape" in attrs and len(attrs["output_shape"]) != value.ndim - 2:
+        # onnxruntime reads an output_shape of N, C and the spatial sizes as the whole output's: the
+        # depthwise half has other channels. Spatial sizes alone describe both halves the same.
+        return "its output_shape attribute names the channels too: only spatial output shapes are kept by the pair"
+    transposed = node.op_type == "ConvTranspose"
+    return pattern_reason([name], include, exclude) or shape_reason(tuple(value.shape), group, transposed)
 
 
 def conv_site(node, name: str, constants: Constants) -> Site:
-    """The planner's view of a Conv node: its weight (as torch), groups, bias and strides."""
+    """The planner's view of a Conv or ConvTranspose node: its weight (as torch), groups, bias and strides."""
     attrs = node_attributes(node)
     tensor = lambda value: torch.from_numpy(np.array(constants.values[value], copy=True))  # noqa: E731
     weight = tensor(node.input[1])
@@ -113,7 +116,10 @@ def conv_site(node, name: str, constants: Constants) -> Site:
     ones = [1] * (weight.dim() - 2)
     options = dict(stride=tuple(attrs.get("strides", ones)), padding=0, dilation=tuple(attrs.get("dilations", ones)),
                    padding_mode="zeros")
-    return Site(name, weight, int(attrs.get("group", 1)), "onnx", [Use(bias, options)])
+    transposed = node.op_type == "ConvTranspose"
+    if transposed:
+        options |= dict(transposed=True, output_padding=tuple(attrs.get("output_padding", [0] * len(ones))))
+    return Site(name, weight, int(attrs.get("group", 1)), "onnx", [Use(bias, options)], transposed)
 
 
 def site_stats(where: dict[str, ConvNode], counts: OnnxCounts) -> dict[str, SiteStats]:

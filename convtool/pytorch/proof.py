@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..core.inputs import kept_state, model_device, on_device
+from ..core.inputs import kept_state, model_device, on_device, train_mode
 from ..core.modules import watching_weight_reads
 from ..core.modules import SeparableConv
 from ..core.names import describe_error, get, module_names, set_module
@@ -130,7 +130,7 @@ def _run(model: nn.Module, inputs: tuple, claims: list[Claim], own_mode: bool) -
     try:
         with watching_weight_reads() as reads:
             if own_mode:
-                with kept_state(model):
+                with train_mode(model), kept_state(model):
                     calls = record(model, inputs, own_mode=True).by_weight()
             else:
                 calls = record(model, inputs).by_weight()
@@ -153,10 +153,15 @@ def prove(model: nn.Module, inputs: tuple, claims: list[Claim], before: dict[str
     not run" into the reason a user can act on.
 
     The pass runs in eval mode, the mode a shipped model runs in. A claim whose conv did not run
-    there at all, dense or separated, gets a second pass in the model's own mode when that is
-    training (auxiliary heads run only then), with buffers and the random stream restored
-    afterwards. A conv that ran in eval mode some other way (``F.conv2d`` on ``.weight`` at
-    inference, RepVGG-style) is not retried: at inference its pair would not run.
+    there at all, dense or separated, gets a second pass in train mode (auxiliary heads, as
+    inception-v3's ``AuxLogits``, run only then): in the model's own modes when it is training,
+    else with every module in train mode. Only which convs ran is read from it; every buffer
+    (BatchNorm running statistics, ``num_batches_tracked``), the random stream (dropout) and
+    each module's ``training`` flag are restored afterwards, and the pass runs on the working
+    copy, never the caller's model. A conv that ran in eval mode some other way (``F.conv2d``
+    on ``.weight`` at inference, RepVGG-style) is not retried: at inference its pair would not
+    run. Where the train-mode pass fails (a BatchNorm given one value per channel, by a batch
+    of one), the reason says so and what to give.
 
     Raises:
         SeparationError: the model does not run on the inputs (in eval mode).
@@ -172,16 +177,23 @@ def prove(model: nn.Module, inputs: tuple, claims: list[Claim], before: dict[str
     proof = Proof()
     _judge(claims, run, before, proof)
     retry = [c for c in claims if c.name in proof.absent]
-    if retry and any(m.training for m in model.modules()):
+    if retry:
         try:
             run = _run(model, inputs, retry, own_mode=True)
-        except Exception:  # e.g. BatchNorm refusing a batch of one in train mode: the eval verdict stands
+        except Exception as error:  # e.g. BatchNorm refusing a batch of one in train mode: the eval verdict stands
+            for claim in retry:
+                proof.failed[claim.name] = (
+                    "did not run on the example inputs in eval mode, and the pass in train mode that would prove a "
+                    f"training-only conv failed ({describe_error(error, 160)}); give example inputs it runs on in "
+                    "train mode (a batch of 2 or more for BatchNorm); left dense")
             return proof
         second = Proof()
         _judge(retry, run, before, second)
         for name, site_calls in second.calls.items():
             proof.calls[name] = site_calls
             del proof.failed[name]
+        for name in second.absent:
+            proof.failed[name] = "did not run on the example inputs, in eval mode or in train mode, so its separation cannot be proven; left dense"
     return proof
 
 

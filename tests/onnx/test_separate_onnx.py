@@ -13,8 +13,8 @@ from convtool import NothingToSeparateError
 from ..zoo import ZOO, build
 from ..zoo_nd import ZOO_ND
 
-# Every zoo model torch exports (a lazy one has no weights to export); DCGAN's convs are all transposed.
-ENTRIES = [e for e in ZOO + ZOO_ND if e.name not in ("lazy", "dcgan")]
+# Every zoo model torch exports (a lazy one has no weights to export).
+ENTRIES = [e for e in ZOO + ZOO_ND if e.name != "lazy"]
 
 
 def _run(model: onnx.ModelProto, feeds: list[np.ndarray]) -> list[np.ndarray]:
@@ -41,7 +41,7 @@ def test_full_rank_is_exact_in_onnxruntime_and_the_file_is_untouched(exported, e
     result = convtool.separate_onnx(path, inputs, rank="full", order=order)
     assert path.read_bytes() == before
     assert result.verified and result.relative_error < 1e-5, result.verification
-    names = [n.name for n in result.model.graph.node if n.op_type == "Conv"]
+    names = [n.name for n in result.model.graph.node if n.op_type in ("Conv", "ConvTranspose")]
     for layer in result.layers:
         assert f"{layer.name}/pointwise" in names and any(n.startswith(f"{layer.name}/depthwise") for n in names)
     onnx.checker.check_model(result.model, full_check=True)
@@ -252,12 +252,17 @@ def test_rank_two_ships_as_branches_with_the_same_outputs_and_flops():
     assert refit[0].layers[0].output_error == pytest.approx(refit[1].layers[0].output_error, rel=1e-4)
 
 
-def test_a_graph_of_transposed_convs_says_why_nothing_is_separated(tmp_path):
-    entry = next(e for e in ZOO_ND if e.name == "dcgan")
-    model, inputs = build(entry)
-    path = convtool.export_onnx(model, inputs, tmp_path / "g.onnx").path
-    with pytest.raises(NothingToSeparateError, match="ConvTranspose nodes are not separated from ONNX yet"):
-        convtool.separate_onnx(path, inputs)
+def test_transposed_convs_from_onnx_are_counted_as_the_torch_path_counts_them(exported):
+    """DCGAN's generator: every conv transposed. torch's exporter folds each BatchNorm into the
+    transposed conv before it, so only the last one (no BatchNorm) has the module's own weight."""
+    model, inputs, path = exported["dcgan"]
+    from_onnx = convtool.separate_onnx(path, inputs, rank=2)
+    from_torch = convtool.separate(model, inputs, rank=2)
+    assert len(from_onnx.layers) == len(from_torch.layers) == 4 and all(l.transposed for l in from_onnx.layers)
+    flops = lambda result: sorted((l.flops_before, l.flops_after) for l in result.layers)  # noqa: E731
+    assert flops(from_onnx) == flops(from_torch)
+    assert from_onnx.flops_after < from_onnx.flops_before and from_onnx.verified
+    assert from_onnx.layers[-1].weight_error == pytest.approx(from_torch.layers[-1].weight_error, rel=1e-6)
 
 
 def test_shared_biases_float16_calibration_and_old_ir_folding():

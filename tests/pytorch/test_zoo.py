@@ -1,5 +1,7 @@
 """Every feature of the separation engine, on every architecture of the zoo."""
 
+import copy
+
 import pytest
 import torch
 
@@ -7,7 +9,7 @@ import convtool
 from convtool import NothingToSeparateError, SeparableConv
 
 from ..helpers import assert_layers_proven, assert_outputs_close, assert_same_state, state_snapshot
-from ..zoo import ZOO, MobileNetLike, build
+from ..zoo import ZOO, InceptionV3Like, MobileNetLike, build, randomize_batchnorm
 
 SEPARABLE = [e for e in ZOO if e.name != "mobilenet"]
 
@@ -80,6 +82,45 @@ def test_training_only_branch_is_kept_and_separated():
     logits, aux = result.model(*inputs)
     ref_logits, ref_aux = model(*inputs)
     torch.testing.assert_close(aux, ref_aux, rtol=1e-4, atol=1e-5)
+
+
+def _buffers(model):
+    return {name: b.clone() for name, b in model.named_buffers()}
+
+
+def test_a_training_only_aux_head_of_an_eval_model_is_proven_in_train_mode_and_separated():
+    """inception-v3's AuxLogits runs only in train mode: on an eval-mode model it is proven by a
+    train-mode pass on the working copy, whose BatchNorm statistics and modes are then restored."""
+    model = randomize_batchnorm(InceptionV3Like()).eval()
+    inputs = (torch.randn(2, 3, 32, 32),)
+    before = _buffers(model)
+    result = convtool.separate(model, inputs, rank="full")
+    names = {layer.name for layer in result.layers}
+    assert {"AuxLogits.conv1.conv", "stem.conv", "mixed.conv"} == names, result.skipped
+    aux = next(layer for layer in result.layers if layer.name == "AuxLogits.conv1.conv")
+    assert aux.calls == 1  # proven to run, in the train-mode pass
+    assert isinstance(result.model.AuxLogits.conv1.conv, SeparableConv)
+    assert not any(m.training for m in result.model.modules()) and not any(m.training for m in model.modules())
+    for name, value in _buffers(model).items():  # the caller's model: untouched
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0)
+    for name, value in _buffers(result.model).items():  # the separated model: statistics as they were (and num_batches_tracked)
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0)
+    teacher, student = copy.deepcopy(model).train(), copy.deepcopy(result.model).train()
+    torch.manual_seed(0)
+    ref_logits, ref_aux = teacher(*inputs)
+    torch.manual_seed(0)
+    logits, aux_out = student(*inputs)
+    torch.testing.assert_close(aux_out, ref_aux, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
+
+
+def test_a_training_only_conv_that_cannot_run_in_train_mode_says_what_to_give():
+    model = randomize_batchnorm(InceptionV3Like()).eval()
+    result = convtool.separate(model, torch.randn(1, 3, 32, 32), rank=1)  # one value per channel for the aux BatchNorm
+    reasons = {s.name: s.reason for s in result.skipped}
+    assert "AuxLogits.conv1.conv" not in {layer.name for layer in result.layers}
+    assert "pass in train mode" in reasons["AuxLogits.conv1.conv"] and "a batch of 2 or more" in reasons["AuxLogits.conv1.conv"]
+    assert not any(m.training for m in result.model.modules())
 
 
 def test_reused_conv_is_separated_once_and_stays_shared():
