@@ -174,10 +174,6 @@ def main() -> None:
           f"{agreement(estimate(model, x), to_cents(f0)):.2%}")
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def diagnose(model: nn.Module, frames: int = 64, target: float = 0.25, **options) -> None:
     """Where a FLOP target loses the task: each layer's rank, order, FLOPs and refit error, then the agreement."""
     import convtool
@@ -195,3 +191,7 @@ def diagnose(model: nn.Module, frames: int = 64, target: float = 0.25, **options
               f"FLOPs {layer.flops_before / 1e6:.1f}M -> {layer.flops_after / 1e6:.2f}M, output error {layer.output_error}")
     for skipped in result.skipped:
         print(f"  dense: {skipped.name}: {skipped.reason}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -130,6 +130,7 @@ class _Fit:
         self.seen = 0
         self.batches = 0
         self.strength: float | None = None  # the shrinkage last chosen (None: the initialisation)
+        self.judged = False  # whether an install has judged the shrinkage yet
 
     def begin(self, targets: list[Tensor]) -> None:
         self.targets, self.seen = targets, 0
@@ -137,20 +138,24 @@ class _Fit:
         self.batches += 1
 
     def see(self, call: dict[str, Any]) -> None:
+        # A layer called once per batch adds straight into the sums: with one call there is no
+        # order to mismatch, and a wide layer's batch copies would double its memory.
+        once = len(self.targets) == 1
         if self.seen < len(self.targets):
             slot = self.slot_of.get(id(call["bias"])) if call["bias"] is not None else None
             cols, target = columns(call), self.targets[self.seen]
+            fit, held = (self.done, self.done_held) if once else (self.batch, self.batch_held)
             b = cols.shape[0]
             if b > 1:
                 cut = b - max(b // 4, 1)
-                self.batch.add(cols[:cut], target[:cut], slot)
-                self.batch_held.add(cols[cut:], target[cut:], slot)
+                fit.add(cols[:cut], target[:cut], slot)
+                held.add(cols[cut:], target[cut:], slot)
             else:
-                (self.batch_held if self.batches % 4 == 0 else self.batch).add(cols, target, slot)
+                (held if self.batches % 4 == 0 else fit).add(cols, target, slot)
         self.seen += 1
         if self.seen == 1:  # the batch's equations join the finished ones in place for the install (no copies)
             with self.done.including(self.batch), self.done_held.including(self.batch_held):
-                self._install(self.done, self.done_held)
+                self._install(self.done, self.done_held, judge=not self.judged)
 
     def end(self) -> None:
         if self.seen and self.seen == len(self.targets):
@@ -158,7 +163,7 @@ class _Fit:
             self.done_held.absorb(self.batch_held)
         self.batch, self.batch_held = NormalEquations(len(self.biases)), NormalEquations(len(self.biases))  # let them go
         if self.seen and self.seen != len(self.targets):  # unmatched: its calls ran on weights the finished batches do not give
-            self._install(self.done, self.done_held)
+            self._install(self.done, self.done_held, judge=False)
         self.targets, self.seen = [], 0
 
     def finish(self, across_processes: bool = True) -> float | None:
@@ -167,13 +172,23 @@ class _Fit:
         if self.done.xx is None and self.done_held.xx is None:
             log.info("%s did not run on the calibration data; it keeps its SVD initialisation", self.layer.name)
             return None
-        return self._install(self.done, self.done_held)
+        return self._install(self.done, self.done_held, judge=True)
 
-    def _install(self, fit: NormalEquations, held: NormalEquations) -> float | None:
-        """Install the judged least-squares weights (or the plain ones, or the initialisation); the error left on all the data."""
+    def _install(self, fit: NormalEquations, held: NormalEquations, judge: bool) -> float | None:
+        """Install the least-squares weights shrunk as judged (or the plain ones, or the initialisation); the error left on all the data.
+
+        The shrinkage is judged at the first install and the last: judging solves up to
+        :data:`SHRINKAGE`'s length times, and the installs between only feed the layers after
+        this one, so they reuse the first judgement (made on less data, so if anything
+        shrinking more).
+        """
         chosen = self.initial
         if fit.xx is not None and held.xx is not None:
-            chosen, self.strength = fit.solve_judged(self.initial, held)
+            if judge:
+                chosen, self.strength = fit.solve_judged(self.initial, held)
+                self.judged = True
+            else:
+                chosen = fit.solve_at(self.strength, self.initial, held)
         else:
             only = fit if fit.xx is not None else held
             if only.xx is not None:

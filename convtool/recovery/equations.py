@@ -179,18 +179,41 @@ class NormalEquations:
 
         Few samples for many features (a wide layer at few output positions: 64 pitch frames
         give its last layer 512 rows for 768 features) let the plain solve fit the calibration
-        data exactly and generalise worse than the SVD initialisation. Each strength of
-        :data:`SHRINKAGE` is solved on these equations and judged on ``held``; the best (an
-        infinite strength is ``prior`` itself) is then solved on both. Returns it and its
-        strength (None: the prior).
+        data exactly and generalise worse than the SVD initialisation. The strengths of
+        :data:`SHRINKAGE` are solved on these equations, weakest first, and judged on ``held``
+        until the held-out error rises (it falls, then rises, along the ridge path); the prior
+        itself (an infinite strength) is judged too, and the best is then solved on both (see
+        :meth:`solve_at`). Returns the weights and the strength (None: the prior).
+
+        The strength is one for the layer, so it is judged on at most :data:`JUDGING_GROUPS` of
+        its groups, evenly spread: a wide pointwise-first layer's depthwise half is hundreds of
+        problems of a thousand features, and each judging solve of them all took seconds.
         """
-        scores = {strength: held.relative_error(self.solve(strength, prior)) for strength in SHRINKAGE}
-        scores[None] = held.relative_error(prior)
-        best = min(scores, key=lambda k: (scores[k], k is not None, -(k or 0.0)))
-        if best is None:
-            return prior, None
+        groups = self.xx.shape[0]
+        pick = torch.linspace(0, groups - 1, JUDGING_GROUPS).round().long().unique() if groups > JUDGING_GROUPS else None
+        sub = (lambda t: t) if pick is None else (lambda t: t[pick.to(t.device)])  # noqa: E731
+        xx, xy, held_xx, held_xy = sub(self.xx), sub(self.xy), sub(held.xx), sub(held.xy)
+        start = sub(prior).to(xy)
+
+        def excess(w: Tensor) -> float:  # the held-out squared error less its constant part
+            return float((w * (held_xx @ w)).sum()) - 2 * float((w * held_xy).sum())
+
+        strength, best, previous = None, excess(start), math.inf
+        for candidate in SHRINKAGE:
+            score = excess(solve_normal_equations(xx, xy, candidate, start))
+            if score < best or (score == best and strength is not None):  # ties: the prior, else the stronger
+                strength, best = candidate, score
+            if score > previous:  # past the path's minimum
+                break
+            previous = score
+        return self.solve_at(strength, prior, held), strength
+
+    def solve_at(self, strength: float | None, prior: Tensor, held: "NormalEquations") -> Tensor:
+        """The least squares at a strength :meth:`solve_judged` chose, on these equations and ``held`` (None: ``prior``)."""
+        if strength is None:
+            return prior
         with self.including(held):
-            return self.solve(best, prior), best
+            return self.solve(strength, prior)
 
     def absorb(self, other: "NormalEquations") -> None:
         """Add ``other``'s equations to these, in place (``other`` is left as it was)."""
@@ -234,6 +257,8 @@ class NormalEquations:
 
 CHUNK_BYTES = 256 * 2**20  # the float64 columns :meth:`NormalEquations.add` holds at once
 
+JUDGING_GROUPS = 32  # the most groups of a layer :meth:`NormalEquations.solve_judged` judges its strength on
+
 # Ridge strengths (relative to the mean of X X^T's diagonal) a judged solve chooses among.
 SHRINKAGE = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
@@ -248,9 +273,20 @@ def solve_normal_equations(xx: Tensor, xy: Tensor, ridge: float = 1e-6, prior: T
     of raising); a pseudo-inverse for the rest. Not an LU solve: batched float64 LU in MKL fails
     on well-conditioned systems once a program has called ``torch.set_num_threads``.
     """
+    solution = xy.new_empty(xy.shape)
+    step = max(1, int(CHUNK_BYTES // max(xx[0].numel() * xx.element_size(), 1)))
+    for start in range(0, xx.shape[0], step):  # a few groups at a time: the shifted copy and its factor are each xx's size
+        part = slice(start, start + step)
+        solution[part] = _solve_some(xx[part], xy[part], ridge, None if prior is None else prior[part])
+    return solution
+
+
+def _solve_some(xx: Tensor, xy: Tensor, ridge: float, prior: Tensor | None) -> Tensor:
+    """:func:`solve_normal_equations` on a few groups."""
     diag = xx.diagonal(dim1=1, dim2=2)
     scale = ridge * diag.mean(1).clamp_min(1e-12)
-    a = xx + scale[:, None, None] * torch.eye(xx.shape[1], dtype=xx.dtype, device=xx.device)
+    a = xx.clone()
+    a.diagonal(dim1=1, dim2=2).add_(scale[:, None])
     if prior is not None:
         xy = xy + scale[:, None, None] * prior.to(xy)
     factor, info = torch.linalg.cholesky_ex(a)
