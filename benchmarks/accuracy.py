@@ -72,6 +72,8 @@ def main() -> None:
                              "with these weights, agreement within 50 cents with the original at 0.5 / 0.35 / 0.25")
     parser.add_argument("--targets", default="0.5,0.35,0.25", help="with --pitch: the FLOP targets")
     parser.add_argument("--distill-targets", default="0.25", help="with --pitch: the targets also distilled (slow on two cores)")
+    parser.add_argument("--columns", default="svd,plain64,judged64,all64,all256",
+                        help="with --pitch: the calibration columns (svd, plain64, judged64, all64, all256); distillation starts from the last")
     parser.add_argument("--distill-batch", type=int, default=64, help="with --pitch: the distillation batch")
     parser.add_argument("--agreement", action="store_true",
                         help="print the agreement-target table instead (issue 23, item 4): --min-agreement on the digits example")
@@ -284,13 +286,14 @@ def pitch_table(args) -> None:
     print(f"{args.pitch.name}: raw pitch accuracy {pitch.agreement(original, pitch.to_cents(f0)):.2%} on the 1,000 test tones; "
           f"{convtool.analyze(model, test[:1]).flops / 1e6:.0f}M FLOPs\n")
     plain = mock.patch.object(NormalEquations, "solve_judged", lambda self, prior, held: (self.plus(held).solve(), 1e-6))
-    columns = [
-        ("SVD only", dict(), None, ["convs.0.0"]),
-        ("0.2 calibration, 64 frames", dict(calibration=frames[:64]), plain, ["convs.0.0"]),
-        ("+ judged shrinkage, 64", dict(calibration=frames[:64]), None, ["convs.0.0"]),
-        ("+ filterbank separable, 64", dict(calibration=frames[:64]), None, []),
-        ("all, 256 frames", dict(calibration=frames[:256]), None, []),
-    ]
+    every = {
+        "svd": ("SVD only", dict(), None, ["convs.0.0"]),
+        "plain64": ("0.2 calibration, 64 frames", dict(calibration=frames[:64]), plain, ["convs.0.0"]),
+        "judged64": ("+ judged shrinkage, 64", dict(calibration=frames[:64]), None, ["convs.0.0"]),
+        "all64": ("+ filterbank separable, 64", dict(calibration=frames[:64]), None, []),
+        "all256": ("all, 256 frames", dict(calibration=frames[:256]), None, []),
+    }
+    columns = [every[key] for key in args.columns.split(",")]
     print("| target | FLOPs after | " + " | ".join(c[0] for c in columns)
           + f" | + distillation ({args.distill_steps} steps of {args.distill_batch}) |")
     print("|---:|---:|" + "---:|" * (len(columns) + 1))

@@ -6,7 +6,9 @@ every separated conv's output exposed as an extra graph output (the targets); th
 layer in execution order, the separated graph runs with that layer's last conv's input exposed
 and the already-refit weights fed in (its weights are graph inputs with the initializers as
 defaults), so later layers see the activations of refit earlier ones, as in the PyTorch path.
-A fit worse than the SVD initialisation on the data keeps the initialisation.
+As in the PyTorch path, a quarter of the data is held out to judge how far the least squares
+are shrunk towards the SVD initialisation (:func:`~convtool.recovery.equations.fitted`), then
+they are solved on all of it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 
 from ..core.modules import SamePadded
 from ..measure.onnxrt import open_session
-from ..recovery.equations import NormalEquations, as_solution, columns, from_solution
+from ..recovery.equations import NormalEquations, add_held_out, as_solution, columns, fitted, from_solution
 from .counts import node_attributes
 from .files import write_proto
 
@@ -66,29 +68,29 @@ def _refit_layer(session, last: LastConv, batches, targets, current: dict[str, n
     bias_name = last.node.input[2] if len(last.node.input) > 2 and last.node.input[2] else None
     weight = current[weight_name]
     attrs = node_attributes(last.node)
-    equations = NormalEquations(1 if bias_name else 0)
+    fit, held = NormalEquations(1 if bias_name else 0), NormalEquations(1 if bias_name else 0)
     names = [o.name for o in session.get_outputs()]
     # onnxruntime lists initializers that are also inputs apart from the inputs it requires
     overridable = {i.name for i in session.get_overridable_initializers()}
-    for batch, target in zip(batches, targets):
+    for number, (batch, target) in enumerate(zip(batches, targets), 1):
         if last.target not in target:
             return None
         feed = _feed(session, batch) | {n: v for n, v in current.items() if n in overridable}
         x = torch.from_numpy(dict(zip(names, session.run(None, feed)))[last.node.input[0]])
         call = _call(x, weight, attrs)
-        equations.add(columns(call), torch.from_numpy(target[last.target]), 0 if bias_name else None)
+        add_held_out(fit, held, columns(call), torch.from_numpy(target[last.target]), 0 if bias_name else None, number)
     as_torch = lambda a: torch.from_numpy(np.array(a, dtype=np.float64))  # noqa: E731
     initial = as_solution(as_torch(weight), [as_torch(current[bias_name])] if bias_name else [], call["groups"])
-    error = equations.relative_error(initial)
-    solution = equations.solve()
-    fitted = equations.relative_error(solution)
-    if fitted > error:  # ill-conditioned data can make the solve worse: keep the initialisation
+    solution, strength = fitted(fit, held, initial)
+    with fit.including(held) as every:
+        error = every.relative_error(solution)
+    if strength is None:  # the initialisation kept
         return error
     new_weight, new_biases = from_solution(solution, weight.shape, 1 if bias_name else 0)
     current[weight_name] = new_weight.numpy().astype(weight.dtype)
     if bias_name:
         current[bias_name] = new_biases[0].numpy().astype(current[bias_name].dtype)
-    return fitted
+    return error
 
 
 def _call(x: torch.Tensor, weight: np.ndarray, attrs: dict) -> dict[str, Any]:

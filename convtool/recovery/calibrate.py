@@ -28,7 +28,7 @@ from ..core.inputs import eval_mode, model_device, on_device
 from ..core.modules import SeparableConv
 from ..measure.conv_calls import ALL_CONV_FUNCTIONS, conv_arguments, record
 from .distributed import all_reduce_sum, world
-from .equations import SHRINKAGE, NormalEquations, as_solution, columns, conv_layout, from_solution
+from .equations import NormalEquations, add_held_out, as_solution, columns, conv_layout, fitted, from_solution
 
 log = logging.getLogger(__name__)
 
@@ -145,13 +145,7 @@ class _Fit:
             slot = self.slot_of.get(id(call["bias"])) if call["bias"] is not None else None
             cols, target = columns(call), self.targets[self.seen]
             fit, held = (self.done, self.done_held) if once else (self.batch, self.batch_held)
-            b = cols.shape[0]
-            if b > 1:
-                cut = b - max(b // 4, 1)
-                fit.add(cols[:cut], target[:cut], slot)
-                held.add(cols[cut:], target[cut:], slot)
-            else:
-                (held if self.batches % 4 == 0 else fit).add(cols, target, slot)
+            add_held_out(fit, held, cols, target, slot, self.batches)
         self.seen += 1
         if self.seen == 1:  # the batch's equations join the finished ones in place for the install (no copies)
             with self.done.including(self.batch), self.done_held.including(self.batch_held):
@@ -163,7 +157,7 @@ class _Fit:
             self.done_held.absorb(self.batch_held)
         self.batch, self.batch_held = NormalEquations(len(self.biases)), NormalEquations(len(self.biases))  # let them go
         if self.seen and self.seen != len(self.targets):  # unmatched: its calls ran on weights the finished batches do not give
-            self._install(self.done, self.done_held, judge=False)
+            self._install(self.done, self.done_held, judge=not self.judged)
         self.targets, self.seen = [], 0
 
     def finish(self, across_processes: bool = True) -> float | None:
@@ -182,19 +176,8 @@ class _Fit:
         this one, so they reuse the first judgement (made on less data, so if anything
         shrinking more).
         """
-        chosen = self.initial
-        if fit.xx is not None and held.xx is not None:
-            if judge:
-                chosen, self.strength = fit.solve_judged(self.initial, held)
-                self.judged = True
-            else:
-                chosen = fit.solve_at(self.strength, self.initial, held)
-        else:
-            only = fit if fit.xx is not None else held
-            if only.xx is not None:
-                solution = only.solve()
-                if only.relative_error(solution) <= only.relative_error(self.initial):  # ill-conditioned data can make it worse
-                    chosen, self.strength = solution, SHRINKAGE[0]
+        chosen, self.strength = fitted(fit, held, self.initial, "judge" if judge else self.strength)
+        self.judged = self.judged or (judge and fit.xx is not None and held.xx is not None)
         last = self.last
         layout = conv_layout(last.weight.detach(), last.groups, last.transposed)
         weight, biases = from_solution(chosen, layout.shape, len(self.biases))

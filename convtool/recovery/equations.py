@@ -255,6 +255,41 @@ class NormalEquations:
             self.yy -= other.yy
 
 
+def add_held_out(fit: NormalEquations, held: NormalEquations, cols: Tensor, target: Tensor, slot: int | None,
+                 batch_number: int) -> None:
+    """Add a call's samples, its batch's last quarter to ``held`` and the rest to ``fit`` (batches of one: every fourth batch to ``held``).
+
+    ``held`` judges how far :meth:`NormalEquations.solve_judged` shrinks the fit.
+    """
+    b = cols.shape[0]
+    if b > 1:
+        cut = b - max(b // 4, 1)
+        fit.add(cols[:cut], target[:cut], slot)
+        held.add(cols[cut:], target[cut:], slot)
+    else:
+        (held if batch_number % 4 == 0 else fit).add(cols, target, slot)
+
+
+def fitted(fit: NormalEquations, held: NormalEquations, prior: Tensor, strength: float | None | str = "judge") -> tuple[Tensor, float | None]:
+    """The weights a refit installs, and the strength used (None: ``prior``, the SVD initialisation).
+
+    Judged (:meth:`NormalEquations.solve_judged`) when both sets of equations hold data, or at
+    a ``strength`` judged before; with one set only, its plain least squares unless they fit
+    it worse than ``prior`` (ill-conditioned data can).
+    """
+    if fit.xx is not None and held.xx is not None:
+        if strength == "judge":
+            return fit.solve_judged(prior, held)
+        return fit.solve_at(strength, prior, held), strength
+    only = fit if fit.xx is not None else held
+    if only.xx is None:
+        return prior, None
+    solution = only.solve()
+    if only.relative_error(solution) <= only.relative_error(prior):
+        return solution, SHRINKAGE[0]
+    return prior, None
+
+
 CHUNK_BYTES = 256 * 2**20  # the float64 columns :meth:`NormalEquations.add` holds at once
 
 JUDGING_GROUPS = 32  # the most groups of a layer :meth:`NormalEquations.solve_judged` judges its strength on

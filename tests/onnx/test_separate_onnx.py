@@ -225,6 +225,24 @@ def test_calibration_refits_in_onnxruntime_as_the_torch_path_does(tmp_path, orde
     assert refit.verified
 
 
+def test_the_onnx_refit_is_judged_on_held_out_samples_as_the_torch_path_is(tmp_path):
+    # 8 samples at 3x3 output positions for 128 features per output: plain least squares fit them
+    # exactly and generalise worse than the SVD pair (convtool 0.2's ONNX refit did).
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3), torch.nn.ReLU()).eval()
+    calibration, fresh = torch.randn(8, 64, 5, 5), torch.randn(64, 64, 5, 5)
+    path = convtool.export_onnx(model, calibration[:1], tmp_path / "m.onnx").path
+    svd = convtool.separate_onnx(path, calibration[:1], rank=2)
+    refit = convtool.separate_onnx(path, calibration[:1], rank=2, calibration=calibration)
+    from_torch = convtool.separate(model, calibration[:1], rank=2, calibration=calibration)
+    ref = model(fresh).detach().numpy()
+    error = lambda m: float(np.linalg.norm(_run(m, [fresh.numpy()])[0] - ref) / np.linalg.norm(ref))  # noqa: E731
+    assert error(refit.model) <= error(svd.model) * 1.01
+    with torch.no_grad():
+        torch_error = float((from_torch.model(fresh) - model(fresh)).norm() / model(fresh).norm())
+    assert error(refit.model) == pytest.approx(torch_error, rel=0.02)
+
+
 def test_a_provider_that_cannot_run_is_reported_not_run():
     result = convtool.separate_onnx(_conv_graph({"pads": [1, 1, 1, 1]}), rank="full", providers=("cpu", "cuda"))
     runs = {r.provider: r for r in result.runs}
