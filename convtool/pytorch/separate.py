@@ -22,12 +22,14 @@ from ..core.decompose import ORDERS
 from ..core.inputs import as_inputs, guess_inputs, model_device, on_device, run_checked, running, tensors_of
 from ..core.modules import SeparableConv, runtime_forms
 from ..core.names import label
-from ..core.records import AgreementTarget, BudgetSearch, FlopsTarget, LayerChange, Rank, SkippedLayer, check_rank
+from ..core.records import (
+    AgreementTarget, BudgetSearch, FlopsTarget, LatencySearch, LatencyTarget, LayerChange, Rank, SkippedLayer, check_rank,
+)
 from ..core.working_copy import copy_model, working_copy
 from ..errors import InvalidOptionError, NothingToSeparateError
 from ..measure.conv_calls import ConvRecorder, record
 from ..measure.layers import describe
-from ..measure.onnxrt import module_latency, require_provider
+from ..measure.onnxrt import module_latency, provider_name, require_provider
 from ..measure.sensitivity import OutputError
 from ..plan.ranks import Costing, Latency, Plan, make_plan
 from ..plan.site import Site
@@ -39,6 +41,7 @@ from ..recovery.synthesize import Synthesis, synthesis
 from .bake import bake, unbake
 from .dense import FirstBatch, dense_behaviour, model_flops, site_stats
 from .install import Installed, install
+from .latency_search import meet_latency, shipped_latency
 from .proof import Edits, prove
 from .search import search_budget
 from .sites import find_sites
@@ -70,6 +73,9 @@ class Separation:
             from the model alone (``.inputs`` holds them, ``.note`` says what they match).
         search: with an :class:`~convtool.AgreementTarget`, the floors, what the model returned
             measured on how many held-out samples, and every budget tried (None otherwise).
+        latency_search: with a :class:`~convtool.LatencyTarget`, the target, the end-to-end
+            ratio the returned model measured (runs, threads) and every round tried, or why
+            the target was not met, with the floor measured (None otherwise).
     """
 
     model: nn.Module
@@ -83,6 +89,7 @@ class Separation:
     flops_after: float | None = None
     synthetic: Synthesis | None = None
     search: BudgetSearch | None = None
+    latency_search: LatencySearch | None = None
 
     @property
     def params_before(self) -> int:
@@ -207,6 +214,8 @@ def separate(
 
         result, search = search_budget(model, rank, calibration, separate_at)
         return dataclasses.replace(result, search=search, synthetic=synthetic)
+    if isinstance(rank, LatencyTarget):
+        return dataclasses.replace(_latency_target(model, example_inputs, rank, calibration, options), synthetic=synthetic)
     return dataclasses.replace(_separate(model, example_inputs, rank=rank, calibration=calibration, latency=latency, **options),
                                synthetic=synthetic)
 
@@ -228,6 +237,23 @@ def _separate(model: nn.Module, example_inputs: Any, *, rank: Rank, order: str, 
         verified=placed.verified, verification=placed.verification, budget_met=budget_met,
         flops_before=plan.flops_before, flops_after=flops_after,
     )
+
+
+def _latency_target(model: nn.Module, example_inputs: Any, target: LatencyTarget, calibration: Any, options: dict) -> Separation:
+    """:func:`separate` under a latency target: one costing in measured milliseconds, rounds repaired end to end."""
+    shipped = shipped_latency(target.provider)  # refuses a provider that cannot run, before any work
+    given = options["latency_provider"]
+    if given is not None and provider_name(given) != provider_name(target.provider):
+        raise InvalidOptionError(f"latency_provider {given!r} differs from the latency target's provider {target.provider!r}: drop one")
+    if not as_inputs(example_inputs):
+        raise InvalidOptionError("a latency target times the whole model on its example inputs: pass example inputs")
+    options = {**options, "latency_provider": target.provider}
+
+    def separate_at(budget: FlopsTarget, costing: Costing) -> Separation:
+        return _separate(model, example_inputs, rank=budget, calibration=calibration, latency=shipped, costing=costing, **options)
+
+    result, search = meet_latency(model, example_inputs, target, separate_at)
+    return dataclasses.replace(result, latency_search=search, budget_met=None)
 
 
 def _checked_options(model: nn.Module, rank: Rank, order: str, refit: str, latency_provider: str | None) -> tuple[Rank, Latency | None]:
@@ -304,9 +330,10 @@ def _plan_ranks(
         raise InvalidOptionError("a FLOP target with sensitivity measures errors at the model's output on calibration data: pass calibration")
     first = FirstBatch(work, sites, on_device(prepared.batches[0], prepared.device)) if prepared.batches else None
     stats = site_stats(sites, dense_run) if dense_run is not None else {}
-    total = model_flops(work, costed, dense_run) if isinstance(rank, FlopsTarget) else None
+    reused = bool(costing and costing.choices)  # a search's later budgets: the costing holds the model's FLOPs
+    total = model_flops(work, costed, dense_run) if isinstance(rank, FlopsTarget) and not reused else None
     sensitivity = None
-    if first is not None and isinstance(rank, FlopsTarget) and rank.sensitivity and not (costing and costing.choices):
+    if first is not None and isinstance(rank, FlopsTarget) and rank.sensitivity and not reused:
         sensitivity = _output_error(work, first.batch)
     plan = make_plan(sites, rank, order, stats=stats, total_flops=total, activations=first,
                      latency=latency, provider=provider or "", sensitivity=sensitivity, costing=costing)
