@@ -18,11 +18,12 @@ from typing import Any, Callable
 
 from torch import nn
 
+from ..core.inputs import as_inputs
 from ..core.modules import SeparableConv, runtime_forms
 from ..core.records import Benchmark, FlopsTarget, LatencyRound, LatencySearch, LatencyTarget
 from ..deploy.verify import AgainstOriginal
-from ..errors import NothingToSeparateError
-from ..measure.onnxrt import module_latency, require_provider
+from ..errors import InvalidOptionError, NothingToSeparateError
+from ..measure.onnxrt import module_latency, provider_name, require_provider
 from ..plan.ranks import Costing, Latency
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,27 @@ def shipped_latency(provider: str) -> Latency:
     return latency
 
 
-def meet_latency(original: nn.Module, example_inputs: Any, target: LatencyTarget, separate_at: SeparateAt) -> tuple[Any, LatencySearch]:
-    """:func:`search_latency` with each round timed as :func:`~convtool.benchmark` times (the original exported once)."""
+def meet_latency(original: nn.Module, example_inputs: Any, target: LatencyTarget, latency_provider: str | None,
+                 separate_in_ms: Callable[[FlopsTarget, Costing, Latency], Any]) -> tuple[Any, LatencySearch]:
+    """:func:`search_latency` with layers timed in their shipped form and each round as :func:`~convtool.benchmark` times.
+
+    ``separate_in_ms(budget, costing, latency)`` separates the model at one per-layer budget;
+    ``latency_provider``, when the caller also gave one, must name the target's provider.
+
+    Raises:
+        ProviderUnavailableError: the target's provider cannot run here (refused before any work).
+        InvalidOptionError: no example inputs, or a ``latency_provider`` naming another provider.
+    """
+    latency = shipped_latency(target.provider)
+    if latency_provider is not None and provider_name(latency_provider) != provider_name(target.provider):
+        raise InvalidOptionError(
+            f"latency_provider {latency_provider!r} differs from the latency target's provider {target.provider!r}: drop one")
+    if not as_inputs(example_inputs):
+        raise InvalidOptionError("a latency target times the whole model on its example inputs: pass example inputs")
+
+    def separate_at(budget: FlopsTarget, costing: Costing) -> Any:
+        return separate_in_ms(budget, costing, latency)
+
     # TorchScript, as the layers are timed: torch.export would take seconds per round for the same operators.
     with AgainstOriginal(original, example_inputs, provider=target.provider, threads=target.threads, exporter="torchscript") as timing:
         return search_latency(target, separate_at, lambda separated: timing.benchmark(separated, runs=target.runs))
@@ -77,6 +97,8 @@ def search_latency(target: LatencyTarget, separate_at: SeparateAt, timer: Timer)
         try:
             result = separate_at(FlopsTarget(budget, sensitivity=target.sensitivity), costing)
         except NothingToSeparateError:
+            if tried:  # a budget so wide every layer stays dense: the rounds measured so far are all there is
+                break
             if costing.choices and _every_layer_dense(costing):
                 raise NothingToSeparateError(
                     f"nothing to separate for a latency target: no layer's separated form runs faster than its dense conv on "

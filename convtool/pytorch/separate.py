@@ -22,14 +22,13 @@ from ..core.decompose import ORDERS
 from ..core.inputs import as_inputs, guess_inputs, model_device, on_device, run_checked, running, tensors_of
 from ..core.modules import SeparableConv, runtime_forms
 from ..core.names import label
-from ..core.records import (
-    AgreementTarget, BudgetSearch, FlopsTarget, LatencySearch, LatencyTarget, LayerChange, Rank, SkippedLayer, check_rank,
-)
+from ..core.records import AgreementTarget, BudgetSearch, FlopsTarget, LatencySearch, LatencyTarget, LayerChange, Rank, SkippedLayer
+from ..core.records import check_rank
 from ..core.working_copy import copy_model, working_copy
 from ..errors import InvalidOptionError, NothingToSeparateError
 from ..measure.conv_calls import ConvRecorder, record
 from ..measure.layers import describe
-from ..measure.onnxrt import module_latency, provider_name, require_provider
+from ..measure.onnxrt import module_latency, require_provider
 from ..measure.sensitivity import OutputError
 from ..plan.ranks import Costing, Latency, Plan, make_plan
 from ..plan.site import Site
@@ -41,7 +40,7 @@ from ..recovery.synthesize import Synthesis, synthesis
 from .bake import bake, unbake
 from .dense import FirstBatch, dense_behaviour, model_flops, site_stats
 from .install import Installed, install
-from .latency_search import meet_latency, shipped_latency
+from .latency_search import meet_latency
 from .proof import Edits, prove
 from .search import search_budget
 from .sites import find_sites
@@ -154,9 +153,11 @@ def separate(
         rank: separable filters per channel: a positive int, ``"full"`` (exact),
             :class:`~convtool.FlopsTarget` (the model's FLOPs after, as a fraction of before;
             layers may stay dense where that is cheaper), :class:`~convtool.Energy` (per
-            layer, the smallest rank keeping that share of the squared singular values) or
+            layer, the smallest rank keeping that share of the squared singular values),
             :class:`~convtool.AgreementTarget` (the fewest FLOPs whose model keeps a top-1
-            agreement or SQNR floor on held-out calibration data; needs calibration). An
+            agreement or SQNR floor on held-out calibration data; needs calibration) or
+            :class:`~convtool.LatencyTarget` (the latency on an onnxruntime provider, as a
+            fraction of the original's, measured end to end; ``result.latency_search``). An
             explicit rank separates every eligible conv, even where it costs more than the dense conv.
         order: ``"dw-pw"`` (depthwise then pointwise), ``"pw-dw"`` (pointwise then
             depthwise), or ``"auto"`` (per layer, the lower error at the rank or budget).
@@ -190,7 +191,7 @@ def separate(
 
     Raises:
         InvalidOptionError: bad ``rank``, ``order``, data, or a model on the meta device.
-        ProviderUnavailableError: ``latency_provider`` cannot run here.
+        ProviderUnavailableError: ``latency_provider``, or a latency target's provider, cannot run here.
         NothingToSeparateError: no conv can be separated under these options (or, for an
             agreement target, no budget that separates one meets the floor).
         SeparationError: the separated model fails on the inputs.
@@ -215,7 +216,12 @@ def separate(
         result, search = search_budget(model, rank, calibration, separate_at)
         return dataclasses.replace(result, search=search, synthetic=synthetic)
     if isinstance(rank, LatencyTarget):
-        return dataclasses.replace(_latency_target(model, example_inputs, rank, calibration, options), synthetic=synthetic)
+        def separate_in_ms(budget: FlopsTarget, costing: Costing, latency: Latency) -> Separation:
+            return _separate(model, example_inputs, rank=budget, calibration=calibration, latency=latency, costing=costing,
+                             **{**options, "latency_provider": rank.provider})
+
+        result, search = meet_latency(model, example_inputs, rank, latency_provider, separate_in_ms)
+        return dataclasses.replace(result, latency_search=search, budget_met=None, synthetic=synthetic)
     return dataclasses.replace(_separate(model, example_inputs, rank=rank, calibration=calibration, latency=latency, **options),
                                synthetic=synthetic)
 
@@ -237,23 +243,6 @@ def _separate(model: nn.Module, example_inputs: Any, *, rank: Rank, order: str, 
         verified=placed.verified, verification=placed.verification, budget_met=budget_met,
         flops_before=plan.flops_before, flops_after=flops_after,
     )
-
-
-def _latency_target(model: nn.Module, example_inputs: Any, target: LatencyTarget, calibration: Any, options: dict) -> Separation:
-    """:func:`separate` under a latency target: one costing in measured milliseconds, rounds repaired end to end."""
-    shipped = shipped_latency(target.provider)  # refuses a provider that cannot run, before any work
-    given = options["latency_provider"]
-    if given is not None and provider_name(given) != provider_name(target.provider):
-        raise InvalidOptionError(f"latency_provider {given!r} differs from the latency target's provider {target.provider!r}: drop one")
-    if not as_inputs(example_inputs):
-        raise InvalidOptionError("a latency target times the whole model on its example inputs: pass example inputs")
-    options = {**options, "latency_provider": target.provider}
-
-    def separate_at(budget: FlopsTarget, costing: Costing) -> Separation:
-        return _separate(model, example_inputs, rank=budget, calibration=calibration, latency=shipped, costing=costing, **options)
-
-    result, search = meet_latency(model, example_inputs, target, separate_at)
-    return dataclasses.replace(result, latency_search=search, budget_met=None)
 
 
 def _checked_options(model: nn.Module, rank: Rank, order: str, refit: str, latency_provider: str | None) -> tuple[Rank, Latency | None]:

@@ -132,6 +132,24 @@ def test_the_loop_stops_within_its_bound_when_timings_never_settle(fake):
     assert "no plan within 10%" in search.reason
 
 
+def test_a_plan_always_too_fast_widens_the_budget_and_stops(fake):
+    fake.ratios = (0.01,)  # every plan far faster than asked: the budget widens until every layer would stay dense
+    model, x = net()
+    result = convtool.separate(model, x, rank=LatencyTarget(0.5, rounds=8))
+    search = result.latency_search
+    assert 1 <= len(search.rounds) <= 8 and search.met and not search.rounds[-1].within
+    budgets = [r.layer_budget for r in search.rounds]
+    assert budgets == sorted(budgets) and len(set(budgets)) == len(budgets)  # each round a wider, new budget
+
+
+def test_no_layer_faster_than_dense_is_one_line(fake, monkeypatch):
+    monkeypatch.setattr(latency_search, "module_latency", lambda module, shape, provider: 1.0)
+    model, x = net()
+    with pytest.raises(convtool.NothingToSeparateError, match="no layer's separated form runs faster than its dense conv on cpu"):
+        convtool.separate(model, x, rank=LatencyTarget(0.5))
+    assert fake.made[0].returned == []
+
+
 def test_the_report_carries_the_search(fake):
     model, x = net()
     result = convtool.separate(model, x, rank=LatencyTarget(0.5, threads=2, runs=7))
