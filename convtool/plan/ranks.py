@@ -158,7 +158,10 @@ def make_plan(
             the model's output instead of the layer's: a few ranks are measured with
             ``sensitivity`` and the rest interpolated (:func:`model_errors`).
         costing: with a FLOP target, a :class:`Costing` to fill (when empty) or to reuse
-            instead of measuring again: a search over budgets costs the layers once.
+            instead of measuring again: a search over budgets costs the layers once. One made
+            with ``in_ms=True`` (a latency target) costs the options in milliseconds timed by
+            ``latency`` (:func:`timed_options`), and the target's fraction is then of the
+            timed layers' dense milliseconds; the plan's FLOP figures stay in FLOPs.
     """
     picks: dict[str, tuple[str, int] | None] = {}
     reasons: dict[str, str] = {}
