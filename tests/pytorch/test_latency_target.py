@@ -110,6 +110,20 @@ def test_a_miss_on_the_first_round_is_repaired(fake):
     assert result.budget_met is None
 
 
+def test_layers_are_timed_dense_and_in_the_form_they_ship_in(fake, monkeypatch):
+    from convtool.core.modules import BranchedSeparableConv, SeparableConv
+
+    timed = []
+    monkeypatch.setattr(latency_search, "module_latency",
+                        lambda module, shape, provider: timed.append((type(module), shape)) or fake_layer_ms(module, shape, provider))
+    model, x = net()
+    convtool.separate(model, x, rank=LatencyTarget(0.5))
+    kinds = {kind for kind, _ in timed}
+    assert nn.Conv2d in kinds and BranchedSeparableConv in kinds  # dense, and rank > 1 pairs as the branches they ship as
+    assert SeparableConv in kinds  # rank 1 ships as built
+    assert {shape for _, shape in timed} == {(1, 16, 16, 16), (1, 32, 16, 16)}  # each layer at its input shape
+
+
 def test_a_target_below_reach_returns_the_fastest_plan_and_its_floor(fake):
     model, x = net()
     target = LatencyTarget(0.1, rounds=4)  # the fake never runs below 0.2 of the original
