@@ -190,9 +190,10 @@ class LatencySearch:
 
     ``ratio`` is ``separated_ms / original_ms`` of the returned model's own benchmark (one of
     ``rounds``), on ``provider`` with ``runs`` interleaved runs of each and ``threads`` threads.
-    ``floor``: when the target is below what separation reaches here, the ratio measured for the
-    fastest plan (every layer at its fastest form); None otherwise. ``reason`` says why the
-    target was not met ("" when it was).
+    ``met``: the ratio is at most the target plus its tolerance. ``floor``: when the target is
+    below what separation reaches here, the ratio measured for the fastest plan (every layer at
+    its fastest option), which is then the one returned; None otherwise. ``reason`` says why the
+    ratio is not within the tolerance of the target ("" when it is).
     """
 
     target: LatencyTarget
