@@ -29,6 +29,9 @@ _WHERE = {
     "AgreementTarget": ".core.records",
     "BudgetSearch": ".core.records",
     "Energy": ".core.records",
+    "LatencyRound": ".core.records",
+    "LatencySearch": ".core.records",
+    "LatencyTarget": ".core.records",
     "separate_onnx": ".onnx.separate",
     "OnnxSeparation": ".onnx.separate",
     "FlopsTarget": ".core.records",
@@ -78,7 +81,10 @@ from .errors import (
 if TYPE_CHECKING:
     from .core.decompose import separable_factors
     from .core.modules import SeparableConv, SeparableConv2d
-    from .core.records import AgreementTarget, Benchmark, BudgetSearch, Energy, FlopsTarget, LayerChange, LayerLatency, SkippedLayer
+    from .core.records import (
+        AgreementTarget, Benchmark, BudgetSearch, Energy, FlopsTarget, LatencyRound, LatencySearch, LatencyTarget, LayerChange,
+        LayerLatency, SkippedLayer,
+    )
     from .deploy.export import export_onnx
     from .deploy.verify import ProviderCheck, benchmark, layer_latencies, verify_onnx
     from .measure.compare import Comparison, compare
@@ -121,6 +127,9 @@ __all__ = [
     "Fidelity",
     "FlopsTarget",
     "InvalidOptionError",
+    "LatencyRound",
+    "LatencySearch",
+    "LatencyTarget",
     "LayerChange",
     "LayerLatency",
     "ModelLoadError",

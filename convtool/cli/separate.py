@@ -32,7 +32,11 @@ from .options import (
                    "model's output, not its own error (a few model runs per layer).")
 @click.option("--latency", "latency_provider", metavar="PROVIDER",
               help="Time each layer on this onnxruntime provider (cpu, cuda); layers whose "
-                   "separated form is not faster stay dense (also with an explicit --rank).")
+                   "separated form is not faster stay dense (also with an explicit --rank). With --latency-target: "
+                   "the provider the target is timed on [cpu].")
+@click.option("--latency-target", type=float, metavar="F",
+              help="The separated model's latency on onnxruntime (--latency, cpu by default) as a fraction of the "
+                   "original's, measured end to end (e.g. 0.5); chooses the ranks itself.")
 @click.option("--include", multiple=True, metavar="GLOB", help="Separate only convs whose qualified name matches; repeatable.")
 @click.option("--exclude", multiple=True, metavar="GLOB", help="Leave convs whose qualified name matches dense; repeatable.")
 @click.option("--order", type=click.Choice(["dw-pw", "pw-dw", "auto"]), default="dw-pw", show_default=True,
@@ -59,7 +63,7 @@ from .options import (
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @output_options
 @handles_errors
-def separate(model, output, rank, flops_target, energy, min_agreement, min_sqnr, sensitivity, latency_provider, include, exclude, order, calibration, synthetic_samples,
+def separate(model, output, rank, flops_target, energy, min_agreement, min_sqnr, sensitivity, latency_provider, latency_target, include, exclude, order, calibration, synthetic_samples,
              image_size, mean, std, refit, recalibrate_bn, distill_steps, input_shapes, arch, allow_pickle, device, input_values, onnx_path, providers, report_path,
              force, quiet, as_json):
     """Rewrite every standard conv of MODEL (PyTorch, or an .onnx file) into a depthwise + pointwise pair.
@@ -76,6 +80,7 @@ def separate(model, output, rank, flops_target, energy, min_agreement, min_sqnr,
       convtool separate net.pt --allow-pickle --rank auto --flops-target 0.25 \\
           --calibration images/ --image-size 224,224 --distill-steps 300
       convtool separate net.pt --allow-pickle --min-agreement 0.99 --calibration images.npy
+      convtool separate net.pt --allow-pickle --latency-target 0.5 --input-shape 1,3,224,224
       convtool separate net.pt --allow-pickle --rank auto --flops-target 0.25 \\
           --calibration synthetic --input-shape 1,3,32,32 --distill-steps 300
       convtool separate vendor.onnx --rank 2 --input-shape 1,3,224,224
@@ -83,13 +88,14 @@ def separate(model, output, rank, flops_target, energy, min_agreement, min_sqnr,
     import convtool
 
     from ..io import Staging, check_output, write_model
-    from ..report.render import search_line, to_dict, to_markdown, to_rich
+    from ..report.render import latency_search_line, search_line, to_dict, to_markdown, to_rich
 
     ui = Ui(quiet, as_json)
-    rank_value = _parse_rank(rank, flops_target, energy, sensitivity, min_agreement, min_sqnr)
+    rank_value = _parse_rank(rank, flops_target, energy, sensitivity, min_agreement, min_sqnr, latency_target, latency_provider)
     if is_onnx(model):
         unsupported = [flag for flag, value in (
             ("--min-agreement", min_agreement is not None), ("--min-sqnr", min_sqnr is not None),
+            ("--latency-target", latency_target is not None),
             ("--latency", latency_provider), ("--sensitivity", sensitivity), ("--distill-steps", distill_steps), ("--recalibrate-bn", recalibrate_bn),
             ("--refit both", refit == "both"), ("--calibration synthetic", calibration == "synthetic"),
             ("--synthetic-samples", synthetic_samples),
@@ -120,10 +126,12 @@ def separate(model, output, rank, flops_target, energy, min_agreement, min_sqnr,
                           ("--min-agreement", min_agreement is not None), ("--min-sqnr", min_sqnr is not None)):
         needs_option(option, bool(value), "--calibration FILE|DIR", calibration)
     needs_option("--providers", bool(providers), "--onnx OUT.onnx (the file to verify)", onnx_path)
-    if latency_provider:
+    if latency_provider or latency_target is not None:
         from ..measure.onnxrt import require_provider
 
-        require_provider(latency_provider)  # refuse before any work: nothing is timed on a provider that cannot run
+        require_provider(latency_provider or "cpu")  # refuse before any work: nothing is timed on a provider that cannot run
+        if latency_target is not None:
+            latency_provider = None  # the target carries it
     output = output or str(Path(model).with_name(Path(model).stem + ".separated.pt"))
     check_report_suffix(report_path)
     provider_names, asked = parse_providers(providers)
@@ -153,6 +161,8 @@ def separate(model, output, rank, flops_target, energy, min_agreement, min_sqnr,
         ui.note(f"note: the FLOP target {rank_value.fraction} cannot be met; every separated layer is at its cheapest")
     if result.search is not None:
         ui.note(search_line(result.search))
+    if result.latency_search is not None:
+        ui.note(latency_search_line(result.latency_search))
     separated = result.model
     if distill_steps:
         # On synthetic inputs, matching each separated layer's output too lifted digits at 0.25 of
@@ -313,9 +323,18 @@ def _distill(student, teacher, data, steps, ui, features=False):
 
 
 def _parse_rank(text: str | None, flops_target: float | None, energy: float | None, sensitivity: bool = False,
-                min_agreement: float | None = None, min_sqnr: float | None = None):
-    """The flags as one typed rank: an int, "full", FlopsTarget, Energy or AgreementTarget (auto alone: a quarter of the FLOPs)."""
-    from ..core.records import AgreementTarget, Energy, FlopsTarget
+                min_agreement: float | None = None, min_sqnr: float | None = None, latency_target: float | None = None,
+                latency_provider: str | None = None):
+    """The flags as one typed rank: an int, "full", FlopsTarget, Energy, AgreementTarget or LatencyTarget (auto alone: a quarter of the FLOPs)."""
+    from ..core.records import AgreementTarget, Energy, FlopsTarget, LatencyTarget
+
+    if latency_target is not None:
+        clash = [flag for flag, value in (("--flops-target", flops_target), ("--energy", energy), ("--min-agreement", min_agreement),
+                                          ("--min-sqnr", min_sqnr)) if value is not None]
+        if clash or text not in (None, "auto"):
+            clash += [f"--rank {text}"] if text not in (None, "auto") else []
+            raise InvalidOptionError(f"--latency-target chooses the ranks itself: drop {', '.join(clash)}")
+        return LatencyTarget(latency_target, provider=latency_provider or "cpu", sensitivity=sensitivity)
 
     if min_agreement is not None or min_sqnr is not None:
         clash = [flag for flag, value in (("--flops-target", flops_target), ("--energy", energy), ("--rank", text)) if value is not None]

@@ -132,17 +132,96 @@ class BudgetSearch:
     tried: tuple[BudgetTried, ...]
 
 
+@dataclass(frozen=True)
+class LatencyTarget:
+    """Choose ranks so the separated model runs in ``fraction`` of the original's time on ``provider``.
+
+    Measured, not modelled: each layer's candidate ranks are timed alone in the form they ship
+    in (dense included) at the layer's input shape, the knapsack spends milliseconds instead of
+    FLOPs (errors and ``sensitivity`` as for :class:`FlopsTarget`), and the whole separated
+    model is then exported and timed against the original, interleaved (``runs`` each,
+    ``threads`` onnxruntime threads; its default when None). While that end-to-end ratio misses
+    the target by more than ``tolerance`` (a share of it), the per-layer budget is corrected by
+    the miss and the plan made again, at most ``rounds`` times. A target below what separation
+    can reach returns the fastest plan, with the ratio it measured as the floor. Needs example inputs.
+
+    Example:
+        >>> convtool.separate(model, x, rank=convtool.LatencyTarget(0.5, provider="cpu"))
+    """
+
+    fraction: float
+    provider: str = "cpu"
+    sensitivity: bool = False
+    runs: int = 30
+    threads: int | None = None
+    rounds: int = 5
+    tolerance: float = 0.1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) or not 0 < self.fraction <= 1:
+            raise InvalidOptionError(f"a latency target is a fraction of the original's latency in (0, 1]; got {self.fraction!r}")
+        if not isinstance(self.provider, str) or not self.provider:
+            raise InvalidOptionError(f"a latency target's provider is an onnxruntime provider name such as 'cpu'; got {self.provider!r}")
+        for name, low in (("runs", 1), ("rounds", 1), ("threads", 1)):
+            value = getattr(self, name)
+            if name == "threads" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InvalidOptionError(f"a latency target's {name} is a positive integer; got {value!r}")
+        if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float)) or not 0 < self.tolerance < 1:
+            raise InvalidOptionError(f"a latency target's tolerance is a share of the target in (0, 1); got {self.tolerance!r}")
+
+
+@dataclass(frozen=True)
+class LatencyRound:
+    """One plan a :class:`LatencyTarget` tried, and how fast its exported model measured against the original."""
+
+    layer_budget: float  # the per-layer budget asked: a fraction of the costed layers' dense milliseconds
+    flops_fraction: float  # the model's FLOPs after, over before
+    original_ms: float  # the interleaved medians of this round's benchmark
+    separated_ms: float
+    ratio: float  # separated_ms / original_ms
+    within: bool  # within the tolerance of the target
+
+
+@dataclass(frozen=True)
+class LatencySearch:
+    """How a :class:`LatencyTarget` was met, or why not: the target, what the returned model measured, every round.
+
+    ``ratio`` is ``separated_ms / original_ms`` of the returned model's own benchmark (one of
+    ``rounds``), on ``provider`` with ``runs`` interleaved runs of each and ``threads`` threads.
+    ``met``: the ratio is at most the target plus its tolerance. ``floor``: when the target is
+    below what separation reaches here, the ratio measured for the fastest plan (every layer at
+    its fastest option), which is then the one returned; None otherwise. ``reason`` says why the
+    ratio is not within the tolerance of the target ("" when it is).
+    """
+
+    target: LatencyTarget
+    provider: str
+    runs: int
+    threads: int | None
+    original_ms: float
+    separated_ms: float
+    ratio: float
+    flops_fraction: float
+    met: bool
+    floor: float | None
+    reason: str
+    rounds: tuple[LatencyRound, ...]
+
+
 #: What ``separate(rank=...)`` takes: a rank for every layer, ``"full"`` (exact), or a strategy.
-Rank = Union[int, Literal["full"], FlopsTarget, Energy, AgreementTarget]
+Rank = Union[int, Literal["full"], FlopsTarget, Energy, AgreementTarget, LatencyTarget]
 
 
 def check_rank(rank: object) -> Rank:
     """``rank`` if it is one of the forms :data:`Rank` allows, else a one-line error."""
-    if rank == "full" or isinstance(rank, (FlopsTarget, Energy, AgreementTarget)):
+    if rank == "full" or isinstance(rank, (FlopsTarget, Energy, AgreementTarget, LatencyTarget)):
         return rank  # type: ignore[return-value]
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise InvalidOptionError(
-            f"rank must be a positive integer, 'full', FlopsTarget(fraction), Energy(share) or AgreementTarget(top1); got {rank!r}"
+            f"rank must be a positive integer, 'full', FlopsTarget(fraction), Energy(share), AgreementTarget(top1) or "
+            f"LatencyTarget(fraction); got {rank!r}"
         )
     return rank
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -22,6 +24,7 @@ from ..core.modules import SeparableConv, conv_class
 from ..core.names import describe_error
 from ..core.records import Benchmark, LayerLatency
 from ..errors import OnnxFileError, ProviderUnavailableError
+from ..measure.onnx_file import write_onnx
 from ..measure.onnxrt import (
     DEFAULT_PROVIDERS,
     feed,
@@ -32,7 +35,6 @@ from ..measure.onnxrt import (
     module_latency,
     provider_name,
     require_provider,
-    time_modules,
     time_sessions,
 )
 from .runtime_form import for_runtime
@@ -213,11 +215,59 @@ def benchmark(
         ProviderUnavailableError: the provider is not in this onnxruntime build or fell back to
             the CPU; nothing is timed then.
     """
-    name = require_provider(provider)
-    inputs = as_inputs(example_inputs)
-    shipped = [for_runtime(m, on_device(inputs, model_device(m)))[0] for m in (original, separated)]
-    original_ms, separated_ms = time_modules(shipped, inputs, provider=name, runs=runs, warmup=warmup, threads=threads)
-    return Benchmark(name, original_ms, separated_ms, runs, threads)
+    with AgainstOriginal(original, example_inputs, provider=provider, threads=threads) as timing:
+        return timing.benchmark(separated, runs=runs, warmup=warmup)
+
+
+class AgainstOriginal:
+    """The original exported once in its shipped form, and each model given timed against it, interleaved.
+
+    What :func:`benchmark` does for one pair of models, for a search that times many separated
+    models against one original: exporting it again each time would cost seconds a round.
+    ``exporter``: as :func:`~convtool.export_onnx`'s; a search passes ``"torchscript"``, which
+    writes the same operators for these models in a fraction of torch.export's time.
+    A context manager: the ONNX files live in a temporary folder until it exits.
+
+    Raises:
+        ProviderUnavailableError: the provider is not in this onnxruntime build or fell back to
+            the CPU; nothing is timed then.
+    """
+
+    def __init__(self, original: nn.Module, example_inputs: Any, *, provider: str = "cpu", threads: int | None = None,
+                 exporter: str = "auto") -> None:
+        self.provider, self.threads, self.exporter = require_provider(provider), threads, exporter
+        self.inputs = as_inputs(example_inputs)
+        self._folder = tempfile.TemporaryDirectory(prefix="convtool-bench-")
+        self._count = 0
+        try:
+            self._original = self._session(original)
+        except BaseException:
+            self._folder.cleanup()
+            raise
+
+    def __enter__(self) -> "AgainstOriginal":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._original = None
+        self._folder.cleanup()
+
+    def _session(self, model: nn.Module):
+        shipped = for_runtime(model, on_device(self.inputs, model_device(model)))[0]
+        self._count += 1
+        exported = write_onnx(shipped, self.inputs, Path(self._folder.name) / f"m{self._count}.onnx", dynamic_batch=False,
+                              exporter=self.exporter)
+        session = open_session(exported.path, self.provider, self.threads)
+        if session.get_providers()[0] != self.provider:
+            raise ProviderUnavailableError(
+                f"cannot time on {self.provider!r}: onnxruntime could not load it and fell back to the CPU")
+        return session
+
+    def benchmark(self, separated: nn.Module, *, runs: int = 50, warmup: int = 5) -> Benchmark:
+        """``separated`` exported as shipped and timed against the original, round-robin: medians in ms."""
+        session = self._session(separated)
+        original_ms, separated_ms = time_sessions([self._original, session], feed(session, self.inputs), runs, warmup)
+        return Benchmark(self.provider, original_ms, separated_ms, runs, self.threads)
 
 
 def layer_latencies(model: nn.Module, example_inputs: Any, *, provider: str = "cpu") -> list[LayerLatency]:

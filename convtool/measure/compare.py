@@ -13,7 +13,7 @@ from torch import nn
 from ..core.inputs import as_inputs, eval_mode, model_device, on_device, run_checked, running
 from ..core.modules import SeparableConv
 from ..core.names import get_or_none
-from ..core.records import Benchmark, BudgetSearch, LayerChange, LayerLatency, SkippedLayer
+from ..core.records import Benchmark, BudgetSearch, LatencySearch, LayerChange, LayerLatency, SkippedLayer
 from ..errors import InvalidOptionError
 from .conv_calls import record
 from .counts import FLOPS_UNIT, Analysis, analyze
@@ -40,6 +40,8 @@ class Comparison:
         search: from a Separation made with an :class:`~convtool.AgreementTarget`, how the
             budget was chosen and what the model measured on held-out data; None when the
             model compared is not the one measured (fine-tuned after, say).
+        latency_search: from a Separation made with a :class:`~convtool.LatencyTarget`, the
+            target, the measured end-to-end ratio and every round; None as for ``search``.
     """
 
     before: Analysis
@@ -52,6 +54,7 @@ class Comparison:
     slower_layers: tuple[LayerLatency, ...] = ()
     flops_unit: str = FLOPS_UNIT
     search: BudgetSearch | None = None
+    latency_search: LatencySearch | None = None
 
     @property
     def params_ratio(self) -> float:
@@ -111,12 +114,13 @@ def compare(original: nn.Module, separated: nn.Module, example_inputs: Any, *, s
                 ))
         skipped, verified = tuple(separation.skipped), separation.verified
         search = getattr(separation, "search", None) if same_model else None  # measured on that model alone
+        latency_search = getattr(separation, "latency_search", None) if same_model else None
     else:
         for names, pairs in pair_groups(separated):
             layers.append(describe(names[0], names[1:], "module", pairs, calls, dense_weight=_dense_weight(original, names[0], "module"),
                                    params_before=_dense_params(original, names[0])))
-        skipped, verified, search = (), None, None
-    return Comparison(before, after, tuple(layers), fidelity, skipped, verified, search=search)
+        skipped, verified, search, latency_search = (), None, None, None
+    return Comparison(before, after, tuple(layers), fidelity, skipped, verified, search=search, latency_search=latency_search)
 
 
 def _dense_params(original: nn.Module, name: str) -> int | None:

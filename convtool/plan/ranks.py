@@ -158,7 +158,10 @@ def make_plan(
             the model's output instead of the layer's: a few ranks are measured with
             ``sensitivity`` and the rest interpolated (:func:`model_errors`).
         costing: with a FLOP target, a :class:`Costing` to fill (when empty) or to reuse
-            instead of measuring again: a search over budgets costs the layers once.
+            instead of measuring again: a search over budgets costs the layers once. One made
+            with ``in_ms=True`` (a latency target) costs the options in milliseconds timed by
+            ``latency`` (:func:`timed_options`), and the target's fraction is then of the
+            timed layers' dense milliseconds; the plan's FLOP figures stay in FLOPs.
     """
     picks: dict[str, tuple[str, int] | None] = {}
     reasons: dict[str, str] = {}
@@ -257,6 +260,13 @@ class Costing:
     choices: dict[str, Choice] = field(default_factory=dict)  # by site name
     total: float = 0.0  # the model's FLOPs
     fixed: float = 0.0  # the FLOPs of all but the costed sites
+    # A latency target sets ``in_ms`` before the first plan: the options are then costed in
+    # milliseconds measured by the latency function (``total``: the timed layers' dense ones,
+    # ``fixed`` 0), and ``flops`` keeps each option's FLOPs (by site, then option) for the figures.
+    in_ms: bool = False
+    flops: dict[str, dict[tuple[str, int], float]] = field(default_factory=dict)
+    flops_total: float = 0.0
+    flops_fixed: float = 0.0
 
     def picks(self, fraction: float) -> tuple:
         """What the knapsack picks at ``fraction`` of the FLOPs: budgets giving the same plan give the same model."""
@@ -266,7 +276,7 @@ class Costing:
 
     @property
     def floor(self) -> float:
-        """The smallest reachable FLOP fraction: every layer at its cheapest option."""
+        """The smallest reachable fraction (of FLOPs, or of the timed layers' milliseconds): every layer at its cheapest option."""
         cheapest = sum(min(cost for cost, _ in c.options.values()) for c in self.choices.values())
         return (self.fixed + cheapest) / self.total if self.total else 1.0
 
@@ -281,6 +291,9 @@ def _budget(sites, fraction, order, stats, total_flops, activations, latency, pi
     for site in sites:
         if site.name not in stats:
             reasons[site.name] = "did not run on the example inputs, so its cost is unknown"
+    in_ms = costing is not None and costing.in_ms
+    if in_ms and latency is None:
+        raise InvalidOptionError("a latency budget needs a latency function to time each layer's options")
     if costing is not None and costing.choices and set(costing.choices) == {s.name for s in ran}:
         choices = [costing.choices[s.name] for s in ran]
         total, fixed = costing.total, costing.fixed
@@ -296,7 +309,13 @@ def _budget(sites, fraction, order, stats, total_flops, activations, latency, pi
         # A costing kept for other budgets keeps every option a budget could reach: the widest's.
         slack = (total if costing is not None else budget) - sum(min(cost for cost, _ in c.options.values()) for c in choices)
         choices = [reachable(c, slack) for c in choices]
-        choices = _measured(ran, choices, stats, activations, latency, sensitivity)
+        choices = _measured(ran, choices, stats, activations, None if in_ms else latency, sensitivity)
+        if in_ms:
+            timed = [timed_options(site, c, stats[site.name], latency) for site, c in zip(ran, choices)]
+            costing.flops = {s.name: {k: c.options[k][0] for k in t.options} for s, c, t in zip(ran, choices, timed)}
+            costing.flops_total, costing.flops_fixed = total, fixed
+            choices, total, fixed = timed, sum(c.options[DENSE][0] for c in timed), 0.0
+            budget = fraction * total
         if costing is not None:
             costing.choices, costing.total, costing.fixed = dict(zip((s.name for s in ran), choices)), total, fixed
     picks_list, met = allocate(choices, budget)
@@ -304,10 +323,43 @@ def _budget(sites, fraction, order, stats, total_flops, activations, latency, pi
     for site, choice, pick in zip(ran, choices, picks_list):
         after += choice.options[pick][0]
         if pick == DENSE:
-            reasons[site.name] = "kept dense: the FLOP budget is better spent elsewhere"
+            reasons[site.name] = f"kept dense: the {'latency' if in_ms else 'FLOP'} budget is better spent elsewhere"
         else:
             picks[site.name] = pick
+    if in_ms:  # the plan's figures stay in FLOPs; the milliseconds are the search's to report
+        flops_after = costing.flops_fixed + sum(costing.flops[s.name][p] for s, p in zip(ran, picks_list))
+        return met, costing.flops_total, flops_after
     return met, total, after
+
+
+def _calls(stats: SiteStats) -> int:
+    """How many times a layer ran on the example inputs: its pixels over those of its first call."""
+    shape = stats.input_shape
+    dims = len(shape) - 2
+    first = shape[0] * math.prod(shape[-dims:]) if dims > 0 else 1
+    return max(1, round(stats.in_pixels / first)) if first else 1
+
+
+def timed_options(site: Site, choice: Choice, stats: SiteStats, latency: Latency) -> Choice:
+    """The options costed in milliseconds measured at the layer's input shape, errors kept.
+
+    The dense conv is timed too: its milliseconds are the cost of keeping the layer. Ranks are
+    timed from 1 up, per order, and stop at the first not faster than the dense conv (higher
+    ranks of that order cost more still, and dense has no error). A layer with no option but
+    dense is not timed: nothing is to be decided there, so it costs nothing in the budget.
+    """
+    if len(choice.options) == 1:
+        return Choice({DENSE: (0.0, 0.0)})
+    calls = _calls(stats)
+    dense_ms = latency(dense_for(site).eval(), stats.input_shape) * calls
+    kept = {DENSE: (dense_ms, 0.0)}
+    for order in sorted({key[0] for key in choice.options if key != DENSE}):
+        for r in sorted(key[1] for key in choice.options if key[0] == order):
+            ms = latency(pair_for(site, order, r).eval(), stats.input_shape) * calls
+            if ms >= dense_ms:
+                break
+            kept[(order, r)] = (ms, choice.options[(order, r)][1])
+    return Choice(kept)
 
 
 def _measured(ran, choices: list[Choice], stats, activations, latency, sensitivity) -> list[Choice]:

@@ -22,7 +22,8 @@ from ..core.decompose import ORDERS
 from ..core.inputs import as_inputs, guess_inputs, model_device, on_device, run_checked, running, tensors_of
 from ..core.modules import SeparableConv, runtime_forms
 from ..core.names import label
-from ..core.records import AgreementTarget, BudgetSearch, FlopsTarget, LayerChange, Rank, SkippedLayer, check_rank
+from ..core.records import AgreementTarget, BudgetSearch, FlopsTarget, LatencySearch, LatencyTarget, LayerChange, Rank, SkippedLayer
+from ..core.records import check_rank
 from ..core.working_copy import copy_model, working_copy
 from ..errors import InvalidOptionError, NothingToSeparateError
 from ..measure.conv_calls import ConvRecorder, record
@@ -39,6 +40,7 @@ from ..recovery.synthesize import Synthesis, synthesis
 from .bake import bake, unbake
 from .dense import FirstBatch, dense_behaviour, model_flops, site_stats
 from .install import Installed, install
+from .latency_search import meet_latency
 from .proof import Edits, prove
 from .search import search_budget
 from .sites import find_sites
@@ -70,6 +72,9 @@ class Separation:
             from the model alone (``.inputs`` holds them, ``.note`` says what they match).
         search: with an :class:`~convtool.AgreementTarget`, the floors, what the model returned
             measured on how many held-out samples, and every budget tried (None otherwise).
+        latency_search: with a :class:`~convtool.LatencyTarget`, the target, the end-to-end
+            ratio the returned model measured (runs, threads) and every round tried, or why
+            the target was not met, with the floor measured (None otherwise).
     """
 
     model: nn.Module
@@ -83,6 +88,7 @@ class Separation:
     flops_after: float | None = None
     synthetic: Synthesis | None = None
     search: BudgetSearch | None = None
+    latency_search: LatencySearch | None = None
 
     @property
     def params_before(self) -> int:
@@ -147,9 +153,11 @@ def separate(
         rank: separable filters per channel: a positive int, ``"full"`` (exact),
             :class:`~convtool.FlopsTarget` (the model's FLOPs after, as a fraction of before;
             layers may stay dense where that is cheaper), :class:`~convtool.Energy` (per
-            layer, the smallest rank keeping that share of the squared singular values) or
+            layer, the smallest rank keeping that share of the squared singular values),
             :class:`~convtool.AgreementTarget` (the fewest FLOPs whose model keeps a top-1
-            agreement or SQNR floor on held-out calibration data; needs calibration). An
+            agreement or SQNR floor on held-out calibration data; needs calibration) or
+            :class:`~convtool.LatencyTarget` (the latency on an onnxruntime provider, as a
+            fraction of the original's, measured end to end; ``result.latency_search``). An
             explicit rank separates every eligible conv, even where it costs more than the dense conv.
         order: ``"dw-pw"`` (depthwise then pointwise), ``"pw-dw"`` (pointwise then
             depthwise), or ``"auto"`` (per layer, the lower error at the rank or budget).
@@ -183,7 +191,7 @@ def separate(
 
     Raises:
         InvalidOptionError: bad ``rank``, ``order``, data, or a model on the meta device.
-        ProviderUnavailableError: ``latency_provider`` cannot run here.
+        ProviderUnavailableError: ``latency_provider``, or a latency target's provider, cannot run here.
         NothingToSeparateError: no conv can be separated under these options (or, for an
             agreement target, no budget that separates one meets the floor).
         SeparationError: the separated model fails on the inputs.
@@ -207,6 +215,13 @@ def separate(
 
         result, search = search_budget(model, rank, calibration, separate_at)
         return dataclasses.replace(result, search=search, synthetic=synthetic)
+    if isinstance(rank, LatencyTarget):
+        def separate_in_ms(budget: FlopsTarget, costing: Costing, latency: Latency) -> Separation:
+            return _separate(model, example_inputs, rank=budget, calibration=calibration, latency=latency, costing=costing,
+                             **{**options, "latency_provider": rank.provider})
+
+        result, search = meet_latency(model, example_inputs, rank, latency_provider, separate_in_ms)
+        return dataclasses.replace(result, latency_search=search, budget_met=None, synthetic=synthetic)
     return dataclasses.replace(_separate(model, example_inputs, rank=rank, calibration=calibration, latency=latency, **options),
                                synthetic=synthetic)
 
@@ -304,9 +319,10 @@ def _plan_ranks(
         raise InvalidOptionError("a FLOP target with sensitivity measures errors at the model's output on calibration data: pass calibration")
     first = FirstBatch(work, sites, on_device(prepared.batches[0], prepared.device)) if prepared.batches else None
     stats = site_stats(sites, dense_run) if dense_run is not None else {}
-    total = model_flops(work, costed, dense_run) if isinstance(rank, FlopsTarget) else None
+    reused = bool(costing and costing.choices)  # a search's later budgets: the costing holds the model's FLOPs
+    total = model_flops(work, costed, dense_run) if isinstance(rank, FlopsTarget) and not reused else None
     sensitivity = None
-    if first is not None and isinstance(rank, FlopsTarget) and rank.sensitivity and not (costing and costing.choices):
+    if first is not None and isinstance(rank, FlopsTarget) and rank.sensitivity and not reused:
         sensitivity = _output_error(work, first.batch)
     plan = make_plan(sites, rank, order, stats=stats, total_flops=total, activations=first,
                      latency=latency, provider=provider or "", sensitivity=sensitivity, costing=costing)

@@ -17,11 +17,11 @@ import dataclasses
 import math
 from typing import Any
 
-from ..core.records import BudgetSearch, LayerChange, measured_words
+from ..core.records import BudgetSearch, LatencySearch, LayerChange, measured_words
 from ..measure.compare import Comparison
 from ..measure.counts import FLOPS_UNIT, Analysis, ModuleCost
 
-SCHEMA_VERSION = 4  # 3: layers carry "transposed"; 4: "budget_search"
+SCHEMA_VERSION = 5  # 3: layers carry "transposed"; 4: "budget_search"; 5: "latency_search"
 
 
 def human(n: float | None) -> str:
@@ -94,7 +94,29 @@ def to_dict(comparison: Comparison) -> dict[str, Any]:
             "sqnr_db": _json_value(c.search.sqnr_db),
             "tried": [{k: _json_value(v) for k, v in dataclasses.asdict(t).items()} for t in c.search.tried],
         },
+        "latency_search": None if c.latency_search is None else latency_search_dict(c.latency_search),
     }
+
+
+def latency_search_dict(search: LatencySearch) -> dict[str, Any]:
+    """A latency target's search as JSON-ready data: the target, what the returned model measured, every round."""
+    t = search.target
+    return {
+        "target": t.fraction, "provider": search.provider, "runs": search.runs, "threads": search.threads,
+        "tolerance": t.tolerance, "max_rounds": t.rounds, "original_ms": search.original_ms, "separated_ms": search.separated_ms,
+        "ratio": search.ratio, "flops_fraction": search.flops_fraction, "met": search.met, "floor": search.floor,
+        "reason": search.reason, "rounds": [{k: _json_value(v) for k, v in dataclasses.asdict(r).items()} for r in search.rounds],
+    }
+
+
+def latency_search_line(search: LatencySearch) -> str:
+    """How a latency target was met, or why not, in one or two sentences."""
+    threads = f"{search.threads} threads" if search.threads else "onnxruntime's default threads"
+    line = (f"Latency target {search.target.fraction:g} on {search.provider}: the separated model measured "
+            f"{search.ratio:.3f} of the original's latency ({search.separated_ms:.3g} / {search.original_ms:.3g} ms, medians of "
+            f"{search.runs} interleaved runs, {threads}) at {search.flops_fraction:.3f} of the FLOPs; "
+            f"{len(search.rounds)} round{'s' if len(search.rounds) != 1 else ''} tried.")
+    return f"{line} {search.reason[0].upper()}{search.reason[1:]}." if search.reason else line
 
 
 def search_line(search: BudgetSearch) -> str:
@@ -215,6 +237,13 @@ def to_markdown(comparison: Comparison) -> str:
         lines += [verified, ""]
     if c.search is not None:
         lines += [_md(search_line(c.search)), ""]
+    if c.latency_search is not None:
+        lines += [_md(latency_search_line(c.latency_search)), ""]
+        lines += ["| round | layer budget | FLOPs | original ms | separated ms | ratio | within |", "|---:|---:|---:|---:|---:|---:|---|"]
+        lines += [_md_row((str(i + 1), f"{r.layer_budget:.3f}", f"{r.flops_fraction:.3f}", f"{r.original_ms:.3g}",
+                           f"{r.separated_ms:.3g}", f"{r.ratio:.3f}", "yes" if r.within else "no"))
+                  for i, r in enumerate(c.latency_search.rounds)]
+        lines.append("")
     for text in _latency_lines(c):
         lines += [_md(text), ""]
     if c.layers:
@@ -249,6 +278,8 @@ def to_rich(comparison: Comparison, *, max_layers: int | None = 40) -> list[Any]
         out.append(verified)
     if c.search is not None:
         out.append(search_line(c.search))
+    if c.latency_search is not None:
+        out.append(latency_search_line(c.latency_search))
     out += _latency_lines(c)
     if c.layers:
         rows = _layer_rows(c)
