@@ -355,3 +355,20 @@ def export_line(exported) -> str:
     for warning in exported.warnings[:3]:
         text += f"\nwarning: the trace may not fit other inputs: {warning}"
     return text
+
+
+def calibration_data(path, model, image_size, mean, std):
+    """The --calibration data: a file read into memory, a folder of images or shards streamed (a Dataset)."""
+    from torch.utils.data import Dataset
+
+    from ..core.inputs import first_conv_channels
+    from ..io import open_inputs
+
+    param = next(model.parameters(), None)
+    data = open_inputs(path, channels=first_conv_channels(model), image_size=image_size, mean=mean, std=std, option="--calibration")
+    if param is None:
+        return data
+    if isinstance(data, Dataset):  # a folder is read batch by batch
+        return as_model_dtype(data, model)
+    cast = lambda t: t.to(param.dtype) if t.is_floating_point() else t  # noqa: E731
+    return tuple(map(cast, data)) if isinstance(data, tuple) else cast(data)

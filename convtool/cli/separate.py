@@ -9,7 +9,7 @@ import click
 
 from ..errors import InvalidOptionError
 from .options import (
-    Ui, as_model_dtype, check_report_suffix, export_line, finish_verification, handles_errors, input_files, is_onnx,
+    Ui, calibration_data, check_report_suffix, export_line, finish_verification, handles_errors, input_files, is_onnx,
     load, make_inputs, model_options, needs_option, onnx_input_options, onnx_inputs, output_options, parse_data_options,
     parse_providers, report_text,
 )
@@ -150,7 +150,7 @@ def separate(model, output, rank, flops_target, energy, min_agreement, min_sqnr,
         inputs = make_inputs(original, input_shapes, device, ui)
         data = _synthesize(original, inputs, synthetic_samples, ui)
     else:
-        data = _calibration(calibration, original, *data_options) if calibration else None
+        data = calibration_data(calibration, original, *data_options) if calibration else None
         inputs = make_inputs(original, input_shapes, device, ui, data, calibration)
     with ui.status("tracing and separating" + (" and calibrating" if data is not None else "")):
         result = convtool.separate(
@@ -266,23 +266,6 @@ def _with_latency(report, original, separated, inputs, checks, ui):
         if timing.speedup < 1:
             losers = tuple(layer for layer in convtool.layer_latencies(separated, inputs, provider=provider) if not layer.faster)
     return dataclasses.replace(report, latency=timing, slower_layers=losers)
-
-
-def _calibration(path, model, image_size, mean, std):
-    """The --calibration data: a file read into memory, a folder of images or shards streamed (a Dataset)."""
-    from torch.utils.data import Dataset
-
-    from ..core.inputs import first_conv_channels
-    from ..io import open_inputs
-
-    param = next(model.parameters(), None)
-    data = open_inputs(path, channels=first_conv_channels(model), image_size=image_size, mean=mean, std=std, option="--calibration")
-    if param is None:
-        return data
-    if isinstance(data, Dataset):  # a folder is read batch by batch
-        return as_model_dtype(data, model)
-    cast = lambda t: t.to(param.dtype) if t.is_floating_point() else t  # noqa: E731
-    return tuple(map(cast, data)) if isinstance(data, tuple) else cast(data)
 
 
 def _synthesize(model, inputs, samples, ui):

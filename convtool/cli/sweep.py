@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from ..errors import InvalidOptionError
-from .options import Ui, handles_errors, input_files, load, make_inputs, model_options, needs_option, parse_data_options
+from .options import (Ui, calibration_data, handles_errors, input_files, load, make_inputs, model_options, needs_option,
+                      parse_data_options)
 
 FILES = ("sweep.json", "sweep.md", "sweep.png")
 
@@ -95,9 +96,8 @@ def sweep(model, output_dir, targets, calibration, image_size, mean, std, metric
         inputs = make_inputs(original, input_shapes, device, ui)
         data = "synthetic"
     else:
-        from .separate import _calibration
 
-        data = _calibration(calibration, original, *data_options) if calibration else None
+        data = calibration_data(calibration, original, *data_options) if calibration else None
         inputs = make_inputs(original, input_shapes, device, ui, data, calibration)
     scored = load_tensors(metric_data) if metric_data else None
     result = _run(ui, lambda on_step: convtool.sweep(
