@@ -69,8 +69,13 @@ def require_provider(provider: str) -> str:
     return name
 
 
-def open_session(path: str | os.PathLike, provider: str, threads: int | None = None):
-    """An onnxruntime session on ``provider`` (CPU as fallback for nodes it cannot run)."""
+def open_session(path: str | os.PathLike, provider: str, threads: int | None = None, lean: bool = False):
+    """An onnxruntime session on ``provider`` (CPU as fallback for nodes it cannot run).
+
+    ``lean`` is for a session run once, to check outputs rather than to time: its CPU kernels do
+    not pre-pack the weights (a second copy of each conv's and matmul's weight, in the layout
+    their GEMM wants) and it keeps no memory arena, so it holds about one copy of the model.
+    """
     import onnxruntime as ort
 
     path = Path(path)
@@ -80,6 +85,9 @@ def open_session(path: str | os.PathLike, provider: str, threads: int | None = N
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    if lean:
+        options.enable_cpu_mem_arena = False
+        options.add_session_config_entry("session.disable_prepacking", "1")
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
     try:
         return ort.InferenceSession(str(path), options, providers=providers)

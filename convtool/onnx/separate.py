@@ -309,7 +309,7 @@ def _run_on(provider: str, paths: list[Path], feeds) -> OnnxRun:
         return OnnxRun(provider, False, reason=reason)
     outputs = []
     for label, path in zip(("original", "separated"), paths):
-        session = open_session(path, provider)
+        session = open_session(path, provider, lean=True)
         if session.get_providers()[0] != provider:
             return OnnxRun(provider, False, reason=f"onnxruntime could not load {provider} and fell back to the CPU")
         names = [i.name for i in session.get_inputs()]
