@@ -36,6 +36,7 @@ from ..measure.onnxrt import (
     provider_name,
     require_provider,
     time_sessions,
+    timing_session,
 )
 from .runtime_form import for_runtime
 
@@ -257,11 +258,7 @@ class AgainstOriginal:
         self._count += 1
         exported = write_onnx(shipped, self.inputs, Path(self._folder.name) / f"m{self._count}.onnx", dynamic_batch=False,
                               exporter=self.exporter)
-        session = open_session(exported.path, self.provider, self.threads)
-        if session.get_providers()[0] != self.provider:
-            raise ProviderUnavailableError(
-                f"cannot time on {self.provider!r}: onnxruntime could not load it and fell back to the CPU")
-        return session
+        return timing_session(exported.path, self.provider, self.threads)
 
     def benchmark(self, separated: nn.Module, *, runs: int = 50, warmup: int = 5) -> Benchmark:
         """``separated`` exported as shipped and timed against the original, round-robin: medians in ms."""

@@ -97,6 +97,20 @@ def open_session(path: str | os.PathLike, provider: str, threads: int | None = N
         raise OnnxFileError(f"{path} is not a valid ONNX model onnxruntime can load ({describe_error(error)}); export it again") from error
 
 
+def timing_session(path: str | os.PathLike, provider: str, threads: int | None = None):
+    """A session to time on ``provider`` (onnxruntime's name): refused if onnxruntime fell back to the CPU.
+
+    A fallback would time the CPU under the provider's name.
+
+    Raises:
+        ProviderUnavailableError: the session runs on the CPU instead.
+    """
+    session = open_session(path, provider, threads)
+    if session.get_providers()[0] != provider:
+        raise ProviderUnavailableError(f"cannot time on {provider!r}: onnxruntime could not load it and fell back to the CPU")
+    return session
+
+
 def release_freed_memory() -> None:
     """Hand the heap memory freed so far back to the system (glibc keeps it otherwise).
 
@@ -168,12 +182,7 @@ def time_modules(
         sessions = []
         for i, module in enumerate(modules):
             exported = write_onnx(module, inputs, Path(tmp) / f"m{i}.onnx", dynamic_batch=False, exporter=exporter)
-            session = open_session(exported.path, name, threads)
-            if session.get_providers()[0] != name:
-                raise ProviderUnavailableError(
-                    f"cannot time on {provider!r}: onnxruntime could not load {name} and fell back to the CPU"
-                )
-            sessions.append(session)
+            sessions.append(timing_session(exported.path, name, threads))
         return time_sessions(sessions, feed(sessions[0], inputs), runs, warmup)
 
 

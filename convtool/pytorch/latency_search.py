@@ -84,7 +84,7 @@ def search_latency(target: LatencyTarget, separate_at: SeparateAt, timer: Timer)
     """
     costing = Costing(in_ms=True)
     goal, slack = target.fraction, target.tolerance * target.fraction
-    tried: list[tuple[LatencyRound, Any, tuple]] = []
+    tried: list[tuple[LatencyRound, Any, tuple, Benchmark]] = []
     floor_ratio: float | None = None
     budget = goal
     for step in range(target.rounds):

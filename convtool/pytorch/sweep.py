@@ -24,9 +24,9 @@ from torch import nn
 from ..core.inputs import as_inputs, eval_mode, model_device, on_device, tensors_of
 from ..core.records import FlopsTarget
 from ..deploy.export import export_onnx
-from ..errors import InvalidOptionError, NothingToSeparateError, ProviderUnavailableError
+from ..errors import InvalidOptionError, NothingToSeparateError
 from ..measure.onnx_file import check_export_options
-from ..measure.onnxrt import feed, open_session, require_provider, time_sessions
+from ..measure.onnxrt import feed, require_provider, time_sessions, timing_session
 from ..plan.ranks import Costing
 from .search import HeldOut, split_held_out
 from .separate import _checked_options, _separate, _synthetic
@@ -285,9 +285,6 @@ def _export(model: nn.Module, inputs: tuple, path: Path, exporter: str) -> Path:
 def _timed(files: list[Path], inputs: tuple, provider: str, runs: int, warmup: int, threads: int | None) -> list[float]:
     """Median milliseconds of each file, all timed round-robin in one run (a file listed twice is opened once)."""
     unique = list(dict.fromkeys(files))
-    sessions = [open_session(f, provider, threads) for f in unique]
-    for session in sessions:
-        if session.get_providers()[0] != provider:
-            raise ProviderUnavailableError(f"cannot time on {provider}: onnxruntime fell back to the CPU")
+    sessions = [timing_session(f, provider, threads) for f in unique]
     medians = dict(zip(unique, time_sessions(sessions, feed(sessions[0], inputs), runs, warmup)))
     return [medians[f] for f in files]
