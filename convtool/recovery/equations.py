@@ -162,8 +162,7 @@ class NormalEquations:
 
     def relative_error(self, w: Tensor) -> float:
         """||Y - W^T X|| / ||Y|| for weights ``w`` shaped like :meth:`solve`'s result."""
-        w = w.to(self.xx)
-        residual = self.yy - 2 * float((w * self.xy).sum()) + float((w * (self.xx @ w)).sum())
+        residual = self.yy + _error_less_constant(self.xx, self.xy, w.to(self.xx))
         return math.sqrt(max(residual, 0.0) / self.yy) if self.yy > 0 else 0.0
 
     def solve(self, strength: float = 1e-6, prior: Tensor | None = None) -> Tensor:
@@ -195,12 +194,9 @@ class NormalEquations:
         xx, xy, held_xx, held_xy = sub(self.xx), sub(self.xy), sub(held.xx), sub(held.xy)
         start = sub(prior).to(xy)
 
-        def excess(w: Tensor) -> float:  # the held-out squared error less its constant part
-            return float((w * (held_xx @ w)).sum()) - 2 * float((w * held_xy).sum())
-
-        strength, best, previous = None, excess(start), math.inf
+        strength, best, previous = None, _error_less_constant(held_xx, held_xy, start), math.inf
         for candidate in SHRINKAGE:
-            score = excess(solve_normal_equations(xx, xy, candidate, start))
+            score = _error_less_constant(held_xx, held_xy, solve_normal_equations(xx, xy, candidate, start))
             if score < best or (score == best and strength is not None):  # ties: the prior, else the stronger
                 strength, best = candidate, score
             if score > previous:  # past the path's minimum
@@ -253,6 +249,11 @@ class NormalEquations:
             self.xx -= other.xx
             self.xy -= other.xy
             self.yy -= other.yy
+
+
+def _error_less_constant(xx: Tensor, xy: Tensor, w: Tensor) -> float:
+    """||Y - W^T X||² less ||Y||² (which no weights change), read off the equations: W·(XX^T W) - 2 W·XY^T."""
+    return float((w * (xx @ w)).sum()) - 2 * float((w * xy).sum())
 
 
 def add_held_out(fit: NormalEquations, held: NormalEquations, cols: Tensor, target: Tensor, slot: int | None,
