@@ -238,8 +238,8 @@ def _separate_onnx(model, output, rank, order, include, exclude, inputs, force, 
             ui.note(f"  left as it was: {skip.name}: {skip.reason}")
     for branch in result.branches:
         ui.note(f"counted: {branch}")
-    if result.not_refit:
-        ui.note(f"not refit (inside subgraphs or ending in a transposed conv, kept as their SVD factors): {', '.join(result.not_refit)}")
+    for skip in result.not_refit:
+        ui.note(f"not refit (kept as its SVD factors): {skip.name}: {skip.reason}")
     if result.budget_met is False:
         ui.note(f"note: the FLOP target {rank.fraction} cannot be met; every separated layer is at its cheapest")
     for run_ in result.runs:

@@ -2,13 +2,15 @@
 
 The same least squares as the PyTorch path (:class:`~convtool.recovery.equations.NormalEquations`
 over :func:`~convtool.recovery.equations.columns`): the original graph runs once per batch with
-every separated conv's output exposed as an extra graph output (the targets); then, layer by
-layer in execution order, the separated graph runs with that layer's last conv's input exposed
-and the already-refit weights fed in (its weights are graph inputs with the initializers as
-defaults), so later layers see the activations of refit earlier ones, as in the PyTorch path.
-As in the PyTorch path, a quarter of the data is held out to judge how far the least squares
-are shrunk towards the SVD initialisation (:func:`~convtool.recovery.equations.fitted`), then
-they are solved on all of it.
+every separated conv's output read out as an extra output (the targets; a conv in an ``If``
+branch or a ``Loop`` body included, :mod:`~convtool.onnx.probes`, on the batches where its
+graph runs); then, layer by layer in execution order, the separated graph runs with that
+layer's last conv's input read out and the already-refit weights fed in (its weights are
+graph inputs with the initializers as defaults), so later layers see the activations of refit
+earlier ones, as in the PyTorch path. A last conv that is a ``ConvTranspose`` is fitted as the
+stride-1 conv of its spread input, as there. As in the PyTorch path, a quarter of the data is
+held out to judge how far the least squares are shrunk towards the SVD initialisation
+(:func:`~convtool.recovery.equations.fitted`), then they are solved on all of it.
 """
 
 from __future__ import annotations
@@ -23,10 +25,13 @@ import torch
 import torch.nn.functional as F
 
 from ..core.modules import SamePadded
+from ..core.names import describe_error
+from ..errors import InvalidOptionError
 from ..measure.onnxrt import open_session
-from ..recovery.equations import NormalEquations, add_held_out, as_solution, columns, fitted, from_solution
+from ..recovery.equations import NormalEquations, add_held_out, as_solution, columns, conv_layout, fitted, from_solution, spread
 from .counts import node_attributes
 from .files import write_proto
+from .probes import Probe, Trail, exposed, in_order, samples
 
 
 @dataclass(frozen=True)
@@ -36,73 +41,184 @@ class LastConv:
     layer: str
     node: Any  # the onnx NodeProto of the pair's last conv
     target: str  # the dense conv's output value, written by the pair's last conv in the separated graph
+    trail: Trail = ()  # where the graph holding both lies (:mod:`~convtool.onnx.probes`): () for the main graph
 
 
-def refit_onnx(original, separated, lasts: Sequence[LastConv], batches: Sequence[list[np.ndarray]]) -> dict[str, float | None]:
-    """Refit every layer's last conv of ``separated`` (changed in place) on ``batches``; per layer, the error left.
+def last_convs(graph, outputs: dict[str, str], trails: dict[str, Trail]) -> list[LastConv]:
+    """Per layer, the node writing its output (``outputs``) in the graph its trail leads to; in execution order."""
+    wanted = {(trails[layer], value): layer for layer, value in outputs.items()}
+    found = []
+    for node, trail in in_order(graph):
+        layer = wanted.get((trail, node.output[0])) if node.output else None
+        if layer is not None:
+            found.append(LastConv(layer, node, node.output[0], trail))
+    return found
+
+
+def refit_onnx(original, separated, lasts: Sequence[LastConv], batches: Sequence[list[np.ndarray]],
+               ) -> tuple[dict[str, float | None], dict[str, str]]:
+    """Refit every layer's last conv of ``separated`` (changed in place) on ``batches``, in the order given
+    (execution order): per layer, the error left, and per layer left as it was, why.
 
     The error is ``||y - y_dense|| / ||y_dense||`` of the layer's output on the data, the inputs
-    as the refit pass met them; None for a layer whose output never came out of the runs.
+    as the refit pass met them. A layer in a branch no batch took, or in a graph its values
+    cannot be read out of, keeps its SVD factors.
     """
     from onnx import numpy_helper
 
     inits = {i.name: i for i in separated.graph.initializer}
+    why_not: dict[str, str] = {}
+    for last in lasts:
+        reason = _geometry_reason(last.node)
+        if reason:
+            why_not[last.layer] = reason
+    lasts = [last for last in lasts if last.layer not in why_not]
+    probe = lambda last, value: Probe(value, last.trail, inits[last.node.input[1]].data_type, len(inits[last.node.input[1]].dims))  # noqa: E731
+    errors: dict[str, float | None] = {}
     with tempfile.TemporaryDirectory(prefix="convtool-onnx-refit-") as tmp:
-        reference = _session(_exposed(original, [last.target for last in lasts]), Path(tmp) / "reference.onnx")
-        targets = [dict(zip([o.name for o in reference.get_outputs()], reference.run(None, _feed(reference, b)))) for b in batches]
-        del reference
+        targets, failed = _reference(original, {last.layer: probe(last, last.target) for last in lasts}, batches, Path(tmp))
+        why_not |= failed
+        for last in lasts:
+            if last.layer not in why_not and all(t.get(last.layer) is None for t in targets):
+                why_not[last.layer] = "its branch did not run on the calibration data" if last.trail else "its output never came out of the runs"
+        lasts = [last for last in lasts if last.layer not in why_not]
         weights = [name for last in lasts for name in last.node.input[1:] if name]
         current = {name: numpy_helper.to_array(inits[name]) for name in weights}
-        errors: dict[str, float | None] = {}
-        for last in lasts:
-            session = _session(_exposed(separated, [last.node.input[0]], overridable=weights), Path(tmp) / f"{len(errors)}.onnx")
-            errors[last.layer] = _refit_layer(session, last, batches, targets, current)
-            del session
+        for number, last in enumerate(lasts):
+            reading = probe(last, last.node.input[0])
+            model, carried, _ = exposed(separated, [reading], overridable=weights)  # its target came out: so will its input
+            session = _session(model, Path(tmp) / f"{number}.onnx")
+            del model
+            try:
+                errors[last.layer] = _refit_layer(session, last, carried[reading], reading.rank, batches,
+                                                  [t.get(last.layer) for t in targets], current)
+            except _RunFailed as error:
+                why_not[last.layer] = str(error)
+                continue
+            finally:
+                del session
+            if errors[last.layer] is None:
+                why_not[last.layer] = "its input never came out of the runs"
     for name, value in current.items():
         inits[name].CopyFrom(numpy_helper.from_array(value.astype(numpy_helper.to_array(inits[name]).dtype), name))
-    return errors
+    return {layer: error for layer, error in errors.items() if layer not in why_not}, why_not
 
 
-def _refit_layer(session, last: LastConv, batches, targets, current: dict[str, np.ndarray]) -> float | None:
+def _quiet():
+    """Run options that keep onnxruntime from logging a failure the refit reports in its own words."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.log_severity_level = 4
+    return options
+
+
+class _RunFailed(Exception):
+    """onnxruntime could not run a graph with a subgraph's value passed out of it."""
+
+
+def _reference(original, probes: dict[str, Probe], batches, tmp: Path) -> tuple[list[dict[str, np.ndarray | None]], dict[str, str]]:
+    """The dense convs' outputs per batch (per layer, samples of the value's rank; None where it did not run),
+    and the layers whose outputs could not be read out, with why.
+
+    Read all at once; where that fails (a loop whose iterations take different branches gives a
+    scan output of changing shape), the main graph's alone.
+    """
+    try:
+        return _run_probes(original, probes, batches, tmp)
+    except _RunFailed as error:
+        inner = [layer for layer, p in probes.items() if p.trail]
+        if not inner:
+            raise InvalidOptionError(f"the ONNX model does not run on the calibration data ({error}); check its shapes") from None
+        main = {layer: p for layer, p in probes.items() if not p.trail}
+        targets, failed = _run_probes(original, main, batches, tmp) if main else ([{} for _ in batches], {})
+        return targets, failed | {layer: f"its dense output could not be read out of the subgraph ({error})" for layer in inner}
+
+
+def _run_probes(model, probes: dict[str, Probe], batches, tmp: Path) -> tuple[list[dict[str, np.ndarray | None]], dict[str, str]]:
+    copy, carried, refused = exposed(model, list(probes.values()))
+    session = _session(copy, tmp / "reference.onnx")
+    names = [o.name for o in session.get_outputs()]
+    targets = []
+    for batch in batches:
+        try:
+            values = dict(zip(names, session.run(None, _feed(session, batch), _quiet())))
+        except Exception as error:
+            raise _RunFailed(f"onnxruntime: {describe_error(error)}") from None
+        targets.append({layer: samples(values[carried[p]], p.rank) for layer, p in probes.items() if p in carried})
+    return targets, {layer: refused[p] for layer, p in probes.items() if p in refused}
+
+
+def _refit_layer(session, last: LastConv, reading: str, rank: int, batches, targets, current: dict[str, np.ndarray]) -> float | None:
+    """Refit one layer's last conv on the batches where its values came out; None when they never did."""
     weight_name = last.node.input[1]
     bias_name = last.node.input[2] if len(last.node.input) > 2 and last.node.input[2] else None
-    weight = current[weight_name]
+    transposed = last.node.op_type == "ConvTranspose"
     attrs = node_attributes(last.node)
+    groups = int(attrs.get("group", 1))
+    weight = current[weight_name]
+    layout = conv_layout(torch.from_numpy(np.array(weight, dtype=np.float64)), groups, transposed)
     fit, held = NormalEquations(1 if bias_name else 0), NormalEquations(1 if bias_name else 0)
     names = [o.name for o in session.get_outputs()]
     # onnxruntime lists initializers that are also inputs apart from the inputs it requires
     overridable = {i.name for i in session.get_overridable_initializers()}
-    for number, (batch, target) in enumerate(zip(batches, targets), 1):
-        if last.target not in target:
-            return None
+    used = 0
+    for batch, target in zip(batches, targets):
         feed = _feed(session, batch) | {n: v for n, v in current.items() if n in overridable}
-        x = torch.from_numpy(dict(zip(names, session.run(None, feed)))[last.node.input[0]])
-        call = _call(x, weight, attrs)
-        add_held_out(fit, held, columns(call), torch.from_numpy(target[last.target]), 0 if bias_name else None, number)
-    as_torch = lambda a: torch.from_numpy(np.array(a, dtype=np.float64))  # noqa: E731
-    initial = as_solution(as_torch(weight), [as_torch(current[bias_name])] if bias_name else [], call["groups"])
+        try:
+            x = samples(dict(zip(names, session.run(None, feed, _quiet())))[reading], rank)
+        except Exception as error:
+            raise _RunFailed(f"its input could not be read out of the subgraph (onnxruntime: {describe_error(error)})") from None
+        if x is None or target is None:  # a branch this batch did not take
+            continue
+        used += 1
+        call = _call(torch.from_numpy(x), layout, attrs, transposed)
+        add_held_out(fit, held, columns(call), torch.from_numpy(target), 0 if bias_name else None, used)
+    if not used:
+        return None
+    initial = as_solution(layout, [torch.from_numpy(np.array(current[bias_name], dtype=np.float64))] if bias_name else [], groups)
     solution, strength = fitted(fit, held, initial)
     with fit.including(held) as every:
         error = every.relative_error(solution)
     if strength is None:  # the initialisation kept
         return error
-    new_weight, new_biases = from_solution(solution, weight.shape, 1 if bias_name else 0)
-    current[weight_name] = new_weight.numpy().astype(weight.dtype)
+    new_weight, new_biases = from_solution(solution, layout.shape, 1 if bias_name else 0)
+    current[weight_name] = conv_layout(new_weight, groups, transposed).numpy().astype(weight.dtype)
     if bias_name:
         current[bias_name] = new_biases[0].numpy().astype(current[bias_name].dtype)
     return error
 
 
-def _call(x: torch.Tensor, weight: np.ndarray, attrs: dict) -> dict[str, Any]:
-    """A conv call (as :func:`columns` takes it) for an ONNX Conv's input: its padding applied to ``x`` first."""
-    kernel = list(weight.shape[2:])
+def _geometry_reason(node) -> str | None:
+    """Why a transposed last conv's padding cannot be read off its attributes (then it is not refit)."""
+    attrs = node_attributes(node)
+    auto = attrs.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if node.op_type == "ConvTranspose" and ("output_shape" in attrs or auto not in ("NOTSET", "VALID")):
+        return "its last conv is a ConvTranspose sized by output_shape or auto_pad: its SVD factors stay"
+    return None
+
+
+def _call(x: torch.Tensor, layout: torch.Tensor, attrs: dict, transposed: bool) -> dict[str, Any]:
+    """A conv call (as :func:`columns` takes it) for an ONNX Conv's input, ``layout`` its weight as a conv's:
+    its padding applied to ``x`` first; a ConvTranspose's input spread by its strides first, its
+    padding read as the equivalent conv's (what the kernel overhangs, less the pads, plus the output padding)."""
+    kernel = list(layout.shape[2:])
     dims = len(kernel)
     strides = list(attrs.get("strides", [1] * dims))
     dilations = list(attrs.get("dilations", [1] * dims))
-    pads = _pads(attrs, list(x.shape[2:]), kernel, strides, dilations)
+    if transposed:
+        x = spread(x, strides)
+        pads = list(attrs.get("pads", [0] * (2 * dims))) if attrs.get("auto_pad", b"NOTSET") not in ("VALID", b"VALID") else [0] * (2 * dims)
+        extra = list(attrs.get("output_padding", [0] * dims))
+        overhang = [d * (k - 1) for k, d in zip(kernel, dilations)]
+        pads = [p for i in reversed(range(dims)) for p in (overhang[i] - pads[i], overhang[i] - pads[dims + i] + extra[i])]
+        strides = [1] * dims
+    else:
+        pads = _pads(attrs, list(x.shape[2:]), kernel, strides, dilations)
     if any(pads):
-        x = F.pad(x, pads)
-    return dict(input=x, weight=torch.empty(weight.shape, dtype=torch.float64), stride=tuple(strides), padding=0,
+        x = F.pad(x, pads)  # negative pads crop
+    return dict(input=x, weight=torch.empty(layout.shape, dtype=torch.float64), stride=tuple(strides), padding=0,
                 dilation=tuple(dilations), groups=int(attrs.get("group", 1)))
 
 
@@ -120,25 +236,6 @@ def _pads(attrs: dict, size: list[int], kernel: list[int], strides: list[int], d
         pads = list(attrs.get("pads", [0] * (2 * dims)))
         begins, ends = pads[:dims], pads[dims:]
     return [p for b, e in reversed(list(zip(begins, ends))) for p in (b, e)]
-
-
-def _exposed(model, values: Sequence[str], overridable: Sequence[str] = ()):
-    """A copy of ``model`` with ``values`` as extra outputs and the initializers ``overridable`` as inputs too."""
-    import onnx
-    from onnx import helper
-
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    graph = exposed.graph
-    have = {o.name for o in graph.output}
-    graph.output.extend(helper.make_empty_tensor_value_info(v) for v in dict.fromkeys(values) if v not in have)
-    inputs = {i.name for i in graph.input}
-    for init in graph.initializer:
-        if init.name in overridable and init.name not in inputs:
-            graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-    if exposed.ir_version < 4:
-        exposed.ir_version = 4  # initializers outside the inputs need IR 4; nothing else here depends on it
-    return exposed
 
 
 def _session(model, path: Path):

@@ -38,7 +38,7 @@ from .counts import count_onnx, onnx_analysis
 from .feeds import calibration_feeds, example_feeds, given_values
 from .files import load_onnx, passes_check, write_proto, write_with_weights_beside
 from .graph import fold_batchnorm, install_pairs, live_nodes
-from .refit import LastConv, refit_onnx
+from .refit import last_convs, refit_onnx
 from .sites import find_sites, model_scopes, site_stats
 
 
@@ -84,7 +84,7 @@ class OnnxSeparation:
     runs: tuple[OnnxRun, ...] = ()
     original: Any = field(default=None, repr=False, compare=False)  # the input proto; None when it was a file (``source``)
     folded_batchnorms: tuple[str, ...] = ()  # BatchNormalization nodes folded into the pair before them
-    not_refit: tuple[str, ...] = ()  # layers calibration does not refit (inside subgraphs, or ending in a transposed conv): their SVD factors stay
+    not_refit: tuple[SkippedLayer, ...] = ()  # layers calibration did not refit, with why (a branch no batch took, say): their SVD factors stay
     branches: tuple[str, ...] = ()  # which branch of each If (and how many loop iterations) the FLOPs count
     feeds: tuple = field(default=(), repr=False, compare=False)  # the inputs it ran on, in the graph's order
     source: Path | None = field(default=None, repr=False, compare=False)  # the file the model was read from
@@ -235,19 +235,16 @@ def _separate(model, example_inputs, rank, order, include, exclude, calibration,
     if not layers:
         reason = next((s.reason for s in reversed(skipped)), "every conv stays dense")
         raise NothingToSeparateError(f"nothing to separate: every conv stays dense ({reason})")
-    main = [layer for layer in layers if not where[layer.name].scope.path]
+    trails = {layer.name: where[layer.name].scope.trail for layer in layers}
+    main = [layer for layer in layers if not trails[layer.name]]
     del scopes, sites, where  # their arrays of every weight: not needed past the rewrite (peak memory)
     release_freed_memory()
-    not_refit = ()
+    not_refit: tuple[SkippedLayer, ...] = ()
     if calibration is not None:
-        # A subgraph's values cannot be graph outputs, and a pair ending in a transposed conv has no
-        # least squares here: those pairs keep their SVD factors (and the result says so).
-        last_node = {layer.name: next(n for n in graph.node if n.output and n.output[0] == outputs[layer.name][-1]) for layer in main}
-        refit = [layer for layer in main if last_node[layer.name].op_type == "Conv"]
-        not_refit = tuple(layer.name for layer in layers if layer not in refit)
-        lasts = [LastConv(layer.name, last_node[layer.name], outputs[layer.name][-1]) for layer in refit]
+        lasts = last_convs(graph, {layer.name: outputs[layer.name][-1] for layer in layers}, trails)
         batches = calibration_feeds(calibration, work, fixed, feeds[0].shape[0] if feeds and feeds[0].ndim else None)
-        errors = refit_onnx(original if original is not None else load_onnx(source), work, lasts, batches) if lasts else {}
+        errors, why_not = refit_onnx(original if original is not None else load_onnx(source), work, lasts, batches)
+        not_refit = tuple(SkippedLayer(layer.name, why_not[layer.name]) for layer in layers if layer.name in why_not)
         layers = [dataclasses.replace(layer, output_error=errors.get(layer.name)) for layer in layers]
     renamed = fold_batchnorm(graph, [outputs[layer.name] for layer in main], work.ir_version < 4) if fold_bn else {}
     folded = [bn for bn, _ in renamed.values()]

@@ -20,6 +20,7 @@ from ..plan.ranks import SiteStats
 from ..plan.site import Site, Use, pattern_reason, shape_reason
 from .constants import Constants, model_constants
 from .counts import OnnxCounts, node_attributes
+from .probes import Trail, subgraphs
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Scope:
     graph: Any
     path: str
     constants: Constants
+    trail: Trail = ()  # how to reach it from the main graph (:mod:`~convtool.onnx.probes`)
 
 
 @dataclass
@@ -44,17 +46,21 @@ def model_scopes(model) -> list[Scope]:
     """The main graph and its subgraphs at any depth, parents before children."""
     found: list[Scope] = []
 
-    def walk(graph, path: str, constants: Constants) -> None:
-        found.append(Scope(graph, path, constants))
+    def walk(graph, path: str, trail: Trail, constants: Constants) -> None:
+        found.append(Scope(graph, path, constants, trail))
         for node in graph.node:
-            for attr in node.attribute:
-                for i, sub in enumerate([attr.g] if attr.HasField("g") else list(attr.graphs)):
-                    where = f"{path}/" if path else ""
-                    where += f"{node.name or node.output[0]}/{attr.name}" + ("" if attr.HasField("g") else f".{i}")
-                    walk(sub, where, constants.inner(sub))
+            for name, i, sub in subgraphs(node):
+                where = f"{path}/" if path else ""
+                where += f"{node.name or node.output[0]}/{name}" + ("" if _single(node, name) else f".{i}")
+                walk(sub, where, (*trail, (node.output[0] if node.output else "", name, i)), constants.inner(sub))
 
-    walk(model.graph, "", model_constants(model))
+    walk(model.graph, "", (), model_constants(model))
     return found
+
+
+def _single(node, attribute: str) -> bool:
+    """Whether the attribute holds one graph (``g``), not a list of them."""
+    return any(a.name == attribute and a.HasField("g") for a in node.attribute)
 
 
 def find_sites(scopes: list[Scope], overridable: set[str], include: Sequence[str], exclude: Sequence[str],

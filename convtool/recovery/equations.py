@@ -51,13 +51,18 @@ def columns(call: dict[str, Any]) -> Tensor:
 
 def _spread(x: Tensor, kernel, stride, padding, dilation, output_padding) -> tuple[Tensor, tuple, tuple]:
     """A transposed conv's input as the equivalent conv sees it: zeros between pixels, stride 1, and its padding."""
-    b, c, *size = x.shape
-    spread = x.new_zeros(b, c, *((n - 1) * s + 1 for n, s in zip(size, stride)))
-    spread[(slice(None), slice(None), *(slice(None, None, s) for s in stride))] = x
     pad = []
     for k, p, d, o in reversed(list(zip(kernel, padding, dilation, output_padding))):
         pad += [d * (k - 1) - p, d * (k - 1) - p + o]  # negative crops
-    return spread, (1,) * len(kernel), tuple(pad)
+    return spread(x, stride), (1,) * len(kernel), tuple(pad)
+
+
+def spread(x: Tensor, stride: Sequence[int]) -> Tensor:
+    """``x`` (batch, channels, *size) with ``stride - 1`` zeros between its pixels: a transposed conv's input as a stride-1 conv reads it."""
+    b, c, *size = x.shape
+    out = x.new_zeros(b, c, *((n - 1) * s + 1 for n, s in zip(size, stride)))
+    out[(slice(None), slice(None), *(slice(None, None, s) for s in stride))] = x
+    return out
 
 
 def _unfold(x: Tensor, kernel, dilation, stride) -> Tensor:

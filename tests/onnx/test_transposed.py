@@ -17,19 +17,19 @@ RNG = np.random.default_rng(0)
 
 def _run(model, x: np.ndarray) -> np.ndarray:
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"x": x})[0]
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
 
 
-def _transposed_graph(dims: int, group: int = 1, bias: bool = True, **attrs):
-    """x -> ConvTranspose -> Relu -> y, with the output's shape declared as onnxruntime computes it."""
+def _transposed_graph(dims: int, group: int = 1, bias: bool = True, relu: bool = True, **attrs):
+    """x -> ConvTranspose -> Relu -> y (no Relu without ``relu``), with the output's shape declared as onnxruntime computes it."""
     channels_in, per_group_out = 16, 16 // group  # wide enough that an upsampling pair costs less than the dense conv
     weight = numpy_helper.from_array(RNG.standard_normal((channels_in, per_group_out, *[3] * dims)).astype(np.float32), "w")
     inits = [weight] + ([numpy_helper.from_array(RNG.standard_normal(per_group_out * group).astype(np.float32), "b")] if bias else [])
     x_shape = [1, channels_in, *[5] * dims]
 
     def build(out_shape):
-        nodes = [helper.make_node("ConvTranspose", ["x", "w", *(["b"] if bias else [])], ["t"], name="up", group=group, **attrs),
-                 helper.make_node("Relu", ["t"], ["y"], name="relu")]
+        nodes = [helper.make_node("ConvTranspose", ["x", "w", *(["b"] if bias else [])], ["t" if relu else "y"], name="up", group=group, **attrs)]
+        nodes += [helper.make_node("Relu", ["t"], ["y"], name="relu")] if relu else []
         graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
                                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits)
         return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -112,14 +112,49 @@ def test_transposed_convs_in_both_branches_of_an_if():
     onnx.checker.check_model(one.model, full_check=True)
 
 
+@pytest.mark.parametrize("dims", [1, 2, 3])
 @pytest.mark.parametrize("order", ["dw-pw", "pw-dw"])
-def test_calibration_refits_a_pair_ending_in_a_pointwise_conv_and_names_the_other(order):
-    model, x = _transposed_graph(dims=2, strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1])
-    data = RNG.standard_normal((16, *x.shape[1:])).astype(np.float32)
-    result = convtool.separate_onnx(model, [x], rank=2, order=order, calibration=data)
-    (layer,) = result.layers
-    if order == "dw-pw":  # the last conv is the 1x1 Conv: least squares as for any conv
-        assert result.not_refit == () and layer.output_error is not None
-    else:  # the last conv is the transposed depthwise one: its SVD factors stay, and the result says so
-        assert result.not_refit == ("up",) and layer.output_error is None
+def test_calibration_refits_a_transposed_pair_in_either_order_as_the_torch_path_does(tmp_path, order, dims):
+    # pw-dw ends in the transposed depthwise conv: fitted as the stride-1 conv of its spread input
+    torch.manual_seed(0)
+    conv, up = (getattr(torch.nn, f"{kind}{dims}d") for kind in ("Conv", "ConvTranspose"))
+    model = torch.nn.Sequential(conv(4, 16, 3, padding=1), torch.nn.ReLU(), up(16, 16, 3, stride=2, padding=1, output_padding=1)).eval()
+    data = torch.randn(24, 4, *[6] * dims)
+    path = convtool.export_onnx(model, data[:1], tmp_path / "m.onnx").path
+    svd = convtool.separate_onnx(path, data[:1], rank=1, order=order)
+    refit = convtool.separate_onnx(path, data[:1], rank=1, order=order, calibration=data)
+    from_torch = convtool.separate(model, data[:1], rank=1, order=order, calibration=data)
+    assert refit.not_refit == () and all(layer.output_error is not None for layer in refit.layers)
+    with torch.no_grad():
+        ref = model(data).numpy()
+        torch_error = float(np.linalg.norm(from_torch.model(data).numpy() - ref) / np.linalg.norm(ref))
+    error = lambda m: float(np.linalg.norm(_run(m, data.numpy()) - ref) / np.linalg.norm(ref))  # noqa: E731
+    assert error(refit.model) < 0.97 * error(svd.model)
+    assert error(refit.model) == pytest.approx(torch_error, rel=0.05)
+
+
+@pytest.mark.parametrize("case", ["1d", "2d", "3d", "2d-grouped", "2d-no-bias"])
+def test_the_refit_reads_onnx_padding_as_onnxruntime_does(case):
+    # asymmetric pads and output padding torch cannot write: the error the refit claims is the one measured
+    model, x = _transposed_graph(**CASES[case], relu=False)
+    # channels mostly one image (white noise would leave the SVD pair optimal, and the refit with nothing to do)
+    image = RNG.standard_normal((24, 1, *x.shape[2:]))
+    data = (image * RNG.uniform(0.5, 1.5, (1, x.shape[1], *[1] * (x.ndim - 2))) + 0.1 * RNG.standard_normal((24, *x.shape[1:])))
+    data = data.astype(np.float32)
+    svd = convtool.separate_onnx(model, [x], rank=1, order="pw-dw")
+    refit = convtool.separate_onnx(model, [x], rank=1, order="pw-dw", calibration=data)
+    (layer,) = refit.layers
+    each = lambda m: np.concatenate([_run(m, d[None]) for d in data])  # noqa: E731 - the graph takes one sample
+    ref = each(model)
+    error = lambda m: float(np.linalg.norm(each(m) - ref) / np.linalg.norm(ref))  # noqa: E731
+    assert layer.output_error == pytest.approx(error(refit.model), rel=1e-3)
+    assert error(refit.model) < 0.95 * error(svd.model)
+
+
+def test_a_transposed_pair_sized_by_auto_pad_keeps_its_factors_and_says_why():
+    model, x = _transposed_graph(**CASES["auto-pad"])
+    data = RNG.standard_normal((8, *x.shape[1:])).astype(np.float32)
+    result = convtool.separate_onnx(model, [x], rank=1, order="pw-dw", calibration=data)
+    ((name, reason),) = [(s.name, s.reason) for s in result.not_refit]
+    assert name == "up" and "auto_pad" in reason and result.layers[0].output_error is None
     assert result.verified
