@@ -160,3 +160,20 @@ def _standard_convs(model) -> list[str]:
             if node.op_type == "Conv" and node_attributes(node).get("group", 1) == 1 and any(d > 1 for d in node_attributes(node).get("kernel_shape", [1])):
                 found.append(node.name)
     return found
+
+
+def test_a_conv_in_a_scan_body_is_refit_on_every_step():
+    # a video-like input (steps, batch, channels, h, w) scanned over its first axis, a conv per step
+    w = numpy_helper.from_array(RNG.standard_normal((N, M, 3, 3)).astype(np.float32), "w_step")
+    body = helper.make_graph([_conv("frame", "w_step", "out", "conv")], "step", [_value("frame")], [_value("out")])
+    scan = helper.make_node("Scan", ["x"], ["y"], name="scan", body=body, num_scan_inputs=1, scan_output_axes=[0])
+    graph = helper.make_graph([scan], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, None, M, 7, 7])], [_value("y", 5)], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    clips = lambda n: [torch.stack([x, 0.5 * x, 2 * x]) for x in _one_signal(n)]  # noqa: E731 - three steps of one image each
+    data = clips(4)
+    svd = convtool.separate_onnx(model, [data[0].numpy()], rank=1)
+    refit = convtool.separate_onnx(model, [data[0].numpy()], rank=1, calibration=data)
+    assert refit.not_refit == () and refit.layers[0].output_error < 0.01
+    fresh = [x.numpy() for x in clips(2)]
+    assert _error(refit.model, model, fresh) < 0.01 < 0.2 < _error(svd.model, model, fresh)
