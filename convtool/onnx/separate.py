@@ -11,8 +11,8 @@ Every other node, initializer, input, output, opset import and metadata entry is
 Ranks are decided by the torch path's planner (:func:`~convtool.plan.ranks.make_plan`): a
 fixed rank, an energy, or a FLOP target costed from the shapes onnx infers, counted as fvcore
 counts (:mod:`~convtool.onnx.counts`); calibration refits with the same least squares
-(:mod:`~convtool.onnx.refit`). Not yet here (see docs/limitations.md): the runtime form
-(BatchNorm folding, branches) and the latency filter.
+(:mod:`~convtool.onnx.refit`), in subgraphs too. Not yet here (see docs/limitations.md):
+distillation, the latency filter, and BatchNorm folding inside subgraphs.
 """
 
 from __future__ import annotations
