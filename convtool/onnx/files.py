@@ -18,12 +18,97 @@ def load_onnx(model: Any):
     if not path.is_file():
         raise OnnxFileError(f"{path} does not exist")
     try:
-        proto = onnx.load(str(path))
+        proto = _read_in_pieces(path) if _is_binary(path) else onnx.load(str(path))
     except Exception as error:
         raise OnnxFileError(f"{path} is not a valid ONNX model ({type(error).__name__}: {error})") from None
     if not proto.graph.node:  # protobuf parses many byte strings as an empty message
         raise OnnxFileError(f"{path} is not a valid ONNX model (it holds no graph nodes); export it again")
     return proto
+
+
+def _is_binary(path: Path) -> bool:
+    """Whether onnx reads ``path`` as protobuf's binary format (not one of its text formats, by the suffix)."""
+    from onnx import serialization
+
+    return serialization.registry.get_format_from_file_extension(path.suffix) in (None, "protobuf")
+
+
+def _read_in_pieces(path: Path):
+    """The model in the file at ``path``, as ``onnx.load`` reads it, parsed a node and a weight at a time.
+
+    ``onnx.load`` holds the file's bytes and the proto at once, twice the model; here the bytes
+    of one node or weight at a time. The main graph's nodes and initializers are parsed one by
+    one into the model; every other field, as it is written, in one parse at the end (the
+    order of each repeated field is kept, so the proto is the same). External data is read as
+    ``onnx.load`` reads it.
+    """
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
+
+    model = onnx.ModelProto()
+    with open(path, "rb") as stream:
+        size = stream.seek(0, os.SEEK_END)
+        stream.seek(0)
+        rest, buffer = bytearray(), bytearray()
+        for number, head, length in _fields(stream, size, rest):
+            if number == _GRAPH:
+                graph_rest = bytearray()
+                by_number = {1: model.graph.node, 5: model.graph.initializer}  # onnx.proto's GraphProto field numbers
+                for part, part_head, part_length in _fields(stream, stream.tell() + length, graph_rest):
+                    streamed = by_number.get(part)
+                    if streamed is not None:
+                        if len(buffer) < part_length:  # one buffer, the largest piece's size: glibc keeps no freed copies
+                            buffer = bytearray(part_length)
+                        with memoryview(buffer)[:part_length] as body:
+                            if stream.readinto(body) != part_length:
+                                raise ValueError("the file ends inside a weight (truncated)")
+                            streamed.add().ParseFromString(body)
+                    else:
+                        graph_rest += part_head + _read(stream, part_length)
+                model.graph.MergeFromString(bytes(graph_rest))
+            else:
+                rest += head + _read(stream, length)
+        model.MergeFromString(bytes(rest))
+    load_external_data_for_model(model, str(path.parent))
+    return model
+
+
+def _fields(stream, end: int, rest: bytearray):
+    """Each length-delimited field of the message in ``stream`` up to ``end``: (number, tag and length bytes, length),
+    the stream at its body for the caller to read; other fields are appended to ``rest`` as written."""
+    while stream.tell() < end:
+        tag = _read_varint(stream)
+        number, wire = tag[0] >> 3, tag[0] & 7
+        if wire == 2:
+            length = _read_varint(stream)
+            yield number, tag[1] + length[1], length[0]
+        elif wire == 0:
+            rest += tag[1] + _read_varint(stream)[1]
+        elif wire in (1, 5):
+            rest += tag[1] + _read(stream, 8 if wire == 1 else 4)
+        else:
+            raise ValueError(f"wire type {wire} at byte {stream.tell()}: not an ONNX model's")
+    if stream.tell() != end:
+        raise ValueError(f"a field runs past its message's end (byte {end})")
+
+
+def _read_varint(stream) -> tuple[int, bytes]:
+    """A varint from ``stream``: its value and its bytes."""
+    raw = bytearray()
+    while True:
+        byte = stream.read(1)
+        if not byte or len(raw) == 10:
+            raise ValueError("the file ends inside a number (truncated)" if not byte else "a number over 10 bytes")
+        raw += byte
+        if not byte[0] & 0x80:
+            return sum((b & 0x7F) << (7 * i) for i, b in enumerate(raw)), bytes(raw)
+
+
+def _read(stream, length: int) -> bytes:
+    data = stream.read(length)
+    if len(data) != length:
+        raise ValueError(f"the file ends {length - len(data)} bytes early (truncated)")
+    return data
 
 
 def passes_check(model, full: bool) -> bool:

@@ -12,7 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import convtool
 import convtool.onnx.separate as separate_module
-from convtool.onnx.files import read_with_weights_beside, write_proto, write_with_weights_beside
+from convtool.errors import OnnxFileError
+from convtool.onnx.files import load_onnx, read_with_weights_beside, write_proto, write_with_weights_beside
 from convtool.onnx.separate import save_onnx
 
 RNG = np.random.default_rng(0)
@@ -138,3 +139,26 @@ def test_the_result_is_held_to_the_check_the_original_passes(tmp_path):
     result = convtool.separate_onnx(path, x, rank="full")
     assert result.verified and result.relative_error < 1e-5
     onnx.checker.check_model(result.model)
+
+
+def test_a_file_is_read_as_onnx_reads_it(tmp_path):
+    model = _model()
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    read = load_onnx(path)
+    assert read.SerializeToString() == onnx.load(str(path)).SerializeToString() == model.SerializeToString()
+    onnx.save(_model(), str(tmp_path / "e.onnx"), save_as_external_data=True, size_threshold=0, location="e.data")
+    assert onnx.load(str(tmp_path / "e.onnx"), load_external_data=False).graph.initializer[0].data_location == TensorProto.EXTERNAL
+    external = load_onnx(tmp_path / "e.onnx")  # its weights read from beside it, as onnx.load does
+    assert external == onnx.load(str(tmp_path / "e.onnx"))
+    assert not [i for i in external.graph.initializer if i.data_location == TensorProto.EXTERNAL]
+    onnx.save(model, str(tmp_path / "m.textproto"))  # a text format: onnx reads it
+    assert load_onnx(tmp_path / "m.textproto") == model
+
+
+@pytest.mark.parametrize("cut", [1, 7, 300, -1])
+def test_a_truncated_file_is_not_a_valid_model(tmp_path, cut):
+    data = _model().SerializeToString()
+    (tmp_path / "t.onnx").write_bytes(data[:cut])
+    with pytest.raises(OnnxFileError, match="not a valid ONNX model"):
+        load_onnx(tmp_path / "t.onnx")
