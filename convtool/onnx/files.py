@@ -158,8 +158,10 @@ def _pieces(model) -> tuple[int, Any]:
     (and the size protobuf's own) when the model or its graph holds fields this onnx does not know:
     protobuf writes those last, so the model is written whole then.
     """
-    from google.protobuf import unknown_fields
-
+    try:
+        from google.protobuf import unknown_fields
+    except ImportError:  # protobuf before 4.24 cannot show them: written whole
+        return model.ByteSize(), None
     if len(unknown_fields.UnknownFieldSet(model)) or len(unknown_fields.UnknownFieldSet(model.graph)):
         return model.ByteSize(), None
     graph = model.graph
