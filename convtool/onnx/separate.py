@@ -36,7 +36,7 @@ from ..measure.onnxrt import missing_reason, open_session, provider_name, releas
 from ..plan.ranks import make_plan
 from .counts import count_onnx, onnx_analysis
 from .feeds import calibration_feeds, example_feeds, given_values
-from .files import load_onnx, passes_check, write_proto, write_with_weights_beside
+from .files import load_onnx, passes_check, read_with_weights_beside, write_proto, write_with_weights_beside
 from .graph import fold_batchnorm, install_pairs, live_nodes
 from .refit import last_convs, refit_onnx
 from .sites import find_sites, model_scopes, site_stats
@@ -194,18 +194,15 @@ def _separate(model, example_inputs, rank, order, include, exclude, calibration,
 
     source = None if isinstance(model, onnx.ModelProto) else Path(model)
     original = load_onnx(model)
-    # The result is held to what the original meets: the full check, the plain one, or (for a
-    # file onnxruntime runs but the checker refuses) onnxruntime alone.
-    # A file is checked from the file (onnx reads it on its side: no serialised copy of the proto).
-    checks = [full for full in (True, False) if passes_check(str(source) if source is not None else original, full)][:1]
     feeds, why_not = example_feeds(original, example_inputs)
     fixed = given_values(original, example_inputs)
     if feeds is None and example_inputs is None and calibration is not None:  # the first calibration batch, then
         feeds, why_not = calibration_feeds(calibration, original, fixed)[0], None
-    original_file = None
-    if feeds is not None:  # written for onnxruntime now, while the proto is at hand: the rewrite reuses it
-        original_file = staging / "original.onnx"
-        write_with_weights_beside(original, original_file)
+    # Written for onnx's checker and onnxruntime now, while the proto is at hand (the rewrite reuses it).
+    original_file = staging / "original.onnx"
+    write_with_weights_beside(original, original_file)
+    release_freed_memory()
+    checks = _checks_passed(original_file)
     counts = None
     if feeds is not None:
         try:
@@ -243,20 +240,28 @@ def _separate(model, example_inputs, rank, order, include, exclude, calibration,
     if calibration is not None:
         lasts = last_convs(graph, {layer.name: outputs[layer.name][-1] for layer in layers}, trails)
         batches = calibration_feeds(calibration, work, fixed, feeds[0].shape[0] if feeds and feeds[0].ndim else None)
-        errors, why_not = refit_onnx(original if original is not None else load_onnx(source), work, lasts, batches)
-        not_refit = tuple(SkippedLayer(layer.name, why_not[layer.name]) for layer in layers if layer.name in why_not)
+        errors, kept = refit_onnx(original if original is not None else load_onnx(source), work, lasts, batches)
+        not_refit = tuple(SkippedLayer(layer.name, kept[layer.name]) for layer in layers if layer.name in kept)
         layers = [dataclasses.replace(layer, output_error=errors.get(layer.name)) for layer in layers]
     renamed = fold_batchnorm(graph, [outputs[layer.name] for layer in main], work.ir_version < 4) if fold_bn else {}
     folded = [bn for bn, _ in renamed.values()]
     # Written once, then checked and run from the file: no serialised copy of the proto beside it.
     written = staging / "separated.onnx"
-    write_with_weights_beside(work, written)
+    write_with_weights_beside(work, written, typed_lists=False)  # read back below: the same proto
+    dead = created - live_nodes(graph)
+    # The rewritten proto still holds every replaced weight (protobuf frees none of a message's
+    # memory while any part of it lives): it is dropped while onnxruntime runs, then read back
+    # from the file, compact.
+    del work, graph
+    lasts = None  # noqa: F841 (its LastConv records hold the proto's nodes)
+    release_freed_memory()
     try:
         for full in checks:
             onnx.checker.check_model(str(written), full_check=full)
     except Exception as error:  # a bug of this pass, not the user's
         raise SeparationError(f"the separated ONNX model fails onnx.checker ({error}); please report it") from None
-    runs, verification = _verify(original_file, written, work.graph, feeds, why_not, created, providers)
+    runs, verification = _verify(original_file, written, dead, feeds, why_not, providers)
+    work = read_with_weights_beside(written)
     cpu = next((r for r in runs if r.provider == "CPUExecutionProvider" and r.ran), None)
     verified, max_abs, relative = cpu is not None, cpu.max_abs_error if cpu else None, cpu.relative_error if cpu else None
     flops: tuple[int | None, int | None] = (None, None)
@@ -279,17 +284,26 @@ def _with_flops(layer: LayerChange, dense: int | None, pair: list[int | None]) -
     return dataclasses.replace(layer, flops_before=dense, flops_after=sum(pair), calls=1)
 
 
-def _verify(original: Path | None, separated: Path, graph, feeds, why_not: str | None, created: set[str], providers: Sequence[str],
-            ) -> tuple[list[OnnxRun], str]:
-    """Run both models on each provider and compare; check every new node (of ``graph``, the separated one) feeds a graph output.
+def _checks_passed(path: Path) -> list[bool]:
+    """The check the result is held to: the full one (with shape inference), the plain one, or none.
 
-    ``original`` and ``separated``: the paths of the two models' files (the original's None
-    without inputs). The CPU is always among the providers: it is what ``verified`` stands on.
+    What the original meets: none for a file onnxruntime runs but the checker refuses. Read from
+    ``path``, the original's file with its weights beside (one check costs the proto's size, not
+    three times the weights); the separated file is checked in the same form.
+    """
+    return next(([full] for full in (True, False) if passes_check(str(path), full)), [])
+
+
+def _verify(original: Path, separated: Path, dead: set[str], feeds, why_not: str | None, providers: Sequence[str],
+            ) -> tuple[list[OnnxRun], str]:
+    """Run both models on each provider and compare, unless a new node (``dead``) feeds no graph output.
+
+    ``original`` and ``separated``: the paths of the two models' files. The CPU is always among
+    the providers: it is what ``verified`` stands on.
     """
     names = list(dict.fromkeys(["CPUExecutionProvider", *(provider_name(p) for p in providers)]))
     if feeds is None:
         return [OnnxRun(n, False, reason=f"not run: {why_not}") for n in names], f"not run: {why_not}"
-    dead = created - live_nodes(graph)
     if dead:
         reason = f"not proven: nodes {sorted(dead)} reach no graph output"
         return [OnnxRun(n, False, reason=reason) for n in names], reason
