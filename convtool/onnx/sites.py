@@ -45,16 +45,19 @@ class ConvNode:
 def model_scopes(model) -> list[Scope]:
     """The main graph and its subgraphs at any depth, parents before children."""
     found: list[Scope] = []
-
-    def walk(graph, path: str, trail: Trail, constants: Constants) -> None:
-        found.append(Scope(graph, path, constants, trail))
-        for node in graph.node:
+    # A loop, not a recursive closure: a closure calling itself is a reference cycle, which kept
+    # the scopes (and through them the whole proto) alive until the garbage collector next ran.
+    pending = [Scope(model.graph, "", model_constants(model))]
+    while pending:
+        scope = pending.pop()
+        found.append(scope)
+        children = []
+        for node in scope.graph.node:
             for name, i, sub in subgraphs(node):
-                where = f"{path}/" if path else ""
+                where = f"{scope.path}/" if scope.path else ""
                 where += f"{node.name or node.output[0]}/{name}" + ("" if _single(node, name) else f".{i}")
-                walk(sub, where, (*trail, (node.output[0] if node.output else "", name, i)), constants.inner(sub))
-
-    walk(model.graph, "", (), model_constants(model))
+                children.append(Scope(sub, where, scope.constants.inner(sub), (*scope.trail, (node.output[0] if node.output else "", name, i))))
+        pending += reversed(children)  # depth first, in the graphs' order
     return found
 
 

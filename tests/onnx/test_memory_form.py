@@ -201,3 +201,21 @@ def test_the_rewritten_proto_is_let_go_while_onnxruntime_runs(tmp_path, monkeypa
     monkeypatch.setattr(separate_module, "read_with_weights_beside", watched)
     result = convtool.separate_onnx(path, x, rank=2, calibration=RNG.standard_normal((4, 8, 10, 10)).astype(np.float32) if calibrated else None)
     assert result.verified and not held
+
+
+def test_the_scopes_of_a_model_are_freed_without_the_garbage_collector():
+    """A reference cycle around the scopes (a recursive closure made one) kept the whole proto until
+    the collector next ran: a resident copy of the model through onnxruntime's sessions."""
+    import gc
+    import weakref
+
+    from convtool.onnx.sites import model_scopes
+
+    gc.disable()
+    try:
+        scopes = model_scopes(_model())
+        first = weakref.ref(scopes[0])
+        del scopes
+        assert first() is None
+    finally:
+        gc.enable()
