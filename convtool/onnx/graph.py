@@ -10,6 +10,7 @@ import torch
 
 from ..core.decompose import separable_factors
 from ..core.records import LayerChange
+from ..measure.onnxrt import release_freed_memory
 from ..plan.site import Site
 from .counts import all_graphs, node_attributes
 
@@ -87,6 +88,8 @@ def install_pairs(model, scopes, where, sites: dict[str, Site], picks: dict, lay
     Returns the layers' records (in the order of ``scopes``), per layer the values its nodes write
     (its output last), and the names of the nodes created. Dense weights, and the Constant nodes
     and Identity/Cast/Reshape chains that made them, are dropped once nothing reads them.
+    ``sites`` is consumed: each site (a copy of its dense weight) is let go once its pair is
+    built, so a large model's dense weights are not all held beside the new ones.
     """
     from onnx import helper
 
@@ -115,7 +118,8 @@ def install_pairs(model, scopes, where, sites: dict[str, Site], picks: dict, lay
             if pick is None:
                 new_nodes.append(node)
                 continue
-            pair, inits, record = pair_nodes(node, sites[found.name], pick, used, layout, own_bias)
+            pair, inits, record = pair_nodes(node, sites.pop(found.name), pick, used, layout, own_bias)
+            release_freed_memory()  # the SVD's float64 copies: or glibc keeps them, and the next layer's pile on
             new_nodes += pair
             new_inits += inits
             outputs[record.name] = [n.output[0] for n in pair]
