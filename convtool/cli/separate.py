@@ -238,6 +238,8 @@ def _separate_onnx(model, output, rank, order, include, exclude, inputs, force, 
             ui.note(f"  left as it was: {skip.name}: {skip.reason}")
     for branch in result.branches:
         ui.note(f"counted: {branch}")
+    if result.not_run:
+        ui.note(f"not run by the check (a branch its inputs did not take; give inputs that take it to check it): {', '.join(result.not_run)}")
     for skip in result.not_refit:
         ui.note(f"not refit (kept as its SVD factors): {skip.name}: {skip.reason}")
     if result.budget_met is False:

@@ -67,7 +67,9 @@ class OnnxSeparation:
             provider at least), every new node lies on a path to a graph output, and its
             outputs were compared with the original's (``max_abs_error``, ``relative_error``,
             the CPU run's).
-        verification: how the claim was checked, or why it could not be.
+        verification: how the claim was checked, or why it could not be; it names the separated
+            layers the inputs did not run (``not_run``: in an ``If`` branch they did not take),
+            whose pairs reach an output and pass the checker but were not compared.
         runs: one record per provider asked for, run or not (and why not).
     """
 
@@ -86,6 +88,7 @@ class OnnxSeparation:
     folded_batchnorms: tuple[str, ...] = ()  # BatchNormalization nodes folded into the pair before them
     not_refit: tuple[SkippedLayer, ...] = ()  # layers calibration did not refit, with why (a branch no batch took, say): their SVD factors stay
     branches: tuple[str, ...] = ()  # which branch of each If (and how many loop iterations) the FLOPs count
+    not_run: tuple[str, ...] = ()  # separated layers the check's inputs did not run (a branch not taken): not compared
     feeds: tuple = field(default=(), repr=False, compare=False)  # the inputs it ran on, in the graph's order
     source: Path | None = field(default=None, repr=False, compare=False)  # the file the model was read from
 
@@ -265,6 +268,7 @@ def _separate(model, example_inputs, rank, order, include, exclude, calibration,
     cpu = next((r for r in runs if r.provider == "CPUExecutionProvider" and r.ran), None)
     verified, max_abs, relative = cpu is not None, cpu.max_abs_error if cpu else None, cpu.relative_error if cpu else None
     flops: tuple[int | None, int | None] = (None, None)
+    not_run: tuple[str, ...] = ()
     if counts is not None:
         after = count_onnx(work, feeds)  # the original's shapes were inferred: the separated graph's are too
         written = {y: value for y, (_, value) in renamed.items()}  # a folded layer's conv writes the BatchNorm's output
@@ -272,8 +276,14 @@ def _separate(model, example_inputs, rank, order, include, exclude, calibration,
                               [after.nodes.get(written.get(v, v)) for v in outputs[layer.name]])
                   for layer in layers]
         flops = (counts.flops, after.flops)
+        # A pair in a branch the inputs did not take was separated but not run by the check: say which.
+        unrun = [layer.name for layer in layers if not after.runs.get(written.get(outputs[layer.name][-1], outputs[layer.name][-1]), 1)]
+        if unrun and verified:
+            verification += (f"; {len(unrun)} separated layers did not run on these inputs (in a branch they did not take, or one"
+                             f" whose condition is not known), so their outputs were not compared: {', '.join(unrun)}")
+        not_run = tuple(unrun)
     return OnnxSeparation(work, tuple(layers), tuple(skipped), verified, verification, max_abs, relative, plan.budget_met, *flops,
-                          runs=tuple(runs), original=original, folded_batchnorms=tuple(folded), not_refit=not_refit,
+                          runs=tuple(runs), original=original, folded_batchnorms=tuple(folded), not_refit=not_refit, not_run=not_run,
                           branches=counts.branches if counts is not None else (), feeds=tuple(feeds or ()), source=source)
 
 

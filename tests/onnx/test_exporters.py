@@ -178,6 +178,9 @@ def test_flops_count_the_branch_taken_and_say_so():
     then = convtool.separate_onnx(model, [inputs["then"]], rank=1)
     other = convtool.separate_onnx(model, [inputs["else"]], rank=1)
     assert then.branches == ("if: then_branch taken on the example inputs (the other not counted)",)
+    # separated in both branches, run in one: the check says which it did not compare
+    assert then.not_run == ("if/else_branch/conv",) and other.not_run == ("if/then_branch/conv",)
+    assert then.verified and then.verification.endswith("so their outputs were not compared: if/else_branch/conv")
     assert other.branches == ("if: else_branch taken on the example inputs (the other not counted)",)
     assert then.flops_before == 6 * 9 * 9 * 4 * 3 * 3  # its conv only (ReduceSum counts zero)
     assert other.flops_before == 6 * 3 * 3 * 4 * 5 * 5  # a 5x5 conv, stride 2, on 9x9
