@@ -22,7 +22,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -116,22 +116,34 @@ class OnnxSeparation:
                           self.skipped, self.verified)
 
     def timed(self, example_inputs: Any = None, runs: int = 20) -> Benchmark:
-        """Both graphs on onnxruntime CPU (2 threads), interleaved, medians."""
+        """Both graphs on onnxruntime CPU (2 threads), interleaved, medians (:func:`time_onnx`)."""
         feeds, why_not = self._feeds(example_inputs)
         if feeds is None:
             raise InvalidOptionError(f"nothing to time on: {why_not}")
         with tempfile.TemporaryDirectory(prefix="convtool-onnx-time-") as tmp:
-            sessions = []
-            for label in ("original", "separated"):
-                proto = self.original_model() if label == "original" else self.model
-                path = Path(tmp) / f"{label}.onnx"
-                write_with_weights_beside(proto, path)  # onnxruntime maps the weights: two sessions, one copy each
-                del proto
-                release_freed_memory()
-                sessions.append(open_session(path, "CPUExecutionProvider", threads=2))
-            names = [i.name for i in sessions[0].get_inputs()]
-            original_ms, separated_ms = time_sessions(sessions, dict(zip(names, feeds)), runs, warmup=3)
-        return Benchmark("CPUExecutionProvider", original_ms, separated_ms, runs, 2)
+            separated = Path(tmp) / "separated.onnx"
+            write_with_weights_beside(self.model, separated)
+            return time_onnx(self.original_model, separated, feeds, runs)
+
+
+def time_onnx(original: Callable[[], Any], separated: Path, feeds: Sequence[np.ndarray], runs: int = 20) -> Benchmark:
+    """The original (its proto made by ``original()``) and the separated graph (a file, its weights
+    beside it) on onnxruntime CPU, 2 threads, interleaved, medians.
+
+    The separated graph comes as a file so that a caller done with its proto (the CLI, once the
+    output is written) can let it go first: the two full sessions timed side by side are then all
+    the memory held.
+    """
+    with tempfile.TemporaryDirectory(prefix="convtool-onnx-time-") as tmp:
+        path = Path(tmp) / "original.onnx"
+        proto = original()
+        write_with_weights_beside(proto, path)  # onnxruntime maps the weights: two sessions, one copy each
+        del proto
+        release_freed_memory()
+        sessions = [open_session(p, "CPUExecutionProvider", threads=2) for p in (path, separated)]
+        names = [i.name for i in sessions[0].get_inputs()]
+        original_ms, separated_ms = time_sessions(sessions, dict(zip(names, feeds)), runs, warmup=3)
+    return Benchmark("CPUExecutionProvider", original_ms, separated_ms, runs, 2)
 
 
 def separate_onnx(
