@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "examples"))
 from digits_cnn import DigitsCNN, load_digits_tensors  # noqa: E402
 
 import convtool  # noqa: E402
-from convtool.onnx.counts import all_graphs  # noqa: E402
+from convtool.onnx.probes import all_graphs  # noqa: E402
 
 
 class InvertedScans(torch.nn.Module):

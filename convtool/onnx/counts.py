@@ -20,6 +20,7 @@ import numpy as np
 
 from ..errors import AnalysisError
 from .files import copy_fields
+from .probes import Probe, Trail, all_graphs, exposed, in_order, quiet_run, subgraphs
 
 
 @dataclass(frozen=True)
@@ -97,17 +98,13 @@ def _skeleton(model):
     return skeleton
 
 
-def all_graphs(graph):
-    """``graph`` and its subgraphs (``If`` branches, ``Loop``/``Scan`` bodies), at any depth."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                yield from all_graphs(sub)
+def _count_graph(graph, times: int, shapes, integers, known, nodes, runs, branches, trail: Trail = ()) -> None:
+    """Each node's multiply-adds times the runs of its graph; a subgraph's runs from the values that decide them.
 
-
-def _count_graph(graph, times: int, shapes, integers, known, nodes, runs, branches) -> None:
-    """Each node's multiply-adds times the runs of its graph; a subgraph's runs from the values that decide them."""
+    ``known``: per (trail, value), every value a control input took in the run
+    (:func:`_control_values`), so a branch or body is counted for the runs it really had; a
+    constant decides for every run of its node.
+    """
     integers = dict(integers, **_integer_constants(graph))
     for node in graph.node:
         if not node.output:
@@ -117,62 +114,80 @@ def _count_graph(graph, times: int, shapes, integers, known, nodes, runs, branch
         if node.op_type not in _CONTROL:
             continue
         name = node.name or node.output[0]
-        subgraphs = {a.name: a.g for a in node.attribute if a.HasField("g")}
-        value = lambda i: known.get(node.input[i], integers.get(node.input[i])) if len(node.input) > i and node.input[i] else None  # noqa: E731
+        here = lambda i: (np.asarray(integers[node.input[i]]).reshape(-1)[:1].repeat(times)  # noqa: E731 - a constant: every run
+                          if node.input[i] in integers else known.get((trail, node.input[i])))
+        seen = here(0) if node.input and node.input[0] and node.op_type != "Scan" else None
         if node.op_type == "If":
-            cond = value(0)
-            if cond is None:
-                branches.append(f"{name}: the branch taken is not known (its condition is computed inside a subgraph): neither counted")
-                picked = {}
-            else:
-                taken = "then_branch" if bool(np.asarray(cond).reshape(-1)[0]) else "else_branch"
-                branches.append(f"{name}: {taken} taken on the example inputs (the other not counted)")
-                picked = {taken: times}
+            picked = _if_runs(name, seen, times, branches)
         else:
             if node.op_type == "Loop":
-                trips = value(0)
-                count = int(np.asarray(trips).reshape(-1)[0]) if trips is not None else None
+                count = int(seen.astype(np.int64).sum()) if seen is not None else None
                 what = f"{count} iterations (its trip count; an earlier exit is not seen)" if count is not None else None
             else:  # Scan: one iteration per element of the first scan input along its axis
                 axes = node_attributes(node).get("scan_input_axes", [0])
                 first = shapes.get(node.input[-int(node_attributes(node).get("num_scan_inputs", 1))])
-                count = first[axes[0] if axes else 0] if first else None
+                count = times * first[axes[0] if axes else 0] if first else None
                 what = f"{count} iterations" if count is not None else None
             if count is None:
                 branches.append(f"{name}: its iterations are not known: its body is not counted")
             else:
                 branches.append(f"{name}: body counted for {what}")
-            picked = {"body": times * count} if count is not None else {}
-        for attr, sub in subgraphs.items():
-            _count_graph(sub, picked.get(attr, 0), shapes, integers, known, nodes, runs, branches)
+            picked = {"body": count} if count is not None else {}
+        for attr, index, sub in subgraphs(node):
+            _count_graph(sub, picked.get(attr, 0), shapes, integers, known, nodes, runs, branches, (*trail, (node.output[0], attr, index)))
 
 
-def _control_values(model, feeds) -> dict[str, np.ndarray]:
-    """The values that decide the main graph's If branches and Loop trip counts, from one onnxruntime run."""
+def _if_runs(name: str, conditions: np.ndarray | None, times: int, branches: list[str]) -> dict[str, int]:
+    """How many times each branch of an If ran, from its condition's values in every run; said in ``branches``."""
+    if conditions is None:
+        branches.append(f"{name}: the branch taken is not known (its condition could not be read out of the run): neither counted")
+        return {}
+    taken = conditions.astype(bool)
+    then, other = int(taken.sum()), int(taken.size - taken.sum())
+    if taken.size == 1:
+        branch = "then_branch" if then else "else_branch"
+        branches.append(f"{name}: {branch} taken on the example inputs (the other not counted)")
+    elif taken.size == 0:
+        branches.append(f"{name}: did not run on the example inputs")
+    else:
+        branches.append(f"{name}: then_branch taken {then} times and else_branch {other} times on the example inputs")
+    return {"then_branch": then, "else_branch": other}
+
+
+def _control_values(model, feeds) -> dict[tuple[Trail, str], np.ndarray]:
+    """The values that decide every If's branch and Loop's trip count, at any depth, from one onnxruntime run:
+    per (trail of the node's graph, value name), the values of all the node's runs (none where its graph did not run).
+
+    Read out of subgraphs by :func:`~convtool.onnx.probes.exposed`; where that run fails (a loop
+    whose iterations take different branches cannot stack the values), the main graph's alone.
+    """
     import tempfile
     from pathlib import Path
 
-    import onnx
-    from onnx import helper
+    from onnx import TensorProto
 
     from ..measure.onnxrt import open_session
     from .files import write_proto
 
-    wanted = [n.input[0] for n in model.graph.node if n.op_type in ("If", "Loop") and n.input and n.input[0]]
-    constants = {i.name for i in model.graph.initializer}
-    exposed = onnx.ModelProto()
-    exposed.CopyFrom(model)
-    have = {o.name for o in exposed.graph.output}
-    exposed.graph.output.extend(helper.make_empty_tensor_value_info(v) for v in dict.fromkeys(wanted) if v not in have | constants)
-    try:
-        with tempfile.TemporaryDirectory(prefix="convtool-onnx-branches-") as tmp:
-            write_proto(exposed, Path(tmp) / "branches.onnx")
-            session = open_session(Path(tmp) / "branches.onnx", "CPUExecutionProvider")
-            names = [i.name for i in session.get_inputs()]
-            values = session.run(None, dict(zip(names, feeds)))
-            return {o.name: v for o, v in zip(session.get_outputs(), values) if o.name in wanted}
-    except Exception:  # the run's own error is the verification's to report
-        return {}
+    constants = {i.name for g in all_graphs(model.graph) for i in g.initializer}
+    wanted = [Probe(node.input[0], trail, TensorProto.BOOL if node.op_type == "If" else TensorProto.INT64, 1, flat=True)
+              for node, trail in in_order(model.graph)
+              if node.op_type in ("If", "Loop") and node.input and node.input[0] and node.input[0] not in constants]
+    for probes in (wanted, [p for p in wanted if not p.trail]):
+        if not probes:
+            return {}
+        try:
+            exposed_model, carried, _ = exposed(model, probes)
+            with tempfile.TemporaryDirectory(prefix="convtool-onnx-branches-") as tmp:
+                write_proto(exposed_model, Path(tmp) / "branches.onnx")
+                del exposed_model
+                session = open_session(Path(tmp) / "branches.onnx", "CPUExecutionProvider")
+                names = [i.name for i in session.get_inputs()]
+                values = dict(zip([o.name for o in session.get_outputs()], session.run(None, dict(zip(names, feeds)), quiet_run())))
+            return {(p.trail, p.value): np.asarray(values[carried[p]]).reshape(-1) for p in probes if p in carried}
+        except Exception:  # the run's own error is the verification's to report
+            continue
+    return {}
 
 
 def _parameters(graph) -> set[str]:

@@ -12,7 +12,8 @@ from ..core.decompose import separable_factors
 from ..core.records import LayerChange
 from ..measure.onnxrt import release_freed_memory
 from ..plan.site import Site
-from .counts import all_graphs, node_attributes
+from .counts import node_attributes
+from .probes import all_graphs, fresh_name
 
 
 def value_readers(graph) -> dict[str, list[Any]]:
@@ -223,15 +224,6 @@ def pair_nodes(node, site: Site, pick: tuple[str, int], used: set[str], layout: 
         flops_before=None, flops_after=None, calls=None, weight_error=factors.weight_error, transposed=transposed,
     )
     return nodes, inits, record
-
-
-def fresh_name(base: str, used: set[str]) -> str:
-    name, i = base, 1
-    while name in used:
-        i += 1
-        name = f"{base}_{i}"
-    used.add(name)
-    return name
 
 
 def drop_replaced_weights(graph, replaced: set[str]) -> None:

@@ -16,8 +16,6 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .counts import all_graphs
-
 Trail = tuple[tuple[str, str, int], ...]  # per level: the holding node's first output, its attribute, the graph's index there
 
 
@@ -29,6 +27,7 @@ class Probe:
     trail: Trail = ()
     elem_type: int = 1  # onnx.TensorProto.FLOAT
     rank: int = 4
+    flat: bool = False  # read as 1-d (``rank`` 1): a scalar has no empty form for a branch that does not hold it
 
 
 def subgraphs(node) -> Iterator[tuple[str, int, Any]]:
@@ -38,6 +37,14 @@ def subgraphs(node) -> Iterator[tuple[str, int, Any]]:
             yield attr.name, 0, attr.g
         for i, sub in enumerate(attr.graphs):
             yield attr.name, i, sub
+
+
+def all_graphs(graph) -> Iterator[Any]:
+    """``graph`` and its subgraphs (``If`` branches, ``Loop``/``Scan`` bodies), at any depth."""
+    yield graph
+    for node in graph.node:
+        for _, _, sub in subgraphs(node):
+            yield from all_graphs(sub)
 
 
 def in_order(graph, trail: Trail = ()) -> Iterator[tuple[Any, Trail]]:
@@ -79,6 +86,12 @@ def exposed(model, probes: Sequence[Probe], overridable: Sequence[str] = ()) -> 
             refused[probe] = f"it lies inside a {odd} node, whose outputs cannot carry its values out"
             continue
         value = probe.value
+        if probe.flat and probe.trail:
+            inner = graph_at(graph, probe.trail)
+            shape, value = fresh_name(f"{probe.value}.flat_shape", used), fresh_name(f"{probe.value}.flat", used)
+            minus_one = helper.make_tensor(shape, onnx.TensorProto.INT64, [1], [-1])
+            inner.node.extend([helper.make_node("Constant", [], [shape], name=fresh_name(f"{shape}.constant", used), value=minus_one),
+                               helper.make_node("Reshape", [probe.value, shape], [value], name=fresh_name(f"{value}.reshape", used))])
         for holder, (_, attribute, index) in reversed(list(zip(holders, probe.trail))):
             value = _carry_out(holder, (attribute, index), value, probe, used)
         carried[probe] = value
@@ -104,35 +117,46 @@ def _carry_out(holder, where: tuple[str, int], value: str, probe: Probe, used: s
     """Pass ``value``, of the holder's graph at ``where``, out as a new output of ``holder``: its name."""
     from onnx import helper
 
-    def fresh(base: str) -> str:
-        name, i = base, 1
-        while name in used:
-            i += 1
-            name = f"{base}_{i}"
-        used.add(name)
-        return name
-
     typed = lambda name: helper.make_tensor_value_info(name, probe.elem_type, None)  # noqa: E731
     if holder.op_type == "If":
         for name, index, sub in subgraphs(holder):
-            out = fresh(f"{value}.probe")
+            out = fresh_name(f"{value}.probe", used)
             if (name, index) == where:
-                sub.node.append(helper.make_node("Identity", [value], [out], name=fresh(f"{out}.identity")))
+                sub.node.append(helper.make_node("Identity", [value], [out], name=fresh_name(f"{out}.identity", used)))
             else:  # the branch that does not hold it: an empty tensor of the same rank
                 empty = helper.make_tensor(out, probe.elem_type, [0] * probe.rank, [])
-                sub.node.append(helper.make_node("Constant", [], [out], name=fresh(f"{out}.empty"), value=empty))
+                sub.node.append(helper.make_node("Constant", [], [out], name=fresh_name(f"{out}.empty", used), value=empty))
             sub.output.append(typed(out))
     else:  # a Loop's or Scan's body
         (_, _, body), = list(subgraphs(holder))
-        out = fresh(f"{value}.probe")
-        body.node.append(helper.make_node("Identity", [value], [out], name=fresh(f"{out}.identity")))
+        out = fresh_name(f"{value}.probe", used)
+        body.node.append(helper.make_node("Identity", [value], [out], name=fresh_name(f"{out}.identity", used)))
         body.output.append(typed(out))  # last of the body's outputs: one more scan output
         for attr in holder.attribute:
             if attr.name in ("scan_output_axes", "scan_output_directions"):
                 attr.ints.append(0)
-    carried = fresh(f"{value}.probed")
+    carried = fresh_name(f"{value}.probed", used)
     holder.output.append(carried)
     return carried
+
+
+def fresh_name(base: str, used: set[str]) -> str:
+    """``base``, or ``base_2``, ``base_3``... whichever is not in ``used`` (then it is)."""
+    name, i = base, 1
+    while name in used:
+        i += 1
+        name = f"{base}_{i}"
+    used.add(name)
+    return name
+
+
+def quiet_run():
+    """Run options that keep onnxruntime from logging a failure the caller reports in its own words."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.log_severity_level = 4
+    return options
 
 
 def samples(array: np.ndarray, rank: int) -> np.ndarray | None:

@@ -31,7 +31,7 @@ from ..measure.onnxrt import open_session
 from ..recovery.equations import NormalEquations, add_held_out, as_solution, columns, conv_layout, fitted, from_solution, spread
 from .counts import node_attributes
 from .files import write_proto
-from .probes import Probe, Trail, exposed, in_order, samples
+from .probes import Probe, Trail, exposed, in_order, quiet_run, samples
 
 
 @dataclass(frozen=True)
@@ -104,15 +104,6 @@ def refit_onnx(original, separated, lasts: Sequence[LastConv], batches: Sequence
     return {layer: error for layer, error in errors.items() if layer not in why_not}, why_not
 
 
-def _quiet():
-    """Run options that keep onnxruntime from logging a failure the refit reports in its own words."""
-    import onnxruntime as ort
-
-    options = ort.RunOptions()
-    options.log_severity_level = 4
-    return options
-
-
 class _RunFailed(Exception):
     """onnxruntime could not run a graph with a subgraph's value passed out of it."""
 
@@ -142,7 +133,7 @@ def _run_probes(model, probes: dict[str, Probe], batches, tmp: Path) -> tuple[li
     targets = []
     for batch in batches:
         try:
-            values = dict(zip(names, session.run(None, _feed(session, batch), _quiet())))
+            values = dict(zip(names, session.run(None, _feed(session, batch), quiet_run())))
         except Exception as error:
             raise _RunFailed(f"onnxruntime: {describe_error(error)}") from None
         targets.append({layer: samples(values[carried[p]], p.rank) for layer, p in probes.items() if p in carried})
@@ -166,7 +157,7 @@ def _refit_layer(session, last: LastConv, reading: str, rank: int, batches, targ
     for batch, target in zip(batches, targets):
         feed = _feed(session, batch) | {n: v for n, v in current.items() if n in overridable}
         try:
-            x = samples(dict(zip(names, session.run(None, feed, _quiet())))[reading], rank)
+            x = samples(dict(zip(names, session.run(None, feed, quiet_run())))[reading], rank)
         except Exception as error:
             raise _RunFailed(f"its input could not be read out of the subgraph (onnxruntime: {describe_error(error)})") from None
         if x is None or target is None:  # a branch this batch did not take

@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import convtool
 from convtool import NothingToSeparateError
-from convtool.onnx.counts import all_graphs
+from convtool.onnx.probes import all_graphs
 
 RNG = np.random.default_rng(0)
 

@@ -110,9 +110,8 @@ def test_batches_taking_each_branch_refit_each_branch():
     assert _error(refit.model, model, fresh_else) < 0.01
 
 
-def test_a_loop_whose_iterations_take_different_branches_keeps_its_factors_and_says_why():
-    # the conv sits in an If inside the loop body, taken on odd iterations only: its values change
-    # shape from one iteration to the next, so onnxruntime cannot stack them as a scan output
+def _alternating_loop():
+    """A Loop of three iterations whose body holds an If on the iteration's parity: a conv of x on odd iterations."""
     w = numpy_helper.from_array(RNG.standard_normal((N, M, 3, 3)).astype(np.float32), "w_odd")
     inner = helper.make_node(
         "If", ["odd"], ["h"], name="inner_if",
@@ -131,7 +130,13 @@ def test_a_loop_whose_iterations_take_different_branches_keeps_its_factors_and_s
     inits = [w, *(numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
                   (("trips", 3), ("two", 2), ("zero", [0]), ("four", [N]), ("one", [1])))]
     inits.append(numpy_helper.from_array(np.zeros((), np.float32), "nought"))
-    model = _model(nodes, inits)
+    return _model(nodes, inits)
+
+
+def test_a_loop_whose_iterations_take_different_branches_keeps_its_factors_and_says_why():
+    # the conv sits in an If inside the loop body, taken on odd iterations only: its values change
+    # shape from one iteration to the next, so onnxruntime cannot stack them as a scan output
+    model = _alternating_loop()
     data = _one_signal(4)
     result = convtool.separate_onnx(model, [data[0].numpy()], rank=1, calibration=data)
     ((name, reason),) = [(s.name, s.reason) for s in result.not_refit]
@@ -152,7 +157,8 @@ def test_the_cli_names_each_pair_not_refit_and_why(tmp_path):
 
 
 def _standard_convs(model) -> list[str]:
-    from convtool.onnx.counts import all_graphs, node_attributes
+    from convtool.onnx.counts import node_attributes
+    from convtool.onnx.probes import all_graphs
 
     found = []
     for graph in all_graphs(model.graph):
@@ -177,3 +183,41 @@ def test_a_conv_in_a_scan_body_is_refit_on_every_step():
     assert refit.not_refit == () and refit.layers[0].output_error < 0.01
     fresh = [x.numpy() for x in clips(2)]
     assert _error(refit.model, model, fresh) < 0.01 < 0.2 < _error(svd.model, model, fresh)
+
+
+def test_an_if_in_a_loop_body_is_counted_for_the_iterations_that_took_each_branch():
+    # its condition is read out of every iteration: the conv ran once (iteration 1 of 0, 1, 2)
+    model = _alternating_loop()
+    x = _one_signal(1)[0].numpy()
+    result = convtool.separate_onnx(model, [x], rank=1)
+    conv = x.shape[0] * N * 7 * 7 * M * 3 * 3
+    assert result.flops_before == conv
+    assert "inner_if: then_branch taken 1 times and else_branch 2 times on the example inputs" in result.branches
+    assert result.not_run == ()
+
+
+def test_an_if_in_a_branch_is_counted_for_the_branch_its_computed_condition_takes():
+    # the inner If's condition is computed from the data inside the outer branch: neither branch was counted before
+    w = {name: numpy_helper.from_array(RNG.standard_normal((N, M, 3, 3)).astype(np.float32), name) for name in ("w_a", "w_b")}
+    inner = helper.make_node(
+        "If", ["big"], ["t"], name="inner_if",
+        then_branch=helper.make_graph([_conv("x", "w_a", "a", "conv_a")], "a", [], [_value("a")]),
+        else_branch=helper.make_graph([helper.make_node("Identity", ["x"], ["b0"], name="keep"),
+                                       helper.make_node("Slice", ["b0", "zero", "four", "one"], ["b"], name="cut")], "b", [], [_value("b")]))
+    then_graph = helper.make_graph(
+        [helper.make_node("ReduceMax", ["x"], ["m"], name="max", keepdims=0),
+         helper.make_node("Greater", ["m", "two"], ["big"], name="greater"), inner], "outer_then", [], [_value("t")])
+    else_graph = helper.make_graph([_conv("x", "w_b", "e", "conv_b")], "outer_else", [], [_value("e")])
+    nodes = [helper.make_node("ReduceSum", ["x"], ["s"], name="sum", keepdims=0),
+             helper.make_node("Greater", ["s", "nought"], ["positive"], name="greater"),
+             helper.make_node("If", ["positive"], ["y"], name="if", then_branch=then_graph, else_branch=else_graph)]
+    inits = [*w.values(), numpy_helper.from_array(np.zeros((), np.float32), "nought"), numpy_helper.from_array(np.array(2.0, np.float32), "two"),
+             *(numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (("zero", [0]), ("four", [N]), ("one", [1])))]
+    model = _model(nodes, inits)
+    x = _one_signal(1)[0].numpy()
+    conv = x.shape[0] * N * 7 * 7 * M * 3 * 3
+    for scale, flops, taken in ((10.0, conv, "then_branch"), (0.1, 0, "else_branch")):  # max over 2, or not
+        result = convtool.separate_onnx(model, [x * scale], rank=1)
+        assert f"inner_if: {taken} taken on the example inputs (the other not counted)" in result.branches
+        assert result.flops_before == flops
+        assert ("conv_a" in result.not_run) == (taken == "else_branch") and "conv_b" in result.not_run
