@@ -117,6 +117,10 @@ def _quiet():
 class _RunFailed(Exception):
     """onnxruntime could not run a graph with a subgraph's value passed out of it."""
 
+    def __init__(self, message: str, refused: ConvtoolError | None = None):
+        super().__init__(message)
+        self.refused = refused  # onnxruntime's refusal to load it: the user's own to see where no subgraph is involved
+
 
 def _reference(original, probes: dict[str, Probe], batches, tmp: Path) -> tuple[list[dict[str, np.ndarray | None]], dict[str, str]]:
     """The dense convs' outputs per batch (per layer, samples of the value's rank; None where it did not run),
@@ -130,13 +134,20 @@ def _reference(original, probes: dict[str, Probe], batches, tmp: Path) -> tuple[
     except _RunFailed as error:
         inner = [layer for layer, p in probes.items() if p.trail]
         if not inner:
-            raise InvalidOptionError(f"the ONNX model does not run on the calibration data ({error}); check its shapes") from None
+            _raise_plain(error)
         main = {layer: p for layer, p in probes.items() if not p.trail}
         try:
             targets, failed = _run_probes(original, main, batches, tmp) if main else ([{} for _ in batches], {})
         except _RunFailed as again:
-            raise InvalidOptionError(f"the ONNX model does not run on the calibration data ({again}); check its shapes") from None
+            _raise_plain(again)
         return targets, failed | {layer: f"its dense output could not be read out of the subgraph ({error})" for layer in inner}
+
+
+def _raise_plain(error: _RunFailed):
+    """The error a run of the main graph alone gives the user (no subgraph value was passed out)."""
+    if error.refused is not None:
+        raise error.refused from None
+    raise InvalidOptionError(f"the ONNX model does not run on the calibration data ({error}); check its shapes") from None
 
 
 def _run_probes(model, probes: dict[str, Probe], batches, tmp: Path) -> tuple[list[dict[str, np.ndarray | None]], dict[str, str]]:
@@ -249,7 +260,7 @@ def _session(model, path: Path):
     try:
         return open_session(path, "CPUExecutionProvider")
     except ConvtoolError as error:
-        raise _RunFailed(f"onnxruntime cannot load the graph with it passed out: {describe_error(error.__cause__ or error)}") from None
+        raise _RunFailed(f"onnxruntime cannot load the graph with it passed out: {describe_error(error.__cause__ or error)}", error) from None
 
 
 def _feed(session, batch: list[np.ndarray]) -> dict[str, np.ndarray]:
