@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..core.modules import SamePadded
 from ..core.names import describe_error
-from ..errors import InvalidOptionError
+from ..errors import ConvtoolError, InvalidOptionError
 from ..measure.onnxrt import open_session
 from ..recovery.equations import NormalEquations, add_held_out, as_solution, columns, conv_layout, fitted, from_solution, spread
 from .counts import node_attributes
@@ -87,9 +87,10 @@ def refit_onnx(original, separated, lasts: Sequence[LastConv], batches: Sequence
         for number, last in enumerate(lasts):
             reading = probe(last, last.node.input[0])
             model, carried, _ = exposed(separated, [reading], overridable=weights)  # its target came out: so will its input
-            session = _session(model, Path(tmp) / f"{number}.onnx")
-            del model
             try:
+                session = None
+                session = _session(model, Path(tmp) / f"{number}.onnx")
+                del model
                 errors[last.layer] = _refit_layer(session, last, carried[reading], reading.rank, batches,
                                                   [t.get(last.layer) for t in targets], current)
             except _RunFailed as error:
@@ -107,6 +108,10 @@ def refit_onnx(original, separated, lasts: Sequence[LastConv], batches: Sequence
 class _RunFailed(Exception):
     """onnxruntime could not run a graph with a subgraph's value passed out of it."""
 
+    def __init__(self, message: str, refused: ConvtoolError | None = None):
+        super().__init__(message)
+        self.refused = refused  # onnxruntime's refusal to load it: the user's own to see where no subgraph is involved
+
 
 def _reference(original, probes: dict[str, Probe], batches, tmp: Path) -> tuple[list[dict[str, np.ndarray | None]], dict[str, str]]:
     """The dense convs' outputs per batch (per layer, samples of the value's rank; None where it did not run),
@@ -120,10 +125,20 @@ def _reference(original, probes: dict[str, Probe], batches, tmp: Path) -> tuple[
     except _RunFailed as error:
         inner = [layer for layer, p in probes.items() if p.trail]
         if not inner:
-            raise InvalidOptionError(f"the ONNX model does not run on the calibration data ({error}); check its shapes") from None
+            _raise_plain(error)
         main = {layer: p for layer, p in probes.items() if not p.trail}
-        targets, failed = _run_probes(original, main, batches, tmp) if main else ([{} for _ in batches], {})
+        try:
+            targets, failed = _run_probes(original, main, batches, tmp) if main else ([{} for _ in batches], {})
+        except _RunFailed as again:
+            _raise_plain(again)
         return targets, failed | {layer: f"its dense output could not be read out of the subgraph ({error})" for layer in inner}
+
+
+def _raise_plain(error: _RunFailed):
+    """The error a run of the main graph alone gives the user (no subgraph value was passed out)."""
+    if error.refused is not None:
+        raise error.refused from None
+    raise InvalidOptionError(f"the ONNX model does not run on the calibration data ({error}); check its shapes") from None
 
 
 def _run_probes(model, probes: dict[str, Probe], batches, tmp: Path) -> tuple[list[dict[str, np.ndarray | None]], dict[str, str]]:
@@ -230,8 +245,13 @@ def _pads(attrs: dict, size: list[int], kernel: list[int], strides: list[int], d
 
 
 def _session(model, path: Path):
+    """A session on ``model`` with values passed out of its subgraphs; _RunFailed where onnxruntime refuses
+    the graph (an ``If`` of opset < 11 whose branches give one output of different shapes, say)."""
     write_proto(model, path)
-    return open_session(path, "CPUExecutionProvider")
+    try:
+        return open_session(path, "CPUExecutionProvider")
+    except ConvtoolError as error:
+        raise _RunFailed(f"onnxruntime cannot load the graph with it passed out: {describe_error(error.__cause__ or error)}", error) from None
 
 
 def _feed(session, batch: list[np.ndarray]) -> dict[str, np.ndarray]:
