@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -25,14 +25,30 @@ from .probes import Probe, Trail, all_graphs, exposed, in_order, quiet_run, subg
 
 @dataclass(frozen=True)
 class OnnxCounts:
-    """Per node (keyed by its first output's name) and in total; shapes per value name."""
+    """Per node and in total; shapes per value.
+
+    Nodes and values are keyed by the trail to their graph (:mod:`~convtool.onnx.probes`) and
+    their (first output's) name: sibling ``If`` branches may name their values alike.
+    """
 
     flops: int
     params: int
-    nodes: dict[str, int] = field(default_factory=dict)
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    runs: dict[str, int] = field(default_factory=dict)  # per node (first output), times it ran: 0 in a branch not taken
+    nodes: dict[tuple[Trail, str], int] = field(default_factory=dict)
+    shapes: dict[tuple[Trail, str], tuple[int, ...]] = field(default_factory=dict)
+    runs: dict[tuple[Trail, str], int | None] = field(default_factory=dict)  # times a node ran: 0 in a branch not taken, None not known
     branches: tuple[str, ...] = ()  # which branch of each If, and how many Loop/Scan iterations, were counted
+
+    def shape(self, value: str, trail: Trail = ()) -> tuple[int, ...] | None:
+        """A value's shape as the graph at ``trail`` sees it: its own, or that of the nearest graph around it."""
+        return _scoped(self.shapes, value, trail)
+
+
+def _scoped(table: dict, value: str, trail: Trail):
+    for depth in range(len(trail), -1, -1):
+        found = table.get((trail[:depth], value))
+        if found is not None:
+            return found
+    return None
 
 
 def count_onnx(model: Any, feeds: Sequence[np.ndarray]) -> OnnxCounts:
@@ -58,16 +74,17 @@ def count_onnx(model: Any, feeds: Sequence[np.ndarray]) -> OnnxCounts:
         inferred = onnx.shape_inference.infer_shapes(shaped, data_prop=True)
     except Exception as error:  # no shapes, no counts: never a silent zero
         raise AnalysisError(f"onnx cannot infer this graph's shapes, so its FLOPs cannot be counted ({error})") from None
-    shapes: dict[str, tuple[int, ...]] = dict(constants)
-    for graph in all_graphs(inferred.graph):
+    shapes: dict[tuple[Trail, str], tuple[int, ...]] = {((), name): dims for name, dims in constants.items()}
+    for graph, trail in [(inferred.graph, ())] + [(sub, (*t, (n.output[0], a, i))) for n, t in in_order(inferred.graph)
+                                                  for a, i, sub in subgraphs(n) if n.output]:
         for v in (*graph.value_info, *graph.output, *graph.input):
             dims = tuple(d.dim_value for d in v.type.tensor_type.shape.dim)
             if dims and all(d > 0 for d in dims):
-                shapes[v.name] = dims
-        shapes.update({i.name: tuple(i.dims) for i in graph.initializer})
+                shapes[(trail, v.name)] = dims
+        shapes.update({(trail, i.name): tuple(i.dims) for i in graph.initializer})
     integers = _integer_constants(inferred.graph)
-    nodes: dict[str, int] = {}
-    runs: dict[str, int] = {}
+    nodes: dict[tuple[Trail, str], int] = {}
+    runs: dict[tuple[Trail, str], int | None] = {}
     branches: list[str] = []
     known = _control_values(model, feeds) if any(n.op_type in _CONTROL for n in model.graph.node) else {}
     _count_graph(inferred.graph, 1, shapes, integers, known, nodes, runs, branches)
@@ -98,50 +115,60 @@ def _skeleton(model):
     return skeleton
 
 
-def _count_graph(graph, times: int, shapes, integers, known, nodes, runs, branches, trail: Trail = ()) -> None:
-    """Each node's multiply-adds times the runs of its graph; a subgraph's runs from the values that decide them.
+def _count_graph(graph, times: int | None, shapes, integers, known, nodes, runs, branches, trail: Trail = ()) -> None:
+    """Each node's multiply-adds times the runs of its graph (None: not known, and not counted); a
+    subgraph's runs from the values that decide them.
 
     ``known``: per (trail, value), every value a control input took in the run
-    (:func:`_control_values`), so a branch or body is counted for the runs it really had; a
-    constant decides for every run of its node.
+    (:func:`_control_values`): an If's conditions and a Loop body's iteration numbers, so a branch
+    or body is counted for the runs it really had; a constant decides for every run of its node.
     """
     integers = dict(integers, **_integer_constants(graph))
+    shape_of = lambda value: _scoped(shapes, value, trail)  # noqa: E731
     for node in graph.node:
         if not node.output:
             continue
-        nodes[node.output[0]] = _node_flops(node, shapes, integers) * times
-        runs[node.output[0]] = times
+        nodes[(trail, node.output[0])] = _node_flops(node, shape_of, integers) * (times or 0)
+        runs[(trail, node.output[0])] = times
         if node.op_type not in _CONTROL:
             continue
         name = node.name or node.output[0]
-        here = lambda i: (np.asarray(integers[node.input[i]]).reshape(-1)[:1].repeat(times)  # noqa: E731 - a constant: every run
-                          if node.input[i] in integers else known.get((trail, node.input[i])))
-        seen = here(0) if node.input and node.input[0] and node.op_type != "Scan" else None
+        inner = lambda attribute: (*trail, (node.output[0], attribute, 0))  # noqa: E731
         if node.op_type == "If":
-            picked = _if_runs(name, seen, times, branches)
-        else:
-            if node.op_type == "Loop":
-                count = int(seen.astype(np.int64).sum()) if seen is not None else None
-                what = f"{count} iterations (its trip count; an earlier exit is not seen)" if count is not None else None
-            else:  # Scan: one iteration per element of the first scan input along its axis
-                axes = node_attributes(node).get("scan_input_axes", [0])
-                first = shapes.get(node.input[-int(node_attributes(node).get("num_scan_inputs", 1))])
-                count = times * first[axes[0] if axes else 0] if first else None
-                what = f"{count} iterations" if count is not None else None
-            if count is None:
-                branches.append(f"{name}: its iterations are not known: its body is not counted")
+            cond = node.input[0]
+            constant = cond in integers and times is not None
+            picked = _if_runs(name, np.asarray(integers[cond]).reshape(-1)[:1].repeat(times) if constant else known.get((trail, cond)), branches)
+        elif node.op_type == "Loop":
+            body = next(sub for attribute, _, sub in subgraphs(node) if attribute == "body")
+            numbers = known.get((inner("body"), body.input[0].name)) if body.input else None
+            trips = known.get((trail, node.input[0])) if node.input and node.input[0] else None
+            if node.input and node.input[0] in integers and times is not None:
+                trips = np.asarray(integers[node.input[0]]).reshape(-1)[:1].repeat(times)
+            if numbers is not None:  # every iteration's number, read out of the run: early exits seen
+                count, what = int(numbers.size), f"{numbers.size} iterations"
+            elif trips is not None:
+                count = int(trips.astype(np.int64).sum())
+                what = f"{count} iterations (its trip count; an earlier exit is not seen)"
             else:
-                branches.append(f"{name}: body counted for {what}")
-            picked = {"body": count} if count is not None else {}
-        for attr, index, sub in subgraphs(node):
-            _count_graph(sub, picked.get(attr, 0), shapes, integers, known, nodes, runs, branches, (*trail, (node.output[0], attr, index)))
+                count = what = None
+            branches.append(f"{name}: body counted for {what}" if what else f"{name}: its iterations are not known: its body is not counted")
+            picked = {"body": count}
+        else:  # Scan: one iteration per element of the first scan input along its axis
+            axes = node_attributes(node).get("scan_input_axes", [0])
+            first = shape_of(node.input[-int(node_attributes(node).get("num_scan_inputs", 1))])
+            count = times * first[axes[0] if axes else 0] if first and times is not None else None
+            branches.append(f"{name}: body counted for {count} iterations" if count is not None
+                            else f"{name}: its iterations are not known: its body is not counted")
+            picked = {"body": count}
+        for attribute, index, sub in subgraphs(node):
+            _count_graph(sub, picked.get(attribute), shapes, integers, known, nodes, runs, branches, (*trail, (node.output[0], attribute, index)))
 
 
-def _if_runs(name: str, conditions: np.ndarray | None, times: int, branches: list[str]) -> dict[str, int]:
+def _if_runs(name: str, conditions: np.ndarray | None, branches: list[str]) -> dict[str, int | None]:
     """How many times each branch of an If ran, from its condition's values in every run; said in ``branches``."""
     if conditions is None:
         branches.append(f"{name}: the branch taken is not known (its condition could not be read out of the run): neither counted")
-        return {}
+        return {"then_branch": None, "else_branch": None}
     taken = conditions.astype(bool)
     then, other = int(taken.sum()), int(taken.size - taken.sum())
     if taken.size == 1:
@@ -170,9 +197,16 @@ def _control_values(model, feeds) -> dict[tuple[Trail, str], np.ndarray]:
     from .files import write_proto
 
     constants = {i.name for g in all_graphs(model.graph) for i in g.initializer}
-    wanted = [Probe(node.input[0], trail, TensorProto.BOOL if node.op_type == "If" else TensorProto.INT64, 1, flat=True)
-              for node, trail in in_order(model.graph)
-              if node.op_type in ("If", "Loop") and node.input and node.input[0] and node.input[0] not in constants]
+    wanted = []
+    for node, trail in in_order(model.graph):
+        if node.op_type == "If" and node.input and node.input[0] not in constants:
+            wanted.append(Probe(node.input[0], trail, TensorProto.BOOL, 1, flat=True))
+        if node.op_type == "Loop" and node.output:
+            body = next(sub for attribute, _, sub in subgraphs(node) if attribute == "body")
+            if body.input:  # its iteration number, one per iteration: how many there were, early exits included
+                wanted.append(Probe(body.input[0].name, (*trail, (node.output[0], "body", 0)), TensorProto.INT64, 1, flat=True))
+            if node.input and node.input[0] and node.input[0] not in constants:  # its trip count: read where the above cannot be
+                wanted.append(Probe(node.input[0], trail, TensorProto.INT64, 1, flat=True))
     for probes in (wanted, [p for p in wanted if not p.trail]):
         if not probes:
             return {}
@@ -222,9 +256,9 @@ def _integer_constants(graph) -> dict[str, list[int]]:
     return found
 
 
-def _node_flops(node, shapes: dict[str, tuple[int, ...]], integers: dict[str, list[int]]) -> int:
-    shape = lambda i: shapes.get(node.input[i]) if len(node.input) > i and node.input[i] else None  # noqa: E731
-    out = shapes.get(node.output[0])
+def _node_flops(node, shape_of: Callable[[str], tuple[int, ...] | None], integers: dict[str, list[int]]) -> int:
+    shape = lambda i: shape_of(node.input[i]) if len(node.input) > i and node.input[i] else None  # noqa: E731
+    out = shape_of(node.output[0])
     op = node.op_type
     if op in ("Conv", "ConvTranspose"):
         x, w = shape(0), shape(1)
@@ -277,7 +311,7 @@ def onnx_analysis(model: Any, feeds: Sequence[np.ndarray]):
     rows = [ModuleCost("", "graph", counts.params, counts.flops, 0, 0)]
     for node in model.graph.node:
         params = sum(floats.get(v, 0) for v in node.input)
-        flops = counts.nodes.get(node.output[0], 0) if node.output else 0
+        flops = counts.nodes.get(((), node.output[0]), 0) if node.output else 0
         if params or flops:
             rows.append(ModuleCost(node.name or node.output[0], node.op_type, params, flops, params, flops))
     return Analysis(params=counts.params, flops=counts.flops, modules=tuple(rows), unsupported_ops={},

@@ -284,15 +284,16 @@ def _separate(model, example_inputs, rank, order, include, exclude, calibration,
     if counts is not None:
         after = count_onnx(work, feeds)  # the original's shapes were inferred: the separated graph's are too
         written = {y: value for y, (_, value) in renamed.items()}  # a folded layer's conv writes the BatchNorm's output
-        layers = [_with_flops(layer, counts.nodes.get(outputs[layer.name][-1]),
-                              [after.nodes.get(written.get(v, v)) for v in outputs[layer.name]])
+        key = lambda layer, value: (trails[layer.name], written.get(value, value))  # noqa: E731
+        layers = [_with_flops(layer, counts.nodes.get((trails[layer.name], outputs[layer.name][-1])),
+                              [after.nodes.get(key(layer, v)) for v in outputs[layer.name]])
                   for layer in layers]
         flops = (counts.flops, after.flops)
         # A pair in a branch the inputs did not take was separated but not run by the check: say which.
-        unrun = [layer.name for layer in layers if not after.runs.get(written.get(outputs[layer.name][-1], outputs[layer.name][-1]), 1)]
+        unrun = [layer.name for layer in layers if not after.runs.get(key(layer, outputs[layer.name][-1]))]
         if unrun and verified:
-            verification += (f"; {len(unrun)} separated layers did not run on these inputs (in a branch they did not take, or one"
-                             f" whose condition is not known), so their outputs were not compared: {', '.join(unrun)}")
+            verification += (f"; {len(unrun)} separated layers did not run on these inputs (in a branch they did not take) or"
+                             f" could not be seen to, so their outputs were not compared: {', '.join(unrun)}")
         not_run = tuple(unrun)
     return OnnxSeparation(work, tuple(layers), tuple(skipped), verified, verification, max_abs, relative, plan.budget_met, *flops,
                           runs=tuple(runs), original=original, folded_batchnorms=tuple(folded), not_refit=not_refit, not_run=not_run,

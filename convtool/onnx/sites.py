@@ -136,8 +136,9 @@ def site_stats(where: dict[str, ConvNode], counts: OnnxCounts) -> dict[str, Site
     stats = {}
     for name, found in where.items():
         node = found.node
-        x, y = counts.shapes.get(node.input[0]), counts.shapes.get(node.output[0])
-        runs = counts.runs.get(node.output[0], 0)
+        trail = found.scope.trail
+        x, y = counts.shape(node.input[0], trail), counts.shape(node.output[0], trail)
+        runs = counts.runs.get((trail, node.output[0]))
         if x and y and runs:
             stats[name] = SiteStats(runs * x[0] * math.prod(x[2:]), runs * y[0] * math.prod(y[2:]), tuple(x))
     return stats

@@ -75,9 +75,6 @@ def test_sibling_branches_writing_the_same_value_name_each_get_their_own_pair():
     onnx.checker.check_model(one.model, full_check=True)
 
 
-@pytest.mark.xfail(strict=True, reason="OnnxCounts keys runs (and nodes, shapes) by value name across all graphs: a value name "
-                                       "both branches write takes the last branch counted's runs, so not_run (and each layer's "
-                                       "FLOPs, and the planner's site stats) read the other branch's")
 def test_not_run_names_the_branch_not_taken_when_both_branches_write_the_same_value_name():
     model = _if_model()
     result = convtool.separate_onnx(model, [_inputs(1)[0].numpy()], rank=1)  # positive: the then branch
@@ -117,9 +114,6 @@ def test_calibration_refits_the_convs_in_an_opset_10_if():
     assert result.not_refit == ()
 
 
-@pytest.mark.xfail(strict=True, reason="counts give a node whose runs are not known (a Loop without a trip count, an If whose "
-                                       "condition is computed in a subgraph) 0 runs, and not_run reads 0 as 'did not run': the "
-                                       "verification then says the pair's outputs were not compared, though they were")
 def test_a_conv_in_a_loop_without_a_trip_count_is_not_said_to_have_not_run():
     # a while loop: no trip count, its condition (i < 2) computed in the body; it runs 3 times
     body = helper.make_graph(

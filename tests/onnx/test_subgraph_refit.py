@@ -221,3 +221,22 @@ def test_an_if_in_a_branch_is_counted_for_the_branch_its_computed_condition_take
         assert f"inner_if: {taken} taken on the example inputs (the other not counted)" in result.branches
         assert result.flops_before == flops
         assert ("conv_a" in result.not_run) == (taken == "else_branch") and "conv_b" in result.not_run
+
+
+def test_a_loop_that_exits_early_is_counted_for_the_iterations_it_ran():
+    # trip count 10, but the body's condition stops it after iterations 0 and 1: its iteration numbers tell
+    w = numpy_helper.from_array(RNG.standard_normal((N, M, 3, 3)).astype(np.float32), "w_body")
+    body = helper.make_graph(
+        [helper.make_node("Less", ["i", "one"], ["cond_out"], name="go_on"), _conv("x", "w_body", "z", "conv")], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), _value("z")])
+    nodes = [helper.make_node("Loop", ["trips", "yes"], ["zs"], name="loop", body=body),
+             helper.make_node("ReduceSum", ["zs", "axis0"], ["y"], name="over_iterations", keepdims=0)]
+    inits = [w, numpy_helper.from_array(np.array(10, np.int64), "trips"), numpy_helper.from_array(np.array(True), "yes"),
+             numpy_helper.from_array(np.array(1, np.int64), "one"), numpy_helper.from_array(np.array([0], np.int64), "axis0")]
+    model = _model(nodes, inits)
+    x = _one_signal(1)[0].numpy()
+    assert _run(model, x).shape == (x.shape[0], N, 7, 7)
+    result = convtool.separate_onnx(model, [x], rank=1)
+    assert "loop: body counted for 2 iterations" in result.branches
+    assert result.flops_before == 2 * x.shape[0] * N * 7 * 7 * M * 3 * 3
