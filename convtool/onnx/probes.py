@@ -74,6 +74,8 @@ def exposed(model, probes: Sequence[Probe], overridable: Sequence[str] = ()) -> 
 
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
+    if any(p.trail for p in probes) and _default_opset(copy) < 11:
+        copy = _with_if_of_opset_11(copy)
     graph = copy.graph
     used = {v for g in all_graphs(graph) for n in g.node for v in (n.name, *n.input, *n.output)}
     used |= {v.name for g in all_graphs(graph) for v in (*g.input, *g.output, *g.initializer)}
@@ -106,7 +108,23 @@ def exposed(model, probes: Sequence[Probe], overridable: Sequence[str] = ()) -> 
     return copy, carried, refused
 
 
-CARRIERS = ("If", "Loop", "Scan")  # the nodes whose outputs can carry a value of their graphs out
+CARRIERS = ("If", "Loop", "Scan")
+
+
+def _default_opset(model) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _with_if_of_opset_11(model):
+    """``model`` converted to opset 11, where an If's branches may give outputs of different shapes
+    (before, onnxruntime refuses a graph whose branches' shapes differ: a probe's empty tensor
+    would); as it was where onnx's converter cannot convert it."""
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, 11)
+    except Exception:  # the caller reports onnxruntime's refusal
+        return model  # the nodes whose outputs can carry a value of their graphs out
 
 
 def _holder(graph, output: str):
