@@ -73,6 +73,8 @@ def refit_onnx(original, separated, lasts: Sequence[LastConv], batches: Sequence
         if reason:
             why_not[last.layer] = reason
     lasts = [last for last in lasts if last.layer not in why_not]
+    if not lasts:  # nothing to fit: the data need not run
+        return {}, why_not
     probe = lambda last, value: Probe(value, last.trail, inits[last.node.input[1]].data_type, len(inits[last.node.input[1]].dims))  # noqa: E731
     errors: dict[str, float | None] = {}
     with tempfile.TemporaryDirectory(prefix="convtool-onnx-refit-") as tmp:
