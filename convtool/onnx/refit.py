@@ -200,9 +200,7 @@ def _refit_layer(session, last: LastConv, reading: str, rank: int, batches, targ
 def _geometry_reason(node) -> str | None:
     """Why a transposed last conv's padding cannot be read off its attributes (then it is not refit)."""
     attrs = node_attributes(node)
-    auto = attrs.get("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    if node.op_type == "ConvTranspose" and ("output_shape" in attrs or auto not in ("NOTSET", "VALID")):
+    if node.op_type == "ConvTranspose" and ("output_shape" in attrs or _auto_pad(attrs) not in ("NOTSET", "VALID")):
         return "its last conv is a ConvTranspose sized by output_shape or auto_pad: its SVD factors stay"
     return None
 
@@ -215,15 +213,13 @@ def _call(x: torch.Tensor, layout: torch.Tensor, attrs: dict, transposed: bool) 
     dims = len(kernel)
     strides = list(attrs.get("strides", [1] * dims))
     dilations = list(attrs.get("dilations", [1] * dims))
-    if transposed:
+    pads = _pads(attrs, list(x.shape[2:]), kernel, strides, dilations)  # F.pad's order: last dimension first, begin then end
+    if transposed:  # explicit pads (or VALID): output_shape and SAME are not refit (_geometry_reason)
         x = spread(x, strides)
-        pads = list(attrs.get("pads", [0] * (2 * dims))) if attrs.get("auto_pad", b"NOTSET") not in ("VALID", b"VALID") else [0] * (2 * dims)
         extra = list(attrs.get("output_padding", [0] * dims))
-        overhang = [d * (k - 1) for k, d in zip(kernel, dilations)]
-        pads = [p for i in reversed(range(dims)) for p in (overhang[i] - pads[i], overhang[i] - pads[dims + i] + extra[i])]
+        dim = lambda j: dims - 1 - j // 2  # noqa: E731 - the dimension F.pad's j-th entry pads
+        pads = [dilations[dim(j)] * (kernel[dim(j)] - 1) - p + (extra[dim(j)] if j % 2 else 0) for j, p in enumerate(pads)]
         strides = [1] * dims
-    else:
-        pads = _pads(attrs, list(x.shape[2:]), kernel, strides, dilations)
     if any(pads):
         x = F.pad(x, pads)  # negative pads crop
     return dict(input=x, weight=torch.empty(layout.shape, dtype=torch.float64), stride=tuple(strides), padding=0,
@@ -232,8 +228,7 @@ def _call(x: torch.Tensor, layout: torch.Tensor, attrs: dict, transposed: bool) 
 
 def _pads(attrs: dict, size: list[int], kernel: list[int], strides: list[int], dilations: list[int]) -> list[int]:
     """An ONNX Conv's padding as ``F.pad``'s argument (last dimension first)."""
-    auto = attrs.get("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
+    auto = _auto_pad(attrs)
     dims = len(kernel)
     if auto in ("SAME_UPPER", "SAME_LOWER"):  # TensorFlow's SAME: the odd pixel after (UPPER) or before (LOWER)
         pads = SamePadded.padding_for(size, kernel, strides, dilations)
@@ -244,6 +239,11 @@ def _pads(attrs: dict, size: list[int], kernel: list[int], strides: list[int], d
         pads = list(attrs.get("pads", [0] * (2 * dims)))
         begins, ends = pads[:dims], pads[dims:]
     return [p for b, e in reversed(list(zip(begins, ends))) for p in (b, e)]
+
+
+def _auto_pad(attrs: dict) -> str:
+    auto = attrs.get("auto_pad", b"NOTSET")
+    return auto.decode() if isinstance(auto, bytes) else auto
 
 
 def _session(model, path: Path):
