@@ -125,6 +125,13 @@ def _count_graph(graph, times: int | None, shapes, integers, known, nodes, runs,
     """
     integers = dict(integers, **_integer_constants(graph))
     shape_of = lambda value: _scoped(shapes, value, trail)  # noqa: E731
+
+    def every_run(value: str) -> np.ndarray | None:
+        """The values ``value`` took in its node's runs: a constant's, once per run; else as read out of the run."""
+        if value in integers:
+            return np.asarray(integers[value]).reshape(-1)[:1].repeat(times) if times is not None else None
+        return known.get((trail, value))
+
     for node in graph.node:
         if not node.output:
             continue
@@ -135,15 +142,11 @@ def _count_graph(graph, times: int | None, shapes, integers, known, nodes, runs,
         name = node.name or node.output[0]
         inner = lambda attribute: (*trail, (node.output[0], attribute, 0))  # noqa: E731
         if node.op_type == "If":
-            cond = node.input[0]
-            constant = cond in integers and times is not None
-            picked = _if_runs(name, np.asarray(integers[cond]).reshape(-1)[:1].repeat(times) if constant else known.get((trail, cond)), branches)
+            picked = _if_runs(name, every_run(node.input[0]), branches)
         elif node.op_type == "Loop":
             body = next(sub for attribute, _, sub in subgraphs(node) if attribute == "body")
             numbers = known.get((inner("body"), body.input[0].name)) if body.input else None
-            trips = known.get((trail, node.input[0])) if node.input and node.input[0] else None
-            if node.input and node.input[0] in integers and times is not None:
-                trips = np.asarray(integers[node.input[0]]).reshape(-1)[:1].repeat(times)
+            trips = every_run(node.input[0]) if node.input and node.input[0] else None
             if numbers is not None:  # every iteration's number, read out of the run: early exits seen
                 count, what = int(numbers.size), f"{numbers.size} iterations"
             elif trips is not None:
