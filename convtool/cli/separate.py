@@ -199,10 +199,9 @@ def _separate_onnx(model, output, rank, order, include, exclude, inputs, force, 
     The report is the one a PyTorch model gets, counted on the graphs and timed on onnxruntime CPU.
     """
     import dataclasses
+    import tempfile
 
     import convtool
-
-    import tempfile
 
     from ..io import Staging, check_output
     from ..measure.onnxrt import release_freed_memory

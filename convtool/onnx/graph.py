@@ -105,7 +105,7 @@ def install_pairs(model, scopes, where, sites: dict[str, Site], picks: dict, lay
             for v in n.input:
                 reads[v] = reads.get(v, 0) + 1
     # per graph: sibling branches may reuse a value name (each If branch writing its own "c")
-    by_output = {(id(c.scope), c.node.output[0]): c for c in where.values()}
+    by_output = {(c.scope.trail, c.node.output[0]): c for c in where.values()}
     own_bias = lambda v: v not in main_inits or reads.get(v, 0) > 1  # noqa: E731 - refit and folding change the pair's bias
     per_scope: dict[int, list] = {}
     outputs: dict[str, list[str]] = {}
@@ -115,7 +115,7 @@ def install_pairs(model, scopes, where, sites: dict[str, Site], picks: dict, lay
     for index in reversed(range(len(scopes))):
         scope, new_nodes, records = scopes[index], [], []
         for node in scope.graph.node:
-            found = by_output.get((id(scope), node.output[0])) if node.op_type in ("Conv", "ConvTranspose") and node.output else None
+            found = by_output.get((scope.trail, node.output[0])) if node.op_type in ("Conv", "ConvTranspose") and node.output else None
             pick = picks.get(found.name) if found is not None else None
             if pick is None:
                 new_nodes.append(node)

@@ -108,7 +108,7 @@ def exposed(model, probes: Sequence[Probe], overridable: Sequence[str] = ()) -> 
     return copy, carried, refused
 
 
-CARRIERS = ("If", "Loop", "Scan")
+CARRIERS = ("If", "Loop", "Scan")  # the nodes whose outputs can carry a value of their graphs out
 
 
 def _default_opset(model) -> int:
@@ -124,7 +124,7 @@ def _with_if_of_opset_11(model):
     try:
         return version_converter.convert_version(model, 11)
     except Exception:  # the caller reports onnxruntime's refusal
-        return model  # the nodes whose outputs can carry a value of their graphs out
+        return model
 
 
 def _holder(graph, output: str):

@@ -283,8 +283,8 @@ def _separate(model, example_inputs, rank, order, include, exclude, calibration,
     not_run: tuple[str, ...] = ()
     if counts is not None:
         after = count_onnx(work, feeds)  # the original's shapes were inferred: the separated graph's are too
-        written = {y: value for y, (_, value) in renamed.items()}  # a folded layer's conv writes the BatchNorm's output
-        key = lambda layer, value: (trails[layer.name], written.get(value, value))  # noqa: E731
+        folded_outputs = {y: value for y, (_, value) in renamed.items()}  # a folded layer's conv writes the BatchNorm's output
+        key = lambda layer, value: (trails[layer.name], folded_outputs.get(value, value))  # noqa: E731
         layers = [_with_flops(layer, counts.nodes.get((trails[layer.name], outputs[layer.name][-1])),
                               [after.nodes.get(key(layer, v)) for v in outputs[layer.name]])
                   for layer in layers]
