@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import AnalysisError
-from .files import copy_fields
+from .files import without_initializers
 from .probes import Probe, Trail, all_graphs, exposed, in_order, quiet_run, subgraphs
 
 
@@ -102,11 +102,7 @@ def _skeleton(model):
     Shape inference reads a weight's dims only, and copying a 100 MB model's weights (then
     serialising them into onnx's C++ side) to count its FLOPs tripled the memory counting took.
     """
-    import onnx
-
-    skeleton = onnx.ModelProto()
-    copy_fields(model, skeleton, skip="graph")
-    copy_fields(model.graph, skeleton.graph, skip="initializer")
+    skeleton = without_initializers(model)
     for init in model.graph.initializer:
         if math.prod(init.dims) <= _SMALL:
             skeleton.graph.initializer.add().CopyFrom(init)

@@ -226,14 +226,11 @@ def write_with_weights_beside(model: Any, path: str | os.PathLike, threshold: in
     ``typed_lists`` False keeps a tensor held as a typed list (``float_data``...) inline, so that
     :func:`read_with_weights_beside` gives back the very same proto (beside, it is raw bytes).
     """
-    import onnx
     from onnx import TensorProto, numpy_helper
 
     path = Path(path)
     data_name = path.name + ".data"
-    skeleton = onnx.ModelProto()
-    copy_fields(model, skeleton, skip="graph")
-    copy_fields(model.graph, skeleton.graph, skip="initializer")
+    skeleton = without_initializers(model)
     with open(path.with_name(data_name), "wb") as data:
         for init in model.graph.initializer:
             raw = init.HasField("raw_data")
@@ -285,6 +282,16 @@ def read_with_weights_beside(path: str | os.PathLike):
 
 _VALUE_FIELDS = ("raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data",
                  "data_location", "external_data")
+
+
+def without_initializers(model: Any):
+    """A copy of ``model`` with every field but the main graph's initializers: the caller adds them as it needs."""
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy_fields(model, copy, skip="graph")
+    copy_fields(model.graph, copy.graph, skip="initializer")
+    return copy
 
 
 def copy_fields(source: Any, target: Any, skip: str | tuple[str, ...]) -> None:
