@@ -26,15 +26,14 @@ _WHERE = {
     "separable_factors": ".core.decompose",
     "SeparableConv": ".core.modules",
     "SeparableConv2d": ".core.modules",
-    "AgreementTarget": ".core.records",
-    "BudgetSearch": ".core.records",
-    "Energy": ".core.records",
-    "LatencyRound": ".core.records",
-    "LatencySearch": ".core.records",
-    "LatencyTarget": ".core.records",
-    "separate_onnx": ".onnx.separate",
+    "AgreementTarget": ".plan.agreement",
+    "Search": ".core.records",
+    "Trial": ".core.records",
+    "Energy": ".plan.budgets",
+    "LatencyTarget": ".plan.latency",
+    "separate_onnx": ".search.separate",
     "OnnxSeparation": ".onnx.separate",
-    "FlopsTarget": ".core.records",
+    "FlopsTarget": ".plan.budgets",
     "LayerChange": ".core.records",
     "SkippedLayer": ".core.records",
     "Analysis": ".measure.counts",
@@ -48,10 +47,10 @@ _WHERE = {
     "Distillation": ".recovery.distill",
     "distill": ".recovery.distill",
     "Separation": ".pytorch.separate",
-    "separate": ".pytorch.separate",
-    "Sweep": ".pytorch.sweep",
-    "SweepPoint": ".pytorch.sweep",
-    "sweep": ".pytorch.sweep",
+    "separate": ".search.separate",
+    "Sweep": ".search.sweep",
+    "SweepPoint": ".search.sweep",
+    "sweep": ".search.sweep",
     "Synthesis": ".recovery.synthesize",
     "synthesize": ".recovery.synthesize",
     "export_onnx": ".deploy.export",
@@ -81,19 +80,21 @@ from .errors import (
 if TYPE_CHECKING:
     from .core.decompose import separable_factors
     from .core.modules import SeparableConv, SeparableConv2d
-    from .core.records import (
-        AgreementTarget, Benchmark, BudgetSearch, Energy, FlopsTarget, LatencyRound, LatencySearch, LatencyTarget, LayerChange,
-        LayerLatency, SkippedLayer,
-    )
+    from .core.records import Benchmark, LayerChange, LayerLatency, Search, SkippedLayer, Trial
+    from .plan.agreement import AgreementTarget
+    from .plan.budgets import Energy, FlopsTarget
+    from .plan.latency import LatencyTarget
     from .deploy.export import export_onnx
     from .deploy.verify import ProviderCheck, benchmark, layer_latencies, verify_onnx
     from .measure.compare import Comparison, compare
     from .measure.counts import Analysis, ModuleCost, analyze
     from .measure.fidelity import Fidelity, OutputFidelity
     from .measure.onnx_file import OnnxExport
-    from .onnx.separate import OnnxSeparation, separate_onnx
-    from .pytorch.separate import Separation, separate
-    from .pytorch.sweep import Sweep, SweepPoint, sweep
+    from .onnx.separate import OnnxSeparation
+    from .search.separate import separate_onnx
+    from .pytorch.separate import Separation
+    from .search.separate import separate
+    from .search.sweep import Sweep, SweepPoint, sweep
     from .recovery.distill import Distillation, distill
     from .recovery.synthesize import Synthesis, synthesize
 
@@ -107,49 +108,31 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(__all__)
+    return sorted({*__all__, *_WHERE})
 
 
 __version__ = "0.2.0"
 
+# What a user types: the verbs, the budgets, the pair module, and the errors to catch. The records
+# the verbs return (Separation, Comparison, Search, Benchmark...) are read, not typed: they stay
+# importable from here (``convtool.Separation``) for annotations, but are not listed.
 __all__ = [
     "AgreementTarget",
     "AnalysisError",
-    "Analysis",
-    "Benchmark",
-    "BudgetSearch",
-    "Comparison",
     "ConvtoolError",
-    "Distillation",
     "DistributedError",
     "Energy",
     "ExportError",
-    "Fidelity",
     "FlopsTarget",
     "InvalidOptionError",
-    "LatencyRound",
-    "LatencySearch",
     "LatencyTarget",
-    "LayerChange",
-    "LayerLatency",
     "ModelLoadError",
-    "ModuleCost",
     "NothingToSeparateError",
-    "OnnxExport",
     "OnnxFileError",
-    "OnnxSeparation",
     "OutputExistsError",
-    "OutputFidelity",
-    "ProviderCheck",
     "ProviderUnavailableError",
     "SeparableConv",
-    "SeparableConv2d",
-    "Separation",
     "SeparationError",
-    "SkippedLayer",
-    "Sweep",
-    "SweepPoint",
-    "Synthesis",
     "UnsafeModelError",
     "analyze",
     "benchmark",
@@ -157,7 +140,6 @@ __all__ = [
     "distill",
     "export_onnx",
     "layer_latencies",
-    "separable_factors",
     "separate",
     "separate_onnx",
     "sweep",

@@ -20,15 +20,17 @@ def test_min_sqnr_reports_the_floor_and_what_was_measured(project):
     result = run("separate", project / "small.pt", "--arch", arch(project), "--min-sqnr", "10", "--order", "auto",
                  "--calibration", project / "images.npy", "--report", project / "r.json", "-o", project / "s.pt")
     assert result.exit_code == 0, result.output
-    assert "Budget: the fewest FLOPs meeting SQNR >= 10 dB on 16 held-out calibration samples" in result.stderr
-    search = json.loads((project / "r.json").read_text())["budget_search"]
-    assert search["sqnr_db_floor"] == 10 and search["held_out_samples"] == 16 and search["sqnr_db"] >= 10
-    assert search["tried"] and all(set(t) == {"fraction", "flops_fraction", "top1_agreement", "sqnr_db", "met"} for t in search["tried"])
+    assert "Searched for the fewest FLOPs meeting SQNR >= 10 dB on 16 held-out calibration samples" in result.stderr
+    search = json.loads((project / "r.json").read_text())["search"]
+    assert search["target"]["type"] == "AgreementTarget" and search["target"]["sqnr_db"] == 10
+    assert search["held_out_samples"] == 16 and search["sqnr_db"] >= 10 and search["met"]
+    assert search["tried"] and all(set(t) == {"budget", "unit", "flops_fraction", "latency_ratio", "top1_agreement", "sqnr_db", "met"}
+                                   for t in search["tried"])
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--min-agreement", "0.99"], "--min-agreement needs --calibration"),
-    (["--min-agreement", "0.99", "--flops-target", "0.5", "--calibration", "x.npy"], "choose the budget themselves"),
+    (["--min-agreement", "0.99"], "held-out calibration data: pass calibration"),
+    (["--min-agreement", "0.99", "--flops-target", "0.5", "--calibration", "x.npy"], "each choose the ranks: give one"),
     (["--min-agreement", "1.5", "--calibration", "x.npy"], "a top-1 agreement floor is a share in (0, 1]"),
 ])
 def test_bad_budget_options_are_one_line(project, extra, message):

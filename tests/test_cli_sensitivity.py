@@ -18,7 +18,7 @@ def test_sensitivity_budget_from_the_command_line(project):  # noqa: F811
 
 
 @pytest.mark.parametrize("args,message", [
-    ([], "--calibration"),  # a budget, but nothing to measure the output on
+    ([], "pass calibration"),  # a budget, but nothing to measure the output on
     (["--rank", "2"], "--flops-target"),
     (["--energy", "0.9", "--rank", "auto"], "--flops-target"),
 ])

@@ -88,7 +88,7 @@ def test_existing_sweep_files_are_not_overwritten_without_force(project):
 
 @pytest.mark.parametrize("extra, message", [
     (["--metric-data", "x.npz"], "--metric-data needs --metric"),
-    (["--sensitivity"], "--sensitivity needs --calibration"),
+    (["--sensitivity"], "sensitivity measures errors at the model's output on calibration data: pass calibration"),
     (["--metric", "nowhere.py:fn"], "--metric file nowhere.py does not exist"),
     (["--provider", "tensorrt"], "cannot time on 'tensorrt'"),
 ])

@@ -47,7 +47,7 @@ def test_options_that_mean_nothing_with_synthetic_data_are_refused(project):  # 
 def test_synthetic_calibration_is_refused_for_onnx_input(project):  # noqa: F811
     (project / "m.onnx").write_bytes(b"not read")
     result = run("separate", project / "m.onnx", "--calibration", "synthetic", cwd=project)
-    assert result.exit_code == 2 and "--calibration synthetic" in result.output and "not available for ONNX input" in result.output
+    assert result.exit_code == 2 and "--calibration synthetic" in result.output and "for PyTorch models only" in result.output
 
 
 def test_a_model_with_nothing_to_synthesise_from_gets_one_line(project):  # noqa: F811

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import InvalidOptionError
+from . import groups
 from .options import (
     Ui, calibration_data, check_report_suffix, export_line, finish_verification, handles_errors, input_files, is_onnx,
     load, make_inputs, model_options, needs_option, onnx_input_options, onnx_inputs, output_options, parse_data_options,
@@ -16,31 +17,12 @@ from .options import (
 
 
 @click.command()
+@handles_errors  # outermost: the option groups' parsing errors are the user's too
 @click.argument("model", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Where to save the separated model [MODEL's stem + .separated.pt].")
-@click.option("--rank", help="Separable filters per channel: a positive integer, 'full' (exact) or 'auto' [1; auto with --flops-target or --energy].")
-@click.option("--flops-target", type=float, help="With --rank auto: the model's FLOPs after, as a fraction of before (e.g. 0.25).")
-@click.option("--energy", type=float, help="With --rank auto: per layer, the smallest rank keeping this share of spectral energy (e.g. 0.9).")
-@click.option("--min-agreement", type=float, metavar="SHARE",
-              help="With --calibration: the fewest FLOPs whose top-1 agreement with the original on a held-out quarter "
-                   "of the calibration data is at least SHARE (e.g. 0.99; classifiers).")
-@click.option("--min-sqnr", type=float, metavar="DB",
-              help="With --calibration: the fewest FLOPs whose output SQNR against the original on a held-out quarter "
-                   "of the calibration data is at least DB (any output).")
-@click.option("--sensitivity", is_flag=True,
-              help="With --flops-target (or --min-agreement / --min-sqnr) and --calibration: spend the budget by each layer's measured effect on the "
-                   "model's output, not its own error (a few model runs per layer).")
-@click.option("--latency", "latency_provider", metavar="PROVIDER",
-              help="Time each layer on this onnxruntime provider (cpu, cuda); layers whose "
-                   "separated form is not faster stay dense (also with an explicit --rank). With --latency-target: "
-                   "the provider the target is timed on [cpu].")
-@click.option("--latency-target", type=float, metavar="F",
-              help="The separated model's latency on onnxruntime (--latency, cpu by default) as a fraction of the "
-                   "original's, measured end to end (e.g. 0.5); chooses the ranks itself.")
-@click.option("--include", multiple=True, metavar="GLOB", help="Separate only convs whose qualified name matches; repeatable.")
-@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave convs whose qualified name matches dense; repeatable.")
-@click.option("--order", type=click.Choice(["dw-pw", "pw-dw", "auto"]), default="dw-pw", show_default=True,
-              help="Depthwise then pointwise (MobileNet), pointwise then depthwise (BSConv-U), or per layer the better.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Where to save the separated model [MODEL's stem + .separated.pt, or .separated.onnx for ONNX].")
+@groups.ranks
+@groups.scope
 @click.option("--calibration", type=click.Path(exists=False), metavar="FILE|DIR|synthetic",
               help="Unlabeled inputs (.pt/.npy/.npz tensor, or a folder of images) to fit the separated layers on; "
                    "'synthetic': no data, inputs synthesised from the model's BatchNorm statistics (./synthetic for a path of that name).")
@@ -62,87 +44,57 @@ from .options import (
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report to FILE.json or FILE.md.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @output_options
-@handles_errors
-def separate(model, output, rank, flops_target, energy, min_agreement, min_sqnr, sensitivity, latency_provider, latency_target, include, exclude, order, calibration, synthetic_samples,
-             image_size, mean, std, refit, recalibrate_bn, distill_steps, input_shapes, arch, allow_pickle, device, input_values, onnx_path, providers, report_path,
-             force, quiet, as_json):
+def separate(model, output, ranks, scope, calibration, synthetic_samples, image_size, mean, std, refit, recalibrate_bn,
+             distill_steps, input_shapes, arch, allow_pickle, device, input_values, onnx_path, providers, report_path, force, quiet,
+             as_json):
     """Rewrite every standard conv of MODEL (PyTorch, or an .onnx file) into a depthwise + pointwise pair.
 
     Prints the before/after report, writes the separated model and, with --onnx, exports and
     verifies it on onnxruntime. With --calibration (unlabeled inputs) the separated layers are
     refit to reproduce the original's outputs, and --distill-steps fine-tunes the result
     against the original, without labels. With no data at hand, --calibration synthetic makes
-    the inputs from the model itself (matching its BatchNorm statistics).
+    the inputs from the model itself (matching its BatchNorm statistics). An .onnx MODEL takes
+    every budget a PyTorch one does and is written as .onnx, checked in onnxruntime.
 
     \b
     Examples:
       convtool separate resnet.pt --arch mymodels:resnet18 --rank 2 --onnx resnet.sep.onnx
-      convtool separate net.pt --allow-pickle --rank auto --flops-target 0.25 \\
+      convtool separate net.pt --allow-pickle --flops-target 0.25 \\
           --calibration images/ --image-size 224,224 --distill-steps 300
       convtool separate net.pt --allow-pickle --min-agreement 0.99 --calibration images.npy
       convtool separate net.pt --allow-pickle --latency-target 0.5 --input-shape 1,3,224,224
-      convtool separate net.pt --allow-pickle --rank auto --flops-target 0.25 \\
+      convtool separate net.pt --allow-pickle --flops-target 0.25 \\
           --calibration synthetic --input-shape 1,3,32,32 --distill-steps 300
-      convtool separate vendor.onnx --rank 2 --input-shape 1,3,224,224
+      convtool separate vendor.onnx --min-agreement 0.99 --calibration images.npz
     """
-    import convtool
-
-    from ..io import Staging, check_output, write_model
-    from ..report.render import latency_search_line, search_line, to_dict, to_markdown, to_rich
-
     ui = Ui(quiet, as_json)
-    rank_value = _parse_rank(rank, flops_target, energy, sensitivity, min_agreement, min_sqnr, latency_target, latency_provider)
-    if is_onnx(model):
-        unsupported = [flag for flag, value in (
-            ("--min-agreement", min_agreement is not None), ("--min-sqnr", min_sqnr is not None),
-            ("--latency-target", latency_target is not None),
-            ("--latency", latency_provider), ("--sensitivity", sensitivity), ("--distill-steps", distill_steps), ("--recalibrate-bn", recalibrate_bn),
-            ("--refit both", refit == "both"), ("--calibration synthetic", calibration == "synthetic"),
-            ("--synthetic-samples", synthetic_samples),
-            ("--onnx", onnx_path), ("--arch", arch), ("--allow-pickle", allow_pickle)) if value]
-        if unsupported:
-            raise InvalidOptionError(f"{', '.join(unsupported)}: not available for ONNX input yet; "
-                                     "separate the PyTorch model for those, or drop them")
-        check_report_suffix(report_path)
-        data = None
-        if calibration:
-            from ..io import load_calibration
-
-            size, mean_values, std_values = parse_data_options(image_size, mean, std)
-            data = load_calibration(calibration, image_size=size, mean=mean_values, std=std_values, by_name=True)
-        return _separate_onnx(model, output, rank_value, order, include, exclude, onnx_inputs(input_shapes, input_values), force, ui,
-                              data, calibration, parse_providers(providers)[0], report_path, as_json)
-    if input_values:
-        raise InvalidOptionError("--input-value names an ONNX model's input; a PyTorch model takes --input-shape")
     synthetic = calibration == "synthetic"  # the word, not a path: ./synthetic names a path so called
     needs_option("--synthetic-samples", synthetic_samples is not None, "--calibration synthetic", synthetic)
     for option, value in (("--image-size", image_size), ("--mean", mean), ("--std", std)):
         if synthetic and value:
             raise InvalidOptionError(f"{option} describes a --calibration folder of images; --calibration synthetic makes "
                                      "model-ready inputs of --input-shape: drop it")
+        needs_option(option, bool(value), "--calibration DIR (a folder of images)", calibration)
     needs_option("--distill-steps", bool(distill_steps), "--calibration FILE|DIR|synthetic (the unlabeled inputs to distil on)", calibration)
-    for option, value in (("--recalibrate-bn", recalibrate_bn), ("--image-size", image_size), ("--mean", mean), ("--std", std),
-                          ("--refit both", refit == "both"), ("--sensitivity", sensitivity),
-                          ("--min-agreement", min_agreement is not None), ("--min-sqnr", min_sqnr is not None)):
-        needs_option(option, bool(value), "--calibration FILE|DIR", calibration)
-    needs_option("--providers", bool(providers), "--onnx OUT.onnx (the file to verify)", onnx_path)
-    if latency_provider or latency_target is not None:
-        from ..measure.onnxrt import require_provider
-
-        require_provider(latency_provider or "cpu")  # refuse before any work: nothing is timed on a provider that cannot run
-        if latency_target is not None:
-            latency_provider = None  # the target carries it
-    output = output or str(Path(model).with_name(Path(model).stem + ".separated.pt"))
     check_report_suffix(report_path)
-    provider_names, asked = parse_providers(providers)
+    data_options = parse_data_options(image_size, mean, std)
+    _check_before_work(ranks, calibration, recalibrate_bn, refit)
+    if is_onnx(model):
+        _pytorch_only(distill_steps=distill_steps, recalibrate_bn=recalibrate_bn, refit=refit, synthetic=synthetic, onnx_path=onnx_path,
+                      arch=arch, allow_pickle=allow_pickle)
+        return _separate_onnx(model, output, ranks, scope, onnx_inputs(input_shapes, input_values), force, ui, calibration,
+                              data_options, parse_providers(providers)[0], report_path, as_json)
+    if input_values:
+        raise InvalidOptionError("--input-value names an ONNX model's input; a PyTorch model takes --input-shape")
+    needs_option("--providers", bool(providers), "--onnx OUT.onnx (the file to verify)", onnx_path)
+    from ..io import check_output
+
+    output = output or str(Path(model).with_name(Path(model).stem + ".separated.pt"))
     outputs = [p for p in (output, onnx_path, report_path) if p]
     if len({Path(p).resolve() for p in outputs}) < len(outputs):
         raise InvalidOptionError("-o, --onnx and --report must name different files")
-    sources = input_files(model, arch, calibration)
     for path in outputs:
-        check_output(path, force=force, inputs=sources)
-    data_options = parse_data_options(image_size, mean, std)
-
+        check_output(path, force=force, inputs=input_files(model, arch, calibration))
     original = load(model, arch, allow_pickle, device, ui)
     if synthetic:
         if Path(calibration).exists():
@@ -152,17 +104,11 @@ def separate(model, output, rank, flops_target, energy, min_agreement, min_sqnr,
     else:
         data = calibration_data(calibration, original, *data_options) if calibration else None
         inputs = make_inputs(original, input_shapes, device, ui, data, calibration)
+    import convtool
+
     with ui.status("tracing and separating" + (" and calibrating" if data is not None else "")):
-        result = convtool.separate(
-            original, inputs, rank=rank_value, include=include, exclude=exclude, order=order,
-            calibration=data, recalibrate_bn=recalibrate_bn, latency_provider=latency_provider, refit=refit,
-        )
-    if result.budget_met is False:
-        ui.note(f"note: the FLOP target {rank_value.fraction} cannot be met; every separated layer is at its cheapest")
-    if result.search is not None:
-        ui.note(search_line(result.search))
-    if result.latency_search is not None:
-        ui.note(latency_search_line(result.latency_search))
+        result = convtool.separate(original, inputs, **ranks, **scope, calibration=data, recalibrate_bn=recalibrate_bn, refit=refit)
+    _search_notes(result, ui)
     separated = result.model
     if distill_steps:
         # On synthetic inputs, matching each separated layer's output too lifted digits at 0.25 of
@@ -170,8 +116,47 @@ def separate(model, output, rank, flops_target, energy, min_agreement, min_sqnr,
         separated = _distill(separated, original, data, distill_steps, ui, features=synthetic)
     with ui.status("counting parameters and FLOPs"):
         report = convtool.compare(original, separated, inputs, separation=result)
-    # Every output is staged and renamed into place only when all were made, so a model that
-    # cannot be pickled or exported leaves nothing behind.
+    return _write_pytorch(separated, inputs, output, onnx_path, report_path, report, original, providers, ui, as_json)
+
+
+def _check_before_work(ranks: dict, calibration, recalibrate_bn: bool, refit: str) -> None:
+    """The library's own checks of the options, made before the model is loaded (the CLI always has inputs)."""
+    from ..plan.budgets import as_budget
+    from ..pytorch.separate import check_recovery
+
+    as_budget(ranks["rank"]).check(inputs=True, data=bool(calibration))
+    check_recovery(recalibrate_bn, refit, bool(calibration))
+
+
+def _pytorch_only(**given) -> None:
+    """Refuse, in one line, what an ONNX model cannot do here: it is not trained, nor exported, nor loaded from code."""
+    flags = [flag for flag, on in (("--distill-steps", given["distill_steps"]), ("--recalibrate-bn", given["recalibrate_bn"]),
+                                   ("--refit both", given["refit"] == "both"), ("--calibration synthetic", given["synthetic"]),
+                                   ("--onnx", given["onnx_path"]), ("--arch", given["arch"]),
+                                   ("--allow-pickle", given["allow_pickle"])) if on]
+    if flags:
+        raise InvalidOptionError(f"{', '.join(flags)}: for PyTorch models only (an ONNX graph is separated, refit and checked "
+                                 "here, not trained, exported or built from code); drop them")
+
+
+def _search_notes(result, ui) -> None:
+    from ..report.render import search_line
+
+    if result.budget_met is False:
+        ui.note("note: the FLOP budget cannot be met; every separated layer is at its cheapest")
+    if result.search is not None:
+        ui.note(search_line(result.search))
+
+
+def _write_pytorch(separated, inputs, output, onnx_path, report_path, report, original, providers, ui, as_json) -> int:
+    """Every output staged and renamed into place only when all were made, so a model that cannot be pickled or
+    exported leaves nothing behind; then the report, and the verification's exit code."""
+    import convtool
+
+    from ..io import Staging, write_model
+    from ..report.render import to_dict, to_markdown, to_rich
+
+    provider_names, asked = parse_providers(providers)
     checks = None
     with Staging() as staging:
         portable = staging.write(output, lambda tmp: write_model(separated, tmp, inputs))
@@ -184,7 +169,7 @@ def separate(model, output, rank, flops_target, energy, min_agreement, min_sqnr,
             text = report_text(report_path, lambda: to_dict(report), lambda: to_markdown(report))
             staging.write(report_path, lambda tmp: tmp.write_text(text))
     ui.show(to_rich(report))
-    if as_json and not quiet:
+    if as_json and not ui.quiet:
         click.echo(json.dumps(to_dict(report), indent=2, allow_nan=False))
     ui.note(f"wrote {output}" + ("" if portable else " (loading it needs the model's own code importable)"))
     if checks is not None:
@@ -192,9 +177,8 @@ def separate(model, output, rank, flops_target, energy, min_agreement, min_sqnr,
     return 0
 
 
-def _separate_onnx(model, output, rank, order, include, exclude, inputs, force, ui, data=None, data_path=None,
-                   providers=("cpu",), report_path=None, as_json=False) -> int:
-    """``separate`` for a model given as ONNX: separated (and refit on ``data``), checked in onnxruntime, written atomically.
+def _separate_onnx(model, output, ranks, scope, inputs, force, ui, calibration, data_options, providers, report_path, as_json) -> int:
+    """``separate`` for a model given as ONNX: separated (and refit on the data), checked in onnxruntime, written atomically.
 
     The report is the one a PyTorch model gets, counted on the graphs and timed on onnxruntime CPU.
     """
@@ -203,27 +187,28 @@ def _separate_onnx(model, output, rank, order, include, exclude, inputs, force, 
 
     import convtool
 
-    from ..io import Staging, check_output
+    from ..io import Staging, check_output, load_calibration
     from ..measure.onnxrt import release_freed_memory
     from ..onnx.files import load_onnx, write_with_weights_beside
     from ..onnx.separate import save_onnx, time_onnx
-    from ..report.render import to_dict, to_markdown, to_rich
+    from ..report.render import run_lines, to_dict, to_markdown, to_rich
 
     output = output or str(Path(model).with_name(Path(model).stem + ".separated.onnx"))
     if Path(output).suffix.lower() != ".onnx":
         raise InvalidOptionError(f"-o {output}: an ONNX model is written as .onnx")
-    sources = [model, *([data_path] if data_path else [])]
     for path in [p for p in (output, report_path) if p]:
-        check_output(path, force=force, inputs=sources)
+        check_output(path, force=force, inputs=[model, *([calibration] if calibration else [])])
+    data = load_calibration(calibration, image_size=data_options[0], mean=data_options[1], std=data_options[2],
+                            by_name=True) if calibration else None
     if inputs is None and data is not None and not isinstance(data, dict):  # the first calibration sample, as for PyTorch models
         inputs = tuple(t[:1] for t in data) if isinstance(data, tuple) else (data[:1],)
     with ui.status("separating the ONNX graph" + (", calibrating" if data is not None else "") + " and checking it in onnxruntime"):
-        result = convtool.separate_onnx(model, inputs, rank=rank, order=order, include=include, exclude=exclude, calibration=data,
-                                        providers=providers)
+        result = convtool.separate_onnx(model, inputs, **ranks, **scope, calibration=data, providers=providers)
+    _search_notes(result, ui)
     report = None
     with Staging() as staging, tempfile.TemporaryDirectory(prefix="convtool-time-") as timing:
         staging.write(output, lambda tmp: save_onnx(result, tmp))
-        if result.verified:
+        if result.runs and any(r.ran and r.provider == "CPUExecutionProvider" for r in result.runs):
             with ui.status("counting, and timing both graphs on onnxruntime CPU"):
                 report = result.report()
                 separated = Path(timing) / "separated.onnx"
@@ -231,11 +216,10 @@ def _separate_onnx(model, output, rank, order, include, exclude, inputs, force, 
                 # Written twice, the proto is let go: two full sessions timed side by side are the peak.
                 result = dataclasses.replace(result, model=None)
                 release_freed_memory()
-                latency = time_onnx(lambda: load_onnx(model), separated, result.feeds)  # on the inputs it ran on
-                report = dataclasses.replace(report, latency=latency)
+                report = dataclasses.replace(report, latency=time_onnx(lambda: load_onnx(model), separated, result.feeds))
         if report_path:
             if report is None:
-                raise InvalidOptionError(f"--report needs a verified run: {result.verification}")
+                raise InvalidOptionError(f"--report needs a run on the CPU: {result.verification}")
             text = report_text(report_path, lambda: to_dict(report), lambda: to_markdown(report))
             staging.write(report_path, lambda tmp: tmp.write_text(text))
     if report is not None:
@@ -246,19 +230,8 @@ def _separate_onnx(model, output, rank, order, include, exclude, inputs, force, 
         ui.note(f"separated {len(result.layers)} Conv nodes; not verified: {result.verification}")
         for skip in result.skipped:
             ui.note(f"  left as it was: {skip.name}: {skip.reason}")
-    for branch in result.branches:
-        ui.note(f"counted: {branch}")
-    if result.not_run:
-        ui.note(f"not run by the check (a branch its inputs did not take; give inputs that take it to check it): {', '.join(result.not_run)}")
-    for skip in result.not_refit:
-        ui.note(f"not refit (kept as its SVD factors): {skip.name}: {skip.reason}")
-    if result.budget_met is False:
-        ui.note(f"note: the FLOP target {rank.fraction} cannot be met; every separated layer is at its cheapest")
-    for run_ in result.runs:
-        if run_.ran:
-            ui.note(f"{run_.provider}: ran both models; max abs error {run_.max_abs_error:.3g}, relative {run_.relative_error:.3g}")
-        else:
-            ui.note(f"{run_.provider}: not run: {run_.reason}")
+    for line in run_lines(result.runs):
+        ui.note(line)
     ui.note(f"wrote {output}")
     return 0
 
@@ -315,47 +288,6 @@ def _distill(student, teacher, data, steps, ui, features=False):
         )
     ui.note(f"distilled {steps} steps in {result.seconds:.1f} s: loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}")
     return result.model
-
-
-def _parse_rank(text: str | None, flops_target: float | None, energy: float | None, sensitivity: bool = False,
-                min_agreement: float | None = None, min_sqnr: float | None = None, latency_target: float | None = None,
-                latency_provider: str | None = None):
-    """The flags as one typed rank: an int, "full", FlopsTarget, Energy, AgreementTarget or LatencyTarget (auto alone: a quarter of the FLOPs)."""
-    from ..core.records import AgreementTarget, Energy, FlopsTarget, LatencyTarget
-
-    if latency_target is not None:
-        clash = [flag for flag, value in (("--flops-target", flops_target), ("--energy", energy), ("--min-agreement", min_agreement),
-                                          ("--min-sqnr", min_sqnr)) if value is not None]
-        if clash or text not in (None, "auto"):
-            clash += [f"--rank {text}"] if text not in (None, "auto") else []
-            raise InvalidOptionError(f"--latency-target chooses the ranks itself: drop {', '.join(clash)}")
-        return LatencyTarget(latency_target, provider=latency_provider or "cpu", sensitivity=sensitivity)
-
-    if min_agreement is not None or min_sqnr is not None:
-        clash = [flag for flag, value in (("--flops-target", flops_target), ("--energy", energy), ("--rank", text)) if value is not None]
-        if clash:
-            raise InvalidOptionError(f"--min-agreement / --min-sqnr choose the budget themselves: drop {', '.join(clash)}")
-        return AgreementTarget(min_agreement, min_sqnr, sensitivity)
-
-    if flops_target is not None and energy is not None:
-        raise InvalidOptionError("give --flops-target or --energy, not both")
-    if sensitivity and (energy is not None or text not in (None, "auto") or (flops_target is None and text is None)):
-        raise InvalidOptionError("--sensitivity weighs the layers of a FLOP budget: use it with --rank auto --flops-target F "
-                                 "or --min-agreement / --min-sqnr")
-    chosen = FlopsTarget(flops_target, sensitivity) if flops_target is not None else Energy(energy) if energy is not None else None
-    if text is None or text == "auto":
-        return chosen or (FlopsTarget(0.25, sensitivity) if text == "auto" else 1)
-    if chosen is not None:
-        raise InvalidOptionError(f"--{'flops-target' if flops_target is not None else 'energy'} chooses the ranks: use it with --rank auto, not --rank {text}")
-    if text == "full":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise InvalidOptionError(f"--rank {text!r} should be a positive integer, 'full' or 'auto'")
-    return value
 
 
 def _export(model, inputs, onnx_path, ui):

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import InvalidOptionError
+from . import groups
 from .options import (Ui, calibration_data, handles_errors, input_files, load, make_inputs, model_options, needs_option,
                       parse_data_options)
 
@@ -15,6 +16,7 @@ FILES = ("sweep.json", "sweep.md", "sweep.png")
 
 
 @click.command()
+@handles_errors  # outermost: the option groups' parsing errors are the user's too
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "output_dir", required=True, type=click.Path(), metavar="DIR",
               help="Folder for sweep.json, sweep.md and sweep.png (made if missing; its parent must exist).")
@@ -33,10 +35,7 @@ FILES = ("sweep.json", "sweep.md", "sweep.png")
                    "[the held-out calibration inputs].")
 @click.option("--sensitivity", is_flag=True,
               help="With --calibration: spend each budget by each layer's measured effect on the model's output.")
-@click.option("--include", multiple=True, metavar="GLOB", help="Separate only convs whose qualified name matches; repeatable.")
-@click.option("--exclude", multiple=True, metavar="GLOB", help="Leave convs whose qualified name matches dense; repeatable.")
-@click.option("--order", type=click.Choice(["dw-pw", "pw-dw", "auto"]), default="dw-pw", show_default=True,
-              help="Depthwise then pointwise, pointwise then depthwise, or per layer the better.")
+@groups.scope
 @click.option("--refit", type=click.Choice(["last", "both"]), default="last", show_default=True,
               help="With --calibration: refit each pair's last conv, or both convs.")
 @model_options
@@ -48,9 +47,7 @@ FILES = ("sweep.json", "sweep.md", "sweep.png")
               help="The ONNX exporter (auto: torch.export, then TorchScript if it refuses).")
 @click.option("--force", is_flag=True, help="Overwrite existing sweep files in the folder.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-@handles_errors
-def sweep(model, output_dir, targets, calibration, image_size, mean, std, metric, metric_data, sensitivity, include, exclude, order,
-          refit, input_shapes, arch, allow_pickle, device, provider, runs, threads, exporter, force, quiet):
+def sweep(model, output_dir, targets, calibration, image_size, mean, std, metric, metric_data, sensitivity, scope, refit, input_shapes, arch, allow_pickle, device, provider, runs, threads, exporter, force, quiet):
     """Separate MODEL at several FLOP budgets and measure each: speed on onnxruntime, fidelity, your metric.
 
     For each target the model is separated (the layers costed once for all targets), exported to
@@ -76,10 +73,13 @@ def sweep(model, output_dir, targets, calibration, image_size, mean, std, metric
     synthetic = calibration == "synthetic"
     for option, value in (("--image-size", image_size), ("--mean", mean), ("--std", std)):
         needs_option(option, bool(value), "--calibration DIR (a folder of images)", calibration and not synthetic)
-    for option, value in (("--sensitivity", sensitivity), ("--refit both", refit == "both")):
-        needs_option(option, bool(value), "--calibration FILE|DIR|synthetic", calibration)
     needs_option("--metric-data", bool(metric_data), "--metric MODULE:FN", metric)
     data_options = parse_data_options(image_size, mean, std)
+    from ..plan.budgets import FlopsTarget
+    from ..pytorch.separate import check_recovery
+
+    FlopsTarget(fractions[0], sensitivity).check(inputs=True, data=bool(calibration))  # the library's checks, before any work
+    check_recovery(False, refit, bool(calibration))
     from ..measure.onnxrt import require_provider
 
     require_provider(provider)  # refuse before any work: nothing is timed on a provider that cannot run
@@ -101,8 +101,8 @@ def sweep(model, output_dir, targets, calibration, image_size, mean, std, metric
         inputs = make_inputs(original, input_shapes, device, ui, data, calibration)
     scored = load_tensors(metric_data) if metric_data else None
     result = _run(ui, lambda on_step: convtool.sweep(
-        original, inputs, targets=fractions, calibration=data, metric=fn, metric_data=scored, sensitivity=sensitivity, order=order,
-        include=include, exclude=exclude, refit=refit, provider=provider, runs=runs, threads=threads, exporter=exporter,
+        original, inputs, targets=fractions, calibration=data, metric=fn, metric_data=scored, sensitivity=sensitivity, **scope,
+        refit=refit, provider=provider, runs=runs, threads=threads, exporter=exporter,
         on_step=on_step))
     title = Path(model).name
     markdown = sweep_to_markdown(result, title=title)

@@ -13,7 +13,7 @@ from torch import nn
 from ..core.inputs import as_inputs, eval_mode, model_device, on_device, run_checked, running
 from ..core.modules import SeparableConv
 from ..core.names import get_or_none
-from ..core.records import Benchmark, BudgetSearch, LatencySearch, LayerChange, LayerLatency, SkippedLayer
+from ..core.records import Benchmark, LayerChange, LayerLatency, Search, SkippedLayer
 from ..errors import InvalidOptionError
 from .conv_calls import record
 from .counts import FLOPS_UNIT, Analysis, analyze
@@ -37,11 +37,13 @@ class Comparison:
             with ``--onnx``; set it with ``dataclasses.replace`` and :func:`~convtool.benchmark`).
         slower_layers: when the separated model is slower, the layers whose separated form is
             not faster than a dense conv, timed alone (:func:`~convtool.layer_latencies`).
-        search: from a Separation made with an :class:`~convtool.AgreementTarget`, how the
-            budget was chosen and what the model measured on held-out data; None when the
+        search: from a separation whose target was met by measurement (an agreement floor, a
+            latency target), how it was found and what the model measured; None when the
             model compared is not the one measured (fine-tuned after, say).
-        latency_search: from a Separation made with a :class:`~convtool.LatencyTarget`, the
-            target, the measured end-to-end ratio and every round; None as for ``search``.
+        not_refit: from an ONNX separation, the layers calibration did not refit, with why.
+        counted: from an ONNX separation, which branch of each ``If`` (and how many loop
+            iterations) the FLOPs count.
+        not_run: from an ONNX separation, the separated layers the check's inputs did not run.
     """
 
     before: Analysis
@@ -53,8 +55,10 @@ class Comparison:
     latency: Benchmark | None = None
     slower_layers: tuple[LayerLatency, ...] = ()
     flops_unit: str = FLOPS_UNIT
-    search: BudgetSearch | None = None
-    latency_search: LatencySearch | None = None
+    search: Search | None = None
+    not_refit: tuple[SkippedLayer, ...] = ()
+    counted: tuple[str, ...] = ()
+    not_run: tuple[str, ...] = ()
 
     @property
     def params_ratio(self) -> float:
@@ -113,14 +117,13 @@ def compare(original: nn.Module, separated: nn.Module, example_inputs: Any, *, s
                     output_error=layer.output_error if same_model else None, params_before=layer.params_before,
                 ))
         skipped, verified = tuple(separation.skipped), separation.verified
-        search = getattr(separation, "search", None) if same_model else None  # measured on that model alone
-        latency_search = getattr(separation, "latency_search", None) if same_model else None
+        search = separation.search if same_model else None  # measured on that model alone
     else:
         for names, pairs in pair_groups(separated):
             layers.append(describe(names[0], names[1:], "module", pairs, calls, dense_weight=_dense_weight(original, names[0], "module"),
                                    params_before=_dense_params(original, names[0])))
-        skipped, verified, search, latency_search = (), None, None, None
-    return Comparison(before, after, tuple(layers), fidelity, skipped, verified, search=search, latency_search=latency_search)
+        skipped, verified, search = (), None, None
+    return Comparison(before, after, tuple(layers), fidelity, skipped, verified, search=search)
 
 
 def _dense_params(original: nn.Module, name: str) -> int | None:

@@ -215,9 +215,28 @@ def module_latency(module: nn.Module, input_shape: tuple[int, ...], provider: st
     key = (_fingerprint(module), tuple(input_shape), name)
     if key not in _LATENCY_CACHE:
         x = torch.randn(input_shape, dtype=next(module.parameters()).dtype)
-        (ms,) = time_modules([module.cpu()], x, provider=name, runs=runs, warmup=3, exporter="torchscript")
-        if ms * runs < MIN_TIMED_MS:  # a layer of microseconds: a median of 15 runs is noise
-            more = min(MAX_RUNS, int(MIN_TIMED_MS / max(ms, 1e-3)))
-            (ms,) = time_modules([module], x, provider=name, runs=more, warmup=10, exporter="torchscript")
-        _LATENCY_CACHE[key] = ms
+        with tempfile.TemporaryDirectory(prefix="convtool-bench-") as tmp:
+            exported = write_onnx(module.cpu(), (x,), Path(tmp) / "m.onnx", dynamic_batch=False, exporter="torchscript")
+            _LATENCY_CACHE[key] = _timed_alone(timing_session(exported.path, name), {"input": numpy(x)}, runs)
     return _LATENCY_CACHE[key]
+
+
+def graph_latency(path: str | os.PathLike, feeds: dict[str, Any], provider: str, key: tuple, runs: int = 15) -> float:
+    """Median latency (ms) of a small ONNX graph alone on ``provider``, as :func:`module_latency` times a module.
+
+    ``key``: what decides its latency (its nodes' types, attributes and shapes), for the cache.
+    """
+    name = require_provider(provider)
+    key = ("graph", key, name)
+    if key not in _LATENCY_CACHE:
+        _LATENCY_CACHE[key] = _timed_alone(timing_session(path, name), feeds, runs)
+    return _LATENCY_CACHE[key]
+
+
+def _timed_alone(session, feeds: dict[str, Any], runs: int) -> float:
+    """The median of ``runs``; of more where that is too short to mean anything (a layer of microseconds)."""
+    (ms,) = time_sessions([session], feeds, runs, warmup=3)
+    if ms * runs < MIN_TIMED_MS:
+        more = min(MAX_RUNS, int(MIN_TIMED_MS / max(ms, 1e-3)))
+        (ms,) = time_sessions([session], feeds, more, warmup=10)
+    return ms

@@ -213,7 +213,7 @@ def _call(x: torch.Tensor, layout: torch.Tensor, attrs: dict, transposed: bool) 
     dims = len(kernel)
     strides = list(attrs.get("strides", [1] * dims))
     dilations = list(attrs.get("dilations", [1] * dims))
-    pads = _pads(attrs, list(x.shape[2:]), kernel, strides, dilations)  # F.pad's order: last dimension first, begin then end
+    pads = input_pads(attrs, list(x.shape[2:]), kernel, strides, dilations)  # F.pad's order: last dimension first, begin then end
     if transposed:  # explicit pads (or VALID): output_shape and SAME are not refit (_geometry_reason)
         x = spread(x, strides)
         extra = list(attrs.get("output_padding", [0] * dims))
@@ -226,7 +226,7 @@ def _call(x: torch.Tensor, layout: torch.Tensor, attrs: dict, transposed: bool) 
                 dilation=tuple(dilations), groups=int(attrs.get("group", 1)))
 
 
-def _pads(attrs: dict, size: list[int], kernel: list[int], strides: list[int], dilations: list[int]) -> list[int]:
+def input_pads(attrs: dict, size: list[int], kernel: list[int], strides: list[int], dilations: list[int]) -> list[int]:
     """An ONNX Conv's padding as ``F.pad``'s argument (last dimension first)."""
     auto = _auto_pad(attrs)
     dims = len(kernel)

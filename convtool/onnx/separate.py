@@ -1,18 +1,20 @@
-"""``separate_onnx``: separate the convs of a model held only as ONNX, and prove the result in onnxruntime.
+"""One separation of an ONNX model at one budget, proven in onnxruntime: the ONNX front end's single step.
 
 Each ``Conv`` node (in the main graph or a subgraph) whose weight is a constant becomes two
 ``Conv`` nodes named after it: a depthwise one carrying the kernel, strides, dilations and
 padding (``pads`` or ``auto_pad``), and a pointwise one carrying the groups and the bias, in
 either order; a ``ConvTranspose`` node's depthwise half is a ``ConvTranspose`` keeping its
-output padding too. The
-factors come from the same SVD as the torch path (:func:`~convtool.core.decompose.separable_factors`).
-Every other node, initializer, input, output, opset import and metadata entry is kept as it was.
+output padding too. The factors come from the same SVD as the PyTorch front end
+(:func:`~convtool.core.decompose.separable_factors`). Every other node, initializer, input,
+output, opset import and metadata entry is kept as it was.
 
-Ranks are decided by the torch path's planner (:func:`~convtool.plan.ranks.make_plan`): a
-fixed rank, an energy, or a FLOP target costed from the shapes onnx infers, counted as fvcore
-counts (:mod:`~convtool.onnx.counts`); calibration refits with the same least squares
-(:mod:`~convtool.onnx.refit`), in subgraphs too. Not yet here (see docs/limitations.md):
-distillation, the latency filter, and BatchNorm folding inside subgraphs.
+Ranks are decided by the same planner as the PyTorch front end's, over this graph's
+:class:`~convtool.onnx.dense.DenseGraph` (costs from the counts of a run,
+:mod:`~convtool.onnx.counts`; errors read out of onnxruntime runs; layers timed as the nodes
+written here); calibration refits with the same least squares (:mod:`~convtool.onnx.refit`), in
+subgraphs too. Budgets that try several plans, and the public ``convtool.separate_onnx``, are
+above (``convtool.search``). Not here (see docs/limitations.md): distillation, and BatchNorm
+folding inside subgraphs.
 """
 
 from __future__ import annotations
@@ -28,18 +30,26 @@ import numpy as np
 import torch
 
 from ..core.decompose import ORDERS
-from ..core.records import Benchmark, FlopsTarget, LayerChange, Rank, SkippedLayer, check_rank
-from ..errors import AnalysisError, InvalidOptionError, NothingToSeparateError, OnnxFileError, SeparationError
+from ..core.records import Benchmark, LayerChange, Search, SkippedLayer
+from ..errors import AnalysisError, InvalidOptionError, NothingToSeparateError, SeparationError
 from ..measure.compare import Comparison
 from ..measure.fidelity import Fidelity, output_fidelity
-from ..measure.onnxrt import missing_reason, open_session, provider_name, release_freed_memory, time_sessions
-from ..plan.ranks import make_plan
-from .counts import count_onnx, onnx_analysis
-from .feeds import calibration_feeds, example_feeds, given_values
+from ..measure.onnxrt import missing_reason, open_session, provider_name, release_freed_memory, require_provider, time_sessions
+from ..plan.budget import Budget, make_plan
+from ..plan.costing import Costing
+from .counts import OnnxCounts, count_onnx, onnx_analysis
+from .dense import DenseGraph
+from .feeds import calibration_feeds, example_feeds, given_values, graph_inputs
 from .files import load_onnx, passes_check, read_with_weights_beside, write_proto, write_with_weights_beside
 from .graph import fold_batchnorm, install_pairs, live_nodes
 from .refit import last_convs, refit_onnx
-from .sites import find_sites, model_scopes, site_stats
+from .sites import find_sites, model_scopes
+
+LAYOUTS = ("branches", "multiplier")
+
+
+class Feeds(list):
+    """Calibration data already as batches of feeds (one array per graph input, in the graph's order)."""
 
 
 @dataclass(frozen=True)
@@ -56,20 +66,22 @@ class OnnxRun:
 
 @dataclass(frozen=True)
 class OnnxSeparation:
-    """What :func:`separate_onnx` did.
+    """What :func:`~convtool.separate_onnx` did; its fields mean what :class:`~convtool.Separation`'s do.
 
     Attributes:
         model: the separated ``onnx.ModelProto``, checked by ``onnx.checker`` (with shape
             inference, the full check, whenever the original passes it).
         layers: one record per separated ``Conv`` node, named after the node.
         skipped: every ``Conv`` node left as it was, with why.
-        verified: the separated model ran in onnxruntime on the example inputs (on the CPU
-            provider at least), every new node lies on a path to a graph output, and its
-            outputs were compared with the original's (``max_abs_error``, ``relative_error``,
-            the CPU run's).
+        verified: the separated model ran in onnxruntime (on the CPU provider at least) on the
+            example inputs, every new node lies on a path to a graph output, and every separated
+            layer's nodes ran (the dense node is gone from the graph): as for a PyTorch model,
+            every layer is proven to run. Its outputs were compared with the original's
+            (``max_abs_error``, ``relative_error``, the CPU run's).
         verification: how the claim was checked, or why it could not be; it names the separated
-            layers the inputs did not run (``not_run``: in an ``If`` branch they did not take),
-            whose pairs reach an output and pass the checker but were not compared.
+            layers the inputs did not run (``not_run``: in an ``If`` branch they did not take).
+        budget_met, flops_before, flops_after: as for a PyTorch model; the whole graph's FLOPs.
+        search: with a target met by measurement, how it was found (None otherwise).
         runs: one record per provider asked for, run or not (and why not).
     """
 
@@ -91,6 +103,7 @@ class OnnxSeparation:
     not_run: tuple[str, ...] = ()  # separated layers the check's inputs did not run (a branch not taken): not compared
     feeds: tuple = field(default=(), repr=False, compare=False)  # the inputs it ran on, in the graph's order
     source: Path | None = field(default=None, repr=False, compare=False)  # the file the model was read from
+    search: Search | None = None
 
     def original_model(self):
         """The model as given: the proto, or read again from its file (not held in memory meanwhile)."""
@@ -103,17 +116,18 @@ class OnnxSeparation:
         return example_feeds(self.model, example_inputs)  # the separated graph takes the same inputs
 
     def report(self, example_inputs: Any = None) -> Comparison:
-        """The before/after comparison a PyTorch separation gets (:meth:`~convtool.Separation.report`).
+        """The before/after comparison of the whole graph on ``example_inputs`` (or the inputs it ran on).
 
-        Counts on ``example_inputs`` (or the inputs the separation ran on); output agreement from the
-        CPU run. Raises InvalidOptionError without input shapes, or when the CPU run did not happen.
+        Counts on those inputs; output agreement from the CPU run. Raises InvalidOptionError
+        without input shapes, or when the CPU run did not happen.
         """
         feeds, why_not = self._feeds(example_inputs)
         cpu = next((r for r in self.runs if r.provider == "CPUExecutionProvider" and r.ran), None)
         if feeds is None or cpu is None:
             raise InvalidOptionError(f"no report without a run on the CPU: {why_not or self.verification}")
         return Comparison(onnx_analysis(self.original_model(), feeds), onnx_analysis(self.model, feeds), self.layers, cpu.fidelity,
-                          self.skipped, self.verified)
+                          self.skipped, self.verified, search=self.search, not_refit=self.not_refit, counted=self.branches,
+                          not_run=self.not_run)
 
     def timed(self, example_inputs: Any = None, runs: int = 20) -> Benchmark:
         """Both graphs on onnxruntime CPU (2 threads), interleaved, medians (:func:`time_onnx`)."""
@@ -126,178 +140,195 @@ class OnnxSeparation:
             return time_onnx(self.original_model, separated, feeds, runs)
 
 
-def time_onnx(original: Callable[[], Any], separated: Path, feeds: Sequence[np.ndarray], runs: int = 20) -> Benchmark:
-    """The original (its proto made by ``original()``) and the separated graph (a file, its weights
-    beside it) on onnxruntime CPU, 2 threads, interleaved, medians.
+def time_onnx(original: Callable[[], Any] | Path, separated: Path, feeds: Sequence[np.ndarray], runs: int = 20,
+              provider: str = "cpu", threads: int | None = 2) -> Benchmark:
+    """The original (its file, or its proto made by ``original()``) and the separated graph (a file, its weights
+    beside it) on onnxruntime, interleaved, medians.
 
     The separated graph comes as a file so that a caller done with its proto (the CLI, once the
     output is written) can let it go first: the two full sessions timed side by side are then all
     the memory held.
     """
+    from ..measure.onnxrt import timing_session
+
+    name = require_provider(provider)
     with tempfile.TemporaryDirectory(prefix="convtool-onnx-time-") as tmp:
-        path = Path(tmp) / "original.onnx"
-        proto = original()
-        write_with_weights_beside(proto, path)  # onnxruntime maps the weights: two sessions, one copy each
-        del proto
-        release_freed_memory()
-        sessions = [open_session(p, "CPUExecutionProvider", threads=2) for p in (path, separated)]
+        if not isinstance(original, Path):
+            path = Path(tmp) / "original.onnx"
+            proto = original()
+            write_with_weights_beside(proto, path)  # onnxruntime maps the weights: two sessions, one copy each
+            del proto
+            release_freed_memory()
+            original = path
+        sessions = [timing_session(p, name, threads) for p in (original, separated)]
         names = [i.name for i in sessions[0].get_inputs()]
         original_ms, separated_ms = time_sessions(sessions, dict(zip(names, feeds)), runs, warmup=3)
-    return Benchmark("CPUExecutionProvider", original_ms, separated_ms, runs, 2)
+    return Benchmark(name, original_ms, separated_ms, runs, threads)
 
 
-def separate_onnx(
-    model: Any,
-    example_inputs: Any = None,
-    *,
-    rank: Rank = 1,
-    order: str = "dw-pw",
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    calibration: Any = None,
-    providers: Sequence[str] = ("cpu",),
-    layout: str = "branches",
-    fold_bn: bool = True,
-) -> OnnxSeparation:
-    """Replace every standard ``Conv`` node of an ONNX model by a depthwise-separable pair, and check it.
-
-    Args:
-        model: a path to a ``.onnx`` file, or an ``onnx.ModelProto`` (not modified).
-        example_inputs: the graph's inputs, in order (a sequence) or by name (a dict): each an
-            array, tensor or number, or a tuple of ints, a shape filled with seeded noise (float
-            inputs). Float inputs of static shape not given get noise; any other input not
-            given (an int64 sample rate, a dynamic dimension) is refused, naming each, when some
-            inputs were given, and leaves the result unverified (saying why) when none were
-            (:mod:`~convtool.onnx.feeds`).
-        rank: a positive int, ``"full"`` (exact), :class:`~convtool.Energy` or
-            :class:`~convtool.FlopsTarget` (the whole graph's FLOPs after, as a fraction of
-            before; needs input shapes).
-        order: ``"dw-pw"``, ``"pw-dw"`` or ``"auto"`` (per node, the lower weight error).
-        include, exclude: glob patterns on node names, as in :func:`~convtool.separate`.
-        calibration: unlabeled inputs (an array or tensor, a tuple of them for several inputs,
-            a dict of them by input name, or an iterable of batches; an array of an input's whole
-            declared shape, a state say, goes with every batch; an input the data lacks takes its
-            value from ``example_inputs``): each pair's last conv is then refit by least squares to
-            reproduce the original node's outputs, layer by layer in execution order
-            (:mod:`~convtool.onnx.refit`).
-        layout: ``"branches"`` (rank > 1 depthwise-first pairs of 1-d and 2-d convs as
-            multiplier-1 branches, the form onnxruntime runs fastest) or ``"multiplier"``.
-        fold_bn: fold a BatchNormalization that alone reads a separated pair's output into the
-            pair's last conv (the runtime form; onnxruntime does it on loading too).
-        providers: onnxruntime providers to run both models on (``"cpu"``, ``"cuda"``); one
-            this build lacks, or that falls back to the CPU, is reported as not run.
-
-    Raises:
-        OnnxFileError: the file is not a valid ONNX model.
-        InvalidOptionError: a bad option, a FLOP target without input shapes, or inputs that do
-            not fit the graph.
-        NothingToSeparateError: no ``Conv`` node can be separated.
-        SeparationError: the separated model does not run in onnxruntime.
-    """
-    rank = check_rank(rank)
+def check_options(order: str, layout: str, latency_provider: str | None) -> str | None:
+    """The options checked before any work; onnxruntime's name of the latency provider (None without one)."""
     if order not in (*ORDERS, "auto"):
         raise InvalidOptionError(f"order must be one of {', '.join((*ORDERS, 'auto'))}; got {order!r}")
-    if layout not in ("branches", "multiplier"):
+    if layout not in LAYOUTS:
         raise InvalidOptionError(f"layout must be 'branches' or 'multiplier'; got {layout!r}")
-    with tempfile.TemporaryDirectory(prefix="convtool-onnx-") as staging:  # the files onnxruntime and the checker read
-        return _separate(model, example_inputs, rank, order, include, exclude, calibration, providers, layout, fold_bn, Path(staging))
+    return require_provider(latency_provider) if latency_provider is not None else None
 
 
-def _separate(model, example_inputs, rank, order, include, exclude, calibration, providers, layout, fold_bn, staging: Path) -> OnnxSeparation:
-    """:func:`separate_onnx`, its options checked, with a folder for the files it writes on the way."""
+@dataclass
+class OnnxOriginal:
+    """The model as given, read once for every separation of it: the file onnxruntime and the checker read
+    (``file``, weights beside), the checks it passes, its example feeds and the counts of a run on them."""
+
+    source: Path | None  # the file given, or None for a proto
+    proto: Any  # the caller's proto (None when a file was given: read again from it when needed)
+    file: Path
+    checks: list[bool]
+    feeds: list[np.ndarray] | None
+    why_not: str | None  # why there are no feeds (or no counts)
+    fixed: dict[str, np.ndarray]  # example inputs given as values, which calibration batches may lack
+    counts: OnnxCounts | None
+    inputs: Any  # a model holding only the graph's inputs that need values: their declarations, for calibration feeds
+
+    def load(self) -> Any:
+        """A working copy to rewrite: read from the file again, or a copy of the caller's proto (not modified)."""
+        import onnx
+
+        if self.proto is None:
+            return load_onnx(self.source)
+        work = onnx.ModelProto()
+        work.CopyFrom(self.proto)
+        return work
+
+    def model(self) -> Any:
+        """The original itself (read again from its file where it was given as one)."""
+        return self.proto if self.proto is not None else load_onnx(self.source)
+
+
+def read_original(model: Any, example_inputs: Any, calibration: Any, staging: Path) -> OnnxOriginal:
+    """Read ``model`` (a path or a proto), stage its file, and count it on the example inputs (else the first calibration batch)."""
     import onnx
 
     source = None if isinstance(model, onnx.ModelProto) else Path(model)
-    original = load_onnx(model)
-    feeds, why_not = example_feeds(original, example_inputs)
-    fixed = given_values(original, example_inputs)
+    proto = load_onnx(model)
+    feeds, why_not = example_feeds(proto, example_inputs)
+    fixed = given_values(proto, example_inputs)
     if feeds is None and example_inputs is None and calibration is not None:  # the first calibration batch, then
-        feeds, why_not = calibration_feeds(calibration, original, fixed)[0], None
-    # Written for onnx's checker and onnxruntime now, while the proto is at hand (the rewrite reuses it).
-    original_file = staging / "original.onnx"
-    write_with_weights_beside(original, original_file)
+        feeds, why_not = _as_feeds(calibration, proto, fixed, None)[0], None
+    # Written for onnx's checker and onnxruntime now, while the proto is at hand.
+    file = staging / "original.onnx"
+    write_with_weights_beside(proto, file)
     release_freed_memory()
-    checks = _checks_passed(original_file)
     counts = None
     if feeds is not None:
         try:
-            counts = count_onnx(original, feeds)
+            counts = count_onnx(proto, feeds)
         except AnalysisError as error:
             why_not = str(error)
-    if isinstance(rank, FlopsTarget) and counts is None:
-        raise InvalidOptionError(f"a FLOP target needs the graph's FLOPs counted: {why_not}")
-    if source is not None:  # the file is the original: rewrite the proto read from it, holding no second copy
-        work, original = original, None
-    else:  # the caller's proto is not modified
-        work = onnx.ModelProto()
-        work.CopyFrom(original)
-    graph = work.graph
-    initializers = {init.name for init in graph.initializer}
-    # Before IR 4 every initializer had to be listed as an input too: those are constants in practice.
-    overridable = {i.name for i in graph.input} - (initializers if work.ir_version < 4 else set())
+    inputs = onnx.ModelProto()  # the inputs needing values alone: no weight, in initializers or Constant nodes
+    inputs.graph.input.extend(graph_inputs(proto))
+    return OnnxOriginal(source, proto if source is None else None, file, _checks_passed(file), feeds, why_not, fixed, counts, inputs)
+
+
+def _as_feeds(calibration: Any, model: Any, fixed: dict, batch: int | None) -> list[list[np.ndarray]]:
+    return list(calibration) if isinstance(calibration, Feeds) else calibration_feeds(calibration, model, fixed, batch)
+
+
+def calibration_batches(original: OnnxOriginal, calibration: Any) -> list[list[np.ndarray]]:
+    """Calibration data as batches of feeds for ``original``."""
+    feeds = original.feeds
+    return _as_feeds(calibration, original.inputs, original.fixed, feeds[0].shape[0] if feeds and feeds[0].ndim else None)
+
+
+def separate_onnx_at(original: OnnxOriginal, budget: Budget, *, order: str, include: Sequence[str], exclude: Sequence[str],
+                     calibration: Any, providers: Sequence[str], layout: str, fold_bn: bool, provider: str | None,
+                     staging: Path, costing: Costing | None = None, shared: bool = False) -> tuple[OnnxSeparation, Costing]:
+    """``original`` separated at one budget (its options checked by :func:`check_options`), and the costing planned from.
+
+    ``provider``: onnxruntime's name of the provider layers are timed on (None: not timed);
+    ``costing``: one a search filled, reused; ``shared``: the costing will serve other budgets.
+    """
+    work = original.load()
     scopes = model_scopes(work)
+    initializers = {init.name for init in work.graph.initializer}
+    # Before IR 4 every initializer had to be listed as an input too: those are constants in practice.
+    overridable = {i.name for i in work.graph.input} - (initializers if work.ir_version < 4 else set())
     sites, where, skipped = find_sites(scopes, overridable, include, exclude)
     if not sites:
         detail = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:5]) or "the graph has no Conv node"
         raise NothingToSeparateError(f"nothing to separate ({detail})")
-    stats = site_stats(where, counts) if counts is not None else {}
-    plan = make_plan(list(sites.values()), rank, order, stats=stats, total_flops=counts.flops if counts else None)
+    batches = calibration_batches(original, calibration) if calibration is not None else None
+    view = DenseGraph(work, sites, where, original.counts, original.why_not, batches[0] if batches else None, provider, staging)
+    plan, costing = make_plan(list(sites.values()), budget, order, view, costing, shared)
+    del view
     skipped += [SkippedLayer(name, reason) for name, reason in plan.dense_reasons.items()]
     layers, outputs, created = install_pairs(work, scopes, where, sites, plan.picks, layout)
     if not layers:
         reason = next((s.reason for s in reversed(skipped)), "every conv stays dense")
         raise NothingToSeparateError(f"nothing to separate: every conv stays dense ({reason})")
     trails = {layer.name: where[layer.name].scope.trail for layer in layers}
-    main = [layer for layer in layers if not trails[layer.name]]
     del scopes, sites, where  # their arrays of every weight: not needed past the rewrite (peak memory)
     release_freed_memory()
     not_refit: tuple[SkippedLayer, ...] = ()
-    if calibration is not None:
-        lasts = last_convs(graph, {layer.name: outputs[layer.name][-1] for layer in layers}, trails)
-        batches = calibration_feeds(calibration, work, fixed, feeds[0].shape[0] if feeds and feeds[0].ndim else None)
-        errors, kept = refit_onnx(original if original is not None else load_onnx(source), work, lasts, batches)
+    if batches is not None:
+        lasts = last_convs(work.graph, {layer.name: outputs[layer.name][-1] for layer in layers}, trails)
+        errors, kept = refit_onnx(original.model(), work, lasts, batches)
+        del lasts  # its LastConv records hold the proto's nodes
         not_refit = tuple(SkippedLayer(layer.name, kept[layer.name]) for layer in layers if layer.name in kept)
         layers = [dataclasses.replace(layer, output_error=errors.get(layer.name)) for layer in layers]
-    renamed = fold_batchnorm(graph, [outputs[layer.name] for layer in main], work.ir_version < 4) if fold_bn else {}
-    folded = [bn for bn, _ in renamed.values()]
-    # Written once, then checked and run from the file: no serialised copy of the proto beside it.
+    main = [layer for layer in layers if not trails[layer.name]]
+    renamed = fold_batchnorm(work.graph, [outputs[layer.name] for layer in main], work.ir_version < 4) if fold_bn else {}
+    work, runs, verification = _write_and_verify(original, work, created, providers, staging)
+    result = OnnxSeparation(work, tuple(layers), tuple(skipped), False, verification, budget_met=plan.budget_met, runs=tuple(runs),
+                            original=original.proto, folded_batchnorms=tuple(bn for bn, _ in renamed.values()), not_refit=not_refit,
+                            feeds=tuple(original.feeds or ()), source=original.source)
+    return _counted(result, original, outputs, trails, renamed), costing
+
+
+def _write_and_verify(original: OnnxOriginal, work: Any, created: set[str], providers: Sequence[str], staging: Path):
+    """Write the rewritten graph once, check and run it from the file, and read it back compact.
+
+    The rewritten proto still holds every replaced weight (protobuf frees none of a message's
+    memory while any part of it lives): it is dropped while onnxruntime runs, then read back from
+    the file. Returns the compact proto, the runs and the verification.
+    """
+    import onnx
+
     written = staging / "separated.onnx"
     write_with_weights_beside(work, written, typed_lists=False)  # read back below: the same proto
-    dead = created - live_nodes(graph)
-    # The rewritten proto still holds every replaced weight (protobuf frees none of a message's
-    # memory while any part of it lives): it is dropped while onnxruntime runs, then read back
-    # from the file, compact.
-    del work, graph
-    lasts = None  # noqa: F841 (its LastConv records hold the proto's nodes)
+    dead = created - live_nodes(work.graph)
+    del work
     release_freed_memory()
     try:
-        for full in checks:
+        for full in original.checks:
             onnx.checker.check_model(str(written), full_check=full)
     except Exception as error:  # a bug of this pass, not the user's
         raise SeparationError(f"the separated ONNX model fails onnx.checker ({error}); please report it") from None
-    runs, verification = _verify(original_file, written, dead, feeds, why_not, providers)
-    work = read_with_weights_beside(written)
-    cpu = next((r for r in runs if r.provider == "CPUExecutionProvider" and r.ran), None)
-    verified, max_abs, relative = cpu is not None, cpu.max_abs_error if cpu else None, cpu.relative_error if cpu else None
-    flops: tuple[int | None, int | None] = (None, None)
-    not_run: tuple[str, ...] = ()
-    if counts is not None:
-        after = count_onnx(work, feeds)  # the original's shapes were inferred: the separated graph's are too
-        folded_outputs = {y: value for y, (_, value) in renamed.items()}  # a folded layer's conv writes the BatchNorm's output
-        key = lambda layer, value: (trails[layer.name], folded_outputs.get(value, value))  # noqa: E731
-        layers = [_with_flops(layer, counts.nodes.get((trails[layer.name], outputs[layer.name][-1])),
-                              [after.nodes.get(key(layer, v)) for v in outputs[layer.name]])
-                  for layer in layers]
-        flops = (counts.flops, after.flops)
-        # A pair in a branch the inputs did not take was separated but not run by the check: say which.
-        unrun = [layer.name for layer in layers if not after.runs.get(key(layer, outputs[layer.name][-1]))]
-        if unrun and verified:
-            verification += (f"; {len(unrun)} separated layers did not run on these inputs (in a branch they did not take) or"
-                             f" could not be seen to, so their outputs were not compared: {', '.join(unrun)}")
-        not_run = tuple(unrun)
-    return OnnxSeparation(work, tuple(layers), tuple(skipped), verified, verification, max_abs, relative, plan.budget_met, *flops,
-                          runs=tuple(runs), original=original, folded_batchnorms=tuple(folded), not_refit=not_refit, not_run=not_run,
-                          branches=counts.branches if counts is not None else (), feeds=tuple(feeds or ()), source=source)
+    runs, verification = _verify(original.file, written, dead, original.feeds, original.why_not, providers)
+    return read_with_weights_beside(written), runs, verification
+
+
+def _counted(result: OnnxSeparation, original: OnnxOriginal, outputs: dict[str, list[str]], trails: dict, renamed: dict) -> OnnxSeparation:
+    """The result with each layer's FLOPs from the counts of both graphs, the layers the check did not run, and ``verified``."""
+    cpu = next((r for r in result.runs if r.provider == "CPUExecutionProvider" and r.ran), None)
+    ran = cpu is not None
+    fields: dict[str, Any] = dict(max_abs_error=cpu.max_abs_error if cpu else None, relative_error=cpu.relative_error if cpu else None)
+    counts = original.counts
+    if counts is None:
+        return dataclasses.replace(result, verified=ran, **fields)
+    after = count_onnx(result.model, original.feeds)  # the original's shapes were inferred: the separated graph's are too
+    folded = {y: value for y, (_, value) in renamed.items()}  # a folded layer's conv writes the BatchNorm's output
+    key = lambda layer, value: (trails[layer.name], folded.get(value, value))  # noqa: E731
+    layers = [_with_flops(layer, counts.nodes.get((trails[layer.name], outputs[layer.name][-1])),
+                          [after.nodes.get(key(layer, v)) for v in outputs[layer.name]]) for layer in result.layers]
+    # A pair in a branch the inputs did not take was separated but not run by the check: say which.
+    unrun = tuple(layer.name for layer in layers if not after.runs.get(key(layer, outputs[layer.name][-1])))
+    verification = result.verification
+    if unrun and ran:
+        verification += (f"; {len(unrun)} separated layers did not run on these inputs (in a branch they did not take) or"
+                         f" could not be seen to, so they are not proven and their outputs were not compared: {', '.join(unrun)}")
+    return dataclasses.replace(result, layers=tuple(layers), verified=ran and not unrun, verification=verification, not_run=unrun,
+                               flops_before=counts.flops, flops_after=after.flops, branches=counts.branches, **fields)
 
 
 def _with_flops(layer: LayerChange, dense: int | None, pair: list[int | None]) -> LayerChange:

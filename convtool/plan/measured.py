@@ -33,12 +33,6 @@ SENSITIVITY_POINTS = 4  # ranks per layer whose effect on the model's output is 
 # (1,024 channels, ranks to 32) the refits took the plan from 10 s to 3 minutes.
 SENSITIVITY_REFIT_LIMIT = 1024
 
-SENSITIVITY_POINTS = 4  # ranks per layer whose effect on the model's output is measured
-# Features of a last conv's least squares (M/g x r for a pointwise, r x K for a depthwise) above
-# which sensitivity measures SVD pairs instead of refit ones: on the tall-kernel benchmark
-# (1,024 channels, ranks to 32) the refits took the plan from 10 s to 3 minutes.
-SENSITIVITY_REFIT_LIMIT = 1024
-
 
 def pair_for(site: Site, order: str, rank: int) -> SeparableConv:
     use = site.uses[0]

@@ -1,5 +1,7 @@
 """What the dense working copy does, measured before it changes: which weights ran, pixels per
-site, the model's FLOPs, and the conv calls of the first calibration batch (planner and refit share them)."""
+site, the model's FLOPs, the conv calls of the first calibration batch (planner and refit share
+them), the model's output with one weight swapped, and each layer's forms timed as they ship:
+the PyTorch front end's :class:`~convtool.plan.costing.DenseView`."""
 
 from __future__ import annotations
 
@@ -8,11 +10,17 @@ import math
 import torch
 from torch import nn
 
+from ..core.inputs import running
+from ..core.modules import runtime_forms
 from ..core.names import join
-from ..errors import AnalysisError
+from ..errors import AnalysisError, InvalidOptionError
 from ..measure.conv_calls import ConvCall, ConvRecorder, explicit_padding, record
 from ..measure.counts import analyze
-from ..plan.ranks import SiteStats
+from ..measure.onnxrt import module_latency
+from ..measure.sensitivity import OutputError
+from ..plan.knapsack import DENSE
+from ..plan.measured import Sensitivity, dense_for, pair_for
+from ..plan.ranks import Key, SiteStats
 from ..plan.site import Site
 from .proof import NOT_RUN, OUTSIDE, RAN
 
@@ -103,3 +111,61 @@ class FirstBatch:
         if calls is None:
             return None
         return {id(memo[key]): [c.output for c in group] for key, group in calls.items() if key in memo}
+
+
+class DenseModel:
+    """The dense working copy as the planner sees it; each measure is made once, when first asked.
+
+    ``costed``: the inputs FLOPs and latency are measured on (``what`` says what they are, for
+    errors); ``batch``: the first calibration batch, or None; ``provider``: where layers are
+    timed (onnxruntime's name), or None.
+    """
+
+    def __init__(self, work: nn.Module, sites: list[Site], costed: tuple, what: str, batch: tuple | None,
+                 provider: str | None) -> None:
+        self.work, self.sites, self.costed, self.what, self.provider = work, sites, costed, what, provider
+        self.first = FirstBatch(work, sites, batch) if batch is not None else None
+        self._run: ConvRecorder | None = None
+        self._stats: dict[str, SiteStats] | None = None
+
+    def run(self) -> ConvRecorder:
+        """The dense model's conv calls on the costed inputs."""
+        if self._run is None:
+            if not self.costed:
+                raise InvalidOptionError("a budget or a latency provider needs example inputs (or calibration data) to cost each layer")
+            with running(self.costed, self.what):
+                self._run = record(self.work, self.costed)
+        return self._run
+
+    @property
+    def recorded(self) -> ConvRecorder | None:
+        """The dense run on the costed inputs, if the planner asked for it (the proof reuses it)."""
+        return self._run
+
+    def stats(self) -> dict[str, SiteStats]:
+        if self._stats is None:
+            self._stats = site_stats(self.sites, self.run())
+        return self._stats
+
+    def uncosted(self) -> dict[str, str]:
+        return {s.name: "did not run on the example inputs, so its cost is unknown" for s in self.sites if s.name not in self.stats()}
+
+    def flops(self) -> float:
+        return model_flops(self.work, self.costed, self.run())
+
+    def activations(self, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        return self.first(names) if self.first is not None else {}
+
+    def model_error(self) -> Sensitivity | None:
+        if self.first is None:
+            return None
+        try:
+            return OutputError(self.work, self.first.batch)
+        except ValueError:
+            raise InvalidOptionError("sensitivity needs a model with a float output to compare") from None
+
+    def latency(self, site: Site, key: Key, stats: SiteStats) -> float:
+        """A dense conv as it is, a pair in the form ``export_onnx`` ships it in (its preferred runtime form)."""
+        shape = stats.input_shape
+        module = dense_for(site) if key == DENSE else runtime_forms(pair_for(site, *key), {shape[-1]})[-1]
+        return module_latency(module.eval(), shape, self.provider)

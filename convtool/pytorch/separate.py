@@ -1,16 +1,16 @@
-"""``separate``: the public entry point of the PyTorch front end, and its result.
+"""One separation of an ``nn.Module`` at one budget: the PyTorch front end's single step, and its result.
 
-``separate`` reads as its steps, each a function here with its inputs and outputs: check the
-options, copy and bake (``_prepare``: ``core.working_copy``, ``bake``), find what can be
-separated (``_sites``: ``sites``), decide ranks (``_plan_ranks``: ``plan.ranks``, measuring the
-dense model with ``dense``), put the pairs in place and prove they run (``_install_and_prove``:
-``install``, ``proof``), refit them on data (``_recover``: ``recovery``), and describe each
-layer (``_describe``: ``measure.layers``).
+``separate_at`` reads as its steps, each a function here with its inputs and outputs: copy and
+bake (``_prepare``: ``core.working_copy``, ``bake``), find what can be separated (``_sites``:
+``sites``), plan (``_plan``: the planner over this model's :class:`~convtool.pytorch.dense.DenseModel`),
+put the pairs in place and prove they run (``_install_and_prove``: ``install``, ``proof``),
+refit them on data (``_recover``: ``recovery``), and describe each layer (``_describe``:
+``measure.layers``). Budgets that try several plans, and the public ``convtool.separate``,
+are above (``convtool.search``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
@@ -20,17 +20,15 @@ from torch import nn
 
 from ..core.decompose import ORDERS
 from ..core.inputs import as_inputs, guess_inputs, model_device, on_device, run_checked, running, tensors_of
-from ..core.modules import SeparableConv, runtime_forms
 from ..core.names import label
-from ..core.records import AgreementTarget, BudgetSearch, FlopsTarget, LatencySearch, LatencyTarget, LayerChange, Rank, SkippedLayer
-from ..core.records import check_rank
+from ..core.records import LayerChange, Search, SkippedLayer
 from ..core.working_copy import copy_model, working_copy
 from ..errors import InvalidOptionError, NothingToSeparateError
 from ..measure.conv_calls import ConvRecorder, record
 from ..measure.layers import describe
-from ..measure.onnxrt import module_latency, require_provider
-from ..measure.sensitivity import OutputError
-from ..plan.ranks import Costing, Latency, Plan, make_plan
+from ..measure.onnxrt import require_provider
+from ..plan.budget import Budget, Plan, make_plan
+from ..plan.costing import Costing
 from ..plan.site import Site
 from ..recovery.batches import calibration_batches
 from ..recovery.both_halves import refit_both_halves
@@ -38,11 +36,9 @@ from ..recovery.calibrate import Layer, give_biases, recalibrate_batchnorm, refi
 from ..recovery.distributed import world
 from ..recovery.synthesize import Synthesis, synthesis
 from .bake import bake, unbake
-from .dense import FirstBatch, dense_behaviour, model_flops, site_stats
+from .dense import DenseModel, FirstBatch, dense_behaviour, model_flops
 from .install import Installed, install
-from .latency_search import meet_latency
 from .proof import Edits, prove
-from .search import search_budget
 from .sites import find_sites
 
 if TYPE_CHECKING:
@@ -53,7 +49,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Separation:
-    """What :func:`separate` did.
+    """What :func:`~convtool.separate` did.
 
     Attributes:
         model: the separated model, on the input's device, dtype and train/eval mode.
@@ -65,16 +61,16 @@ class Separation:
             sample, or a guessed input) and every layer's pairs ran while the dense convs they
             replace did not. False when no input could run the model: then nothing was proven.
         verification: how the claim was checked, or why it could not be.
-        budget_met: with a FLOP target, whether it was reached (None without one).
-        flops_before, flops_after: with a FLOP target, the model's multiply-adds on the
+        budget_met: with a budget that spends FLOPs or milliseconds, whether it was reached
+            (None otherwise).
+        flops_before, flops_after: with such a budget, the model's multiply-adds on the
             example inputs before and after, as the budget counted them.
         synthetic: with ``calibration="synthetic"``, how the calibration inputs were made
             from the model alone (``.inputs`` holds them, ``.note`` says what they match).
-        search: with an :class:`~convtool.AgreementTarget`, the floors, what the model returned
-            measured on how many held-out samples, and every budget tried (None otherwise).
-        latency_search: with a :class:`~convtool.LatencyTarget`, the target, the end-to-end
-            ratio the returned model measured (runs, threads) and every round tried, or why
-            the target was not met, with the floor measured (None otherwise).
+        search: with a target met by measurement (:class:`~convtool.AgreementTarget`,
+            :class:`~convtool.LatencyTarget`), how it was found: the goal, what the returned
+            model measured, every plan tried (None otherwise).
+        inputs: the inputs the separation ran on (what :meth:`report` uses when given none).
     """
 
     model: nn.Module
@@ -87,8 +83,8 @@ class Separation:
     flops_before: float | None = None
     flops_after: float | None = None
     synthetic: Synthesis | None = None
-    search: BudgetSearch | None = None
-    latency_search: LatencySearch | None = None
+    search: Search | None = None
+    inputs: tuple = field(default=(), repr=False, compare=False)
 
     @property
     def params_before(self) -> int:
@@ -100,162 +96,69 @@ class Separation:
         """Parameters of the separated layers after separation."""
         return sum(layer.params_after for layer in self.layers)
 
-    def report(self, example_inputs: Any) -> "Comparison":
-        """The before/after comparison of the whole model on ``example_inputs``."""
+    def report(self, example_inputs: Any = None) -> "Comparison":
+        """The before/after comparison of the whole model on ``example_inputs`` (or the inputs it ran on)."""
         from ..measure.compare import compare
 
-        return compare(self.original, self.model, example_inputs, separation=self)
+        inputs = example_inputs if example_inputs is not None else self.inputs
+        if not as_inputs(inputs):
+            raise InvalidOptionError("no report without inputs: the separation ran on none; pass example inputs")
+        return compare(self.original, self.model, inputs, separation=self)
 
 
-def _latency(provider: str | None) -> Latency | None:
-    """Times a dense conv as it is, and a pair in the fastest of the exact forms it may ship in."""
-    if provider is None:
-        return None
-    name = require_provider(provider)
-
-    def latency(module: nn.Module, shape: tuple[int, ...]) -> float:
-        forms = runtime_forms(module, {shape[-1]}) if isinstance(module, SeparableConv) else [module]
-        return min(module_latency(form, shape, name) for form in forms)
-
-    return latency
-
-
-def separate(
-    model: nn.Module,
-    example_inputs: Any = None,
-    *,
-    rank: Rank = 1,
-    order: str = "dw-pw",
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    calibration: Any = None,
-    recalibrate_bn: bool = False,
-    latency_provider: str | None = None,
-    refit: str = "last",
-) -> Separation:
-    """Replace the standard convs of ``model`` by depthwise-separable pairs, and prove it.
-
-    Any standard conv is a candidate: ``Conv1d``/``Conv2d``/``Conv3d``, their transposed
-    versions, and weights called through ``F.conv1d``/``F.conv2d``/``F.conv3d`` (found by tracing).
-
-    Each pair is initialised from the trained weights by truncated SVD, so it is the closest
-    rank-``rank`` separable conv to the original; ``rank="full"`` reproduces the original to
-    float precision. The caller's model is never modified. The separated model is then run:
-    a layer is reported as separated only if its pair ran and the conv it replaced did not.
-
-    Args:
-        model: any ``nn.Module``, a bare ``nn.Conv2d`` included; parts fx cannot trace are
-            kept and reported.
-        example_inputs: a tensor, a tuple of tensors, or a dict the forward takes. The proof
-            runs on them (without them, on the first calibration sample, or on a
-            (1, C, 224, 224) input when the model takes one); FLOP targets and latency are
-            costed on them.
-        rank: separable filters per channel: a positive int, ``"full"`` (exact),
-            :class:`~convtool.FlopsTarget` (the model's FLOPs after, as a fraction of before;
-            layers may stay dense where that is cheaper), :class:`~convtool.Energy` (per
-            layer, the smallest rank keeping that share of the squared singular values),
-            :class:`~convtool.AgreementTarget` (the fewest FLOPs whose model keeps a top-1
-            agreement or SQNR floor on held-out calibration data; needs calibration) or
-            :class:`~convtool.LatencyTarget` (the latency on an onnxruntime provider, as a
-            fraction of the original's, measured end to end; ``result.latency_search``). An
-            explicit rank separates every eligible conv, even where it costs more than the dense conv.
-        order: ``"dw-pw"`` (depthwise then pointwise), ``"pw-dw"`` (pointwise then
-            depthwise), or ``"auto"`` (per layer, the lower error at the rank or budget).
-        include: glob patterns on qualified names (``"layer1.*"``); when given, only matching
-            convs are separated.
-        exclude: glob patterns of convs to leave dense; they win over ``include``.
-        calibration: unlabeled model inputs (a tensor, a tuple of tensors for several inputs,
-            or an iterable of batches). A FLOP target then weighs output error instead of
-            weight error, and every separated layer's last conv is refit by least squares to
-            reproduce the original layer's outputs on all its calls (with a bias, given to a
-            conv that had none: bias correction). ``"synthetic"``: no data
-            at hand, so :func:`~convtool.synthesize` makes 256 inputs from the model itself
-            (matching its BatchNorm statistics) and those are used; call ``synthesize`` yourself
-            for other settings, or to keep the inputs.
-        recalibrate_bn: after calibration, re-estimate BatchNorm statistics on the data. Off
-            by default: the refit already matches each layer's original outputs, and
-            re-estimating them on a few hundred images lowered accuracy in every setting of
-            benchmarks/accuracy.py.
-        refit: with calibration, ``"last"`` refits each pair's last conv (one pass per batch);
-            ``"both"`` then also refits both convs of each pair (depthwise- or pointwise-first,
-            ungrouped, called once) by alternating least squares, layer by layer (better fits, two passes up to each layer per batch;
-            benchmarks/RESULTS.md, "Refitting both halves").
-        latency_provider: an onnxruntime provider (``"cpu"``, ``"cuda"``) on which each
-            layer's separated forms are timed at the layer's input shape (needs example
-            inputs); a layer whose separated form is not faster than its dense conv there stays
-            dense, whatever the rank option.
-
-    Returns:
-        A :class:`Separation`: the new model, a record per separated layer, the reason for
-        every conv left dense, and whether the claims were proven.
-
-    Raises:
-        InvalidOptionError: bad ``rank``, ``order``, data, or a model on the meta device.
-        ProviderUnavailableError: ``latency_provider``, or a latency target's provider, cannot run here.
-        NothingToSeparateError: no conv can be separated under these options (or, for an
-            agreement target, no budget that separates one meets the floor).
-        SeparationError: the separated model fails on the inputs.
-
-    Example:
-        >>> net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())
-        >>> result = separate(net, torch.randn(1, 3, 32, 32), rank="full")
-        >>> [layer.name for layer in result.layers], result.verified
-        (['0'], True)
-    """
-    rank, latency = _checked_options(model, rank, order, refit, latency_provider)
-    calibration, synthetic = _synthetic(model, example_inputs, calibration)
-    options = dict(order=order, include=include, exclude=exclude, recalibrate_bn=recalibrate_bn,
-                   latency_provider=latency_provider, refit=refit)
-    if isinstance(rank, AgreementTarget):
-        if calibration is None:
-            raise InvalidOptionError("an agreement target measures the separated model on held-out calibration data: pass calibration")
-
-        def separate_at(target: FlopsTarget, fit: Any, costing: Costing) -> Separation:
-            return _separate(model, example_inputs, rank=target, calibration=fit, latency=latency, costing=costing, **options)
-
-        result, search = search_budget(model, rank, calibration, separate_at)
-        return dataclasses.replace(result, search=search, synthetic=synthetic)
-    if isinstance(rank, LatencyTarget):
-        def separate_in_ms(budget: FlopsTarget, costing: Costing, latency: Latency) -> Separation:
-            return _separate(model, example_inputs, rank=budget, calibration=calibration, latency=latency, costing=costing,
-                             **{**options, "latency_provider": rank.provider})
-
-        result, search = meet_latency(model, example_inputs, rank, latency_provider, separate_in_ms)
-        return dataclasses.replace(result, latency_search=search, budget_met=None, synthetic=synthetic)
-    return dataclasses.replace(_separate(model, example_inputs, rank=rank, calibration=calibration, latency=latency, **options),
-                               synthetic=synthetic)
-
-
-def _separate(model: nn.Module, example_inputs: Any, *, rank: Rank, order: str, include: Sequence[str], exclude: Sequence[str],
-              calibration: Any, recalibrate_bn: bool, latency_provider: str | None, latency: Latency | None, refit: str,
-              costing: Costing | None = None) -> Separation:
-    """:func:`separate` at one rank option, its options checked; ``costing`` reused across the budgets of a search."""
-    prepared = _prepare(model, example_inputs, calibration)
-    sites, skipped, tracing = _sites(prepared.work, include, exclude)
-    plan, dense_run, first = _plan_ranks(prepared, sites, rank, order, latency, latency_provider, costing)
-    skipped += [SkippedLayer(name, reason) for name, reason in plan.dense_reasons.items()]
-    reference = copy_model(prepared.work) if prepared.batches else None  # the dense model the refit matches
-    placed = _install_and_prove(model, prepared, sites, plan, tracing, dense_run, skipped)
-    output_errors = _recover(placed, prepared.batches, reference, first, both=refit == "both", recalibrate_bn=recalibrate_bn)
-    budget_met, flops_after = _budget_figures(rank, plan, placed, prepared.costed)
-    return Separation(
-        model=placed.model, layers=_describe(placed, output_errors), skipped=tuple(skipped), original=model,
-        verified=placed.verified, verification=placed.verification, budget_met=budget_met,
-        flops_before=plan.flops_before, flops_after=flops_after,
-    )
-
-
-def _checked_options(model: nn.Module, rank: Rank, order: str, refit: str, latency_provider: str | None) -> tuple[Rank, Latency | None]:
-    """The options checked before any work: the rank in its typed form, and the latency probe (None without a provider)."""
-    rank = check_rank(rank)
+def check_options(model: nn.Module, order: str, refit: str, latency_provider: str | None) -> str | None:
+    """The options checked before any work; onnxruntime's name of the latency provider (None without one)."""
+    if not isinstance(model, nn.Module):
+        raise InvalidOptionError(f"expected a torch.nn.Module, got {type(model).__name__}")
     if refit not in ("last", "both"):
         raise InvalidOptionError(f"refit must be 'last' or 'both'; got {refit!r}")
     if order not in (*ORDERS, "auto"):
         raise InvalidOptionError(f"order must be one of {', '.join((*ORDERS, 'auto'))}; got {order!r}")
-    latency = _latency(latency_provider)
-    if not isinstance(model, nn.Module):
-        raise InvalidOptionError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    return rank, latency
+    return require_provider(latency_provider) if latency_provider is not None else None
+
+
+def check_recovery(recalibrate_bn: bool, refit: str, data: bool) -> None:
+    """Refuse the recovery options that work on calibration data when there is none."""
+    for option, asked in (("recalibrate_bn", recalibrate_bn), ("refit='both'", refit == "both")):
+        if asked and not data:
+            raise InvalidOptionError(f"{option} works on calibration data: pass calibration")
+
+
+def synthetic_calibration(model: nn.Module, example_inputs: Any, calibration: Any) -> tuple[Any, Synthesis | None]:
+    """The calibration data, synthesised from the model when it is the word ``"synthetic"``."""
+    if not isinstance(calibration, str):
+        return calibration, None
+    if calibration != "synthetic":
+        raise InvalidOptionError(f"calibration must be model inputs or 'synthetic'; got the string {calibration!r}")
+    if example_inputs is None:
+        raise InvalidOptionError("calibration='synthetic' needs example inputs: the inputs are synthesised in their shape")
+    made = synthesis(model, example_inputs)
+    log.info("%s", made.note)
+    return made.inputs, made
+
+
+def separate_at(model: nn.Module, example_inputs: Any, budget: Budget, *, order: str, include: Sequence[str],
+                exclude: Sequence[str], calibration: Any, recalibrate_bn: bool, provider: str | None, refit: str,
+                costing: Costing | None = None, shared: bool = False) -> tuple[Separation, Costing]:
+    """``model`` separated at one budget (its options checked by :func:`check_options`), and the costing planned from.
+
+    ``provider``: onnxruntime's name of the provider layers are timed on (None: not timed);
+    ``costing``: one a search filled, reused; ``shared``: the costing will serve other budgets.
+    """
+    prepared = _prepare(model, example_inputs, calibration)
+    sites, skipped, tracing = _sites(prepared.work, include, exclude)
+    plan, costing, view = _plan(prepared, sites, budget, order, provider, costing, shared)
+    skipped += [SkippedLayer(name, reason) for name, reason in plan.dense_reasons.items()]
+    reference = copy_model(prepared.work) if prepared.batches else None  # the dense model the refit matches
+    placed = _install_and_prove(model, prepared, sites, plan, tracing, view.recorded, skipped)
+    output_errors = _recover(placed, prepared.batches, reference, view.first, both=refit == "both", recalibrate_bn=recalibrate_bn)
+    budget_met, flops_after = _budget_figures(plan, placed, prepared.costed)
+    result = Separation(
+        model=placed.model, layers=_describe(placed, output_errors), skipped=tuple(skipped), original=model,
+        verified=placed.verified, verification=placed.verification, budget_met=budget_met,
+        flops_before=plan.flops_before, flops_after=flops_after, inputs=prepared.inputs or prepared.sample,
+    )
+    return result, costing
 
 
 @dataclass
@@ -271,7 +174,7 @@ class _Prepared:
 
     @property
     def costed(self) -> tuple:
-        """What FLOP targets and latency are costed on: the example inputs, else the first calibration sample."""
+        """What budgets and latency are costed on: the example inputs, else the first calibration sample."""
         return self.inputs or self.sample
 
 
@@ -298,39 +201,21 @@ def _sites(work: nn.Module, include: Sequence[str], exclude: Sequence[str]) -> t
     return sites, skipped, tracing
 
 
-def _plan_ranks(
-    prepared: _Prepared, sites: list[Site], rank: Rank, order: str, latency: Latency | None, provider: str | None,
-    costing: Costing | None = None,
-) -> tuple[Plan, ConvRecorder | None, FirstBatch | None]:
-    """The rank decisions, with what the strategy needs measured first.
+def _plan(prepared: _Prepared, sites: list[Site], budget: Budget, order: str, provider: str | None,
+          costing: Costing | None, shared: bool) -> tuple[Plan, Costing, DenseModel]:
+    """The budget's plan over this model's dense view, the costing, and the view (its recordings reused below).
 
-    Returns the plan, the dense model's conv calls on the costed inputs (recorded for a FLOP
-    target or a latency provider, else None), and the first calibration batch's recording
-    (None without calibration), which the refit reuses.
+    The view's first calibration batch is recorded at most once: the refit takes its outputs
+    as that batch's targets.
     """
-    work, costed = prepared.work, prepared.costed
-    dense_run = None
-    if isinstance(rank, FlopsTarget) or latency is not None:
-        if not costed:
-            raise InvalidOptionError("a FLOP target or a latency provider needs example inputs (or calibration data) to cost each layer")
-        with running(costed, _what(prepared.inputs)):
-            dense_run = record(work, costed)
-    if isinstance(rank, FlopsTarget) and rank.sensitivity and not prepared.batches:
-        raise InvalidOptionError("a FLOP target with sensitivity measures errors at the model's output on calibration data: pass calibration")
-    first = FirstBatch(work, sites, on_device(prepared.batches[0], prepared.device)) if prepared.batches else None
-    stats = site_stats(sites, dense_run) if dense_run is not None else {}
-    reused = bool(costing and costing.choices)  # a search's later budgets: the costing holds the model's FLOPs
-    total = model_flops(work, costed, dense_run) if isinstance(rank, FlopsTarget) and not reused else None
-    sensitivity = None
-    if first is not None and isinstance(rank, FlopsTarget) and rank.sensitivity and not reused:
-        sensitivity = _output_error(work, first.batch)
-    plan = make_plan(sites, rank, order, stats=stats, total_flops=total, activations=first,
-                     latency=latency, provider=provider or "", sensitivity=sensitivity, costing=costing)
-    if first is not None:
-        first.drop_inputs()
+    batch = on_device(prepared.batches[0], prepared.device) if prepared.batches else None
+    view = DenseModel(prepared.work, sites, prepared.costed, _what(prepared.inputs), batch, provider)
+    plan, costing = make_plan(sites, budget, order, view, costing, shared)
+    if view.first is not None:
+        view.first.drop_inputs()
     if prepared.batches:  # the refit sums every process's equations layer by layer: the layers must be the same
         _same_plan_everywhere(plan)
-    return plan, dense_run, first
+    return plan, costing, view
 
 
 @dataclass
@@ -391,13 +276,14 @@ def _recover(placed: _Placed, batches: Any, reference: tuple[nn.Module, dict[int
     return output_errors
 
 
-def _budget_figures(rank: Rank, plan: Plan, placed: _Placed, costed: tuple) -> tuple[bool | None, float | None]:
-    """Whether a FLOP target was met, and the FLOPs after, for the model returned."""
+def _budget_figures(plan: Plan, placed: _Placed, costed: tuple) -> tuple[bool | None, float | None]:
+    """Whether the budget was met, and the FLOPs after, for the model returned."""
     budget_met, flops_after = plan.budget_met, plan.flops_after
-    if isinstance(rank, FlopsTarget) and len(placed.installed) < sum(p is not None for p in plan.picks.values()):
+    if flops_after is not None and len(placed.installed) < sum(p is not None for p in plan.picks.values()):
         # The proof put planned layers back: the figures are those of the model returned.
         flops_after = model_flops(placed.model, costed, record(placed.model, costed))
-        budget_met = flops_after <= rank.fraction * plan.flops_before * (1 + 1e-9)
+        if plan.flops_limit is not None:
+            budget_met = flops_after <= plan.flops_limit * (1 + 1e-9)
     return budget_met, flops_after
 
 
@@ -409,19 +295,6 @@ def _describe(placed: _Placed, output_errors: dict[str, float | None]) -> tuple[
                  output_error=output_errors.get(i.site.name), params_before=_dense_params(i.site))
         for i in placed.installed
     )
-
-
-def _synthetic(model: nn.Module, example_inputs: Any, calibration: Any) -> tuple[Any, Synthesis | None]:
-    """The calibration data, synthesised from the model when it is the word ``"synthetic"``."""
-    if not isinstance(calibration, str):
-        return calibration, None
-    if calibration != "synthetic":
-        raise InvalidOptionError(f"calibration must be model inputs or 'synthetic'; got the string {calibration!r}")
-    if example_inputs is None:
-        raise InvalidOptionError("calibration='synthetic' needs example inputs: the inputs are synthesised in their shape")
-    made = synthesis(model, example_inputs)
-    log.info("%s", made.note)
-    return made.inputs, made
 
 
 def _dense_params(site: Site) -> int:
@@ -448,13 +321,6 @@ def _same_plan_everywhere(plan: Plan) -> None:
     if any(p != picks[0] for p in picks):
         raise InvalidOptionError("the processes chose different ranks (each planned on its own first calibration batch); "
                                  "give every process the same first batch, or a fixed rank")
-
-
-def _output_error(model: nn.Module, batch: tuple) -> OutputError:
-    try:
-        return OutputError(model, batch)
-    except ValueError:
-        raise InvalidOptionError("a FLOP target with sensitivity needs a model with a float output to compare") from None
 
 
 def _prove(edits: Edits, installed: list[Installed], inputs: tuple, before: dict[str, str], skipped: list[SkippedLayer]):

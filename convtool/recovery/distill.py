@@ -163,24 +163,14 @@ def distill(
 
 def _distill(student, teacher, data, world: World, *, steps, batch_size, lr, seed, features, freeze_batchnorm, on_step,
              workers, amp, checkpoints, refit) -> Distillation:
+    """:func:`distill` in a process group, as its steps: the student placed, the run resumed or begun, the
+    layers refit, the optimiser made, then the steps."""
     start_time = time.perf_counter()
-    student = copy_model(student)[0]  # closures too: training must not reach the caller's modules
-    device = model_device(student)
-    if device.type == "cuda" and world.size > 1:
-        device = torch.device("cuda", world.local_rank)
-        student.to(device)
+    student, device = _placed_student(student, world)
     config = dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, features=features,
                   freeze_batchnorm=freeze_batchnorm, amp=amp, refit=refit)
-    state = _resume_state(checkpoints, config)
+    state = _agreed_state(checkpoints, config, world)
     start = state["step"] if state else 0
-    if world.size > 1:  # processes resuming from different steps would wait for one another's exchanges
-        import torch.distributed as dist
-
-        starts: list = [None] * world.size
-        dist.all_gather_object(starts, start)
-        if len(set(starts)) > 1:
-            raise InvalidOptionError(f"the processes found different checkpoints (steps {sorted(set(starts))}): put "
-                                     "--checkpoint-dir on a disk every machine shares")
     params = [p for p in student.parameters() if p.requires_grad]
     if not params:
         raise InvalidOptionError("the student has no trainable parameters")
@@ -188,39 +178,11 @@ def _distill(student, teacher, data, world: World, *, steps, batch_size, lr, see
     if state and sampler.samples is not None and state.get("samples") not in (None, sampler.samples):
         raise InvalidOptionError(f"the checkpoint was made on {state['samples']} samples, the data holds "
                                  f"{sampler.samples}; resume on the same data")
-    teacher_device = model_device(teacher)
-    run_checked(teacher, on_device(sampler.first(), teacher_device), "the distillation data (model inputs, without labels)")
-    refit_errors: dict[str, float | None] = {}
-    if refit:
-        layers = matched_layers(student, teacher)
-        give_biases(layers)  # before the optimizer sees the parameters, and before a checkpoint's are loaded
-        if layers and not state:
-            if teacher_device != device:
-                raise InvalidOptionError(f"the refit before distillation runs the teacher and the student on the same data: "
-                                         f"put both on one device (teacher on {teacher_device}, student on {device}), "
-                                         "or pass refit=False")
-            with eval_mode(teacher):
-                refit_errors = refit_layers(teacher, student, layers, _refit_batches(data))
-            log.info("refit %d separated layers on the data before distilling", len(layers))
-    optimizer = torch.optim.Adam(params, lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    losses: list[float] = []
-    if state:
-        student.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        if amp and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        losses = list(state["losses"])
-        if state.get("processes", world.size) != world.size:
-            log.warning("resuming with %d processes a run made with %d: equal to float rounding, not bit for bit",
-                        world.size, state["processes"])
+    run_checked(teacher, on_device(sampler.first(), model_device(teacher)), "the distillation data (model inputs, without labels)")
+    refit_errors = _refit_first(student, teacher, data, device, refit, resumed=bool(state))
+    run = _Run.begin(student, params, lr, steps, amp, state, world)
     if checkpoints is not None:
         checkpoints.start(world.main)
-    pairs = {n: m for n, m in student.named_modules() if isinstance(m, SeparableConv)} if features else {}
-    dense = dict(teacher.named_modules())
-    matched = {n: dense[n] for n in pairs if isinstance(dense.get(n), CONV_TYPES)}
     was_training = student.training
     cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=cuda_devices), eval_mode(teacher):  # manual_seed reseeds every GPU: restore them all
@@ -229,55 +191,145 @@ def _distill(student, teacher, data, world: World, *, steps, batch_size, lr, see
             torch.set_rng_state(state["rng"])
             if device.type == "cuda" and state.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state(state["cuda_rng"], device)
-        student.train()
-        if freeze_batchnorm:
-            for m in student.modules():
-                if isinstance(m, _BatchNorm):
-                    m.eval()
-        if world.size > 1 and not freeze_batchnorm and device.type != "cuda" and any(
-                isinstance(m, _BatchNorm) for m in student.modules()):
-            log.warning("BatchNorm is trained on %d CPU processes: torch has no synchronised BatchNorm on the CPU, so each "
-                        "normalises over its own share of the batch (not the one-process run)", world.size)
+        _training_mode(student, freeze_batchnorm, world, device)
         with _synced_batchnorm(student, world.size > 1 and not freeze_batchnorm and device.type == "cuda"):
             model = _wrap(student, world, device)
+            pairs = _matched_features(student, teacher) if features else {}
             batches = iter(sampler)
             for step in range(start, steps):
-                batch = next(batches)
-                with torch.no_grad(), _Capture(matched) as teacher_features, _autocast(amp):
-                    target, _ = tree_flatten(teacher(*on_device(batch, teacher_device)))
-                target = on_device(target, device)
-                with _Capture({n: pairs[n] for n in matched}) as student_features, _autocast(amp):
-                    output, _ = tree_flatten(model(*on_device(batch, device)))
-                matched_outputs = [(s.float(), t.float()) for s, t in zip(output, target) if _float(t)]
-                if not matched_outputs:
-                    raise InvalidOptionError(
-                        "the model has no float output to distil on (integer outputs such as argmax indices have no gradient)"
-                    )
-                loss = sum(_normalised_mse(s, t, world.size) for s, t in matched_outputs)
-                for name in matched:
-                    feature = _normalised_mse(student_features.outputs[name].float(),
-                                              on_device(teacher_features.outputs[name], device).float(), world.size)
-                    loss = loss + feature / max(len(matched), 1)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                schedule.step()
-                reported = loss.detach().clone()
-                losses.append(float(all_reduce_sum(reported)) / world.size)
+                run.step(model, teacher, next(batches), pairs, device, world, amp)
                 if checkpoints is not None and checkpoints.due(step + 1, steps):
-                    checkpoints.save(step + 1, dict(
-                        format=CHECKPOINT_FORMAT, step=step + 1, config=config, samples=sampler.samples,
-                        processes=world.size, model=student.state_dict(), optimizer=optimizer.state_dict(),
-                        schedule=schedule.state_dict(), scaler=scaler.state_dict(), losses=list(losses),
-                        rng=torch.get_rng_state(),
-                        cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                    ), world.main)
+                    checkpoints.save(step + 1, run.checkpoint(step + 1, config, sampler.samples, world, student, device), world.main)
                 if on_step is not None:
-                    on_step(step + 1, losses[-1])
+                    on_step(step + 1, run.losses[-1])
     student.train(was_training)
-    return Distillation(student, tuple(losses), steps, time.perf_counter() - start_time, world.size, start,
+    return Distillation(student, tuple(run.losses), steps, time.perf_counter() - start_time, world.size, start,
                         tuple(refit_errors.items()))
+
+
+def _placed_student(student: nn.Module, world: World) -> tuple[nn.Module, torch.device]:
+    """A copy of the student (closures too: training must not reach the caller's modules), on this process's device."""
+    student = copy_model(student)[0]
+    device = model_device(student)
+    if device.type == "cuda" and world.size > 1:
+        device = torch.device("cuda", world.local_rank)
+        student.to(device)
+    return student, device
+
+
+def _agreed_state(checkpoints: Any, config: dict, world: World) -> dict | None:
+    """The checkpoint to resume from (None: begin), the same on every process."""
+    state = _resume_state(checkpoints, config)
+    if world.size > 1:  # processes resuming from different steps would wait for one another's exchanges
+        import torch.distributed as dist
+
+        starts: list = [None] * world.size
+        dist.all_gather_object(starts, state["step"] if state else 0)
+        if len(set(starts)) > 1:
+            raise InvalidOptionError(f"the processes found different checkpoints (steps {sorted(set(starts))}): put "
+                                     "--checkpoint-dir on a disk every machine shares")
+    return state
+
+
+def _refit_first(student: nn.Module, teacher: nn.Module, data: Any, device: torch.device, refit: bool,
+                 resumed: bool) -> dict[str, float | None]:
+    """Each separated layer's last conv refit on the data before the first step (not when resuming); the errors left."""
+    if not refit:
+        return {}
+    layers = matched_layers(student, teacher)
+    give_biases(layers)  # before the optimizer sees the parameters, and before a checkpoint's are loaded
+    if not layers or resumed:
+        return {}
+    teacher_device = model_device(teacher)
+    if teacher_device != device:
+        raise InvalidOptionError(f"the refit before distillation runs the teacher and the student on the same data: "
+                                 f"put both on one device (teacher on {teacher_device}, student on {device}), "
+                                 "or pass refit=False")
+    with eval_mode(teacher):
+        errors = refit_layers(teacher, student, layers, _refit_batches(data))
+    log.info("refit %d separated layers on the data before distilling", len(layers))
+    return errors
+
+
+def _training_mode(student: nn.Module, freeze_batchnorm: bool, world: World, device: torch.device) -> None:
+    student.train()
+    if freeze_batchnorm:
+        for m in student.modules():
+            if isinstance(m, _BatchNorm):
+                m.eval()
+    if world.size > 1 and not freeze_batchnorm and device.type != "cuda" and any(
+            isinstance(m, _BatchNorm) for m in student.modules()):
+        log.warning("BatchNorm is trained on %d CPU processes: torch has no synchronised BatchNorm on the CPU, so each "
+                    "normalises over its own share of the batch (not the one-process run)", world.size)
+
+
+def _matched_features(student: nn.Module, teacher: nn.Module) -> dict[str, tuple[nn.Module, nn.Module]]:
+    """Per separated layer name, its pair in the student and the dense conv of that name in the teacher."""
+    pairs = {n: m for n, m in student.named_modules() if isinstance(m, SeparableConv)}
+    dense = dict(teacher.named_modules())
+    return {n: (pairs[n], dense[n]) for n in pairs if isinstance(dense.get(n), CONV_TYPES)}
+
+
+@dataclass
+class _Run:
+    """The optimiser, schedule, gradient scaler and losses of one distillation."""
+
+    optimizer: Any
+    schedule: Any
+    scaler: Any
+    losses: list[float]
+
+    @staticmethod
+    def begin(student: nn.Module, params: list, lr: float, steps: int, amp: bool, state: dict | None, world: World) -> "_Run":
+        optimizer = torch.optim.Adam(params, lr=lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+        scaler = torch.amp.GradScaler("cuda", enabled=amp)
+        losses: list[float] = []
+        if state:
+            student.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            schedule.load_state_dict(state["schedule"])
+            if amp and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            losses = list(state["losses"])
+            if state.get("processes", world.size) != world.size:
+                log.warning("resuming with %d processes a run made with %d: equal to float rounding, not bit for bit",
+                            world.size, state["processes"])
+        return _Run(optimizer, schedule, scaler, losses)
+
+    def step(self, model: nn.Module, teacher: nn.Module, batch: Any, pairs: dict, device: torch.device, world: World,
+             amp: bool) -> None:
+        """One step: the teacher's outputs (and dense layers' outputs) matched, the loss kept as every process's mean."""
+        teacher_device = model_device(teacher)
+        with torch.no_grad(), _Capture({n: dense for n, (_, dense) in pairs.items()}) as teacher_features, _autocast(amp):
+            target, _ = tree_flatten(teacher(*on_device(batch, teacher_device)))
+        target = on_device(target, device)
+        with _Capture({n: pair for n, (pair, _) in pairs.items()}) as student_features, _autocast(amp):
+            output, _ = tree_flatten(model(*on_device(batch, device)))
+        matched_outputs = [(s.float(), t.float()) for s, t in zip(output, target) if _float(t)]
+        if not matched_outputs:
+            raise InvalidOptionError(
+                "the model has no float output to distil on (integer outputs such as argmax indices have no gradient)")
+        loss = sum(_normalised_mse(s, t, world.size) for s, t in matched_outputs)
+        for name in pairs:
+            feature = _normalised_mse(student_features.outputs[name].float(),
+                                      on_device(teacher_features.outputs[name], device).float(), world.size)
+            loss = loss + feature / max(len(pairs), 1)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.schedule.step()
+        self.losses.append(float(all_reduce_sum(loss.detach().clone())) / world.size)
+
+    def checkpoint(self, step: int, config: dict, samples: int | None, world: World, student: nn.Module,
+                   device: torch.device) -> dict:
+        return dict(
+            format=CHECKPOINT_FORMAT, step=step, config=config, samples=samples, processes=world.size,
+            model=student.state_dict(), optimizer=self.optimizer.state_dict(), schedule=self.schedule.state_dict(),
+            scaler=self.scaler.state_dict(), losses=list(self.losses), rng=torch.get_rng_state(),
+            cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        )
 
 
 def matched_layers(student: nn.Module, teacher: nn.Module) -> list[Layer]:

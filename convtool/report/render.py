@@ -17,11 +17,13 @@ import dataclasses
 import math
 from typing import Any
 
-from ..core.records import BudgetSearch, LatencySearch, LayerChange, measured_words
+from ..core.records import LayerChange, Search, measured_words
 from ..measure.compare import Comparison
 from ..measure.counts import FLOPS_UNIT, Analysis, ModuleCost
 
-SCHEMA_VERSION = 5  # 3: layers carry "transposed"; 4: "budget_search"; 5: "latency_search"
+# 3: layers carry "transposed"; 4: "budget_search"; 5: "latency_search"; 6: one "search" for every searched
+# budget (replacing both), and an ONNX separation's "not_refit", "counted" and "not_run".
+SCHEMA_VERSION = 6
 
 
 def human(n: float | None) -> str:
@@ -85,46 +87,70 @@ def to_dict(comparison: Comparison) -> dict[str, Any]:
             "slower_layers": [dataclasses.asdict(layer) for layer in c.slower_layers],
         },
         "unsupported_ops": {"before": c.before.unsupported_ops, "after": c.after.unsupported_ops},
-        "budget_search": None if c.search is None else {
-            "top1_floor": c.search.target.top1,
-            "sqnr_db_floor": c.search.target.sqnr_db,
-            "held_out_samples": c.search.samples,
-            "flops_fraction": c.search.flops_fraction,
-            "top1_agreement": c.search.top1_agreement,
-            "sqnr_db": _json_value(c.search.sqnr_db),
-            "tried": [{k: _json_value(v) for k, v in dataclasses.asdict(t).items()} for t in c.search.tried],
-        },
-        "latency_search": None if c.latency_search is None else latency_search_dict(c.latency_search),
+        "search": None if c.search is None else search_dict(c.search),
+        "not_refit": [{"name": name, "reason": reason} for name, reason in c.not_refit],
+        "counted": list(c.counted),
+        "not_run": list(c.not_run),
     }
 
 
-def latency_search_dict(search: LatencySearch) -> dict[str, Any]:
-    """A latency target's search as JSON-ready data: the target, what the returned model measured, every round."""
-    t = search.target
+def search_dict(search: Search) -> dict[str, Any]:
+    """How a searched budget was found, as JSON-ready data: the target (its type and fields), what the model returned
+    measured, and every plan tried."""
+    target = search.target
+    fields = dataclasses.asdict(target) if dataclasses.is_dataclass(target) else {}
     return {
-        "target": t.fraction, "provider": search.provider, "runs": search.runs, "threads": search.threads,
-        "tolerance": t.tolerance, "max_rounds": t.rounds, "original_ms": search.original_ms, "separated_ms": search.separated_ms,
-        "ratio": search.ratio, "flops_fraction": search.flops_fraction, "met": search.met, "floor": search.floor,
-        "reason": search.reason, "rounds": [{k: _json_value(v) for k, v in dataclasses.asdict(r).items()} for r in search.rounds],
+        "target": {"type": type(target).__name__, **{k: _json_value(v) for k, v in fields.items()}},
+        "goal": search.goal, "met": search.met, "reason": search.reason, "flops_fraction": search.flops_fraction,
+        "latency": None if search.latency is None else {**{k: _json_value(v) for k, v in dataclasses.asdict(search.latency).items()},
+                                                        "ratio": search.latency.ratio},
+        "top1_agreement": search.top1_agreement, "sqnr_db": _json_value(search.sqnr_db), "held_out_samples": search.samples,
+        "floor": search.floor, "tried": [{k: _json_value(v) for k, v in dataclasses.asdict(t).items()} for t in search.tried],
     }
 
 
-def latency_search_line(search: LatencySearch) -> str:
-    """How a latency target was met, or why not, in one or two sentences."""
-    threads = f"{search.threads} threads" if search.threads else "onnxruntime's default threads"
-    line = (f"Latency target {search.target.fraction:g} on {search.provider}: the separated model measured "
-            f"{search.ratio:.3f} of the original's latency ({search.separated_ms:.3g} / {search.original_ms:.3g} ms, medians of "
-            f"{search.runs} interleaved runs, {threads}) at {search.flops_fraction:.3f} of the FLOPs; "
-            f"{len(search.rounds)} round{'s' if len(search.rounds) != 1 else ''} tried.")
+def search_line(search: Search) -> str:
+    """How a searched budget was found, or why not, in one or two sentences: the goal, what the model returned measured."""
+    parts = []
+    t = search.latency
+    if t is not None:
+        threads = f"{t.threads} threads" if t.threads else "onnxruntime's default threads"
+        parts.append(f"{t.ratio:.3f} of the original's latency ({t.separated_ms:.3g} / {t.original_ms:.3g} ms, medians of "
+                     f"{t.runs} interleaved runs on {t.provider}, {threads})")
+    if search.samples:
+        parts.append(f"{measured_words(search.top1_agreement, search.sqnr_db)} on {search.samples} held-out calibration samples "
+                     "(not used by the refit)")
+    parts.append(f"{search.flops_fraction:.3f} of the FLOPs")
+    count = len(search.tried)
+    line = f"Searched for {search.goal}: the model returned measured {', '.join(parts)}; {count} plan{'s' if count != 1 else ''} tried."
     return f"{line} {search.reason[0].upper()}{search.reason[1:]}." if search.reason else line
 
 
-def search_line(search: BudgetSearch) -> str:
-    """How an agreement target chose the budget, in one sentence: the floor, what was measured, on what."""
-    measured = measured_words(search.top1_agreement, search.sqnr_db)
-    return (f"Budget: the fewest FLOPs meeting {search.target.floors()} on {search.samples} held-out calibration samples "
-            f"(not used by the refit): {measured} at {search.flops_fraction:.3f} of the FLOPs, "
-            f"{len(search.tried)} budgets tried.")
+def _trial_rows(search: Search) -> list[str]:
+    """The plans a search tried, as a Markdown table."""
+    rows = ["| plan | budget | FLOPs | latency | top-1 agreement | SQNR dB | met |", "|---:|---:|---:|---:|---:|---:|---|"]
+    for i, t in enumerate(search.tried):
+        rows.append(_md_row((str(i + 1), f"{t.budget:.3f} of the {'layer ms' if t.unit == 'ms' else 'FLOPs'}",
+                             f"{t.flops_fraction:.3f}", "-" if t.latency_ratio is None else f"{t.latency_ratio:.3f}",
+                             "-" if t.top1_agreement is None else f"{t.top1_agreement:.2%}",
+                             "-" if t.sqnr_db is None else f"{t.sqnr_db:.1f}", "yes" if t.met else "no")))
+    return rows
+
+
+def notes(c: Comparison) -> list[str]:
+    """What an ONNX separation says beyond its layers: what the FLOPs count, what its check did not run, what was not refit."""
+    lines = [f"counted: {branch}" for branch in c.counted]
+    if c.not_run:
+        lines.append("not run by the check (a branch its inputs did not take; give inputs that take it to check it): "
+                     + ", ".join(c.not_run))
+    lines += [f"not refit (kept as its SVD factors): {name}: {reason}" for name, reason in c.not_refit]
+    return lines
+
+
+def run_lines(runs) -> list[str]:
+    """One line per provider an ONNX separation ran both graphs on, or why it did not."""
+    return [f"{r.provider}: ran both models; max abs error {r.max_abs_error:.3g}, relative {r.relative_error:.3g}" if r.ran
+            else f"{r.provider}: not run: {r.reason}" for r in runs]
 
 
 def _fidelity_line(c: Comparison) -> str:
@@ -236,14 +262,9 @@ def to_markdown(comparison: Comparison) -> str:
     if verified:
         lines += [verified, ""]
     if c.search is not None:
-        lines += [_md(search_line(c.search)), ""]
-    if c.latency_search is not None:
-        lines += [_md(latency_search_line(c.latency_search)), ""]
-        lines += ["| round | layer budget | FLOPs | original ms | separated ms | ratio | within |", "|---:|---:|---:|---:|---:|---:|---|"]
-        lines += [_md_row((str(i + 1), f"{r.layer_budget:.3f}", f"{r.flops_fraction:.3f}", f"{r.original_ms:.3g}",
-                           f"{r.separated_ms:.3g}", f"{r.ratio:.3f}", "yes" if r.within else "no"))
-                  for i, r in enumerate(c.latency_search.rounds)]
-        lines.append("")
+        lines += [_md(search_line(c.search)), "", *_trial_rows(c.search), ""]
+    for text in notes(c):
+        lines += [_md(text), ""]
     for text in _latency_lines(c):
         lines += [_md(text), ""]
     if c.layers:
@@ -278,8 +299,7 @@ def to_rich(comparison: Comparison, *, max_layers: int | None = 40) -> list[Any]
         out.append(verified)
     if c.search is not None:
         out.append(search_line(c.search))
-    if c.latency_search is not None:
-        out.append(latency_search_line(c.latency_search))
+    out += notes(c)
     out += _latency_lines(c)
     if c.layers:
         rows = _layer_rows(c)

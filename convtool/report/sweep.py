@@ -12,7 +12,7 @@ import os
 from typing import Any
 
 from ..measure.counts import FLOPS_UNIT
-from ..pytorch.sweep import Sweep, SweepPoint
+from ..search.sweep import Sweep, SweepPoint
 from .render import _json_value, _md_row, human
 
 SWEEP_SCHEMA_VERSION = 1

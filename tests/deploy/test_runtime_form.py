@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import convtool
-from convtool.pytorch import separate as separate_module
+from convtool.pytorch import dense as separate_module  # where layers are timed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -71,9 +71,10 @@ def test_named_shapes_and_a_sample_rate_through_the_cli(tmp_path, rate, taken):
     result = _cli("separate", path, "--rank", "full", "--input-shape", "input=1,512", "--input-shape", "state=2,1,128",
                   "--input-value", f"sr={rate}", "-o", out, "--json")
     assert result.exit_code == 0, result.output
-    assert f"if: {taken} taken on the example inputs" in result.stderr
     report = json.loads(result.stdout)
-    assert report["verified"] is True and report["fidelity"]["relative_error"] < 1e-5
+    assert f"if: {taken} taken on the example inputs" in " ".join(report["counted"])
+    # the branch not taken is separated but not run: not proven, and said so
+    assert report["verified"] is False and len(report["not_run"]) == 1 and report["fidelity"]["relative_error"] < 1e-5
     assert sorted(layer["name"] for layer in report["layers"]) == ["if/else_branch/conv", "if/then_branch/conv"]
     feeds = {"input": RNG.standard_normal((1, 512)).astype(np.float32), "state": RNG.standard_normal((2, 1, 128)).astype(np.float32),
              "sr": np.array(rate, np.int64)}
@@ -110,10 +111,10 @@ def test_calibration_by_name_gives_every_input_and_a_state_goes_whole(tmp_path):
                   "--input-shape", "state=2,1,128", "--input-value", "sr=16000", "-o", tmp_path / "s.onnx", "--json")
     assert result.exit_code == 0, result.output
     # at 16 kHz the then-branch runs: its convs are refit, the other branch's say why not
-    notes = [line for line in result.stderr.splitlines() if line.startswith("not refit")]
-    assert sorted(notes) == [f"not refit (kept as its SVD factors): if/else_branch/{conv}: its branch did not run on the calibration data"
-                             for conv in ("conv",)]  # the front end, of one input channel, stays dense
-    assert json.loads(result.stdout)["verified"] is True
+    report = json.loads(result.stdout)
+    assert report["not_refit"] == [{"name": f"if/else_branch/{conv}", "reason": "its branch did not run on the calibration data"}
+                                   for conv in ("conv",)]  # the front end, of one input channel, stays dense
+    assert report["verified"] is False and report["not_run"] == ["if/else_branch/conv"]
     model = _vad()
     fixed = {"input": (1, 512), "state": (2, 1, 128), "sr": 8000}
     calibration = {"input": RNG.standard_normal((6, 512)).astype(np.float32), "state": np.zeros((2, 1, 128), np.float32)}
@@ -131,6 +132,7 @@ def test_inputs_by_name_or_position_in_the_library():
     x = RNG.standard_normal((1, 512)).astype(np.float32)
     by_name = convtool.separate_onnx(model, {"sr": 16000, "input": x, "state": (2, 1, 128)}, rank="full")
     by_position = convtool.separate_onnx(model, [x, np.zeros((2, 1, 128), np.float32), np.int64(16000)], rank="full")
-    assert by_name.verified and by_position.verified and by_name.flops_before == by_position.flops_before
+    assert by_name.runs[0].ran and by_position.runs[0].ran and by_name.flops_before == by_position.flops_before
+    assert by_name.not_run == by_position.not_run == ("if/else_branch/conv",)
     with pytest.raises(InvalidOptionError, match="takes 3 inputs \\(input, state, sr\\) but 1 were given"):
         convtool.separate_onnx(model, [x])

@@ -97,7 +97,7 @@ def test_pairs_in_a_branch_and_a_loop_body_are_refit_where_the_branch_runs():
     fresh = [x.numpy() for x in _one_signal(4)]
     assert _error(svd.model, model, fresh) > 0.2  # what the refit was up against
     assert _error(refit.model, model, fresh) < 0.01
-    assert refit.verified and _standard_convs(refit.model) == []
+    assert refit.runs[0].ran and refit.not_run == ("if/else_branch/conv",) and _standard_convs(refit.model) == []
     onnx.checker.check_model(refit.model, full_check=True)
 
 
@@ -151,9 +151,13 @@ def test_the_cli_names_each_pair_not_refit_and_why(tmp_path):
     np.save(data, torch.cat(_one_signal(4)).numpy())
     result = CliRunner().invoke(main, ["separate", str(path), "--rank", "1", "--calibration", str(data), "-o", str(tmp_path / "s.onnx"), "--json"])
     assert result.exit_code == 0, result.output
-    assert "not refit (kept as its SVD factors): if/else_branch/conv: its branch did not run on the calibration data" in result.stderr
-    assert "not run by the check (a branch its inputs did not take; give inputs that take it to check it): if/else_branch/conv" in result.stderr
-    assert json.loads(result.stdout)["verified"] is True
+    report = json.loads(result.stdout)
+    assert report["not_refit"] == [{"name": "if/else_branch/conv", "reason": "its branch did not run on the calibration data"}]
+    assert report["not_run"] == ["if/else_branch/conv"] and report["verified"] is False
+    shown = CliRunner().invoke(main, ["separate", str(path), "--rank", "1", "--calibration", str(data), "-o", str(tmp_path / "s.onnx"),
+                                      "--force"])
+    assert "not refit (kept as its SVD factors): if/else_branch/conv: its branch did not run on the calibration data" in shown.stdout
+    assert "not run by the check (a branch its inputs did not take; give inputs that take it to check it): if/else_branch/conv" in shown.stdout
 
 
 def _standard_convs(model) -> list[str]:

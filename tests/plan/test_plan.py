@@ -90,9 +90,9 @@ def test_options_out_of_reach_are_not_costed_and_change_no_plan(entry, target, m
     pruned = convtool.separate(model, inputs, rank=convtool.FlopsTarget(target), order="auto", calibration=calibration)
     pruned_ranks = list(costed)
     costed.clear()
-    from convtool.plan import ranks
+    from convtool.plan import costing
 
-    monkeypatch.setattr(ranks, "reachable", lambda choice, slack: choice)
+    monkeypatch.setattr(costing, "reachable", lambda choice, slack: choice)
     full = convtool.separate(model, inputs, rank=convtool.FlopsTarget(target), order="auto", calibration=calibration)
     assert [(l.name, l.order, l.rank) for l in pruned.layers] == [(l.name, l.order, l.rank) for l in full.layers]
     assert sum(pruned_ranks) < sum(costed)

@@ -8,7 +8,8 @@ from torch import nn
 
 import convtool
 from convtool import AgreementTarget, InvalidOptionError, NothingToSeparateError
-from convtool.pytorch.search import split_held_out
+from convtool.search.fronts import PyTorchFront
+from convtool.search.trials import split_held_out
 
 
 def agreement(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
@@ -34,9 +35,9 @@ def test_the_floor_holds_on_unseen_data_at_fewer_flops_than_half(digits):
 
 def test_the_layers_are_costed_once_for_every_budget(digits):
     model, images, _, _ = digits
-    from convtool.plan import ranks
+    from convtool.plan import budget
 
-    with mock.patch.object(ranks, "_measured", wraps=ranks._measured) as measured:
+    with mock.patch.object(budget, "cost", wraps=budget.cost) as measured:
         result = convtool.separate(model, images[:1], rank=AgreementTarget(0.98, sensitivity=True), order="auto",
                                    calibration=images[:256])
     assert measured.call_count == 1 and len(result.search.tried) >= 3
@@ -69,13 +70,16 @@ def test_bad_targets_and_missing_data_are_refused():
 
 
 def test_held_out_batches_are_never_fit_on():
+    front = PyTorchFront(nn.Identity(), None, None, order="dw-pw", include=(), exclude=(), recalibrate_bn=False,
+                         latency_provider=None, refit="last")
+    split = lambda data, share: split_held_out(front, data, share)  # noqa: E731
     batches = [torch.full((8, 1), float(i)) for i in range(8)]
-    fit, held = split_held_out(batches, 0.25)
+    fit, held = split(batches, 0.25)
     assert [int(b[0][0]) for b in held] == [3, 7] and [int(b[0][0]) for b in fit] == [0, 1, 2, 4, 5, 6]
-    fit, held = split_held_out(torch.arange(8.0)[:, None], 0.25)  # one batch: its last quarter
+    fit, held = split(torch.arange(8.0)[:, None], 0.25)  # one batch: its last quarter
     assert fit[0][0].flatten().tolist() == [0, 1, 2, 3, 4, 5] and held[0][0].flatten().tolist() == [6, 7]
     with pytest.raises(InvalidOptionError, match="at least 4 samples"):
-        split_held_out(torch.zeros(1, 1), 0.25)
+        split(torch.zeros(1, 1), 0.25)
 
 
 def test_a_model_with_nothing_to_separate_says_why_not_which_floor():

@@ -14,9 +14,11 @@ from torch import nn
 
 import convtool
 from convtool import InvalidOptionError, LatencyTarget, ProviderUnavailableError
-from convtool.core.records import Benchmark, check_rank
-from convtool.pytorch import latency_search
+from convtool.core.records import Benchmark
+from convtool.plan.budgets import as_budget
+from convtool.pytorch import dense as dense_module
 from convtool.report.render import SCHEMA_VERSION, to_dict, to_markdown
+from convtool.search import fronts as fronts_module
 
 
 def conv_weights(model: nn.Module) -> int:
@@ -63,8 +65,8 @@ class FakeTiming:
 @pytest.fixture
 def fake(monkeypatch):
     FakeTiming.made, FakeTiming.miss, FakeTiming.miss_rounds, FakeTiming.ratios = [], 0.0, 0, None
-    monkeypatch.setattr(latency_search, "module_latency", fake_layer_ms)
-    monkeypatch.setattr(latency_search, "AgainstOriginal", FakeTiming)
+    monkeypatch.setattr(dense_module, "module_latency", fake_layer_ms)
+    monkeypatch.setattr(fronts_module, "AgainstOriginal", FakeTiming)
     return FakeTiming
 
 
@@ -89,7 +91,7 @@ def test_the_record_refuses_bad_values_in_one_line(kwargs, words):
 
 def test_the_record_is_a_rank():
     target = convtool.LatencyTarget(0.5, provider="cpu")
-    assert check_rank(target) is target and "LatencyTarget" in convtool.__all__
+    assert as_budget(target) is target and "LatencyTarget" in convtool.__all__
     assert (target.rounds, target.tolerance, target.threads) == (5, 0.1, None)
 
 
@@ -97,14 +99,13 @@ def test_a_miss_on_the_first_round_is_repaired(fake):
     fake.miss, fake.miss_rounds = 0.3, 1
     model, x = net()
     result = convtool.separate(model, x, rank=LatencyTarget(0.5))
-    search = result.latency_search
-    assert len(search.rounds) >= 2 and not search.rounds[0].within
+    search = result.search
+    assert len(search.tried) >= 2 and not search.tried[0].met
     assert search.met and search.reason == "" and abs(search.ratio - 0.5) <= 0.05
-    assert search.floor is None and search.rounds[-1].within
+    assert search.floor is None and search.tried[-1].met
     # What is returned is what its own benchmark measured, for that very model.
     (timing,) = [t for m, t in fake.made[0].returned if m is result.model]
-    assert (search.original_ms, search.separated_ms) == (timing.original_ms, timing.separated_ms)
-    assert search.ratio == timing.separated_ms / timing.original_ms
+    assert search.latency == timing and search.ratio == timing.separated_ms / timing.original_ms
     assert search.flops_fraction == pytest.approx(result.flops_after / result.flops_before)
     assert result.budget_met is None
 
@@ -113,7 +114,7 @@ def test_layers_are_timed_dense_and_in_the_form_they_ship_in(fake, monkeypatch):
     from convtool.core.modules import BranchedSeparableConv, SeparableConv
 
     timed = []
-    monkeypatch.setattr(latency_search, "module_latency",
+    monkeypatch.setattr(dense_module, "module_latency",
                         lambda module, shape, provider: timed.append((type(module), shape)) or fake_layer_ms(module, shape, provider))
     model, x = net()
     convtool.separate(model, x, rank=LatencyTarget(0.5))
@@ -127,9 +128,9 @@ def test_a_target_below_reach_returns_the_fastest_plan_and_its_floor(fake):
     model, x = net()
     target = LatencyTarget(0.1, rounds=4)  # the fake never runs below 0.2 of the original
     result = convtool.separate(model, x, rank=target)
-    search = result.latency_search
-    assert not search.met and len(search.rounds) <= target.rounds
-    assert search.floor == search.rounds[-1].ratio == search.ratio > 0.2
+    search = result.search
+    assert not search.met and len(search.tried) <= target.rounds
+    assert search.floor == search.tried[-1].latency_ratio == search.ratio > 0.2
     assert "below what separation reaches" in search.reason and f"{search.floor:.3f}" in search.reason
     # The floor is the fastest plan: every layer at rank 1.
     assert {layer.rank for layer in result.layers} == {1} and len(result.layers) == 3
@@ -139,8 +140,8 @@ def test_the_loop_stops_within_its_bound_when_timings_never_settle(fake):
     fake.ratios = (0.95, 0.05)  # alternately far too slow and far too fast
     model, x = net()
     result = convtool.separate(model, x, rank=LatencyTarget(0.5, rounds=3))
-    search = result.latency_search
-    assert 1 <= len(search.rounds) <= 3 and not any(r.within for r in search.rounds)
+    search = result.search
+    assert 1 <= len(search.tried) <= 3 and not any(r.met for r in search.tried)
     assert search.ratio == 0.05 and search.met  # faster than asked: kept, and the report says it is not within
     assert "no plan within 10%" in search.reason
 
@@ -149,14 +150,14 @@ def test_a_plan_always_too_fast_widens_the_budget_and_stops(fake):
     fake.ratios = (0.01,)  # every plan far faster than asked: the budget widens until every layer would stay dense
     model, x = net()
     result = convtool.separate(model, x, rank=LatencyTarget(0.5, rounds=8))
-    search = result.latency_search
-    assert 1 <= len(search.rounds) <= 8 and search.met and not search.rounds[-1].within
-    budgets = [r.layer_budget for r in search.rounds]
+    search = result.search
+    assert 1 <= len(search.tried) <= 8 and search.met and not search.tried[-1].met
+    budgets = [r.budget for r in search.tried]
     assert budgets == sorted(budgets) and len(set(budgets)) == len(budgets)  # each round a wider, new budget
 
 
 def test_no_layer_faster_than_dense_is_one_line(fake, monkeypatch):
-    monkeypatch.setattr(latency_search, "module_latency", lambda module, shape, provider: 1.0)
+    monkeypatch.setattr(dense_module, "module_latency", lambda module, shape, provider: 1.0)
     model, x = net()
     with pytest.raises(convtool.NothingToSeparateError, match="no layer's separated form runs faster than its dense conv on cpu"):
         convtool.separate(model, x, rank=LatencyTarget(0.5))
@@ -167,16 +168,17 @@ def test_the_report_carries_the_search(fake):
     model, x = net()
     result = convtool.separate(model, x, rank=LatencyTarget(0.5, threads=2, runs=7))
     data = to_dict(result.report(x))
-    assert data["schema_version"] == SCHEMA_VERSION == 5
-    found = data["latency_search"]
-    assert list(found) == ["target", "provider", "runs", "threads", "tolerance", "max_rounds", "original_ms", "separated_ms",
-                           "ratio", "flops_fraction", "met", "floor", "reason", "rounds"]
-    assert (found["target"], found["provider"], found["runs"], found["threads"]) == (0.5, "CPUExecutionProvider", 7, 2)
-    assert found["ratio"] == result.latency_search.ratio and len(found["rounds"]) == len(result.latency_search.rounds)
-    assert set(found["rounds"][0]) == {"layer_budget", "flops_fraction", "original_ms", "separated_ms", "ratio", "within"}
+    assert data["schema_version"] == SCHEMA_VERSION == 6
+    found = data["search"]
+    assert list(found) == ["target", "goal", "met", "reason", "flops_fraction", "latency", "top1_agreement", "sqnr_db",
+                           "held_out_samples", "floor", "tried"]
+    assert found["target"]["type"] == "LatencyTarget" and found["target"]["fraction"] == 0.5
+    assert (found["latency"]["provider"], found["latency"]["runs"], found["latency"]["threads"]) == ("CPUExecutionProvider", 7, 2)
+    assert found["latency"]["ratio"] == result.search.ratio and len(found["tried"]) == len(result.search.tried)
+    assert set(found["tried"][0]) == {"budget", "unit", "flops_fraction", "latency_ratio", "top1_agreement", "sqnr_db", "met"}
     text = to_markdown(result.report(x))
-    assert "Latency target 0.5 on CPUExecutionProvider" in text and "7 interleaved runs, 2 threads" in text
-    assert to_dict(convtool.separate(model, x, rank=1).report(x))["latency_search"] is None
+    assert "0.5 of the original's latency on cpu" in text and "7 interleaved runs on CPUExecutionProvider, 2 threads" in text
+    assert to_dict(convtool.separate(model, x, rank=1).report(x))["search"] is None
 
 
 def test_a_provider_that_cannot_run_is_refused_before_any_work(fake):
@@ -193,7 +195,7 @@ def test_a_provider_that_cannot_run_is_refused_before_any_work(fake):
         convtool.separate(model, rank=LatencyTarget(0.5))
     # The same provider named twice is one provider.
     result = convtool.separate(model, x, rank=LatencyTarget(0.5), latency_provider="CPUExecutionProvider")
-    assert result.latency_search.provider == "CPUExecutionProvider"
+    assert result.search.latency.provider == "CPUExecutionProvider"
 
 
 def test_on_onnxruntime_the_ratio_returned_is_the_one_its_benchmark_measured(monkeypatch):
@@ -218,11 +220,10 @@ def test_on_onnxruntime_the_ratio_returned_is_the_one_its_benchmark_measured(mon
     model = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(), nn.Conv2d(128, 128, 3, padding=1)).eval()
     inputs = torch.randn(1, 128, 16, 16)
     result = convtool.separate(model, inputs, rank=LatencyTarget(0.7, runs=5, rounds=2))
-    search = result.latency_search
-    assert len(seen) == len(search.rounds) >= 1
+    search = result.search
+    assert len(seen) == len(search.tried) >= 1
     (timing,) = [t for m, t in seen if m is result.model]
-    assert timing.provider == search.provider == "CPUExecutionProvider" and timing.runs == search.runs == 5
-    assert (search.original_ms, search.separated_ms, search.ratio) == (
-        timing.original_ms, timing.separated_ms, timing.separated_ms / timing.original_ms)
-    for (_, t), r in zip(seen, search.rounds):
-        assert (r.original_ms, r.separated_ms) == (t.original_ms, t.separated_ms)
+    assert timing.provider == search.latency.provider == "CPUExecutionProvider" and timing.runs == search.latency.runs == 5
+    assert search.latency == timing and search.ratio == timing.separated_ms / timing.original_ms
+    for (_, t), r in zip(seen, search.tried):
+        assert r.latency_ratio == t.separated_ms / t.original_ms

@@ -28,9 +28,9 @@ def test_every_target_is_separated_timed_and_judged_with_one_costing(digits):
         x, y = data
         return float((m(x).argmax(1) == y).double().mean())
 
-    from convtool.plan import ranks
+    from convtool.plan import budget
 
-    with mock.patch.object(ranks, "_measured", wraps=ranks._measured) as measured:
+    with mock.patch.object(budget, "cost", wraps=budget.cost) as measured:
         result = convtool.sweep(model, images[:1], targets=(0.5, 0.25), calibration=images[:128], metric=accuracy,
                                 metric_data=(test_x, test_y), **FAST)
     assert measured.call_count == 1  # the layers' errors are measured once, for both budgets

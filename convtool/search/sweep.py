@@ -22,14 +22,14 @@ import torch
 from torch import nn
 
 from ..core.inputs import as_inputs, eval_mode, model_device, on_device, tensors_of
-from ..core.records import FlopsTarget
 from ..deploy.export import export_onnx
 from ..errors import InvalidOptionError, NothingToSeparateError
 from ..measure.onnx_file import check_export_options
 from ..measure.onnxrt import feed, require_provider, time_sessions, timing_session
-from ..plan.ranks import Costing
-from .search import HeldOut, split_held_out
-from .separate import _checked_options, _separate, _synthetic
+from ..plan.budgets import FlopsTarget
+from ..plan.costing import Costing
+from .fronts import PyTorchFront
+from .trials import HeldOut, split_held_out
 
 TARGETS = (0.75, 0.5, 0.35, 0.25)
 HELD_OUT = 0.25  # the share of calibration data kept from the refit to judge by, as AgreementTarget's default
@@ -174,61 +174,72 @@ def sweep(
         raise InvalidOptionError(f"runs must be a positive integer and warmup a non-negative one; got {runs!r}, {warmup!r}")
     name = require_provider(provider)
     check_export_options(exporter, None)
-    _checked_options(model, FlopsTarget(fractions[0], sensitivity), order, refit, None)
-    calibration, _ = _synthetic(model, example_inputs, calibration)
+    front = PyTorchFront(model, example_inputs, calibration, order=order, include=include, exclude=exclude,
+                         recalibrate_bn=False, latency_provider=None, refit=refit)
+    FlopsTarget(fractions[0], sensitivity).check(inputs=front.has_inputs, data=front.has_data)
+    calibration = front.calibration()
     inputs = as_inputs(example_inputs)
     fit = None
     if calibration is not None:
-        fit, held_batches = split_held_out(calibration, HELD_OUT)
+        fit, held_batches = split_held_out(front, calibration, HELD_OUT)
         inputs = inputs or tuple(t[:1] for t in fit[0])  # as separate does: the first sample it fits on
     elif inputs:
         held_batches = [inputs]
     else:
         raise InvalidOptionError("a sweep costs FLOPs and times the model on example inputs: pass them, or calibration data")
-    held = HeldOut(model, held_batches, None)
+    front.example_inputs = inputs
+    held = HeldOut(front, held_batches)
     judged_on = (f"{held.samples} held-out calibration samples (not used by the refit)" if fit is not None
                  else f"the example inputs ({held.samples} sample{'s' if held.samples != 1 else ''}; pass calibration data "
                       "for a figure that means something)")
     data = metric_data if metric_data is not None else _joined(held_batches)
-    total = len(fractions) + 2  # the original, each target, the timing
-    options = dict(order=order, include=include, exclude=exclude, recalibrate_bn=False, latency_provider=None, refit=refit)
-    costing = Costing()  # filled by the first separation, reused by every later one
-    points: list[SweepPoint] = []
     with tempfile.TemporaryDirectory(prefix="convtool-sweep-") as tmp:
+        reference, points, files, costing = _separated_points(front, fractions, fit, held, metric, data, Path(tmp), exporter, sensitivity,
+                                                   on_step)
         if on_step:
-            on_step(0, total, "exporting and judging the original")
-        files = [_export(model, inputs, Path(tmp) / "original.onnx", exporter)]
-        reference = _judged(model, held, metric, data, is_original=True)
-        for i, fraction in enumerate(fractions):
-            if on_step:
-                on_step(i + 1, total, f"separating at {fraction:g} of the FLOPs")
-            began = time.perf_counter()
-            try:
-                result = _separate(model, inputs, rank=FlopsTarget(fraction, sensitivity), calibration=fit, latency=None,
-                                   costing=costing, **options)
-            except NothingToSeparateError:
-                if not costing.choices:  # nothing to separate at any budget: the model's own reason
-                    raise
-                files.append(files[0])  # this budget keeps every conv dense: the point is the original's
-                points.append(SweepPoint(fraction, 1.0, costing.total, _params(model), math.nan, math.nan, *reference, 0,
-                                         fraction >= 1, time.perf_counter() - began))
-                continue
-            files.append(_export(result.model, inputs, Path(tmp) / f"{i}.onnx", exporter))
-            judged = _judged(result.model, held, metric, data, is_original=False)
-            points.append(SweepPoint(fraction, result.flops_after / result.flops_before, result.flops_after,
-                                     _params(result.model), math.nan, math.nan, *judged, len(result.layers),
-                                     bool(result.budget_met), time.perf_counter() - began))
-            del result  # one separated model in memory at a time
-        if on_step:
-            on_step(len(fractions) + 1, total, f"timing {len(files)} ONNX files on {name}")
+            on_step(len(fractions) + 1, len(fractions) + 2, f"timing {len(files)} ONNX files on {name}")
         original_ms, *latencies = _timed(files, inputs, name, runs, warmup, threads)
     if on_step:
-        on_step(total, total, "done")
-    original = SweepPoint(None, 1.0, costing.total, _params(model), original_ms, 1.0, *reference, 0, None, 0.0)
+        on_step(len(fractions) + 2, len(fractions) + 2, "done")
+    original = SweepPoint(None, 1.0, costing.flops_total if costing.filled else math.nan, _params(model), original_ms, 1.0, *reference, 0,
+                          None, 0.0)
     points = [dataclasses.replace(p, latency_ms=ms, speedup=original_ms / ms) for p, ms in zip(points, latencies)]
     shapes = tuple(tuple(t.shape) for t in tensors_of(inputs))
     return Sweep(original, tuple(points), None if metric is None else _metric_name(metric), judged_on, name, runs, threads, shapes,
                  time.perf_counter() - started)
+
+
+def _separated_points(front: PyTorchFront, fractions: list[float], fit: Any, held: HeldOut, metric: Metric | None, data: Any,
+                      folder: Path, exporter: str, sensitivity: bool, on_step) -> tuple[tuple, list[SweepPoint], list[Path], Costing]:
+    """The original judged, and each budget separated (one costing for all), exported and judged; the files to time,
+    the original's first."""
+    model, inputs, total = front.model, front.example_inputs, len(fractions) + 2
+    if on_step:
+        on_step(0, total, "exporting and judging the original")
+    files = [_export(model, inputs, folder / "original.onnx", exporter)]
+    reference = _judged(model, held, metric, data, is_original=True)
+    costing = Costing()  # filled by the first separation, reused by every later one
+    points: list[SweepPoint] = []
+    for i, fraction in enumerate(fractions):
+        if on_step:
+            on_step(i + 1, total, f"separating at {fraction:g} of the FLOPs")
+        began = time.perf_counter()
+        try:
+            result, costing = front.separate(FlopsTarget(fraction, sensitivity), fit, costing, shared=True)
+        except NothingToSeparateError:
+            if not costing.layers:  # nothing to separate at any budget: the model's own reason
+                raise
+            files.append(files[0])  # this budget keeps every conv dense: the point is the original's
+            points.append(SweepPoint(fraction, 1.0, costing.flops_total, _params(model), math.nan, math.nan, *reference, 0,
+                                     fraction >= 1, time.perf_counter() - began))
+            continue
+        files.append(_export(result.model, inputs, folder / f"{i}.onnx", exporter))
+        judged = _judged(result.model, held, metric, data, is_original=False)
+        points.append(SweepPoint(fraction, result.flops_after / result.flops_before, result.flops_after,
+                                 _params(result.model), math.nan, math.nan, *judged, len(result.layers),
+                                 bool(result.budget_met), time.perf_counter() - began))
+        del result  # one separated model in memory at a time
+    return reference, points, files, costing
 
 
 def _checked_targets(targets: Sequence[float]) -> list[float]:
@@ -254,7 +265,7 @@ def _joined(batches: list[tuple]) -> Any:
 
 def _judged(model: nn.Module, held: HeldOut, metric: Metric | None, data: Any, is_original: bool) -> tuple:
     """(top-1 agreement, SQNR, metric) of ``model``; the original agrees with itself by definition."""
-    top1, sqnr = held.measure(model)
+    top1, sqnr = held.measure(None if is_original else _Model(model))
     if is_original:
         sqnr = None  # identical outputs
     value = None
@@ -267,6 +278,13 @@ def _judged(model: nn.Module, held: HeldOut, metric: Metric | None, data: Any, i
             raise InvalidOptionError(f"the metric {_metric_name(metric)} returned {value!r}; it must return a finite number")
         value = float(value)
     return top1, sqnr, value
+
+
+@dataclass(frozen=True)
+class _Model:
+    """A separated model as the held-out measure takes a separation."""
+
+    model: nn.Module
 
 
 def _metric_name(metric: Metric) -> str:

@@ -1,0 +1,175 @@
+"""Each front end as the trials see it (:class:`~convtool.search.trials.FrontEnd`): PyTorch modules and ONNX graphs."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from ..core.inputs import as_inputs, eval_mode, model_device, on_device
+from ..core.records import Benchmark
+from ..deploy.verify import AgainstOriginal
+from ..errors import InvalidOptionError
+from ..measure.onnxrt import open_session, require_provider
+from ..onnx import separate as onnx_separate
+from ..onnx.files import write_with_weights_beside
+from ..plan.budget import Budget, Timing
+from ..plan.costing import Costing
+from ..pytorch.separate import Separation, check_options, check_recovery, separate_at, synthetic_calibration
+from ..recovery.batches import calibration_batches
+
+
+def _provider(current: str | None, asked: str) -> str:
+    """onnxruntime's name of ``asked``, refusing it where another provider was named for the same timing."""
+    name = require_provider(asked)
+    if current is not None and current != name:
+        raise InvalidOptionError(f"the latency provider {current} differs from the latency target's provider {name}: drop one")
+    return name
+
+
+class PyTorchFront:
+    """An ``nn.Module``, separated by :func:`~convtool.pytorch.separate.separate_at`; models run and timed in PyTorch and onnxruntime."""
+
+    def __init__(self, model: nn.Module, example_inputs: Any, calibration: Any, *, order: str, include: Sequence[str],
+                 exclude: Sequence[str], recalibrate_bn: bool, latency_provider: str | None, refit: str) -> None:
+        self.provider = check_options(model, order, refit, latency_provider)
+        check_recovery(recalibrate_bn, refit, calibration is not None)
+        self.model, self.example_inputs, self._calibration = model, example_inputs, calibration
+        self.options = dict(order=order, include=include, exclude=exclude, recalibrate_bn=recalibrate_bn, refit=refit)
+        self.has_data = calibration is not None
+        self.has_inputs = bool(as_inputs(example_inputs)) or self.has_data
+        self.synthetic = None
+
+    def __enter__(self) -> "PyTorchFront":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def time_on(self, provider: str) -> None:
+        self.provider = _provider(self.provider, provider)
+
+    def calibration(self) -> Any:
+        if isinstance(self._calibration, str):
+            self._calibration, self.synthetic = synthetic_calibration(self.model, self.example_inputs, self._calibration)
+        return self._calibration
+
+    def separate(self, budget: Budget, calibration: Any, costing: Costing | None, shared: bool) -> tuple[Separation, Costing]:
+        return separate_at(self.model, self.example_inputs, budget, calibration=calibration, provider=self.provider,
+                           costing=costing, shared=shared, **self.options)
+
+    def batches(self, calibration: Any) -> list[tuple]:
+        return [tuple(b) for b in calibration_batches(calibration)]
+
+    def as_calibration(self, batches: list[tuple]) -> list[tuple]:
+        return batches
+
+    def rows(self, batch: tuple) -> int:
+        return batch[0].shape[0]
+
+    def cut(self, batch: tuple, start: int, stop: int) -> tuple:
+        return tuple(t[start:stop] for t in batch)
+
+    def outputs(self, result: Separation | None, batches: list[tuple]) -> list[torch.Tensor]:
+        model = self.model if result is None else result.model
+        device = model_device(model)
+        leaves: list[list[torch.Tensor]] = []
+        with eval_mode(model), torch.no_grad():
+            for batch in batches:
+                flat, _ = tree_flatten(model(*on_device(batch, device)))
+                leaves.append([t.detach().cpu() for t in flat if isinstance(t, torch.Tensor) and t.is_floating_point()])
+        return [torch.cat(parts) for parts in zip(*leaves)]
+
+    @contextlib.contextmanager
+    def timer(self, timing: Timing) -> Iterator[Callable[[Separation], Benchmark]]:
+        # TorchScript, as the layers are timed: torch.export would take seconds per trial for the same operators.
+        with AgainstOriginal(self.model, self.example_inputs, provider=timing.provider, threads=timing.threads,
+                             exporter="torchscript") as against:
+            yield lambda result: against.benchmark(result.model, runs=timing.runs)
+
+    def finish(self, result: Separation, search: Any) -> Separation:
+        return dataclasses.replace(result, search=search, synthetic=self.synthetic)
+
+
+class OnnxFront:
+    """An ONNX model (a path or a proto), separated by :func:`~convtool.onnx.separate.separate_onnx_at`; graphs run
+    and timed in onnxruntime. A context manager: the files it stages live in a temporary folder until it exits."""
+
+    def __init__(self, model: Any, example_inputs: Any, calibration: Any, *, order: str, include: Sequence[str],
+                 exclude: Sequence[str], providers: Sequence[str], layout: str, fold_bn: bool,
+                 latency_provider: str | None) -> None:
+        self.provider = onnx_separate.check_options(order, layout, latency_provider)
+        self._folder = tempfile.TemporaryDirectory(prefix="convtool-onnx-")
+        self.staging = Path(self._folder.name)
+        try:
+            self.original = onnx_separate.read_original(model, example_inputs, calibration, self.staging)
+        except BaseException:
+            self._folder.cleanup()
+            raise
+        self._calibration = calibration
+        self.options = dict(order=order, include=include, exclude=exclude, providers=providers, layout=layout, fold_bn=fold_bn)
+        self.has_data = calibration is not None
+        self.has_inputs = self.original.feeds is not None
+        self._count = 0
+
+    def __enter__(self) -> "OnnxFront":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._folder.cleanup()
+
+    def time_on(self, provider: str) -> None:
+        self.provider = _provider(self.provider, provider)
+
+    def calibration(self) -> Any:
+        return self._calibration
+
+    def separate(self, budget: Budget, calibration: Any, costing: Costing | None, shared: bool) -> tuple[Any, Costing]:
+        return onnx_separate.separate_onnx_at(self.original, budget, calibration=calibration, provider=self.provider,
+                                              staging=self.staging, costing=costing, shared=shared, **self.options)
+
+    def batches(self, calibration: Any) -> list[list[np.ndarray]]:
+        return onnx_separate.calibration_batches(self.original, calibration)
+
+    def as_calibration(self, batches: list[list[np.ndarray]]) -> Any:
+        return onnx_separate.Feeds(batches)
+
+    def rows(self, batch: list[np.ndarray]) -> int:
+        return batch[0].shape[0]
+
+    def cut(self, batch: list[np.ndarray], start: int, stop: int) -> list[np.ndarray]:
+        rows = self.rows(batch)
+        return [x[start:stop] if x.ndim and x.shape[0] == rows else x for x in batch]
+
+    def _file(self, result: Any) -> Path:
+        """The original's staged file, or a separation's graph written beside it."""
+        if result is None:
+            return self.original.file
+        self._count += 1
+        path = self.staging / f"trial{self._count}.onnx"
+        write_with_weights_beside(result.model, path)
+        return path
+
+    def outputs(self, result: Any, batches: list[list[np.ndarray]]) -> list[torch.Tensor]:
+        session = open_session(self._file(result), "CPUExecutionProvider", lean=True)
+        names = [i.name for i in session.get_inputs()]
+        leaves = []
+        for batch in batches:
+            outputs = session.run(None, dict(zip(names, batch)))
+            leaves.append([torch.from_numpy(np.asarray(o)) for o in outputs if np.asarray(o).dtype.kind == "f"])
+        return [torch.cat(parts) for parts in zip(*leaves)]
+
+    @contextlib.contextmanager
+    def timer(self, timing: Timing) -> Iterator[Callable[[Any], Benchmark]]:
+        yield lambda result: onnx_separate.time_onnx(self.original.file, self._file(result), self.original.feeds, timing.runs,
+                                                     timing.provider, timing.threads)
+
+    def finish(self, result: Any, search: Any) -> Any:
+        return dataclasses.replace(result, search=search)
