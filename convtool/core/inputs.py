@@ -7,7 +7,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import SequenceKey, tree_flatten, tree_flatten_with_path, tree_map
 
 from ..errors import InvalidOptionError
 from .modules import CONV_TYPES
@@ -30,6 +30,21 @@ def tensors_of(inputs: tuple) -> list[torch.Tensor]:
     """The tensors of nested inputs, in the order ONNX flattens them."""
     leaves, _ = tree_flatten(inputs)
     return [x for x in leaves if isinstance(x, torch.Tensor)]
+
+
+def flatten_with_paths(tree: Any) -> tuple[list[tuple[tuple, Any]], Any]:
+    """``tree_flatten_with_path``, or where a pytree node was registered without key paths, the leaves by position.
+
+    diffusers registers its output dataclasses with ``register_pytree_node`` and no
+    ``flatten_with_keys_fn``: their leaves have no keys, but they have an order.
+    """
+    try:
+        return tree_flatten_with_path(tree)
+    except ValueError as error:
+        if "flatten_with_keys_fn" not in str(error):
+            raise
+        leaves, spec = tree_flatten(tree)
+        return [((SequenceKey(i),), leaf) for i, leaf in enumerate(leaves)], spec
 
 
 def batch_size(inputs: tuple) -> int:
