@@ -157,6 +157,15 @@ def _latency_lines(c: Comparison) -> list[str]:
     return lines
 
 
+def _uncounted_line(c: Comparison) -> str | None:
+    """Where some ops ran uncounted, that the FLOPs and their ratio are of the counted part, and which ops those are."""
+    ops = dict(c.after.unsupported_ops) | dict(c.before.unsupported_ops)
+    if not ops:
+        return None
+    shown = ", ".join(f"{op} x{n}" for op, n in sorted(ops.items()))
+    return f"FLOPs and their ratio are of the counted part only; not counted (no counting rule, or shapes not known): {shown}."
+
+
 def _verified_line(c: Comparison) -> str | None:
     if c.verified is None:
         return None
@@ -229,9 +238,11 @@ def to_markdown(comparison: Comparison) -> str:
         "|---|---:|---:|---:|",
         *(_md_row(row) for row in _totals_rows(c)),
         "",
-        f"Output fidelity: {_fidelity_line(c)}.",
-        "",
     ]
+    uncounted = _uncounted_line(c)
+    if uncounted:
+        lines += [_md(uncounted), ""]
+    lines += [f"Output fidelity: {_fidelity_line(c)}.", ""]
     verified = _verified_line(c)
     if verified:
         lines += [verified, ""]
@@ -272,7 +283,7 @@ def to_rich(comparison: Comparison, *, max_layers: int | None = 40) -> list[Any]
         totals.add_column(head, justify=justify)
     for row in _totals_rows(c):
         totals.add_row(*row)
-    out: list[Any] = [totals, f"Output fidelity: {_fidelity_line(c)}"]
+    out: list[Any] = [totals, *filter(None, [_uncounted_line(c)]), f"Output fidelity: {_fidelity_line(c)}"]
     verified = _verified_line(c)
     if verified:
         out.append(verified)
