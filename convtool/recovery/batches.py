@@ -36,7 +36,9 @@ def calibration_batches(calibration: Any, batch_size: int = BATCH) -> "list[tupl
             batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in calibration]
         except TypeError:
             raise InvalidOptionError(f"calibration must be a tensor or an iterable of batches, got {type(calibration).__name__}") from None
-        if not batches or not all(isinstance(t, Tensor) for b in batches for t in b):
+        if not batches:
+            raise InvalidOptionError("the calibration data holds no batch; give at least one")
+        if not all(isinstance(t, Tensor) for b in batches for t in b):
             raise InvalidOptionError("calibration batches must be tensors or tuples of tensors")
     for batch in batches:
         _check_finite(batch)
