@@ -57,6 +57,40 @@ def has_batch(x: Any, batch: int) -> bool:
     return isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch
 
 
+def batch_dim(x: Any, n: int, like: Any = None) -> int | None:
+    """Which dimension of ``x`` holds the ``n`` samples of a batch, or None (it goes whole with every sample).
+
+    Dimension 0 where it has ``n`` rows; else the one dimension of size ``n``: a recurrent state
+    in ``nn.GRU``/``nn.LSTM``'s layout ``(layers, batch, hidden)`` holds them on dimension 1.
+    ``like``, the same input of the example inputs, tells them apart where that is not enough:
+    the batch is the one dimension in which the two differ (their batches differ). A state of as
+    many layers as samples, given with example inputs of the same batch, cannot be told apart:
+    dimension 0 is taken.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        return None
+    sized = [d for d in range(x.dim()) if x.shape[d] == n]
+    if isinstance(like, torch.Tensor) and like.dim() == x.dim():
+        differ = [d for d in range(x.dim()) if x.shape[d] != like.shape[d]]
+        if len(differ) == 1 and differ[0] in sized:
+            return differ[0]
+    if 0 in sized or len(sized) > 1:
+        return 0 if 0 in sized else None
+    return sized[0] if sized else None
+
+
+def samples_of(batch: tuple, start: int, stop: int, like: tuple = ()) -> tuple:
+    """Samples ``start:stop`` of a batch of tensors, each cut along the dimension holding its samples
+    (:func:`batch_dim`, the first tensor's dimension 0 giving their number); one holding none goes whole."""
+    n = batch[0].shape[0] if batch and isinstance(batch[0], torch.Tensor) and batch[0].dim() else 0
+    likes = list(like) + [None] * (len(batch) - len(like))
+    cut = []
+    for x, twin in zip(batch, likes):
+        d = batch_dim(x, n, twin)
+        cut.append(x.narrow(d, start, max(min(stop, n) - start, 0)) if d is not None else x)
+    return tuple(cut)
+
+
 def batched(inputs: tuple, size: int) -> tuple:
     """The inputs with every per-sample tensor cut or repeated to ``size`` rows.
 
