@@ -49,8 +49,10 @@ class Analysis:
         params: parameters of the whole model.
         flops: fvcore flops (multiply-adds) of one forward pass on the example inputs.
         modules: one row per module, in model order; the model itself is the row named "".
-        unsupported_ops: ops fvcore has no counter for, with how often each ran (their cost
-            is missing from ``flops``; elementwise ops fvcore ignores by design are not listed).
+        unsupported_ops: ops no counting rule covers, with how often each ran (their cost is
+            missing from ``flops``: it is of the counted part only; ops fvcore ignores by
+            design, views and casts, are not listed). An ONNX model's lists ONNX op types, and
+            any op whose shapes could not be read out of the run.
         input_shapes: the shapes of the example inputs the counts are for.
     """
 

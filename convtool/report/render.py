@@ -358,7 +358,7 @@ def analysis_markdown(analysis: Analysis, *, limit: int | None = None) -> str:
     ]
     if analysis.unsupported_ops:
         ops = ", ".join(f"{k} x{v}" for k, v in sorted(analysis.unsupported_ops.items()))
-        lines += ["", f"Not counted (fvcore has no counter): {_md(ops)}."]
+        lines += ["", f"Not counted (no counting rule, or shapes not known): {_md(ops)}; FLOPs are of the counted part."]
     return "\n".join(lines) + "\n"
 
 
@@ -376,5 +376,5 @@ def analysis_rich(analysis: Analysis, *, limit: int | None = 30) -> list[Any]:
         table.add_row(_row_name(m), m.type, human(m.own_params), human(m.own_flops))
     out: list[Any] = [table]
     if analysis.unsupported_ops:
-        out.append("Not counted (fvcore has no counter): " + ", ".join(sorted(analysis.unsupported_ops)))
+        out.append("Not counted (no counting rule, or shapes not known): " + ", ".join(sorted(analysis.unsupported_ops)))
     return out
