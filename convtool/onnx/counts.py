@@ -64,6 +64,11 @@ def _scoped(table: dict, value: str, trail: Trail):
     return None
 
 
+def _scoped_key(table: dict, value: str, trail: Trail):
+    """The key under which ``_scoped`` finds ``value`` from ``trail``, or None."""
+    return next(((trail[:d], value) for d in range(len(trail), -1, -1) if (trail[:d], value) in table), None)
+
+
 def count_onnx(model: Any, feeds: Sequence[np.ndarray]) -> OnnxCounts:
     """fvcore-style counts of ``model`` (an ``onnx.ModelProto``) run on ``feeds``.
 
@@ -205,6 +210,8 @@ class _Tally:
         if rule is None:
             return 0
         needs = rule.needs(node)
+        if any(_scoped_key(self.per_run, v, trail) not in (None, (trail, v)) for v in needs):
+            return None  # a shape that changes with the runs of an outer graph: which of them this node saw is not known
         varying = [(trail, v) for v in needs if (trail, v) in self.per_run]
         if varying and all(len(self.per_run[k]) == times for k in varying):  # each run with its own shapes
             runs = [[self.per_run[(trail, v)][i] if (trail, v) in self.per_run else _scoped(self.shapes, v, trail) for v in needs]

@@ -147,3 +147,36 @@ def test_a_conv_in_a_branch_not_taken_says_so():
     assert set(site_stats(where, counts)) == {"if/then_branch/conv", "main_conv"}
     assert list(reasons) == ["if/else_branch/conv"] and "did not run" in reasons["if/else_branch/conv"]
     assert math.prod(counts.shape("c", where["if/then_branch/conv"].scope.trail)) == 4 * 7 * 7
+
+
+def test_a_conv_in_a_loop_body_is_counted_with_each_iterations_own_shape():
+    """A loop body slicing its input wider every iteration: shape inference knows no width; the run gives each."""
+    ints = lambda name, values: numpy_helper.from_array(np.array(values, np.int64), name)  # noqa: E731
+    body = helper.make_graph(
+        [helper.make_node("Mul", ["i", "two"], ["i2"], name="double"),
+         helper.make_node("Add", ["i2", "four"], ["end0"], name="plus4"),
+         helper.make_node("Unsqueeze", ["end0", "axis0"], ["end"], name="as_list"),
+         helper.make_node("Slice", ["x", "start", "end", "axis3"], ["part"], name="slice"),
+         helper.make_node("Conv", ["part", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+         helper.make_node("ReduceSum", ["c"], ["s"], name="sum", keepdims=0),
+         helper.make_node("Add", ["acc", "s"], ["acc_out"], name="accumulate"),
+         helper.make_node("Identity", ["cond"], ["cond_out"], name="keep_going")],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc", TensorProto.FLOAT, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [])],
+        [ints("two", 2), ints("four", 4), ints("axis0", [0]), ints("start", [0]), ints("axis3", [3])])
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "go", "zero"], ["total"], name="loop", body=body)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, C, H, 10])], [helper.make_tensor_value_info("total", TensorProto.FLOAT, [])],
+        [_weight("w", C, C, 3, 3), ints("trips", 3), numpy_helper.from_array(np.array(True), "go"),
+         numpy_helper.from_array(np.array(0, np.float32), "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(model, full_check=True)
+    x = RNG.standard_normal((1, C, H, 10)).astype(np.float32)
+    counts = count_onnx(model, [x])
+    trail = (("total", "body", 0),)
+    assert counts.nodes[(trail, "c")] == sum(C * H * (4 + 2 * i) * C * 9 for i in range(3))
+    assert counts.runs[(trail, "c")] == 3
+    full = convtool.separate_onnx(model, [x], rank="full")
+    assert [layer.name for layer in full.layers] == ["conv"] and full.layers[0].flops_before == counts.nodes[(trail, "c")]
