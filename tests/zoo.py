@@ -4,7 +4,9 @@ Each entry is small enough to run in milliseconds on a CPU but keeps the structu
 its family hard for a rewriting tool: residual adds with BatchNorm, parallel branches and
 concatenation, transposed convs and skips, depthwise blocks, data-dependent control flow,
 tuple and dict outputs, functional convs on parameters, shared conv modules, iterative
-refinement, conv subclasses.
+refinement, conv subclasses; and the shapes of models people bring (issue 35): a U-Net whose
+output is a diffusers-style dataclass without pytree key paths, a YOLO-style detection head
+whose shape cache fixes the batch under torch.export, a CRNN recogniser with an LSTM head.
 """
 
 from __future__ import annotations
