@@ -7,7 +7,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import SequenceKey, tree_flatten, tree_flatten_with_path, tree_map
 
 from ..errors import InvalidOptionError
 from .modules import CONV_TYPES
@@ -32,6 +32,21 @@ def tensors_of(inputs: tuple) -> list[torch.Tensor]:
     return [x for x in leaves if isinstance(x, torch.Tensor)]
 
 
+def flatten_with_paths(tree: Any) -> tuple[list[tuple[tuple, Any]], Any]:
+    """``tree_flatten_with_path``, or where a pytree node was registered without key paths, the leaves by position.
+
+    diffusers registers its output dataclasses with ``register_pytree_node`` and no
+    ``flatten_with_keys_fn``: their leaves have no keys, but they have an order.
+    """
+    try:
+        return tree_flatten_with_path(tree)
+    except ValueError as error:
+        if "flatten_with_keys_fn" not in str(error):
+            raise
+        leaves, spec = tree_flatten(tree)
+        return [((SequenceKey(i),), leaf) for i, leaf in enumerate(leaves)], spec
+
+
 def batch_size(inputs: tuple) -> int:
     """The first dimension of the first tensor with one: the batch the inputs hold."""
     return next((x.shape[0] for x in tensors_of(inputs) if x.dim() > 0), 1)
@@ -40,6 +55,40 @@ def batch_size(inputs: tuple) -> int:
 def has_batch(x: Any, batch: int) -> bool:
     """Whether ``x`` is a tensor whose first dimension is the inputs' batch (a per-sample tensor)."""
     return isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch
+
+
+def batch_dim(x: Any, n: int, like: Any = None) -> int | None:
+    """Which dimension of ``x`` holds the ``n`` samples of a batch, or None (it goes whole with every sample).
+
+    Dimension 0 where it has ``n`` rows; else the one dimension of size ``n``: a recurrent state
+    in ``nn.GRU``/``nn.LSTM``'s layout ``(layers, batch, hidden)`` holds them on dimension 1.
+    ``like``, the same input of the example inputs, tells them apart where that is not enough:
+    the batch is the one dimension in which the two differ (their batches differ). A state of as
+    many layers as samples, given with example inputs of the same batch, cannot be told apart:
+    dimension 0 is taken.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() == 0:
+        return None
+    sized = [d for d in range(x.dim()) if x.shape[d] == n]
+    if isinstance(like, torch.Tensor) and like.dim() == x.dim():
+        differ = [d for d in range(x.dim()) if x.shape[d] != like.shape[d]]
+        if len(differ) == 1 and differ[0] in sized:
+            return differ[0]
+    if 0 in sized or len(sized) > 1:
+        return 0 if 0 in sized else None
+    return sized[0] if sized else None
+
+
+def samples_of(batch: tuple, start: int, stop: int, like: tuple = ()) -> tuple:
+    """Samples ``start:stop`` of a batch of tensors, each cut along the dimension holding its samples
+    (:func:`batch_dim`, the first tensor's dimension 0 giving their number); one holding none goes whole."""
+    n = batch[0].shape[0] if batch and isinstance(batch[0], torch.Tensor) and batch[0].dim() else 0
+    likes = list(like) + [None] * (len(batch) - len(like))
+    cut = []
+    for x, twin in zip(batch, likes):
+        d = batch_dim(x, n, twin)
+        cut.append(x.narrow(d, start, max(min(stop, n) - start, 0)) if d is not None else x)
+    return tuple(cut)
 
 
 def batched(inputs: tuple, size: int) -> tuple:

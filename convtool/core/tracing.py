@@ -52,6 +52,11 @@ def _may_hold_convs(module: nn.Module) -> bool:
     return any(isinstance(m, CONV_MODULES) for m in module.modules()) or any(p.dim() == 4 for p in module.parameters())
 
 
+def _container(module: nn.Module) -> bool:
+    """A module without a forward of its own (``ModuleList``, ``ModuleDict``): it holds parts, it is not one."""
+    return type(module).forward is nn.Module.forward
+
+
 def _traceable_child(child: nn.Module) -> bool:
     return not isinstance(child, CONV_MODULES) and _may_hold_convs(child)
 
@@ -70,6 +75,9 @@ def trace_regions(model: nn.Module) -> Tracing:
         return None
 
     def find(module: nn.Module, name: str) -> bool:
+        if _container(module):  # never called, so never traced: its children are the parts
+            opaque.add(id(module))
+            return all([find(c, join(name, n)) for n, c in module.named_children() if _traceable_child(c)])
         error = attempt(module)
         if error is None:
             return True

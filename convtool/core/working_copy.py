@@ -17,9 +17,14 @@ def working_copy(model: nn.Module) -> nn.Module:
     """A deep copy convtool may change, or a one-line error saying why the model cannot be used.
 
     Raises:
-        InvalidOptionError: the model's tensors are on the meta device (never loaded), or the
-            model cannot be copied.
+        InvalidOptionError: the model is a TorchScript module (no Python code to rewrite), its
+            tensors are on the meta device (never loaded), or it cannot be copied.
     """
+    if isinstance(model, torch.jit.ScriptModule):  # what the CLI says of a TorchScript archive
+        raise InvalidOptionError(
+            "the model is a TorchScript module (torch.jit.load / torch.jit.script), whose code convtool cannot rewrite; "
+            "give the eager model instead (build it and load its state_dict)"
+        )
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         raise InvalidOptionError(
             "the model's weights are on the meta device (never loaded); load the trained weights first, "

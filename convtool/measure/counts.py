@@ -8,6 +8,7 @@ example inputs take, in eval mode.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -48,8 +49,10 @@ class Analysis:
         params: parameters of the whole model.
         flops: fvcore flops (multiply-adds) of one forward pass on the example inputs.
         modules: one row per module, in model order; the model itself is the row named "".
-        unsupported_ops: ops fvcore has no counter for, with how often each ran (their cost
-            is missing from ``flops``; elementwise ops fvcore ignores by design are not listed).
+        unsupported_ops: ops no counting rule covers, with how often each ran (their cost is
+            missing from ``flops``: it is of the counted part only; ops fvcore ignores by
+            design, views and casts, are not listed). An ONNX model's lists ONNX op types, and
+            any op whose shapes could not be read out of the run.
         input_shapes: the shapes of the example inputs the counts are for.
     """
 
@@ -73,6 +76,34 @@ def _convolution_mode_flops(inputs: list, outputs: list) -> int:
     from fvcore.nn.jit_handles import conv_flop_count, get_shape
 
     return conv_flop_count(get_shape(inputs[0]), get_shape(inputs[1]), get_shape(outputs[0]), transposed=False)
+
+
+def _recurrent_flops(inputs: list, outputs: list) -> int:
+    """``aten::lstm``, ``aten::gru`` and ``aten::rnn_*``: every step's gate products, each layer and direction.
+
+    fvcore has no handle for them (it lists them as not counted). Each weight matrix of the
+    layer's parameters (the op's last list input) is applied once per step and sample: (steps x
+    batch) x its elements, the ONNX counts' rule for ``LSTM``/``GRU``/``RNN`` nodes; elementwise
+    gate arithmetic is not counted, as fvcore counts no elementwise op.
+    """
+    from fvcore.nn.jit_handles import get_shape
+
+    lists = [v for v in inputs if v.node().kind() == "prim::ListConstruct"]
+    weights = [get_shape(w) for w in lists[-1].node().inputs()] if lists else []
+    rows = math.prod(get_shape(inputs[0])[:-1])
+    return rows * sum(math.prod(w) for w in weights if w is not None and len(w) == 2)
+
+
+def _recurrent_cell_flops(inputs: list, outputs: list) -> int:
+    """``aten::lstm_cell``, ``aten::gru_cell`` and ``aten::rnn_*_cell``: one step's gate products, (batch) x (W_ih + W_hh elements)."""
+    from fvcore.nn.jit_handles import get_shape
+
+    return math.prod(get_shape(inputs[0])[:-1]) * sum(math.prod(get_shape(w)) for w in inputs[2:4])
+
+
+RECURRENT_OPS = {"aten::lstm": _recurrent_flops, "aten::gru": _recurrent_flops, "aten::rnn_tanh": _recurrent_flops,
+                 "aten::rnn_relu": _recurrent_flops, "aten::lstm_cell": _recurrent_cell_flops, "aten::gru_cell": _recurrent_cell_flops,
+                 "aten::rnn_tanh_cell": _recurrent_cell_flops, "aten::rnn_relu_cell": _recurrent_cell_flops}
 
 
 class _TupleOutputs(nn.Module):
@@ -136,7 +167,7 @@ def analyze(model: nn.Module, example_inputs: Any) -> Analysis:
     with eval_mode(model), torch.no_grad(), _frozen(model), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         counter = FlopCountAnalysis(wrapper, inputs)
-        counter.set_op_handle("aten::_convolution_mode", _convolution_mode_flops)
+        counter.set_op_handle("aten::_convolution_mode", _convolution_mode_flops, **RECURRENT_OPS)
         counter.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
         fvcore_log = logging.getLogger("fvcore")
         level, fvcore_log.level = fvcore_log.level, logging.ERROR

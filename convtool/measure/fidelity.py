@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_flatten_with_path, keystr
+from torch.utils._pytree import keystr
+
+from ..core.inputs import flatten_with_paths
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,8 @@ def output_fidelity(actual: Any, reference: Any) -> Fidelity:
     Raises:
         ValueError: the outputs differ in structure or shape.
     """
-    a_leaves, a_spec = tree_flatten_with_path(actual)
-    r_leaves, r_spec = tree_flatten_with_path(reference)
+    a_leaves, a_spec = flatten_with_paths(actual)
+    r_leaves, r_spec = flatten_with_paths(reference)
     if a_spec != r_spec:
         raise ValueError(f"the outputs differ in structure: {a_spec} against {r_spec}")
     rows: list[OutputFidelity] = []

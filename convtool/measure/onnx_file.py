@@ -25,13 +25,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import keystr, tree_flatten_with_path, tree_map
+from torch.utils._pytree import keystr, tree_map
 
 from ..core.inputs import (
     as_inputs,
     batch_size,
     batched,
     eval_mode,
+    flatten_with_paths,
     has_batch,
     model_device,
     on_device,
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 EXPORTERS = ("auto", "torch.export", "torchscript")
 MIN_OPSET = 7  # the oldest opset onnxruntime runs and the TorchScript exporter writes
+FIXED = "wrote a fixed batch of"  # the start of the reason an exporter's file is refused for fixing the batch
 # Above this many bytes of weights an ONNX protobuf cannot hold them inline (2 GiB limit).
 _EXTERNAL_DATA_BYTES = 1_500_000_000
 
@@ -106,16 +108,18 @@ def io_names(model: nn.Module, inputs: tuple) -> tuple[tuple[str, ...], tuple[st
     """Names for the flattened inputs and outputs: ``input``/``output`` or one per leaf.
 
     Dict inputs and outputs keep their keys (``{"boxes": [a, b]}`` -> ``boxes_0``,
-    ``boxes_1``), so they can be told apart in any runtime.
+    ``boxes_1``), so they can be told apart in any runtime. Only tensors are named: a ``None``
+    among the outputs is no output of the file. Leaves of a pytree node registered without
+    key paths are named by position.
     """
-    in_leaves = [(p, x) for p, x in tree_flatten_with_path(inputs)[0] if isinstance(x, torch.Tensor)]
+    in_leaves = [(p, x) for p, x in flatten_with_paths(inputs)[0] if isinstance(x, torch.Tensor)]
     if len(in_leaves) == 1:
         input_names: tuple[str, ...] = ("input",)
     elif all(len(p) == 1 for p, _ in in_leaves):
         input_names = tuple(f"input_{i}" for i in range(len(in_leaves)))
     else:
         input_names = tuple(_leaf_name(p[1:] if len(inputs) == 1 else p, "input") for p, _ in in_leaves)
-    leaves, _ = tree_flatten_with_path(run_checked(model, inputs))
+    leaves = [(p, x) for p, x in flatten_with_paths(run_checked(model, inputs))[0] if isinstance(x, torch.Tensor)]
     if len(leaves) == 1 and not leaves[0][0]:
         return input_names, ("output",)
     return input_names, tuple(_leaf_name(path, "output") for path, _ in leaves)
@@ -246,31 +250,18 @@ def write_onnx(
     external = sum(p.numel() * p.element_size() for p in model.parameters()) > _EXTERNAL_DATA_BYTES
 
     errors: dict[str, str] = {}
-    caught: list = []
+    per_sample = [has_batch(x, batch_size(inputs)) for x in tensors_of(inputs)]
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".convtool-") as tmp, eval_mode(model), quiet():
         staged = Path(tmp) / "model.onnx"
-        attempts = {
-            "torch.export": lambda: _export_torch_export(
-                model, inputs, staged, input_names, output_names, opset, dynamic_batch, external
-            ),
-            "torchscript": lambda: _export_torchscript(model, inputs, staged, input_names, output_names, opset, dynamic_batch),
-        }
-        used = None
-        for name, attempt in attempts.items():
-            if exporter not in ("auto", name):
-                continue
-            try:
-                with warnings.catch_warnings(record=True) as caught:  # the tracer's warnings say where a trace may be wrong
-                    warnings.simplefilter("always")
-                    attempt()
-                written = _written_opset(staged)
-            except Exception as error:
-                errors[name] = describe_error(error, 300)
-                continue
-            if opset is None or written == opset:
-                used = name
-                break
-            errors[name] = f"it wrote opset {written}, not the {opset} asked"
+        attempt = lambda dynamic, errors: _attempt(  # noqa: E731
+            model, inputs, staged, input_names, output_names, opset, dynamic, external, exporter, per_sample, errors)
+        used, caught = attempt(dynamic_batch, errors)
+        if used is None and dynamic_batch and any(FIXED in reason for reason in errors.values()):
+            # No exporter wrote a dynamic batch (the model's code fixes it): the batch as given, said so.
+            fixed_batch = "no exporter wrote a dynamic batch (" + "; ".join(f"{n}: {r}" for n, r in errors.items()) + ")"
+            log.info("%s: exporting with a fixed batch", fixed_batch)
+            dynamic_batch, errors = False, {}
+            used, caught = attempt(False, errors)
         if used is None:
             detail = "; ".join(f"{name}: {reason}" for name, reason in errors.items())
             raise ExportError(f"could not export the model to ONNX ({detail})")
@@ -297,6 +288,77 @@ def write_onnx(
         warnings=tracer_warnings,
         fixed_batch_reason=fixed_batch,
     )
+
+
+def _attempt(model, inputs, staged, input_names, output_names, opset, dynamic, external, exporter, per_sample, errors,
+             ) -> tuple[str | None, list]:
+    """Each exporter allowed, in turn, until one writes the opset asked (and, with ``dynamic``, a dynamic batch).
+
+    Returns the exporter that did, or None, and its warnings; ``errors`` gets each refusal.
+    """
+    attempts = {
+        "torch.export": lambda: _export_torch_export(model, inputs, staged, input_names, output_names, opset, dynamic, external),
+        "torchscript": lambda: _export_torchscript(model, inputs, staged, input_names, output_names, opset, dynamic),
+    }
+    caught: list = []
+    for name, attempt in attempts.items():
+        if exporter not in ("auto", name):
+            continue
+        try:
+            with warnings.catch_warnings(record=True) as caught, _no_ir_dumps():  # the tracer's warnings say where a trace may be wrong
+                warnings.simplefilter("always")
+                attempt()
+            written = _written_opset(staged)
+        except Exception as error:
+            errors[name] = describe_error(error, 300)
+            continue
+        if opset is not None and written != opset:
+            errors[name] = f"it wrote opset {written}, not the {opset} asked"
+            continue
+        fixed = _fixed_inputs(staged, input_names, per_sample) if dynamic else None
+        if fixed:
+            # torch.export specialises a batch the model's code compares or caches (``if self.shape != x.shape``):
+            # the file would take that batch alone, whatever the caller asked.
+            errors[name] = f"it {FIXED} {fixed} (the model's code fixes it: a shape compared or cached, say)"
+            continue
+        return name, caught
+    return None, caught
+
+
+def _fixed_inputs(path: Path, input_names: tuple[str, ...], per_sample: list[bool]) -> str | None:
+    """The batch a written file fixes on an input that should take any batch, as ``"N on input"``; None if none."""
+    import onnx
+
+    declared = {i.name: i.type.tensor_type.shape.dim for i in onnx.load(str(path), load_external_data=False).graph.input}
+    for name, varies in zip(input_names, per_sample):
+        dims = declared.get(name)
+        if varies and dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0:
+            return f"{dims[0].dim_value} on {name}"
+    return None
+
+
+class _no_ir_dumps:
+    """Keeps the TorchScript exporter from printing its IR graph on stdout when it fails.
+
+    torch's exporter turns its C++ log on for every export and never off again (a bug of
+    ``setup_onnx_logging`` in torch 2.x), and on failure logs the whole graph through it, from
+    C++, where no Python stream redirection reaches: 32k characters for a small model. The log
+    function is replaced for the export's duration, and the log's state put back after.
+    """
+
+    def __enter__(self) -> None:
+        c = torch._C
+        self.saved = getattr(c, "_jit_onnx_log", None)
+        self.enabled = c._jit_is_onnx_log_enabled() if hasattr(c, "_jit_is_onnx_log_enabled") else None
+        if self.saved is not None:
+            c._jit_onnx_log = lambda *args: None
+
+    def __exit__(self, *exc: object) -> None:
+        c = torch._C
+        if self.saved is not None:
+            c._jit_onnx_log = self.saved
+        if self.enabled is not None:
+            c._jit_set_onnx_log_enabled(self.enabled)
 
 
 def _fixed_batch(model: nn.Module, inputs: tuple) -> str | None:

@@ -29,7 +29,7 @@ from .files import write_proto
 from .graph import pair_nodes
 from .probes import Probe, exposed, fresh_name, quiet_run, samples
 from .refit import input_pads
-from .sites import ConvNode, site_stats
+from .sites import ConvNode, site_stats, uncosted_reasons
 
 
 class DenseGraph:
@@ -54,15 +54,8 @@ class DenseGraph:
         return self._stats
 
     def uncosted(self) -> dict[str, str]:
-        found = self.stats()
-        reasons = {}
-        for name, conv in self.where.items():
-            if name in found:
-                continue
-            runs = self.counts.runs.get((conv.scope.trail, conv.node.output[0]))
-            reasons[name] = ("did not run on the example inputs (a branch they did not take), so its cost is unknown" if runs == 0
-                             else "its input's shape is not known from the run on the example inputs, so its cost is unknown")
-        return reasons
+        self.stats()
+        return uncosted_reasons(self.where, self.counts)
 
     def flops(self) -> float:
         self.stats()

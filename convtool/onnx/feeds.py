@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from ..errors import InvalidOptionError
 from ..recovery.batches import calibration_batches
@@ -39,8 +40,9 @@ def _dtype(value) -> np.dtype | None:
 
 
 def _declared(value) -> list[int | None]:
-    """The input's declared shape, None for each dynamic dimension."""
-    return [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+    """The input's declared shape, None for each dynamic dimension: a named one, an unset one, and the
+    ``-1`` (or 0) that paddle2onnx writes for a dynamic batch."""
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in value.type.tensor_type.shape.dim]
 
 
 def _shown(value) -> str:
@@ -139,7 +141,8 @@ def calibration_feeds(calibration: Any, model, fixed: Mapping[str, np.ndarray] =
     """Calibration data as batches of feeds, one array per graph input, in the graph's order.
 
     ``calibration``: an array or tensor (the one input), a tuple of them (every input, in the
-    graph's order), a dict by input name (an ``.npz`` file's), or an iterable of batches. The
+    graph's order), a dict by input name (an ``.npz`` file's), or an iterable of batches (a
+    list of them holds arrays or tensors, or tuples of them). The
     first input's array holds the samples, N along its first dimension; every array of N rows
     is cut alike, in batches of the graph's batch size where it is fixed. An array of another
     first dimension, or of the input's whole declared shape (a recurrent state, a 0-d sample
@@ -188,6 +191,9 @@ def calibration_feeds(calibration: Any, model, fixed: Mapping[str, np.ndarray] =
             cut = dict(zip((i.name for i in samples), batch))
             rows.append([_as_array(cut.get(i.name, whole.get(i.name, fixed.get(i.name))), _dtype(i)) for i in inputs])
         return rows
+    if not isinstance(calibration, (Dataset, DataLoader)):  # batches of arrays too, as separate_onnx's docstring promises
+        tensors = lambda b: as_torch(b) if isinstance(b, np.ndarray) else b  # noqa: E731
+        calibration = (tuple(map(tensors, b)) if isinstance(b, (tuple, list)) else tensors(b) for b in calibration)
     rows = []
     for batch in calibration_batches(calibration):
         if len(batch) != len(inputs):

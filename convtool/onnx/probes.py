@@ -28,6 +28,14 @@ class Probe:
     elem_type: int = 1  # onnx.TensorProto.FLOAT
     rank: int = 4
     flat: bool = False  # read as 1-d (``rank`` 1): a scalar has no empty form for a branch that does not hold it
+    shape: bool = False  # read the value's shape (int64, 1-d) rather than the value: a few bytes, whatever its size
+
+
+def shape_probe(value: str, trail: Trail = ()) -> Probe:
+    """A probe of ``value``'s shape, read in every run of its graph."""
+    import onnx
+
+    return Probe(value, trail, onnx.TensorProto.INT64, 1, shape=True)
 
 
 def subgraphs(node) -> Iterator[tuple[str, int, Any]]:
@@ -88,7 +96,11 @@ def exposed(model, probes: Sequence[Probe], overridable: Sequence[str] = ()) -> 
             refused[probe] = f"it lies inside a {odd} node, whose outputs cannot carry its values out"
             continue
         value = probe.value
-        if probe.flat and probe.trail:
+        if probe.shape:  # a Shape node beside the value: the run hands out its dims, not its elements
+            inner = graph_at(graph, probe.trail)
+            value = fresh_name(f"{probe.value}.shape", used)
+            inner.node.append(helper.make_node("Shape", [probe.value], [value], name=fresh_name(f"{value}.node", used)))
+        elif probe.flat and probe.trail:
             inner = graph_at(graph, probe.trail)
             shape, value = fresh_name(f"{probe.value}.flat_shape", used), fresh_name(f"{probe.value}.flat", used)
             minus_one = helper.make_tensor(shape, onnx.TensorProto.INT64, [1], [-1])
@@ -175,6 +187,39 @@ def quiet_run():
     options = ort.RunOptions()
     options.log_severity_level = 4
     return options
+
+
+def read_run(model, feeds: Sequence[np.ndarray], probes: Sequence[Probe]) -> tuple[dict[Probe, np.ndarray], dict[Probe, str]]:
+    """The values of ``probes`` in one onnxruntime run of ``model`` on ``feeds``, and why each probe not read was not.
+
+    Where the run with every probe fails (a loop whose iterations take different branches cannot
+    stack a value of one of them), the main graph's probes alone are read.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from ..measure.onnxrt import open_session
+    from .files import write_proto
+
+    failures: dict[Probe, str] = {}
+    for attempt in (list(probes), [p for p in probes if not p.trail]):
+        if not attempt:
+            break
+        try:
+            exposed_model, carried, refused = exposed(model, attempt)
+            with tempfile.TemporaryDirectory(prefix="convtool-onnx-run-") as tmp:
+                write_proto(exposed_model, Path(tmp) / "probed.onnx")
+                del exposed_model
+                session = open_session(Path(tmp) / "probed.onnx", "CPUExecutionProvider")
+                names = [i.name for i in session.get_inputs()]
+                values = dict(zip([o.name for o in session.get_outputs()], session.run(None, dict(zip(names, feeds)), quiet_run())))
+        except Exception as error:  # the run's own error is the verification's to report
+            reason = " ".join(str(error).split())[:300]
+            failures.update({p: f"the run that reads it failed ({reason})" for p in attempt})
+            continue
+        failures = {p: why for p, why in failures.items() if p not in carried} | refused
+        return {p: np.asarray(values[carried[p]]) for p in attempt if p in carried}, failures
+    return {}, failures
 
 
 def samples(array: np.ndarray, rank: int) -> np.ndarray | None:

@@ -142,3 +142,26 @@ def site_stats(where: dict[str, ConvNode], counts: OnnxCounts) -> dict[str, Site
         if x and y and runs:
             stats[name] = SiteStats(runs * x[0] * math.prod(x[2:]), runs * y[0] * math.prod(y[2:]), tuple(x))
     return stats
+
+
+def uncosted_reasons(where: dict[str, ConvNode], counts: OnnxCounts) -> dict[str, str]:
+    """Why each site has no :func:`site_stats`, truly: its node did not run (a branch not taken), whether it ran
+    is not known, or a shape of it could not be read out of the run (and why). Sites with stats are not listed."""
+    costed = site_stats(where, counts)
+    reasons = {}
+    for name, found in where.items():
+        if name in costed:
+            continue
+        node, trail = found.node, found.scope.trail
+        runs = counts.runs.get((trail, node.output[0]))
+        if runs == 0:
+            reasons[name] = "did not run on the example inputs (it is in a branch or loop body they did not reach), so its cost is unknown"
+        elif runs is None:
+            reasons[name] = ("whether it ran on the example inputs is not known (the branch or iterations of the graph holding it "
+                             "could not be read out of the run), so its cost is unknown")
+        else:
+            value = next((v for v in (node.input[0], node.output[0]) if not counts.shape(v, trail)), node.input[0])
+            why = counts.why_unknown(value, trail) or "onnx cannot infer it and it was not read out of the run"
+            side = "input" if value == node.input[0] else "output"
+            reasons[name] = f"it ran, but its {side} shape is not known ({why}), so its cost is unknown"
+    return reasons

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..core.decompose import ORDERS
-from ..core.inputs import as_inputs, guess_inputs, model_device, on_device, run_checked, running, tensors_of
+from ..core.inputs import as_inputs, guess_inputs, model_device, on_device, run_checked, running, samples_of, tensors_of
 from ..core.names import label
 from ..core.records import LayerChange, Search, SkippedLayer
 from ..core.working_copy import copy_model, working_copy
@@ -180,11 +180,11 @@ class _Prepared:
 
 def _prepare(model: nn.Module, example_inputs: Any, calibration: Any) -> _Prepared:
     """Copy the caller's model once, give lazy convs their weights, and bake computed weights plain."""
-    batches = calibration_batches(calibration) if calibration is not None else []
+    batches = calibration_batches(calibration, like=as_inputs(example_inputs)) if calibration is not None else []
     work = working_copy(model)
     device = model_device(work)
     inputs = on_device(as_inputs(example_inputs), device)
-    sample = on_device(tuple(t[:1] for t in batches[0]), device) if batches else ()
+    sample = on_device(samples_of(batches[0], 0, 1, as_inputs(example_inputs)), device) if batches else ()  # a state's batch may be on dim 1
     if _is_lazy(work) and (inputs or sample):  # lazy convs get their weights from a first pass, on the copy
         with running(inputs or sample, _what(inputs)):
             record(work, inputs or sample)

@@ -12,7 +12,7 @@ from torch import nn
 from ..core.modules import CONV_TYPES, SamePadded, SeparableConv, runs_as_standard, standard_base
 from ..core.names import label, module_names
 from ..core.records import SkippedLayer
-from ..core.tracing import Tracing, trace_regions
+from ..core.tracing import CONV_MODULES, Tracing, trace_regions
 from ..plan.site import Site, Use, pattern_reason, shape_reason
 from .fx_pass import ConvUses, FunctionalConv, find_conv_uses, tensor_at
 
@@ -48,10 +48,11 @@ def find_sites(
     if not isinstance(work, CONV_TYPES):
         tracing = trace_regions(work)
         uses = find_conv_uses(tracing)
-        skipped += [SkippedLayer(name, reason) for name, reason in tracing.untraced.items()]
         skipped += [SkippedLayer(name, reason) for name, reason in uses.unusable]
     modules = _module_sites(work, uses.read_directly, include, exclude, skipped)
     functions = _functional_sites(work, uses.functional, include, exclude, skipped)
+    if tracing is not None:
+        skipped += _untraced_parts(work, tracing, {id(s.weight) for s in modules + functions})
     # A weight tied between a conv module and a functional call: two rewrites of one tensor.
     tied = {id(s.weight) for s in modules} & {id(s.weight) for s in functions}
     for site in (s for s in modules + functions if id(s.weight) in tied):
@@ -59,6 +60,26 @@ def find_sites(
         skipped.append(SkippedLayer(site.name, f"its weight is tied to {', '.join(others)}, used by conv calls as well as a conv module; left dense"))
     sites = [s for s in modules + functions if id(s.weight) not in tied]
     return sites, list(dict.fromkeys(skipped)), tracing
+
+
+def _untraced_parts(work: nn.Module, tracing: Tracing, found: set[int]) -> list[SkippedLayer]:
+    """The parts fx could not trace that leave a conv dense: those holding a conv-shaped weight (3- to
+    5-d, float, not a conv module's, which are found without tracing) that no traced code called as one.
+
+    Such a weight is named under the deepest untraced part holding it, whose code is the one left
+    unread. A part whose convs were all found says nothing: tracing it was not needed.
+    """
+    convs = {id(p) for m in work.modules() if isinstance(m, CONV_MODULES) for p in m.parameters()}
+    parts = sorted((name for name in tracing.untraced if name != label("")), key=len, reverse=True)
+    unseen: dict[str, list[str]] = {}
+    for name, weight in work.named_parameters():
+        if weight.dim() not in (3, 4, 5) or not weight.is_floating_point() or id(weight) in convs | found:
+            continue
+        part = next((p for p in parts if name.startswith(p + ".")), label("") if label("") in tracing.untraced else None)
+        if part is not None:
+            unseen.setdefault(part, []).append(name)
+    return [SkippedLayer(part, f"{tracing.untraced[part]}, so the convs its code may run on {', '.join(names)} are not seen: "
+                               f"left dense") for part, names in unseen.items()]
 
 
 def _module_sites(work, read_directly, include, exclude, skipped) -> list[Site]:

@@ -8,17 +8,20 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from ..core.inputs import batch_dim, samples_of
 from ..errors import InvalidOptionError
 
 BATCH = 32
 
 
-def calibration_batches(calibration: Any, batch_size: int = BATCH) -> "list[tuple] | StreamedBatches":
+def calibration_batches(calibration: Any, batch_size: int = BATCH, like: tuple = ()) -> "list[tuple] | StreamedBatches":
     """Normalise calibration data to input tuples, refusing empty or non-finite data.
 
     A tensor is one input, cut into batches along dim 0; a tuple of tensors is a model's
-    several inputs, cut alike; a list or any other iterable yields batches (each a tensor, or
-    a tuple/list of tensors). A ``torch.utils.data.Dataset`` (items are inputs, batched by
+    several inputs, cut alike, each along the dimension that holds its samples (a recurrent
+    state ``(layers, N, hidden)`` on dimension 1; ``like``, the example inputs, tells them apart
+    where shapes alone do not: :func:`~convtool.core.inputs.batch_dim`); a list or any other
+    iterable yields batches (each a tensor, or a tuple/list of tensors), taken whole as given. A ``torch.utils.data.Dataset`` (items are inputs, batched by
     ``batch_size``) or ``DataLoader`` is not read into memory: it gives :class:`StreamedBatches`,
     read again on each pass and checked batch by batch.
     """
@@ -28,15 +31,19 @@ def calibration_batches(calibration: Any, batch_size: int = BATCH) -> "list[tupl
         calibration = (calibration,)
     if isinstance(calibration, tuple) and all(isinstance(t, Tensor) for t in calibration):
         n = calibration[0].shape[0] if calibration[0].dim() else 0
-        if n == 0 or any(t.dim() == 0 or t.shape[0] != n for t in calibration):
-            raise InvalidOptionError("calibration tensors must share a non-empty first (batch) dimension")
-        batches = [tuple(t[i : i + batch_size] for t in calibration) for i in range(0, n, batch_size)]
+        if n == 0 or any(batch_dim(t, n, twin) is None for t, twin in zip(calibration, (*like, *[None] * len(calibration)))):
+            raise InvalidOptionError(
+                f"calibration tensors must each hold the {n or 'same'} samples of the first along one dimension "
+                "(dimension 0, or 1 for a recurrent state of shape (layers, batch, hidden)); give each input's samples")
+        batches = [samples_of(calibration, i, i + batch_size, like) for i in range(0, n, batch_size)]
     else:
         try:
             batches = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in calibration]
         except TypeError:
             raise InvalidOptionError(f"calibration must be a tensor or an iterable of batches, got {type(calibration).__name__}") from None
-        if not batches or not all(isinstance(t, Tensor) for b in batches for t in b):
+        if not batches:
+            raise InvalidOptionError("the calibration data holds no batch; give at least one")
+        if not all(isinstance(t, Tensor) for b in batches for t in b):
             raise InvalidOptionError("calibration batches must be tensors or tuples of tensors")
     for batch in batches:
         _check_finite(batch)

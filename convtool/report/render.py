@@ -183,6 +183,15 @@ def _latency_lines(c: Comparison) -> list[str]:
     return lines
 
 
+def _uncounted_line(c: Comparison) -> str | None:
+    """Where some ops ran uncounted, that the FLOPs and their ratio are of the counted part, and which ops those are."""
+    ops = dict(c.after.unsupported_ops) | dict(c.before.unsupported_ops)
+    if not ops:
+        return None
+    shown = ", ".join(f"{op} x{n}" for op, n in sorted(ops.items()))
+    return f"FLOPs and their ratio are of the counted part only; not counted (no counting rule, or shapes not known): {shown}."
+
+
 def _verified_line(c: Comparison) -> str | None:
     if c.verified is None:
         return None
@@ -255,9 +264,11 @@ def to_markdown(comparison: Comparison) -> str:
         "|---|---:|---:|---:|",
         *(_md_row(row) for row in _totals_rows(c)),
         "",
-        f"Output fidelity: {_fidelity_line(c)}.",
-        "",
     ]
+    uncounted = _uncounted_line(c)
+    if uncounted:
+        lines += [_md(uncounted), ""]
+    lines += [f"Output fidelity: {_fidelity_line(c)}.", ""]
     verified = _verified_line(c)
     if verified:
         lines += [verified, ""]
@@ -293,7 +304,7 @@ def to_rich(comparison: Comparison, *, max_layers: int | None = 40) -> list[Any]
         totals.add_column(head, justify=justify)
     for row in _totals_rows(c):
         totals.add_row(*row)
-    out: list[Any] = [totals, f"Output fidelity: {_fidelity_line(c)}"]
+    out: list[Any] = [totals, *filter(None, [_uncounted_line(c)]), f"Output fidelity: {_fidelity_line(c)}"]
     verified = _verified_line(c)
     if verified:
         out.append(verified)
@@ -367,7 +378,7 @@ def analysis_markdown(analysis: Analysis, *, limit: int | None = None) -> str:
     ]
     if analysis.unsupported_ops:
         ops = ", ".join(f"{k} x{v}" for k, v in sorted(analysis.unsupported_ops.items()))
-        lines += ["", f"Not counted (fvcore has no counter): {_md(ops)}."]
+        lines += ["", f"Not counted (no counting rule, or shapes not known): {_md(ops)}; FLOPs are of the counted part."]
     return "\n".join(lines) + "\n"
 
 
@@ -385,5 +396,5 @@ def analysis_rich(analysis: Analysis, *, limit: int | None = 30) -> list[Any]:
         table.add_row(_row_name(m), m.type, human(m.own_params), human(m.own_flops))
     out: list[Any] = [table]
     if analysis.unsupported_ops:
-        out.append("Not counted (fvcore has no counter): " + ", ".join(sorted(analysis.unsupported_ops)))
+        out.append("Not counted (no counting rule, or shapes not known): " + ", ".join(sorted(analysis.unsupported_ops)))
     return out

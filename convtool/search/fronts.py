@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from ..core.inputs import as_inputs, eval_mode, model_device, on_device
+from ..core.inputs import as_inputs, batch_dim, eval_mode, model_device, on_device, samples_of
 from ..core.records import Benchmark
 from ..deploy.verify import AgainstOriginal
 from ..errors import InvalidOptionError
@@ -75,7 +75,7 @@ class PyTorchFront:
         return batch[0].shape[0]
 
     def cut(self, batch: tuple, start: int, stop: int) -> tuple:
-        return tuple(t[start:stop] for t in batch)
+        return samples_of(batch, start, stop, as_inputs(self.example_inputs))  # a recurrent state's batch may be on dim 1
 
     def outputs(self, result: Separation | None, batches: list[tuple]) -> list[torch.Tensor]:
         model = self.model if result is None else result.model
@@ -85,7 +85,9 @@ class PyTorchFront:
             for batch in batches:
                 flat, _ = tree_flatten(model(*on_device(batch, device)))
                 leaves.append([t.detach().cpu() for t in flat if isinstance(t, torch.Tensor) and t.is_floating_point()])
-        return [torch.cat(parts) for parts in zip(*leaves)]
+        rows = [self.rows(b) for b in batches]
+        # Each output joined along the dimension holding its samples (a returned state's batch may be on dim 1).
+        return [torch.cat(parts, dim=batch_dim(parts[0], rows[0]) or 0) for parts in zip(*leaves)]
 
     @contextlib.contextmanager
     def timer(self, timing: Timing) -> Iterator[Callable[[Separation], Benchmark]]:

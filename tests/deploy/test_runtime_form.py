@@ -46,7 +46,8 @@ def test_batchnorm_used_twice_or_after_other_ops_is_not_folded():
     torch.testing.assert_close(folded(x), model(x))
 
 
-@pytest.mark.parametrize("entry", [e for e in ZOO if e.name in ("vgg", "resnet", "unet", "detector", "two_inputs")],
+@pytest.mark.parametrize("entry", [e for e in ZOO if e.name in ("vgg", "resnet", "unet", "detector", "two_inputs", "unet_dataclass",
+                                                             "shape_cache_detect", "recurrent_ocr")],
                          ids=lambda e: e.name)
 @pytest.mark.parametrize("order", ["dw-pw", "pw-dw"])
 def test_branch_layout_is_the_same_function(entry, order):

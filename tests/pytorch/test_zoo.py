@@ -37,8 +37,8 @@ def test_rank_one_leaves_no_standard_conv(entry):
     skipped = {s.name: s.reason for s in result.skipped}
     for name, word in entry.stays_dense.items():
         assert word in skipped[name], (name, skipped.get(name))
-    for name in entry.untraced:
-        assert "fx cannot trace" in skipped[name]
+    untraced = {name for name, reason in skipped.items() if "fx cannot trace" in reason}
+    assert untraced == set(entry.untraced)  # a part fx cannot trace is reported only where it leaves a conv dense
     with torch.no_grad():
         out, ref = result.model(*inputs), model(*inputs)
     assert torch.utils._pytree.tree_structure(out) == torch.utils._pytree.tree_structure(ref)
