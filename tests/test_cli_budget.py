@@ -20,7 +20,7 @@ def test_min_sqnr_reports_the_floor_and_what_was_measured(project):
     result = run("separate", project / "small.pt", "--arch", arch(project), "--min-sqnr", "10", "--order", "auto",
                  "--calibration", project / "images.npy", "--report", project / "r.json", "-o", project / "s.pt")
     assert result.exit_code == 0, result.output
-    assert "Searched for the fewest FLOPs meeting SQNR >= 10 dB on 16 held-out calibration samples" in result.stderr
+    assert "Searched for the fastest model meeting SQNR >= 10 dB on 16 held-out calibration samples" in result.stderr
     search = json.loads((project / "r.json").read_text())["search"]
     assert search["target"]["type"] == "AgreementTarget" and search["target"]["sqnr_db"] == 10
     assert search["held_out_samples"] == 16 and search["sqnr_db"] >= 10 and search["met"]
@@ -43,7 +43,7 @@ def test_no_budget_meeting_the_floor_exits_2_with_one_line(project):
     np.save(project / "images.npy", torch.randn(16, 3, 16, 16).numpy())
     result = run("separate", project / "small.pt", "--arch", arch(project), "--min-sqnr", "120",
                  "--calibration", project / "images.npy", "-o", project / "s.pt")
-    assert result.exit_code == 2 and "no FLOP budget meets SQNR >= 120 dB" in result.stderr
+    assert result.exit_code == 2 and "no budget meets SQNR >= 120 dB" in result.stderr
     assert not (project / "s.pt").exists()
 
 
@@ -66,3 +66,39 @@ def test_distill_refits_first_unless_told_not_to(project):
     with torch.no_grad():
         error = lambda path: float((torch.load(path, weights_only=False).eval()(x) - model(x)).norm())  # noqa: E731
     assert error(project / "refit.pt") < 0.9 * error(project / "bare.pt")
+
+
+def test_a_budget_keeps_slower_layers_dense_unless_allowed(project, monkeypatch):
+    from convtool.pytorch import dense
+
+    monkeypatch.setattr(dense, "module_latency", lambda module, shape, provider, runs=15: 1.0 if isinstance(module, torch.nn.Conv2d) else 2.0)
+    args = ["separate", project / "small.pt", "--arch", arch(project), "--flops-target", "0.5", "--input-shape", "1,3,16,16"]
+    refused = run(*args, "-o", project / "a.pt")
+    assert refused.exit_code == 2 and "no separated form is faster than the dense conv on CPUExecutionProvider" in refused.stderr
+    allowed = run(*args, "--allow-slower", "-o", project / "b.pt", "--json")
+    assert allowed.exit_code == 0, allowed.output
+    assert json.loads(allowed.stdout)["layers"]
+
+
+def test_an_agreement_floor_with_a_latency_cap_and_a_task_measure(project, monkeypatch):
+    from convtool.search import fronts
+
+    from .pytorch.test_agreement import _Timing
+
+    monkeypatch.setattr(fronts, "AgainstOriginal", _Timing)
+    np.save(project / "images.npy", torch.randn(64, 3, 16, 16, generator=torch.Generator().manual_seed(0)).numpy())
+    (project / "task.py").write_text(
+        "def same_sign(reference, outputs):\n"
+        "    return float(((reference[0] > 0) == (outputs[0] > 0)).double().mean())\n")
+    result = run("separate", project / "small.pt", "--arch", arch(project), "--min-agreement", "0.8", "--agreement",
+                 f"{project / 'task.py'}:same_sign", "--latency-target", "0.95", "--calibration", project / "images.npy",
+                 "--report", project / "r.json", "-o", project / "s.pt")
+    assert result.exit_code == 0, result.output
+    search = json.loads((project / "r.json").read_text())["search"]
+    assert search["target"]["type"] == "AgreementTarget" and search["target"]["latency"] == 0.95
+    assert search["target"]["agreement"] == "same_sign" and search["target"]["minimize"] == "latency"
+    assert search["latency"]["ratio"] <= 0.95 * 1.1 and search["top1_agreement"] >= 0.8
+    assert "Searched for the fastest model meeting same_sign >= 0.8" in result.stderr
+    alone = run("separate", project / "small.pt", "--arch", arch(project), "--agreement", f"{project / 'task.py'}:same_sign",
+                "-o", project / "t.pt")
+    assert alone.exit_code == 2 and "use them with --min-agreement" in alone.stderr

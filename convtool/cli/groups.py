@@ -38,34 +38,49 @@ BUDGET_FLAGS = ("--rank", "--flops-target", "--energy", "--min-agreement / --min
 
 
 def ranks_from(rank: str | None, flops_target: float | None, energy: float | None, min_agreement: float | None,
-               min_sqnr: float | None, latency_target: float | None, sensitivity: bool, latency_provider: str | None) -> dict:
-    """The library's ``rank`` and ``latency_provider`` from the flags; one budget flag at a time.
+               min_sqnr: float | None, agreement: str | None, minimize: str, latency_target: float | None, sensitivity: bool | None,
+               latency_provider: str | None, allow_slower: bool) -> dict:
+    """The library's ``rank``, ``latency_provider`` and ``allow_slower`` from the flags; one budget flag at a time.
 
     ``--rank auto`` alone asks for a quarter of the FLOPs; beside a budget flag it adds nothing.
+    An agreement floor with a latency target is one budget: the fastest model keeping the floor,
+    within that latency.
     """
     from ..plan.agreement import AgreementTarget
     from ..plan.budgets import Energy, FlopsTarget
     from ..plan.latency import LatencyTarget
 
     fixed = rank if rank not in (None, "auto") else None
+    floor = min_agreement is not None or min_sqnr is not None
     given = [flag for flag, value in zip(BUDGET_FLAGS, (fixed, flops_target, energy, min_agreement if min_agreement is not None
-                                                         else min_sqnr, latency_target)) if value is not None]
+                                                         else min_sqnr, None if floor else latency_target)) if value is not None]
     if len(given) > 1:
         raise InvalidOptionError(f"{' and '.join(given)} each choose the ranks: give one")
-    if sensitivity and (fixed is not None or energy is not None or (rank is None and not given)):
+    if sensitivity is not None and (fixed is not None or energy is not None or (rank is None and not given and latency_target is None)):
         raise InvalidOptionError("--sensitivity weighs the layers of a budget: use it with --flops-target, --min-agreement / "
                                  "--min-sqnr or --latency-target")
-    if latency_target is not None:
-        budget: Any = LatencyTarget(latency_target, provider=latency_provider or "cpu", sensitivity=sensitivity)
-    elif min_agreement is not None or min_sqnr is not None:
-        budget = AgreementTarget(min_agreement, min_sqnr, sensitivity)
+    if (agreement is not None or minimize != "latency") and not floor:
+        raise InvalidOptionError("--agreement and --minimize say what an agreement floor keeps and saves: use them with "
+                                 "--min-agreement / --min-sqnr")
+    if floor:
+        measure = _agreement_measure(agreement) if agreement else None
+        budget: Any = AgreementTarget(min_agreement, min_sqnr, sensitivity, minimize=minimize, latency=latency_target,
+                                      agreement=measure)
+    elif latency_target is not None:
+        budget = LatencyTarget(latency_target, provider=latency_provider or "cpu", sensitivity=sensitivity)
     elif flops_target is not None or rank == "auto":
         budget = FlopsTarget(flops_target if flops_target is not None else 0.25, sensitivity)
     elif energy is not None:
         budget = Energy(energy)
     else:
         budget = _fixed_rank(fixed)
-    return dict(rank=budget, latency_provider=latency_provider)
+    return dict(rank=budget, latency_provider=latency_provider, allow_slower=allow_slower)
+
+
+def _agreement_measure(spec: str):
+    from ..io import resolve_arch
+
+    return resolve_arch(spec, "--agreement")
 
 
 def _fixed_rank(text: str | None) -> int | str:
@@ -93,17 +108,25 @@ ranks = group("ranks", [
                                    help="With --calibration: the fewest FLOPs whose top-1 agreement with the original on a held-out "
                                         "quarter of the calibration data is at least SHARE (e.g. 0.99; classifiers).")),
     ("min_sqnr", click.option("--min-sqnr", type=float, metavar="DB",
-                              help="With --calibration: the fewest FLOPs whose output SQNR against the original on a held-out "
+                              help="With --calibration: the fastest model whose output SQNR against the original on a held-out "
                                    "quarter of the calibration data is at least DB (any output).")),
+    ("agreement", click.option("--agreement", metavar="MODULE:FN",
+                               help="What --min-agreement measures for your task: fn(reference_outputs, outputs) -> share of "
+                                    "samples kept (strings read alike, decisions kept) [top-1 agreement].")),
+    ("minimize", click.option("--minimize", type=click.Choice(["latency", "flops"]), default="latency", show_default=True,
+                              help="What --min-agreement / --min-sqnr save: measured latency on --latency, or FLOPs.")),
     ("latency_target", click.option("--latency-target", type=float, metavar="F",
                                     help="The separated model's latency on onnxruntime (--latency, cpu by default) as a fraction "
-                                         "of the original's, measured end to end (e.g. 0.5).")),
-    ("sensitivity", click.option("--sensitivity", is_flag=True,
-                                 help="With a budget and --calibration: spend it by each layer's measured effect on the model's "
-                                      "output, not its own error (a few model runs per layer).")),
+                                         "of the original's, measured end to end (e.g. 0.5); with --min-agreement, a cap on it.")),
+    ("sensitivity", click.option("--sensitivity/--no-sensitivity", default=None,
+                                 help="A budget's layers weighed by their measured effect on the model's output (the default "
+                                      "with --calibration), or by their own output's error.")),
     ("latency_provider", click.option("--latency", "latency_provider", metavar="PROVIDER",
-                                      help="The onnxruntime provider time is measured on (cpu, cuda): layers whose separated form "
-                                           "is not faster there stay dense, and --latency-target is timed there.")),
+                                      help="The onnxruntime provider time is measured on [cpu]: a budget's layers whose separated "
+                                           "form is not faster there stay dense (an explicit --rank only when this is given), "
+                                           "and --latency-target is timed there.")),
+    ("allow_slower", click.option("--allow-slower", is_flag=True,
+                                  help="Keep a budget's layers whose separated form is not faster than the dense conv.")),
 ], ranks_from)
 
 

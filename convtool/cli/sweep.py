@@ -33,8 +33,12 @@ FILES = ("sweep.json", "sweep.md", "sweep.png")
 @click.option("--metric-data", type=click.Path(dir_okay=False), metavar="FILE",
               help="What --metric receives: the tensors of a .pt/.npy/.npz file, dtypes kept (e.g. images and labels) "
                    "[the held-out calibration inputs].")
-@click.option("--sensitivity", is_flag=True,
-              help="With --calibration: spend each budget by each layer's measured effect on the model's output.")
+@click.option("--sensitivity/--no-sensitivity", default=None,
+              help="Each budget's layers weighed by their measured effect on the model's output (the default with "
+                   "--calibration), or by their own output's error.")
+@click.option("--allow-slower", is_flag=True,
+              help="Keep layers whose separated form is not faster than the dense conv on --provider (by default they stay "
+                   "dense: each point spends its FLOPs only where they buy time).")
 @groups.scope
 @click.option("--refit", type=click.Choice(["last", "both"]), default="last", show_default=True,
               help="With --calibration: refit each pair's last conv, or both convs.")
@@ -47,7 +51,7 @@ FILES = ("sweep.json", "sweep.md", "sweep.png")
               help="The ONNX exporter (auto: torch.export, then TorchScript if it refuses).")
 @click.option("--force", is_flag=True, help="Overwrite existing sweep files in the folder.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
-def sweep(model, output_dir, targets, calibration, image_size, mean, std, metric, metric_data, sensitivity, scope, refit, input_shapes, arch, allow_pickle, device, provider, runs, threads, exporter, force, quiet):
+def sweep(model, output_dir, targets, calibration, image_size, mean, std, metric, metric_data, sensitivity, allow_slower, scope, refit, input_shapes, arch, allow_pickle, device, provider, runs, threads, exporter, force, quiet):
     """Separate MODEL at several FLOP budgets and measure each: speed on onnxruntime, fidelity, your metric.
 
     For each target the model is separated (the layers costed once for all targets), exported to
@@ -101,7 +105,7 @@ def sweep(model, output_dir, targets, calibration, image_size, mean, std, metric
         inputs = make_inputs(original, input_shapes, device, ui, data, calibration)
     scored = load_tensors(metric_data) if metric_data else None
     result = _run(ui, lambda on_step: convtool.sweep(
-        original, inputs, targets=fractions, calibration=data, metric=fn, metric_data=scored, sensitivity=sensitivity, **scope,
+        original, inputs, targets=fractions, calibration=data, metric=fn, metric_data=scored, sensitivity=sensitivity, allow_slower=allow_slower, **scope,
         refit=refit, provider=provider, runs=runs, threads=threads, exporter=exporter,
         on_step=on_step))
     title = Path(model).name

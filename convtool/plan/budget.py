@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
+
+import torch
 
 from ..core.records import Benchmark, Search
 from .costing import Costing, DenseView, Request, cost
@@ -34,21 +36,27 @@ class Plan:
 
 @dataclass(frozen=True)
 class Timing:
-    """How each trial's model is timed end to end against the original: on ``provider``, ``runs`` interleaved runs each."""
+    """How each trial's model is timed end to end against the original: on ``provider`` (None: where the
+    separation measures time, onnxruntime CPU unless the caller named another), ``runs`` interleaved runs each."""
 
-    provider: str = "cpu"
+    provider: str | None = None
     runs: int = 30
     threads: int | None = None
+
+# What agreement means for a task: the original's outputs and a separated model's (each a list of the
+# float outputs, joined over the held-out samples) -> the share of samples whose answer is kept.
+Agreement = Callable[[list[torch.Tensor], list[torch.Tensor]], float]
 
 
 @dataclass(frozen=True)
 class Needs:
     """What each trial of a search measures: agreement on ``held_out`` of the calibration data (``top1``: a top class
-    to agree on is required), and latency (``timing``)."""
+    to agree on is required; ``agreement``: the task's own measure instead of top-1), and latency (``timing``)."""
 
     held_out: float | None = None
     timing: Timing | None = None
     top1: bool = False
+    agreement: Agreement | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,11 @@ class Budget:
 
     def check(self, *, inputs: bool, data: bool) -> None:
         """Refuse, before any work, what this budget cannot do without example inputs or calibration data."""
+
+    def never_slower(self) -> bool:
+        """Whether layers are timed by default, a pair not faster than its dense conv staying dense: a budget asks
+        for a faster model. A fixed rank asks for that rank, and is timed only where a provider is named."""
+        return True
 
     def search(self, trials: Trials) -> tuple[Any, Search | None]:
         """The separation this budget asks for, and how it was found (None: a plain budget, one trial)."""

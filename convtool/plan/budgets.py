@@ -52,6 +52,9 @@ class FixedRank(Budget):
         wanted = {name: next((k for k in [*layer.keys, *layer.slower] if k != DENSE), None) for name, layer in costing.layers.items()}
         return _per_layer_plan(costing, wanted, {})
 
+    def never_slower(self) -> bool:
+        return False  # the rank asked, everywhere: timed only where the caller names a provider
+
 
 @dataclass(frozen=True)
 class Energy(Budget):
@@ -110,21 +113,23 @@ def spend(costing: Costing, unit: str, fraction: float, words: str) -> Plan:
 class FlopsTarget(Budget):
     """Choose ranks so the whole model's FLOPs fall to ``fraction`` of before, with the least error.
 
-    Layers may stay dense where the budget is better spent elsewhere. Needs example inputs:
-    a conv's FLOPs depend on the resolution it runs at.
+    Layers may stay dense where the budget is better spent elsewhere, and, unless the caller
+    allows slower layers, wherever their separated form is not measurably faster than the dense
+    conv on the latency provider (onnxruntime CPU by default): "at most this many FLOPs, spent only
+    where it buys time". Needs example inputs: a conv's FLOPs depend on the resolution it runs at.
 
-    With calibration data, each option's error is its layer's output error on the first batch;
-    with ``sensitivity``, it is instead the error that layer's change causes at the *model's*
-    output (measured by running the model with that layer alone replaced, at a few ranks; mean
-    KL divergence for a 2-d float output, taken to be logits), so the budget goes where errors
-    matter to the result.
+    Without data, each option's error is its weight's; with calibration data, the error that
+    layer's change causes at the *model's* output (``sensitivity`` None, the default: measured by
+    running the model with that layer alone replaced, at a few ranks; mean KL divergence for a
+    2-d float output, taken to be logits), so the budget goes where errors matter to the result;
+    ``sensitivity=False`` weighs each layer's own output error instead.
 
     Example:
         >>> convtool.separate(model, x, rank=convtool.FlopsTarget(0.25))
     """
 
     fraction: float
-    sensitivity: bool = False
+    sensitivity: bool | None = None
 
     def __post_init__(self) -> None:
         reason = fraction_reason(self.fraction, "a FLOP target is a fraction of the original FLOPs")
@@ -154,7 +159,7 @@ class TimeBudget(Budget):
     """
 
     fraction: float
-    sensitivity: bool = False
+    sensitivity: bool | None = None
 
     def request(self) -> Request:
         return Request(lambda site, orders: None, MS, None, True, self.sensitivity)

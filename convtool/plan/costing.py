@@ -16,6 +16,8 @@ from typing import Callable, Protocol
 
 import torch
 
+from ..errors import InvalidOptionError
+
 from .knapsack import DENSE, Choice, allocate
 from .measured import Sensitivity, model_errors, output_errors
 from .ranks import Key, SiteStats, orders_of, reachable, weight_options
@@ -137,14 +139,15 @@ class Request:
     ``unit`` is what the budget spends (None: a rule per layer, costed per output pixel where no
     stats are known); ``limit(total, fixed)`` the budget in that unit, to drop options past its
     reach (None: keep every option cheaper than dense); ``errors``: whether the plan weighs
-    errors (measured on data where given); ``sensitivity``: at the model's output.
+    errors (measured on data where given); ``sensitivity``: at the model's output (None: wherever
+    calibration data is given, the default; False: at each layer's own output).
     """
 
     candidates: Callable[[Site, tuple[str, ...]], list[Key] | str | None]
     unit: str | None = None
     limit: Callable[[float, float], float] | None = None
     errors: bool = False
-    sensitivity: bool = False
+    sensitivity: bool | None = None  # None: at the model's output where calibration data is given
 
 
 def cost(sites: list[Site], request: Request, order: str, view: DenseView) -> Costing:
@@ -176,7 +179,7 @@ def cost(sites: list[Site], request: Request, order: str, view: DenseView) -> Co
         costing.flops_fixed = costing.flops_total - mine
         _prune(costing, request)
     if timed:
-        _time(costing, by_name, view, stats)
+        _time(costing, by_name, view, stats, every=request.unit == MS)
     if request.errors:
         _measure_errors(costing, by_name, view, request.sensitivity)
     return costing
@@ -190,27 +193,62 @@ def _prune(costing: Costing, request: Request) -> None:
         layer.keep(list(reachable(layer.choice(FLOPS), budget - cheapest).options))
 
 
-def _time(costing: Costing, sites: dict[str, Site], view: DenseView, stats: dict[str, SiteStats]) -> None:
-    """Each open layer timed dense and at its ranks; options not clearly faster than dense are dropped."""
+def _time(costing: Costing, sites: dict[str, Site], view: DenseView, stats: dict[str, SiteStats], every: bool) -> None:
+    """Each open layer timed dense and at its ranks; options not clearly faster than dense are dropped.
+
+    ``every``: each kept option's milliseconds are needed (a budget spending them), so ranks are
+    timed from 1 up to the first not faster; otherwise only the boundary matters, and it is
+    bisected (higher ranks of one order cost more: a few timings per order, not one per rank).
+    """
     for name, layer in costing.layers.items():
         site_stats = stats.get(name)
         if len(layer.flops) == 1 or site_stats is None:
             continue
         calls = site_stats.calls
         layer.ms[DENSE] = dense = view.latency(sites[name], DENSE, site_stats) * calls
+
+        def faster(key: Key) -> bool:
+            layer.ms[key] = view.latency(sites[name], key, site_stats) * calls
+            return layer.ms[key] < LATENCY_MARGIN * dense
+
         kept = []
         for order in sorted({key[0] for key in layer.keys if key != DENSE}):
-            for key in sorted((k for k in layer.keys if k[0] == order), key=lambda k: k[1]):
-                ms = view.latency(sites[name], key, site_stats) * calls
-                if ms >= LATENCY_MARGIN * dense:
-                    layer.slower.append(key)
-                    break
-                layer.ms[key] = ms
-                kept.append(key)
+            ranks = sorted((k for k in layer.keys if k[0] == order), key=lambda k: k[1])
+            count = _faster_count(ranks, faster, every)
+            kept += ranks[:count]
+            if count < len(ranks):
+                layer.slower.append(ranks[count])
         layer.keep(kept)
+        layer.ms = {k: v for k, v in layer.ms.items() if k == DENSE or k in kept}
 
 
-def _measure_errors(costing: Costing, sites: dict[str, Site], view: DenseView, sensitivity: bool) -> None:
+def _faster_count(ranks: list[Key], faster: Callable[[Key], bool], every: bool) -> int:
+    """How many of ``ranks`` (ascending) are faster than dense: timed one by one, or bisected."""
+    if every:
+        return next((i for i, key in enumerate(ranks) if not faster(key)), len(ranks))
+    low, high = 0, len(ranks)  # ranks[:low] are faster; ranks[high:] are not
+    while low < high:
+        middle = (low + high) // 2
+        if faster(ranks[middle]):
+            low = middle + 1
+        else:
+            high = middle
+    return low
+
+
+def _model_error(view: DenseView, sensitivity: bool | None):
+    """The model's output divergence to weigh layers by: required (True), where the model allows it (None), or not (False)."""
+    if sensitivity is False:
+        return None
+    try:
+        return view.model_error()
+    except InvalidOptionError:  # no float output to compare: each layer's own output, then
+        if sensitivity:
+            raise
+        return None
+
+
+def _measure_errors(costing: Costing, sites: dict[str, Site], view: DenseView, sensitivity: bool | None) -> None:
     """Options' errors measured where data can change a decision: at the layer's output, or the model's."""
     open_layers = [name for name, c in costing.layers.items() if len(c.flops) > 1]
     # A conv with a padding mode other than zeros receives its input already padded.
@@ -218,7 +256,7 @@ def _measure_errors(costing: Costing, sites: dict[str, Site], view: DenseView, s
     measured = view.activations(measurable) if measurable else {}
     if measured:
         costing.errors = "layer output"
-    model_error = view.model_error() if sensitivity and open_layers else None
+    model_error = _model_error(view, sensitivity) if open_layers else None
     if model_error is not None:
         costing.errors = "model output"
     for name in open_layers:

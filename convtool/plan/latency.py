@@ -45,7 +45,7 @@ class LatencyTarget(Budget):
 
     fraction: float
     provider: str = "cpu"
-    sensitivity: bool = False
+    sensitivity: bool | None = None
     runs: int = 30
     threads: int | None = None
     rounds: int = 5

@@ -100,7 +100,8 @@ def search_dict(search: Search) -> dict[str, Any]:
     target = search.target
     fields = dataclasses.asdict(target) if dataclasses.is_dataclass(target) else {}
     return {
-        "target": {"type": type(target).__name__, **{k: _json_value(v) for k, v in fields.items()}},
+        "target": {"type": type(target).__name__,
+                   **{k: _json_value(getattr(v, "__name__", repr(v)) if callable(v) else v) for k, v in fields.items()}},
         "goal": search.goal, "met": search.met, "reason": search.reason, "flops_fraction": search.flops_fraction,
         "latency": None if search.latency is None else {**{k: _json_value(v) for k, v in dataclasses.asdict(search.latency).items()},
                                                         "ratio": search.latency.ratio},

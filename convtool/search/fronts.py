@@ -26,8 +26,10 @@ from ..pytorch.separate import Separation, check_options, check_recovery, separa
 from ..recovery.batches import calibration_batches
 
 
-def _provider(current: str | None, asked: str) -> str:
-    """onnxruntime's name of ``asked``, refusing it where another provider was named for the same timing."""
+def _provider(current: str | None, asked: str | None) -> str:
+    """onnxruntime's name of ``asked`` (None: ``current``, else the CPU), refusing it where another provider was named."""
+    if asked is None:
+        return current or require_provider("cpu")
     name = require_provider(asked)
     if current is not None and current != name:
         raise InvalidOptionError(f"the latency provider {current} differs from the latency target's provider {name}: drop one")
@@ -53,7 +55,7 @@ class PyTorchFront:
     def __exit__(self, *exc: object) -> None:
         return None
 
-    def time_on(self, provider: str) -> None:
+    def time_on(self, provider: str | None) -> None:
         self.provider = _provider(self.provider, provider)
 
     def calibration(self) -> Any:
@@ -92,7 +94,7 @@ class PyTorchFront:
     @contextlib.contextmanager
     def timer(self, timing: Timing) -> Iterator[Callable[[Separation], Benchmark]]:
         # TorchScript, as the layers are timed: torch.export would take seconds per trial for the same operators.
-        with AgainstOriginal(self.model, self.example_inputs, provider=timing.provider, threads=timing.threads,
+        with AgainstOriginal(self.model, self.example_inputs, provider=timing.provider or self.provider or "cpu", threads=timing.threads,
                              exporter="torchscript") as against:
             yield lambda result: against.benchmark(result.model, runs=timing.runs)
 
@@ -127,7 +129,7 @@ class OnnxFront:
     def __exit__(self, *exc: object) -> None:
         self._folder.cleanup()
 
-    def time_on(self, provider: str) -> None:
+    def time_on(self, provider: str | None) -> None:
         self.provider = _provider(self.provider, provider)
 
     def calibration(self) -> Any:
@@ -170,8 +172,9 @@ class OnnxFront:
 
     @contextlib.contextmanager
     def timer(self, timing: Timing) -> Iterator[Callable[[Any], Benchmark]]:
+        provider = timing.provider or self.provider or "cpu"
         yield lambda result: onnx_separate.time_onnx(self.original.file, self._file(result), self.original.feeds, timing.runs,
-                                                     timing.provider, timing.threads)
+                                                     provider, timing.threads)
 
     def finish(self, result: Any, search: Any) -> Any:
         return dataclasses.replace(result, search=search)

@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
+from ..errors import InvalidOptionError
 from ..plan.budget import Budget, Needs
 from ..plan.budgets import as_budget
 from ..onnx.separate import OnnxSeparation
@@ -31,6 +32,7 @@ def separate(
     recalibrate_bn: bool = False,
     latency_provider: str | None = None,
     refit: str = "last",
+    allow_slower: bool = False,
 ) -> Separation:
     """Replace the standard convs of ``model`` by depthwise-separable pairs, and prove it.
 
@@ -49,23 +51,26 @@ def separate(
             runs on them (without them, on the first calibration sample, or on a
             (1, C, 224, 224) input when the model takes one); FLOP targets and latency are
             costed on them.
-        rank: separable filters per channel: a positive int, ``"full"`` (exact),
+        rank: separable filters per channel: a positive int, ``"full"`` (exact), or a budget:
             :class:`~convtool.FlopsTarget` (the model's FLOPs after, as a fraction of before;
             layers may stay dense where that is cheaper), :class:`~convtool.Energy` (per
             layer, the smallest rank keeping that share of the squared singular values),
-            :class:`~convtool.AgreementTarget` (the fewest FLOPs whose model keeps a top-1
-            agreement or SQNR floor on held-out calibration data; needs calibration) or
+            :class:`~convtool.AgreementTarget` (the fastest model keeping a top-1 agreement,
+            task agreement or SQNR floor on held-out calibration data; needs calibration) or
             :class:`~convtool.LatencyTarget` (the latency on an onnxruntime provider, as a
-            fraction of the original's, measured end to end; ``result.latency_search``). An
-            explicit rank separates every eligible conv, even where it costs more than the dense conv.
+            fraction of the original's, measured end to end); ``result.search`` says how a
+            target was met. An explicit rank separates every eligible conv, even where it costs
+            more than the dense conv; a budget asks for a faster model, so a layer whose
+            separated form is not measurably faster than its dense conv stays dense (``allow_slower``).
         order: ``"dw-pw"`` (depthwise then pointwise), ``"pw-dw"`` (pointwise then
             depthwise), or ``"auto"`` (per layer, the lower error at the rank or budget).
         include: glob patterns on qualified names (``"layer1.*"``); when given, only matching
             convs are separated.
         exclude: glob patterns of convs to leave dense; they win over ``include``.
         calibration: unlabeled model inputs (a tensor, a tuple of tensors for several inputs,
-            or an iterable of batches). A FLOP target then weighs output error instead of
-            weight error, and every separated layer's last conv is refit by least squares to
+            or an iterable of batches). A budget then weighs each layer by the error its change
+            causes at the model's output instead of its weight error (``sensitivity`` of the
+            budget), and every separated layer's last conv is refit by least squares to
             reproduce the original layer's outputs on all its calls (with a bias, given to a
             conv that had none: bias correction). ``"synthetic"``: no data
             at hand, so :func:`~convtool.synthesize` makes 256 inputs from the model itself
@@ -79,13 +84,16 @@ def separate(
             ``"both"`` then also refits both convs of each pair (depthwise- or pointwise-first,
             ungrouped, called once) by alternating least squares, layer by layer (better fits, two passes up to each layer per batch;
             benchmarks/RESULTS.md, "Refitting both halves").
-        latency_provider: an onnxruntime provider (``"cpu"``, ``"cuda"``) on which each
-            layer's separated forms are timed at the layer's input shape (needs example
-            inputs); a layer whose separated form is not faster than its dense conv there stays
-            dense, whatever the rank option.
+        latency_provider: the onnxruntime provider (``"cpu"``, ``"cuda"``) time is measured on:
+            each layer's forms timed alone at its input shape, in the form they ship, and a
+            latency target or agreement search timed end to end. A budget times on
+            onnxruntime CPU when none is named; an explicit rank is timed (and a layer whose
+            pair is not faster than its dense conv kept dense) only where one is named.
+        allow_slower: keep a budget's layers whose separated form is not measurably faster
+            than their dense conv (they are then costed in FLOPs alone, as before 0.3).
 
     Returns:
-        A :class:`Separation`: the new model, a record per separated layer, the reason for
+        A :class:`~convtool.pytorch.separate.Separation`: the new model, a record per separated layer, the reason for
         every conv left dense, and whether the claims were proven.
 
     Raises:
@@ -104,7 +112,7 @@ def separate(
     budget = as_budget(rank)
     front = PyTorchFront(model, example_inputs, calibration, order=order, include=include, exclude=exclude,
                          recalibrate_bn=recalibrate_bn, latency_provider=latency_provider, refit=refit)
-    return searched(budget, front)
+    return searched(budget, front, allow_slower)
 
 
 def separate_onnx(
@@ -120,6 +128,7 @@ def separate_onnx(
     layout: str = "branches",
     fold_bn: bool = True,
     latency_provider: str | None = None,
+    allow_slower: bool = False,
 ) -> OnnxSeparation:
     """Replace every standard ``Conv`` node of an ONNX model by a depthwise-separable pair, and check it.
 
@@ -151,9 +160,8 @@ def separate_onnx(
             pair's last conv (the runtime form; onnxruntime does it on loading too).
         providers: onnxruntime providers to run both models on (``"cpu"``, ``"cuda"``); one
             this build lacks, or that falls back to the CPU, is reported as not run.
-        latency_provider: an onnxruntime provider on which each layer's nodes are timed alone,
-            as this front end writes them, at the layer's input shape; a layer whose pair is not
-            faster than its dense node there stays dense, whatever the rank option.
+        latency_provider, allow_slower: as for :func:`~convtool.separate`; here each layer's
+            nodes are timed alone as this front end writes them.
 
     Raises:
         OnnxFileError: the file is not a valid ONNX model.
@@ -166,14 +174,23 @@ def separate_onnx(
     budget = as_budget(rank)
     front = OnnxFront(model, example_inputs, calibration, order=order, include=include, exclude=exclude, providers=providers,
                       layout=layout, fold_bn=fold_bn, latency_provider=latency_provider)
-    return searched(budget, front)
+    return searched(budget, front, allow_slower)
 
 
-def searched(budget: Budget, front: FrontEnd) -> Any:
-    """``budget`` on ``front``: its options checked before any work, then its search over the front end's trials."""
+def searched(budget: Budget, front: FrontEnd, allow_slower: bool = False) -> Any:
+    """``budget`` on ``front``: its options checked before any work, then its search over the front end's trials.
+
+    Layers are timed where the budget spends or measures time, and, unless ``allow_slower``,
+    wherever it asks for a faster model (never slower: a pair not measurably faster than its
+    dense conv stays dense), on the provider the caller named or onnxruntime CPU.
+    """
     needs = budget.needs()
+    if allow_slower and front.provider is not None and needs.timing is None:
+        raise InvalidOptionError("allow_slower keeps the layers a latency provider is named to time: drop one")
     if needs.timing is not None:
         front.time_on(needs.timing.provider)
+    elif budget.never_slower() and not allow_slower and front.has_inputs:
+        front.time_on(None)
     budget.check(inputs=front.has_inputs, data=front.has_data)
     with front, Trials(front, needs, shared=needs != Needs()) as trials:
         result, search = budget.search(trials)

@@ -119,7 +119,7 @@ def sweep(
     calibration: Any = None,
     metric: Metric | None = None,
     metric_data: Any = None,
-    sensitivity: bool = False,
+    sensitivity: bool | None = None,
     order: str = "dw-pw",
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
@@ -130,6 +130,7 @@ def sweep(
     threads: int | None = None,
     exporter: str = "auto",
     on_step: Callable[[int, int, str], None] | None = None,
+    allow_slower: bool = False,
 ) -> Sweep:
     """Separate ``model`` at each FLOP budget, export each, time it against the original, and judge it.
 
@@ -145,7 +146,11 @@ def sweep(
             on the original and on each separated model in eval mode, without gradients.
         metric_data: what ``metric`` receives; the held-out calibration inputs (a tensor, or a
             tuple for several inputs) when not given.
-        sensitivity, order, include, exclude, refit: as for :func:`~convtool.separate`.
+        sensitivity, order, include, exclude, refit: as for :func:`~convtool.separate` and its
+            :class:`~convtool.FlopsTarget` (``sensitivity`` None: at the model's output with calibration).
+        allow_slower: keep layers whose separated form is not faster than their dense conv on
+            ``provider`` (by default they stay dense: each point is at most its FLOPs, spent
+            only where they buy time).
         provider: the onnxruntime provider every file is timed on.
         runs, warmup: timed runs of each file, all files in turn, after ``warmup`` runs each.
         threads: onnxruntime intra-op threads; its default when None.
@@ -177,6 +182,8 @@ def sweep(
     front = PyTorchFront(model, example_inputs, calibration, order=order, include=include, exclude=exclude,
                          recalibrate_bn=False, latency_provider=None, refit=refit)
     FlopsTarget(fractions[0], sensitivity).check(inputs=front.has_inputs, data=front.has_data)
+    if not allow_slower:
+        front.time_on(provider)  # never slower: the layers timed where the files will be
     calibration = front.calibration()
     inputs = as_inputs(example_inputs)
     fit = None

@@ -16,7 +16,7 @@ import torch
 from ..core.records import Benchmark
 from ..errors import InvalidOptionError
 from ..measure.fidelity import output_fidelity
-from ..plan.budget import Attempt, Budget, Needs, Timing
+from ..plan.budget import Agreement, Attempt, Budget, Needs, Timing
 from ..plan.costing import Costing
 
 
@@ -26,8 +26,8 @@ class FrontEnd(Protocol):
     has_inputs: bool  # example inputs (or calibration data) to cost and time on
     has_data: bool  # calibration data
 
-    def time_on(self, provider: str) -> None:
-        """Time layers on ``provider`` (what a search that times end to end asks); refuses another one given."""
+    def time_on(self, provider: str | None) -> None:
+        """Time layers on ``provider`` (None: the one the caller named, else onnxruntime CPU); refuses another one given."""
 
     def calibration(self) -> Any:
         """The calibration data (synthesised first, where asked), or None."""
@@ -87,11 +87,12 @@ def split_held_out(front: FrontEnd, calibration: Any, share: float) -> tuple[Any
 class HeldOut:
     """The original's outputs on held-out batches, and the measure of a separated model against them.
 
-    ``classifier``: refuse, before any trial, a model whose outputs have no top class to agree on.
+    ``classifier``: refuse, before any trial, a model whose outputs have no top class to agree on;
+    ``agreement``: the task's own measure of agreement, in place of top-1.
     """
 
-    def __init__(self, front: FrontEnd, batches: list[Any], classifier: bool = False) -> None:
-        self.front, self.batches = front, batches
+    def __init__(self, front: FrontEnd, batches: list[Any], classifier: bool = False, agreement: Agreement | None = None) -> None:
+        self.front, self.batches, self.agreement = front, batches, agreement
         self.samples = sum(front.rows(b) for b in batches)
         self.reference = front.outputs(None, batches)
         if classifier and output_fidelity(self.reference, self.reference).top1_agreement is None:
@@ -101,8 +102,17 @@ class HeldOut:
 
     def measure(self, result: Any) -> tuple[float | None, float | None]:
         """(top-1 agreement, SQNR in dB) of a separation's model against the original on the held-out samples."""
-        fidelity = output_fidelity(self.front.outputs(result, self.batches), self.reference)
-        return fidelity.top1_agreement, fidelity.sqnr_db
+        outputs = self.front.outputs(result, self.batches)
+        fidelity = output_fidelity(outputs, self.reference)
+        if self.agreement is None:
+            return fidelity.top1_agreement, fidelity.sqnr_db
+        kept = self.agreement(self.reference, outputs)
+        if isinstance(kept, torch.Tensor) and kept.numel() == 1:
+            kept = kept.item()
+        if isinstance(kept, bool) or not isinstance(kept, (int, float)) or not 0 <= kept <= 1:
+            raise InvalidOptionError(f"the agreement measure {getattr(self.agreement, '__name__', 'given')} returned {kept!r}; "
+                                     "it must return the share of samples kept, in [0, 1]")
+        return float(kept), fidelity.sqnr_db
 
 
 class Trials:
@@ -120,7 +130,7 @@ class Trials:
         self.fit = calibration
         if needs.held_out is not None:
             self.fit, held = split_held_out(front, calibration, needs.held_out)
-            self.held = HeldOut(front, held, needs.top1)
+            self.held = HeldOut(front, held, needs.top1, needs.agreement)
         self.samples = self.held.samples if self.held is not None else 0
         self._stack = contextlib.ExitStack()
         self._time: Callable[[Any], Benchmark] | None = None

@@ -35,15 +35,17 @@ def top1(session_path: Path, x: torch.Tensor) -> np.ndarray:
 def test_an_agreement_floor_holds_on_the_test_split_at_fewer_flops_than_half(digits, tmp_path):
     model, images, test_x, _ = digits
     path = exported(model, images[:1], tmp_path)
-    result = convtool.separate_onnx(path, (images[:1].numpy(),), rank=AgreementTarget(0.99), order="auto", calibration=images)
+    result = convtool.separate_onnx(path, (images[:1].numpy(),), rank=AgreementTarget(0.99, minimize="flops"), order="auto",
+                                    calibration=images)
     search = result.search
     assert result.verified and search.met and search.top1_agreement >= 0.99 and search.samples == 320
     separated = tmp_path / "s.onnx"
     convtool.onnx.separate.save_onnx(result, separated)
     with torch.no_grad():
         original = model(test_x).argmax(1).numpy()
-    # On the test split, within the sampling error of the 320 held-out samples (two standard errors at 0.99: 1.1 points).
-    assert float((top1(separated, test_x) == original).mean()) >= 0.99 - 0.011
+    # On the test split, within the sampling error of the 320 held-out and 450 test samples (two standard errors of
+    # their difference at 0.99: 1.5 points).
+    assert float((top1(separated, test_x) == original).mean()) >= 0.99 - 0.015
     half = convtool.separate_onnx(path, (images[:1].numpy(),), rank=FlopsTarget(0.5), order="auto", calibration=images)
     assert result.flops_after < half.flops_after
     assert search.flops_fraction == pytest.approx(result.flops_after / result.flops_before)

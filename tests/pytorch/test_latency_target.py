@@ -198,6 +198,7 @@ def test_a_provider_that_cannot_run_is_refused_before_any_work(fake):
     assert result.search.latency.provider == "CPUExecutionProvider"
 
 
+@pytest.mark.real_timing
 def test_on_onnxruntime_the_ratio_returned_is_the_one_its_benchmark_measured(monkeypatch):
     """The real thing: each round's benchmark is recorded, and the search returns those numbers.
 

@@ -122,6 +122,7 @@ def test_fvcore_counts_every_conv_type_as_the_hand_formula():
         assert convtool.analyze(conv, x).flops == hand, conv
 
 
+@pytest.mark.real_timing
 def test_the_latency_filter_times_1d_and_transposed_pairs_on_onnxruntime():
     """Real timings (no assertion on which layers win): every layer is separated or kept dense with the provider named."""
     torch.manual_seed(0)

@@ -1,0 +1,103 @@
+"""What a budget does by default (issue 34): never slower than the dense conv, planned by the model's output.
+
+Layers are timed by the suite's stand-in (tests/conftest.py) unless a test sets its own timings;
+the front end's plumbing is what is under test here, on both front ends.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import convtool
+from convtool import AgreementTarget, Energy, FlopsTarget, InvalidOptionError
+from convtool.onnx import dense as onnx_dense
+from convtool.plan import budget as budget_module
+from convtool.pytorch import dense as pytorch_dense
+
+
+def net() -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, padding=1)).eval()
+    return model, torch.randn(1, 16, 12, 12)
+
+
+def pairs_slower_on_the_first_layer(module, shape, provider, runs=15) -> float:
+    """Timings where every pair of the first conv (16 input channels) is slower than its dense conv, every other faster."""
+    if isinstance(module, nn.Conv2d):
+        return 1.0
+    return 2.0 if shape[1] == 16 else 0.1
+
+
+def test_a_layer_whose_pairs_are_slower_stays_dense_by_default_and_says_so(monkeypatch):
+    monkeypatch.setattr(pytorch_dense, "module_latency", pairs_slower_on_the_first_layer)
+    model, x = net()
+    result = convtool.separate(model, x, rank=FlopsTarget(0.3))
+    kept = dict(result.skipped)
+    assert {layer.name for layer in result.layers} == {"2", "4"}
+    assert kept["0"] == "kept dense: no separated form is faster than the dense conv on CPUExecutionProvider"
+    # The opt-out: the same budget spent in FLOPs alone, the slow layer separated like any other.
+    slower = convtool.separate(model, x, rank=FlopsTarget(0.3), allow_slower=True)
+    assert {layer.name for layer in slower.layers} == {"0", "2", "4"}
+
+
+def test_energy_is_never_slower_too_but_a_fixed_rank_is_what_it_asks(monkeypatch):
+    monkeypatch.setattr(pytorch_dense, "module_latency", pairs_slower_on_the_first_layer)
+    model, x = net()
+    assert "0" not in {layer.name for layer in convtool.separate(model, x, rank=Energy(0.5)).layers}
+    assert {layer.name for layer in convtool.separate(model, x, rank=1).layers} == {"0", "2", "4"}
+    # A fixed rank is timed only where a provider is named, and then filtered as before.
+    assert "0" not in {layer.name for layer in convtool.separate(model, x, rank=1, latency_provider="cpu").layers}
+    with pytest.raises(InvalidOptionError, match="allow_slower keeps the layers a latency provider is named to time"):
+        convtool.separate(model, x, rank=1, latency_provider="cpu", allow_slower=True)
+
+
+def test_the_onnx_front_end_is_never_slower_by_default(tmp_path, monkeypatch):
+    model, x = net()
+    path = tmp_path / "m.onnx"
+    convtool.export_onnx(model, x, path)
+
+    def graph_ms(path_, feeds, provider, key, runs=15):
+        in_channels = feeds["x"].shape[1]
+        return 1.0 if key[4] == ("dense", 0) else (2.0 if in_channels == 16 else 0.1)  # the first conv's pairs are slow
+
+    monkeypatch.setattr(onnx_dense, "graph_latency", graph_ms)
+    result = convtool.separate_onnx(path, (x.numpy(),), rank=FlopsTarget(0.3))
+    reasons = [reason for _, reason in result.skipped]
+    assert len(result.layers) == 2 and "kept dense: no separated form is faster than the dense conv on CPUExecutionProvider" in reasons
+    assert len(convtool.separate_onnx(path, (x.numpy(),), rank=FlopsTarget(0.3), allow_slower=True).layers) == 3
+
+
+@pytest.mark.parametrize("front", ["pytorch", "onnx"])
+def test_with_calibration_a_budget_plans_by_the_models_output_by_default(front, tmp_path):
+    model, x = net()
+    data = torch.randn(32, 16, 12, 12)
+    errors = []
+    real = budget_module.cost
+
+    def spy(*args, **kwargs):
+        costing = real(*args, **kwargs)
+        errors.append(costing.errors)
+        return costing
+
+    budget_module.cost = spy
+    try:
+        if front == "pytorch":
+            run = lambda **kw: convtool.separate(model, x, calibration=data, **kw)  # noqa: E731
+        else:
+            path = tmp_path / "m.onnx"
+            convtool.export_onnx(model, x, path)
+            run = lambda **kw: convtool.separate_onnx(path, (x.numpy(),), calibration=data, **kw)  # noqa: E731
+        run(rank=FlopsTarget(0.5))
+        run(rank=FlopsTarget(0.5, sensitivity=False))
+        convtool.separate(model, x, rank=FlopsTarget(0.5))  # no data: weights
+    finally:
+        budget_module.cost = real
+    assert errors == ["model output", "layer output", "weight"]
+
+
+def test_sensitivity_asked_without_data_is_refused_but_the_default_is_not():
+    model, x = net()
+    with pytest.raises(InvalidOptionError, match="pass calibration"):
+        convtool.separate(model, x, rank=FlopsTarget(0.5, sensitivity=True))
+    assert convtool.separate(model, x, rank=FlopsTarget(0.5)).layers
