@@ -18,8 +18,17 @@ of the lines, light on dark or dark on light at any two grey levels 0.35 apart o
 Gaussian noise up to 0.08. A line is normalised to zero mean and unit variance per image.
 A reading is the greedy CTC decode: each column's top class, repeats merged, blanks dropped.
 
-Train: .venv/bin/python benchmarks/ocr.py train [--width 0.5] [--steps 1200] [--out benchmarks/ocr_net.safetensors]
+Training reads fresh lines every step (CTC loss, Adam, one-cycle at 2e-3, batch 32). Calibration
+lines (``CALIBRATION_SEED``) may repeat training strings, as a user calibrates on training images;
+the held-out lines (``HELD_OUT_SEED``) are drawn by no training step.
+
+Train: .venv/bin/python benchmarks/ocr.py train [--width 0.5] [--steps 2400] [--out benchmarks/ocr_net.safetensors]
 Check: .venv/bin/python benchmarks/ocr.py check (exact strings of the stored weights on held-out lines)
+
+The stored weights (``ocr_net.safetensors``, float16, 3.9 MB) are ``train`` with its defaults:
+98.0% exact strings on 1,000 held-out lines (92.6% after 1,000 steps, 97.6% after 1,600). About
+0.3 s a step on two idle cores (some 13 minutes); this run took 78 minutes on a machine shared
+with other jobs (load 4-7).
 """
 
 from __future__ import annotations
@@ -129,7 +138,7 @@ def same(a: list[str], b: list[str]) -> float:
     return sum(x == y for x, y in zip(a, b)) / len(a)
 
 
-def train(width: float = 0.5, steps: int = 1200, batch: int = 32, seed: int = 0, lr: float = 2e-3, log=print) -> TextReader:
+def train(width: float = 0.5, steps: int = 2400, batch: int = 32, seed: int = 0, lr: float = 2e-3, log=print) -> TextReader:
     """A TextReader trained with CTC on fresh lines every step (Adam, one-cycle schedule); deterministic for a seed."""
     torch.manual_seed(seed)
     model = TextReader(width)
@@ -180,7 +189,7 @@ def main() -> None:
     parser.add_argument("action", choices=["train", "check"])
     parser.add_argument("--width", type=float, default=0.5)
     parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=2e-3)

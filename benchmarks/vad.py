@@ -7,8 +7,8 @@ chunk's speech probability and the new state: ``forward(chunk, state) -> (prob, 
 Inside: a learned filterbank (a Conv1d of one input channel, 64 filters of 128 taps, stride
 32: 16 frames a chunk), the log of its magnitude, four Conv1d of kernel 3 (64 -> 128 -> 128 ->
 128 -> 128, BatchNorm, ReLU, two of them of stride 2), the mean over the 4 frames left, one
-GRU step, a linear head and a sigmoid. Its convs are about 97% of the 1.4M multiply-adds of a
-chunk; the four kernel-3 convs, which convtool can separate, 87%.
+GRU step, a linear head and a sigmoid. Its convs are about 97% of the 1.56M multiply-adds of a
+chunk; the four kernel-3 convs, which convtool can separate, 88%.
 
 Audio, 16 kHz: speech-like utterances (0.4-3 s) of syllables at 3-6 a second, each a sawtooth
 voice source at a moving f0 (80-300 Hz, drifting and falling through the utterance) through
@@ -22,6 +22,13 @@ between syllables included, as human labels have them).
 
 Train: .venv/bin/python benchmarks/vad.py train [--steps 1000] [--out benchmarks/vad_net.safetensors]
 Check: .venv/bin/python benchmarks/vad.py check (frame accuracy of the stored weights on held-out streams, chunk by chunk)
+
+The stored weights (``vad_net.safetensors``, float16, 0.44 MB) are ``train --threads 1`` with the
+other defaults: 93.4% frame accuracy on 32 held-out 16 s streams (16,000 chunks), run chunk by
+chunk with the state carried; 707 s here, on a machine shared with other jobs. Of its 1,049
+errors, 594 false alarms and 455 misses, half lie within 100 ms of an utterance's edge. A
+first run with 4-7 babble voices and a tenth of the streams noise alone reached 87.6%, its
+errors false alarms on babble alone.
 """
 
 from __future__ import annotations
