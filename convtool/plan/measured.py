@@ -16,6 +16,7 @@ from torch import nn
 
 from ..core.decompose import separable_factors
 from ..core.modules import SeparableConv, conv_class
+from ..core.threads import one_thread_for
 from ..recovery.calibrate import Layer, give_biases, refit
 from .knapsack import DENSE, Choice, pareto
 from .site import Site
@@ -144,7 +145,9 @@ def _one_input_errors(weight: torch.Tensor, groups: int, x: torch.Tensor, top: i
     """
     n, _, *kernel = weight.shape
     m = x.shape[1]
-    _, s, vh = torch.linalg.svd(weight.detach().double().reshape(m, n // m, -1), full_matrices=False)
+    slices = weight.detach().double().reshape(m, n // m, -1)
+    with one_thread_for(slices):
+        _, s, vh = torch.linalg.svd(slices, full_matrices=False)
     ranks = s.shape[1]
     z = _CONV_FUNCTIONS[weight.dim() - 2](x.double(), vh.reshape(m * ranks, 1, *kernel), None, options["stride"],
                                          options["padding"], options["dilation"], m)
