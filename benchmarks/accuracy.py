@@ -285,7 +285,7 @@ def pitch_table(args) -> None:
     frames, _ = pitch.tones(2048, seed=777)
     print(f"{args.pitch.name}: raw pitch accuracy {pitch.agreement(original, pitch.to_cents(f0)):.2%} on the 1,000 test tones; "
           f"{convtool.analyze(model, test[:1]).flops / 1e6:.0f}M FLOPs\n")
-    plain = mock.patch.object(NormalEquations, "solve_judged", lambda self, prior, held: (self.plus(held).solve(), 1e-6))
+    plain = mock.patch.object(NormalEquations, "solve_judged", lambda self, prior, held, hint=None: (self.plus(held).solve(), 1e-6))
     every = {
         "svd": ("SVD only", dict(), None, ["convs.0.0"]),
         "plain64": ("0.2 calibration, 64 frames", dict(calibration=frames[:64]), plain, ["convs.0.0"]),

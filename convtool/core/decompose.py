@@ -34,6 +34,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .threads import one_thread_for
+
 Order = Literal["dw-pw", "pw-dw"]
 ORDERS: tuple[str, ...] = ("dw-pw", "pw-dw")
 
@@ -105,7 +107,9 @@ def max_rank(weight: Tensor, groups: int = 1, order: str = "dw-pw", transposed: 
 def singular_values(weight: Tensor, groups: int = 1, order: str = "dw-pw", transposed: bool = False) -> Tensor:
     """Singular values of every slice, shape (slices, max_rank), descending, float64."""
     _check(weight, groups, order)
-    return torch.linalg.svdvals(_slices(_conv_layout(weight, groups, transposed), groups, order))
+    slices = _slices(_conv_layout(weight, groups, transposed), groups, order)
+    with one_thread_for(slices):
+        return torch.linalg.svdvals(slices)
 
 
 def rank_errors(weight: Tensor, groups: int = 1, order: str = "dw-pw", transposed: bool = False) -> Tensor:
@@ -154,7 +158,9 @@ def separable_factors(
     n, m_g, *k = conv.shape
     ones = (1,) * len(k)
     r = min(rank, max_rank(conv, groups, order))
-    u, s, vh = torch.linalg.svd(_slices(conv, groups, order), full_matrices=False)
+    slices = _slices(conv, groups, order)
+    with one_thread_for(slices):
+        u, s, vh = torch.linalg.svd(slices, full_matrices=False)
     root = s[:, :r].sqrt()
     left = u[:, :, :r] * root[:, None, :]  # (slices, rows, r)
     right = vh[:, :r, :] * root[:, :, None]  # (slices, r, K)

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..core.decompose import separable_factors
 from ..core.modules import SeparableConv, conv_class
+from ..core.threads import one_thread_for
 from ..recovery.calibrate import Layer, give_biases, refit
 from .knapsack import DENSE, Choice, pareto
 from .site import Site
@@ -92,8 +93,10 @@ def rank_output_errors(
     outputs.
     """
     transposed = options.get("transposed", False)
-    f = separable_factors(weight, top, groups, order, transposed)
     dims = weight.dim() - 2
+    if order == "dw-pw" and not transposed and weight.shape[1] == 1:
+        return _one_input_errors(weight, groups, x, top, options)
+    f = separable_factors(weight, top, groups, order, transposed)
     conv = _CONV_FUNCTIONS[dims]
     in_channels = weight.shape[0] if transposed else weight.shape[1] * groups
     m_g = in_channels // groups
@@ -128,6 +131,29 @@ def rank_output_errors(
         flat = residual.reshape(-1)
         errors[i + 1] = float(flat @ flat)
     return errors
+
+
+def _one_input_errors(weight: torch.Tensor, groups: int, x: torch.Tensor, top: int, options: dict) -> dict[int, float]:
+    """:func:`rank_output_errors` of a depthwise-first pair where each group reads one input channel, in closed form.
+
+    A filterbank (one input channel, hundreds of filters) or a depthwise conv: every
+    component of input channel m is u (the pointwise weights of m's outputs, orthonormal over
+    components) times its depthwise filter v applied to x_m, so components are orthogonal and
+    the error of rank r is the sum over the dropped ones of s² ||v * x_m||². One conv of x with
+    every right singular vector replaces a conv and a float64 residual update per rank (a
+    1,024-filter, 512-tap bank costed to rank 341 took 50 s that way, loaded).
+    """
+    n, _, *kernel = weight.shape
+    m = x.shape[1]
+    slices = weight.detach().double().reshape(m, n // m, -1)
+    with one_thread_for(slices):
+        _, s, vh = torch.linalg.svd(slices, full_matrices=False)
+    ranks = s.shape[1]
+    z = _CONV_FUNCTIONS[weight.dim() - 2](x.double(), vh.reshape(m * ranks, 1, *kernel), None, options["stride"],
+                                         options["padding"], options["dilation"], m)
+    energy = z.transpose(0, 1).reshape(m, ranks, -1).pow(2).sum(2)  # ||v_(m,i) * x_m||²
+    dropped = (s.pow(2) * energy).sum(0).flip(0).cumsum(0).flip(0)  # [i]: the components from i on
+    return {r: float(dropped[r]) if r < ranks else 0.0 for r in range(1, top + 1)}
 
 
 def _output_padding(x: torch.Tensor, weight: torch.Tensor, output: torch.Tensor, options: dict) -> tuple[int, ...]:

@@ -74,6 +74,7 @@ def refit(
     device = model_device(separated)
     fits = {id(layer.pairs[0].last.weight): _Fit(layer) for layer in layers}  # the pairs share their last weight
     wanted = {id(fit.layer.reference_weight): fit for fit in fits.values()}
+    count = len(batches) if hasattr(batches, "__len__") else None  # streamed: the last batch is not known
     with eval_mode(separated), torch.no_grad():
         for i, batch in enumerate(batches):
             batch = on_device(batch, device)
@@ -83,7 +84,7 @@ def refit(
                 calls = record(reference, batch, keep=wanted, keep_inputs=False).by_weight()
                 targets = {key: [c.output for c in group] for key, group in calls.items()}
             for key, fit in wanted.items():
-                fit.begin(targets.get(key, []))
+                fit.begin(targets.get(key, []), last=i + 1 == count)
             with _Refitting(fits):
                 separated(*batch)
             for fit in fits.values():
@@ -123,18 +124,24 @@ class _Fit:
         self.biases = list({id(p.last.bias): p.last.bias for p in layer.pairs if p.last.bias is not None}.values())
         self.slot_of = {id(b): i for i, b in enumerate(self.biases)}
         self.initial = _as_solution(self.last, self.biases)  # the SVD initialisation
-        slots = len(self.biases)
-        self.done, self.done_held = NormalEquations(slots), NormalEquations(slots)
-        self.batch, self.batch_held = NormalEquations(slots), NormalEquations(slots)
+        self.precise = _exact(layer.pairs[0])  # float64 sums where the pair can reproduce the conv
+        self.done, self.done_held = self._equations(), self._equations()
+        self.batch, self.batch_held = self._equations(), self._equations()
         self.targets: list[Tensor] = []
         self.seen = 0
         self.batches = 0
         self.strength: float | None = None  # the shrinkage last chosen (None: the initialisation)
         self.judged = False  # whether an install has judged the shrinkage yet
+        self.last_batch = False  # whether the current batch is the last
+        self.added = 0  # calls added to the equations
+        self.settled: tuple[int, float | None] | None = None  # (calls added, error) of an install judged on all of them
 
-    def begin(self, targets: list[Tensor]) -> None:
-        self.targets, self.seen = targets, 0
-        self.batch, self.batch_held = NormalEquations(len(self.biases)), NormalEquations(len(self.biases))
+    def _equations(self) -> NormalEquations:
+        return NormalEquations(len(self.biases), precise=self.precise)
+
+    def begin(self, targets: list[Tensor], last: bool = False) -> None:
+        self.targets, self.seen, self.last_batch = targets, 0, last
+        self.batch, self.batch_held = self._equations(), self._equations()
         self.batches += 1
 
     def see(self, call: dict[str, Any]) -> None:
@@ -146,37 +153,49 @@ class _Fit:
             cols, target = columns(call), self.targets[self.seen]
             fit, held = (self.done, self.done_held) if once else (self.batch, self.batch_held)
             add_held_out(fit, held, cols, target, slot, self.batches)
+            self.added += 1
         self.seen += 1
         if self.seen == 1:  # the batch's equations join the finished ones in place for the install (no copies)
+            # A layer called once has, at the last batch's call, every equation it will have:
+            # judged there, its weights are final and the last batch already runs on them.
+            final = once and self.last_batch
             with self.done.including(self.batch), self.done_held.including(self.batch_held):
-                self._install(self.done, self.done_held, judge=not self.judged)
+                error = self._install(self.done, self.done_held, judge=final or not self.judged)
+            self.settled = (self.added, error) if final else None
 
     def end(self) -> None:
         if self.seen and self.seen == len(self.targets):
             self.done.absorb(self.batch)
             self.done_held.absorb(self.batch_held)
-        self.batch, self.batch_held = NormalEquations(len(self.biases)), NormalEquations(len(self.biases))  # let them go
+        self.batch, self.batch_held = self._equations(), self._equations()  # let them go
         if self.seen and self.seen != len(self.targets):  # unmatched: its calls ran on weights the finished batches do not give
             self._install(self.done, self.done_held, judge=not self.judged)
+            self.settled = None
         self.targets, self.seen = [], 0
 
     def finish(self, across_processes: bool = True) -> float | None:
         if across_processes:  # under a process group, every process's data
-            self.done, self.done_held = self.done.all_reduce(), self.done_held.all_reduce()
+            reduced = self.done.all_reduce(), self.done_held.all_reduce()
+            if reduced[0] is not self.done or reduced[1] is not self.done_held:
+                self.settled = None  # other processes' equations joined
+            self.done, self.done_held = reduced
         if self.done.xx is None and self.done_held.xx is None:
             log.info("%s did not run on the calibration data; it keeps its SVD initialisation", self.layer.name)
             return None
+        if self.settled is not None and self.settled[0] == self.added:  # judged on these very equations: installed
+            return self.settled[1]
         return self._install(self.done, self.done_held, judge=True)
 
     def _install(self, fit: NormalEquations, held: NormalEquations, judge: bool) -> float | None:
         """Install the least-squares weights shrunk as judged (or the plain ones, or the initialisation); the error left on all the data.
 
-        The shrinkage is judged at the first install and the last: judging solves up to
-        :data:`SHRINKAGE`'s length times, and the installs between only feed the layers after
-        this one, so they reuse the first judgement (made on less data, so if anything
-        shrinking more).
+        The shrinkage is judged at the first install and the last: judging solves a few
+        strengths (:meth:`NormalEquations.solve_judged`, from the one judged before), and the
+        installs between only feed the layers after this one, so they reuse the first
+        judgement (made on less data, so if anything shrinking more).
         """
-        chosen, self.strength = fitted(fit, held, self.initial, "judge" if judge else self.strength)
+        hint = self.strength if self.judged else None
+        chosen, self.strength = fitted(fit, held, self.initial, "judge" if judge else self.strength, hint)
         self.judged = self.judged or (judge and fit.xx is not None and held.xx is not None)
         last = self.last
         layout = conv_layout(last.weight.detach(), last.groups, last.transposed)
@@ -189,6 +208,18 @@ class _Fit:
             return None
         with fit.including(held) as every:  # of the weights as stored, cast included
             return every.relative_error(_as_solution(last, self.biases))
+
+
+EXACT = 1e-6  # a pair's relative weight error up to which its refit is summed in float64
+
+
+def _exact(pair: SeparableConv) -> bool:
+    """Whether the pair's SVD factors are the dense weight itself (its exact rank, or a weight of lower rank).
+
+    Its refit must then reproduce the conv to float precision, which only float64 sums of the
+    equations give (:class:`NormalEquations`' ``precise``).
+    """
+    return not pair.weight_error > EXACT  # NaN (a pair built empty, or loaded) counts as exact: the careful side
 
 
 def _as_solution(conv: nn.Module, biases: list[Tensor]) -> Tensor:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.decompose import as_conv_weight
+from ..core.threads import one_thread_for
 from ..errors import InvalidOptionError
 from ..measure.conv_calls import explicit_padding
 from .distributed import all_reduce_sum, world
@@ -93,51 +94,69 @@ class NormalEquations:
 
     They hold all the data says about a linear fit: the error of any weights can be read off
     them, so no activation needs keeping past its batch.
+
+    ``precise``: the products are taken in float64, as the exact full-rank refit needs (its
+    least squares reproduce the dense conv to float precision only from float64 sums). Else,
+    for float32 activations, in float32 GEMMs of at most :data:`BLOCK` positions, summed in
+    float64: about half the time of float64 GEMMs, and relative errors near 1e-7 of the sums,
+    far below what a lossy pair's fit, or the judging of its shrinkage, can tell apart.
     """
 
-    def __init__(self, bias_slots: int) -> None:
+    def __init__(self, bias_slots: int, precise: bool = True) -> None:
         self.slots = bias_slots
+        self.precise = precise
         self.xx: Tensor | None = None
         self.xy: Tensor | None = None
         self.yy = 0.0
+        self.rows = 0  # positions summed, per group
 
     def add(self, cols: Tensor, target: Tensor, slot: int | None) -> None:
         """Add a call's columns (batch, groups, features, pixels) and target, a few samples at a time.
 
-        In float64 a call's columns can be several times the activations (a 1,024-channel 64x1
-        depthwise conv: 3 GB for 32 pitch frames), so they are taken in chunks of at most
+        A call's columns can be several times the activations (a 1,024-channel 64x1 depthwise
+        conv: 3 GB in float64 for 32 pitch frames), so they are taken in chunks of at most
         :data:`CHUNK_BYTES` and summed in place.
         """
         b, g, f, length = cols.shape
-        step = max(1, int(CHUNK_BYTES // max(g * (f + self.slots) * length * 8, 1)))
+        dtype = torch.float64 if self.precise or cols.dtype == torch.float64 else torch.float32
+        size = torch.finfo(dtype).bits // 8
+        step = max(1, int(CHUNK_BYTES // max(g * f * length * size, 1)))
         target = target.reshape(b, g, -1, length)
         for start in range(0, b, step):
             part = slice(start, start + step)
             n = cols[part].shape[0]
-            x = cols[part].permute(1, 2, 0, 3).reshape(g, f, n * length).double()
-            if self.slots:
-                ones = x.new_zeros(g, self.slots, n * length)
-                if slot is not None:
-                    ones[:, slot] = 1
-                x = torch.cat([x, ones], 1)
-            y = target[part].permute(1, 2, 0, 3).reshape(g, -1, n * length).double()
-            xx, xy = x @ x.transpose(1, 2), x @ y.transpose(1, 2)
+            x = cols[part].permute(1, 2, 0, 3).reshape(g, f, n * length).to(dtype)
+            y = target[part].permute(1, 2, 0, 3).reshape(g, -1, n * length).to(dtype)
+            block = n * length if dtype == torch.float64 else BLOCK
+            for first in range(0, n * length, block):
+                self._sum(x[..., first : first + block], y[..., first : first + block], slot)
             del x
-            if self.xx is None:
-                self.xx, self.xy = xx, xy
-            else:
-                self.xx += xx
-                self.xy += xy
-            self.yy += float(y.pow(2).sum())
+            self.yy += float(y.pow(2).sum(dtype=torch.float64))
+            self.rows += n * length
+
+    def _sum(self, x: Tensor, y: Tensor, slot: int | None) -> None:
+        """Add one block's products to the float64 sums; a bias slot's column of ones is summed, not multiplied."""
+        g, f, length = x.shape
+        if self.xx is None:
+            self.xx = torch.zeros(g, f + self.slots, f + self.slots, dtype=torch.float64, device=x.device)
+            self.xy = torch.zeros(g, f + self.slots, y.shape[1], dtype=torch.float64, device=x.device)
+        self.xx[:, :f, :f] += _gram(x)
+        self.xy[:, :f] += x @ y.transpose(1, 2)
+        if slot is not None:
+            sums = x.sum(2, dtype=torch.float64)
+            self.xx[:, :f, f + slot] += sums
+            self.xx[:, f + slot, :f] += sums
+            self.xx[:, f + slot, f + slot] += length
+            self.xy[:, f + slot] += y.sum(2, dtype=torch.float64)
 
     def plus(self, other: "NormalEquations") -> "NormalEquations":
         """The equations of both sets of data."""
-        total = NormalEquations(self.slots)
+        total = NormalEquations(self.slots, self.precise)
         parts = [e for e in (self, other) if e.xx is not None]
         if parts:
             total.xx = sum((e.xx for e in parts[1:]), parts[0].xx)
             total.xy = sum((e.xy for e in parts[1:]), parts[0].xy)
-        total.yy = self.yy + other.yy
+        total.yy, total.rows = self.yy + other.yy, self.rows + other.rows
         return total
 
     def all_reduce(self) -> "NormalEquations":
@@ -160,9 +179,10 @@ class NormalEquations:
         device = self.xx.device if self.xx is not None else torch.device(known[0][2])
         xx = self.xx if self.xx is not None else torch.zeros(known[0][0], dtype=torch.float64, device=device)
         xy = self.xy if self.xy is not None else torch.zeros(known[0][1], dtype=torch.float64, device=device)
-        total = NormalEquations(self.slots)
+        total = NormalEquations(self.slots, self.precise)
         total.xx, total.xy = all_reduce_sum(xx.clone()), all_reduce_sum(xy.clone())
-        total.yy = float(all_reduce_sum(torch.tensor([self.yy], dtype=torch.float64, device=device)))
+        sums = all_reduce_sum(torch.tensor([self.yy, float(self.rows)], dtype=torch.float64, device=device))
+        total.yy, total.rows = float(sums[0]), int(sums[1])
         return total
 
     def relative_error(self, w: Tensor) -> float:
@@ -178,16 +198,22 @@ class NormalEquations:
         """
         return solve_normal_equations(self.xx, self.xy, strength, prior)
 
-    def solve_judged(self, prior: Tensor, held: "NormalEquations") -> tuple[Tensor, float | None]:
+    def solve_judged(self, prior: Tensor, held: "NormalEquations", hint: float | None = None) -> tuple[Tensor, float | None]:
         """Least squares shrunk towards ``prior`` as far as ``held`` (data it is not fit on) says helps.
 
         Few samples for many features (a wide layer at few output positions: 64 pitch frames
         give its last layer 512 rows for 768 features) let the plain solve fit the calibration
-        data exactly and generalise worse than the SVD initialisation. The strengths of
-        :data:`SHRINKAGE` are solved on these equations, weakest first, and judged on ``held``
-        until the held-out error rises (it falls, then rises, along the ridge path); the prior
-        itself (an infinite strength) is judged too, and the best is then solved on both (see
+        data exactly and generalise worse than the SVD initialisation. Strengths of
+        :data:`SHRINKAGE` are solved on these equations and judged on ``held``; the held-out
+        error falls, then rises, along the ridge path, so the walk goes from a first strength
+        towards the lower error and stops where it rises (:func:`_walk`). The prior itself (an
+        infinite strength) is judged too, and the best is then solved on both (see
         :meth:`solve_at`). Returns the weights and the strength (None: the prior).
+
+        The walk starts at ``hint`` (the strength judged for this layer before, on less data),
+        else at the weakest strength where there are many more rows than features, else at
+        the middle: every solve of a wide layer is a factorisation of thousands of features,
+        and three of them usually find its minimum.
 
         The strength is one for the layer, so it is judged on at most :data:`JUDGING_GROUPS` of
         its groups, evenly spread: a wide pointwise-first layer's depthwise half is hundreds of
@@ -199,14 +225,15 @@ class NormalEquations:
         xx, xy, held_xx, held_xy = sub(self.xx), sub(self.xy), sub(held.xx), sub(held.xy)
         start = sub(prior).to(xy)
 
-        strength, best, previous = None, _error_less_constant(held_xx, held_xy, start), math.inf
-        for candidate in SHRINKAGE:
-            score = _error_less_constant(held_xx, held_xy, solve_normal_equations(xx, xy, candidate, start))
-            if score < best or (score == best and strength is not None):  # ties: the prior, else the stronger
-                strength, best = candidate, score
-            if score > previous:  # past the path's minimum
-                break
-            previous = score
+        def score(i: int) -> float:
+            return _error_less_constant(held_xx, held_xy, solve_normal_equations(xx, xy, SHRINKAGE[i], start))
+
+        if hint in SHRINKAGE:
+            first = SHRINKAGE.index(hint)
+        else:
+            first = 0 if self.rows >= WELL_DETERMINED * self.xx.shape[1] else len(SHRINKAGE) // 2
+        index, best = _walk(score, first)
+        strength = SHRINKAGE[index] if best < _error_less_constant(held_xx, held_xy, start) else None  # ties: the prior
         return self.solve_at(strength, prior, held), strength
 
     def solve_at(self, strength: float | None, prior: Tensor, held: "NormalEquations") -> Tensor:
@@ -226,6 +253,7 @@ class NormalEquations:
             self.xx += other.xx
             self.xy += other.xy
         self.yy += other.yy
+        self.rows += other.rows
 
     @contextlib.contextmanager
     def including(self, other: "NormalEquations") -> Iterator["NormalEquations"]:
@@ -240,20 +268,63 @@ class NormalEquations:
         if self.xx is None:
             self.xx, self.xy = other.xx.clone(), other.xy.clone()
             self.yy += other.yy
+            self.rows += other.rows
             try:
                 yield self
             finally:
-                self.xx, self.xy, self.yy = None, None, self.yy - other.yy
+                self.xx, self.xy, self.yy, self.rows = None, None, self.yy - other.yy, self.rows - other.rows
             return
         self.xx += other.xx
         self.xy += other.xy
         self.yy += other.yy
+        self.rows += other.rows
         try:
             yield self
         finally:
             self.xx -= other.xx
             self.xy -= other.xy
             self.yy -= other.yy
+            self.rows -= other.rows
+
+
+def _walk(score, first: int) -> tuple[int, float]:
+    """The index of a local minimum of ``score`` over :data:`SHRINKAGE`'s indices, and its score, from ``first``.
+
+    From ``first``, towards weaker strengths while the score falls strictly, else towards
+    stronger ones while it does not rise (ties: the stronger). From index 0 this is the walk
+    of weakest first that stops at the first rise; each index is scored once.
+    """
+    scores: dict[int, float] = {}
+
+    def at(i: int) -> float:
+        if i not in scores:
+            scores[i] = score(i)
+        return scores[i]
+
+    best = first
+    while best > 0 and at(best - 1) < at(best):
+        best -= 1
+    if best == first:
+        while best + 1 < len(SHRINKAGE) and at(best + 1) <= at(best):
+            best += 1
+    return best, at(best)
+
+
+def _gram(x: Tensor) -> Tensor:
+    """x xᵀ for x of (groups, features, positions); for many features, only the blocks on and above the diagonal are multiplied.
+
+    The Gram matrix is symmetric: with 2,048-row blocks, a 7,168-feature one costs 57% of the
+    full product, and the lower blocks are copies.
+    """
+    f = x.shape[1]
+    if f < 2 * SYMMETRIC_BLOCK:
+        return x @ x.transpose(1, 2)
+    out = x.new_empty(x.shape[0], f, f)
+    for i in range(0, f, SYMMETRIC_BLOCK):
+        j = min(i + SYMMETRIC_BLOCK, f)
+        out[:, i:j, i:] = x[:, i:j] @ x[:, i:].transpose(1, 2)
+        out[:, j:, i:j] = out[:, i:j, j:].transpose(1, 2)
+    return out
 
 
 def _error_less_constant(xx: Tensor, xy: Tensor, w: Tensor) -> float:
@@ -276,16 +347,17 @@ def add_held_out(fit: NormalEquations, held: NormalEquations, cols: Tensor, targ
         (held if batch_number % 4 == 0 else fit).add(cols, target, slot)
 
 
-def fitted(fit: NormalEquations, held: NormalEquations, prior: Tensor, strength: float | None | str = "judge") -> tuple[Tensor, float | None]:
+def fitted(fit: NormalEquations, held: NormalEquations, prior: Tensor, strength: float | None | str = "judge",
+           hint: float | None = None) -> tuple[Tensor, float | None]:
     """The weights a refit installs, and the strength used (None: ``prior``, the SVD initialisation).
 
-    Judged (:meth:`NormalEquations.solve_judged`) when both sets of equations hold data, or at
-    a ``strength`` judged before; with one set only, its plain least squares unless they fit
-    it worse than ``prior`` (ill-conditioned data can).
+    Judged (:meth:`NormalEquations.solve_judged`, from ``hint``) when both sets of equations
+    hold data, or at a ``strength`` judged before; with one set only, its plain least squares
+    unless they fit it worse than ``prior`` (ill-conditioned data can).
     """
     if fit.xx is not None and held.xx is not None:
         if strength == "judge":
-            return fit.solve_judged(prior, held)
+            return fit.solve_judged(prior, held, hint)
         return fit.solve_at(strength, prior, held), strength
     only = fit if fit.xx is not None else held
     if only.xx is None:
@@ -296,9 +368,15 @@ def fitted(fit: NormalEquations, held: NormalEquations, prior: Tensor, strength:
     return prior, None
 
 
-CHUNK_BYTES = 256 * 2**20  # the float64 columns :meth:`NormalEquations.add` holds at once
+CHUNK_BYTES = 256 * 2**20  # the columns :meth:`NormalEquations.add` holds at once
+
+SYMMETRIC_BLOCK = 2048  # rows of the Gram matrix multiplied at once where only its upper blocks are (:func:`_gram`)
+
+BLOCK = 8192  # positions summed in one float32 GEMM before the float64 sum takes it (its rounding grows with them)
 
 JUDGING_GROUPS = 32  # the most groups of a layer :meth:`NormalEquations.solve_judged` judges its strength on
+
+WELL_DETERMINED = 4  # rows per feature from which a judged walk starts at the weakest strength, not the middle
 
 # Ridge strengths (relative to the mean of X X^T's diagonal) a judged solve chooses among.
 SHRINKAGE = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
@@ -330,11 +408,12 @@ def _solve_some(xx: Tensor, xy: Tensor, ridge: float, prior: Tensor | None) -> T
     a.diagonal(dim1=1, dim2=2).add_(scale[:, None])
     if prior is not None:
         xy = xy + scale[:, None, None] * prior.to(xy)
-    factor, info = torch.linalg.cholesky_ex(a)
-    solution = torch.cholesky_solve(xy, factor)
-    failed = info != 0
-    if bool(failed.any()):
-        solution[failed] = torch.linalg.pinv(a[failed], hermitian=True) @ xy[failed]
+    with one_thread_for(a):
+        factor, info = torch.linalg.cholesky_ex(a)
+        solution = torch.cholesky_solve(xy, factor)
+        failed = info != 0
+        if bool(failed.any()):
+            solution[failed] = torch.linalg.pinv(a[failed], hermitian=True) @ xy[failed]
     return solution
 
 

@@ -1,0 +1,97 @@
+"""The normal equations: float32 products summed in float64 for lossy pairs, float64 where the pair is exact, and the judged walk."""
+
+import pytest
+import torch
+from torch import nn
+
+import convtool
+import convtool.recovery.equations as equations
+from convtool.recovery.calibrate import Layer, _Fit
+from convtool.recovery.equations import SHRINKAGE, NormalEquations, _gram, _walk
+
+
+def _products(cols: torch.Tensor, target: torch.Tensor, slots: int, slot: int | None):
+    """X Xᵀ and X Yᵀ of a call in float64, the bias slots as rows of ones: what the equations sum."""
+    b, g, f, length = cols.shape
+    x = cols.permute(1, 2, 0, 3).reshape(g, f, b * length).double()
+    ones = x.new_zeros(g, slots, b * length)
+    if slot is not None:
+        ones[:, slot] = 1
+    x = torch.cat([x, ones], 1)
+    y = target.reshape(b, g, -1, length).permute(1, 2, 0, 3).reshape(g, -1, b * length).double()
+    return x @ x.transpose(1, 2), x @ y.transpose(1, 2)
+
+
+@pytest.mark.parametrize("precise", [True, False])
+@pytest.mark.parametrize("slots, slot", [(0, None), (1, 0), (2, 1), (1, None)])
+def test_the_sums_are_the_products_of_the_columns(precise, slots, slot, monkeypatch):
+    monkeypatch.setattr(equations, "BLOCK", 20)  # several float32 blocks per call
+    monkeypatch.setattr(equations, "SYMMETRIC_BLOCK", 3)  # and the Gram matrix in blocks
+    torch.manual_seed(0)
+    cols, target = torch.randn(6, 2, 9, 13), torch.randn(6, 2 * 3, 13)
+    e = NormalEquations(slots, precise=precise)
+    e.add(cols[:4], target[:4], slot)
+    e.add(cols[4:], target[4:], slot)
+    xx, xy = _products(cols, target, slots, slot)
+    tolerance = dict(rtol=1e-12, atol=1e-12) if precise else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(e.xx, xx, **tolerance)
+    torch.testing.assert_close(e.xy, xy, **tolerance)
+    assert e.xx.dtype == torch.float64 and e.rows == 6 * 13
+    assert e.yy == pytest.approx(float(target.double().pow(2).sum()))
+
+
+def test_only_the_upper_blocks_of_a_wide_gram_matrix_are_multiplied(monkeypatch):
+    monkeypatch.setattr(equations, "SYMMETRIC_BLOCK", 64)
+    x = torch.randn(3, 200, 50, dtype=torch.float64)
+    torch.testing.assert_close(_gram(x), x @ x.transpose(1, 2))
+    products = []
+    real = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: products.append(a.shape[1] * b.shape[2]) or real(a, b))
+    _gram(x)
+    assert sum(products) < 0.7 * 200 * 200
+
+
+def test_a_lossy_pair_sums_in_float32_and_an_exact_one_in_float64():
+    conv = nn.Conv2d(8, 16, 3)
+    lossy = convtool.SeparableConv.from_conv(conv, rank=1)
+    exact = convtool.SeparableConv.from_conv(conv, rank=9)
+    assert not _Fit(Layer("lossy", conv.weight, [lossy])).precise
+    assert _Fit(Layer("exact", conv.weight, [exact])).precise
+
+
+@pytest.mark.parametrize("order", ["dw-pw", "pw-dw"])
+def test_the_full_rank_refit_stays_exact_on_a_wide_tall_kernel_layer(order):
+    """Many features and 64-tap kernels, as the pitch tracker's: the exact refit's float64 sums keep it exact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(24, 32, (64, 1), padding=(32, 0)), nn.ReLU(), nn.Conv2d(32, 16, (9, 1), padding=(4, 0))).eval()
+    data = torch.randn(40, 24, 96, 1)
+    result = convtool.separate(model, data[:1], rank="full", order=order, calibration=data)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(data), model(data), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("curve", [
+    [5, 4, 3, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6, 7], [7, 6, 5, 4, 3, 2, 1], [3, 3, 2, 2, 5, 6, 7], [9, 8, 8, 8, 9, 10, 11],
+])
+@pytest.mark.parametrize("first", range(len(SHRINKAGE)))
+def test_the_walk_finds_the_minimum_of_a_curve_that_falls_then_rises_from_any_start(curve, first):
+    scored = []
+    index, best = _walk(lambda i: scored.append(i) or curve[i], first)
+    assert best == min(curve) and len(scored) == len(set(scored))
+    if first == 0:  # the walk of weakest first: up to the first rise, ties to the stronger
+        rise = next((i for i in range(1, len(curve)) if curve[i] > curve[i - 1]), len(curve))
+        assert index == rise - 1 and sorted(scored) == list(range(min(rise + 1, len(curve))))
+
+
+def test_a_layer_called_once_is_judged_at_its_first_and_last_batch_only(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()
+    data = torch.randn(96, 8, 10, 10)  # three batches
+    judged = []
+    real = NormalEquations.solve_judged
+    monkeypatch.setattr(NormalEquations, "solve_judged", lambda self, *a, **k: judged.append(1) or real(self, *a, **k))
+    result = convtool.separate(model, data[:1], rank=1, calibration=data)
+    assert len(result.layers) == 2 and len(judged) == 2 * 2  # the first batch and the last, per layer; none at the end
+    with torch.no_grad():  # the error reported is that of the weights installed
+        expected = float((result.model[0](data) - model[0](data)).norm() / model[0](data).norm())
+    assert result.layers[0].output_error == pytest.approx(expected, rel=1e-4)
