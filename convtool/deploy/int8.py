@@ -214,14 +214,21 @@ def _depthwise(proto: Any) -> list[str]:
 
 
 def _convs(proto: Any, format: str) -> tuple[int, tuple[str, ...]]:
-    """How many convs of the int8 file run in int8, and the names of those left in float."""
+    """How many convs of the int8 file run in int8, and the names of those left in float.
+
+    In QDQ form onnxruntime fuses a conv read from a DequantizeLinear and written to a
+    QuantizeLinear into an int8 conv when it loads the file, weights in float or not.
+    """
     made = {o: n for n in proto.graph.node for o in n.output}
-    dequantized = lambda name: name in made and made[name].op_type == "DequantizeLinear"  # noqa: E731
+    readers: dict[str, list[str]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.op_type)
+    fused = lambda node: (node.input[0] in made and made[node.input[0]].op_type == "DequantizeLinear"  # noqa: E731
+                          and readers.get(node.output[0]) == ["QuantizeLinear"])
     int8, floats = 0, []
     for node in proto.graph.node:
-        if node.op_type == "QLinearConv":
-            int8 += 1
-        elif node.op_type == "Conv" and format == "qdq" and dequantized(node.input[0]) and dequantized(node.input[1]):
+        if node.op_type == "QLinearConv" or (node.op_type == "Conv" and format == "qdq" and fused(node)):
             int8 += 1
         elif node.op_type in _CONVS:
             floats.append(node.name)
