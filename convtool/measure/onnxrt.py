@@ -13,7 +13,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -69,12 +69,20 @@ def require_provider(provider: str) -> str:
     return name
 
 
-def open_session(path: str | os.PathLike, provider: str, threads: int | None = None, lean: bool = False):
+def open_session(path: str | os.PathLike, provider: str, threads: int | None = None, lean: bool = False,
+                 strict: bool = False):
     """An onnxruntime session on ``provider`` (CPU as fallback for nodes it cannot run).
 
     ``lean`` is for a session run once, to check outputs rather than to time: its CPU kernels do
     not pre-pack the weights (a second copy of each conv's and matmul's weight, in the layout
     their GEMM wants) and it keeps no memory arena, so it holds about one copy of the model.
+    ``strict`` runs every node on ``provider`` or refuses: a provider that lacks a kernel for one
+    (an int8 model's quantized ops, say) would otherwise hand that node to the CPU unseen.
+
+    Raises:
+        ProviderUnavailableError: this build has no kernel for a node on ``provider`` (any
+            provider for an op or dtype it cannot run; a provider other than the CPU when
+            ``strict``).
     """
     import onnxruntime as ort
 
@@ -88,24 +96,31 @@ def open_session(path: str | os.PathLike, provider: str, threads: int | None = N
     if lean:
         options.enable_cpu_mem_arena = False
         options.add_session_config_entry("session.disable_prepacking", "1")
-    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    alone = provider == "CPUExecutionProvider" or strict
+    if alone and provider != "CPUExecutionProvider":
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        options.log_severity_level = 4  # the refusal is raised below, in one line; onnxruntime would log it too
+    providers = [provider] if alone else [provider, "CPUExecutionProvider"]
     try:
         return ort.InferenceSession(str(path), options, providers=providers)
     except Exception as error:
         if type(error).__name__ == "NotImplemented":  # a valid model with an op or dtype this build has no kernel for
             raise ProviderUnavailableError(f"onnxruntime cannot run {path.name} on {provider}: {describe_error(error)}") from None
+        if strict and "fallback" in str(error).lower():  # a node the provider cannot run, and the CPU may not take it
+            raise ProviderUnavailableError(f"{provider} has no kernel for some nodes of {path.name} (onnxruntime would run "
+                                           "them on the CPU); run it on CPUExecutionProvider") from None
         raise OnnxFileError(f"{path} is not a valid ONNX model onnxruntime can load ({describe_error(error)}); export it again") from error
 
 
-def timing_session(path: str | os.PathLike, provider: str, threads: int | None = None):
+def timing_session(path: str | os.PathLike, provider: str, threads: int | None = None, strict: bool = False):
     """A session to time on ``provider`` (onnxruntime's name): refused if onnxruntime fell back to the CPU.
 
-    A fallback would time the CPU under the provider's name.
+    A fallback would time the CPU under the provider's name. ``strict``: as :func:`open_session`'s.
 
     Raises:
         ProviderUnavailableError: the session runs on the CPU instead.
     """
-    session = open_session(path, provider, threads)
+    session = open_session(path, provider, threads, strict=strict)
     if session.get_providers()[0] != provider:
         raise ProviderUnavailableError(f"cannot time on {provider!r}: onnxruntime could not load it and fell back to the CPU")
     return session
@@ -191,7 +206,7 @@ MIN_TIMED_MS = 100.0  # time small modules over at least this long in all
 MAX_RUNS = 1000
 
 
-def _fingerprint(module: nn.Module) -> tuple:
+def module_fingerprint(module: nn.Module) -> tuple:
     """What decides a small module's latency: its classes, hyper-parameters and tensor shapes."""
     parts = []
     for m in module.modules():
@@ -212,13 +227,15 @@ def module_latency(module: nn.Module, input_shape: tuple[int, ...], provider: st
         ProviderUnavailableError: the provider cannot run here.
     """
     name = require_provider(provider)
-    key = (_fingerprint(module), tuple(input_shape), name)
-    if key not in _LATENCY_CACHE:
+    key = (module_fingerprint(module), tuple(input_shape), name)
+
+    def measure() -> float:
         x = torch.randn(input_shape, dtype=next(module.parameters()).dtype)
         with tempfile.TemporaryDirectory(prefix="convtool-bench-") as tmp:
             exported = write_onnx(module.cpu(), (x,), Path(tmp) / "m.onnx", dynamic_batch=False, exporter="torchscript")
-            _LATENCY_CACHE[key] = _timed_alone(timing_session(exported.path, name), {"input": numpy(x)}, runs)
-    return _LATENCY_CACHE[key]
+            return time_alone(timing_session(exported.path, name), {"input": numpy(x)}, runs)
+
+    return cached_latency(key, measure)
 
 
 def graph_latency(path: str | os.PathLike, feeds: dict[str, Any], provider: str, key: tuple, runs: int = 15) -> float:
@@ -227,13 +244,21 @@ def graph_latency(path: str | os.PathLike, feeds: dict[str, Any], provider: str,
     ``key``: what decides its latency (its nodes' types, attributes and shapes), for the cache.
     """
     name = require_provider(provider)
-    key = ("graph", key, name)
+    return cached_latency(("graph", key, name), lambda: time_alone(timing_session(path, name), feeds, runs))
+
+
+def cached_latency(key: tuple, measure: Callable[[], float]) -> float:
+    """The figure cached under ``key``, or ``measure()`` once, cached: a layer's latency, measured once per process.
+
+    ``key`` holds everything that decides the figure (the layer's structure and shape, the
+    provider, the form it is timed in); ``measure`` prepares and times it only on a miss.
+    """
     if key not in _LATENCY_CACHE:
-        _LATENCY_CACHE[key] = _timed_alone(timing_session(path, name), feeds, runs)
+        _LATENCY_CACHE[key] = measure()
     return _LATENCY_CACHE[key]
 
 
-def _timed_alone(session, feeds: dict[str, Any], runs: int) -> float:
+def time_alone(session, feeds: dict[str, Any], runs: int) -> float:
     """The median of ``runs``; of more where that is too short to mean anything (a layer of microseconds)."""
     (ms,) = time_sessions([session], feeds, runs, warmup=3)
     if ms * runs < MIN_TIMED_MS:

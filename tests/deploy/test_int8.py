@@ -1,0 +1,279 @@
+"""Int8 files with onnxruntime's own quantizer (issue 37): they verify, a quantized layer times, bad inputs are refused.
+
+The int8 file of the trained digits CNN, dense and separated, is judged against its fp32 model
+on the test split it was not calibrated on (SQNR with a floor, top-1 agreement); a layer of
+either front end quantizes and times in 8 bits; a provider that cannot run the int8 ops, and
+calibration data the quantizer should not be fed, are refused in one line that says what to do.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import convtool
+from convtool import InvalidOptionError, NothingToSeparateError, ProviderUnavailableError
+from convtool.deploy import int8 as int8_module
+from convtool.deploy.int8 import DEFAULT_INT8_FORM, Int8Form, quantize_int8
+from convtool.deploy.int8_latency import eight_bit_edges, int8_graph_latency, int8_module_latency
+from convtool.deploy.int8_verify import verify_int8
+from convtool.measure import onnxrt
+from convtool.onnx import dense as onnx_dense
+from convtool.pytorch import dense as pytorch_dense
+
+SQNR_FLOOR_DB = 25.0  # the digits CNN measured 30-33 dB at calibration 128 (dense and rank 2)
+
+
+def one_line(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert "\n" not in message and len(message) < 400
+    return message
+
+
+def convs(path) -> list:
+    return [n for n in onnx.load(str(path)).graph.node if n.op_type == "Conv"]
+
+
+@pytest.fixture(scope="module")
+def digits_files(digits, tmp_path_factory):
+    """The digits CNN and its rank-2 separation, each exported to fp32 ONNX and quantized on 128 training images."""
+    model, images, test_x, _ = digits
+    folder = tmp_path_factory.mktemp("int8")
+    separated = convtool.separate(model, images[:1], rank=2, calibration=images[:256]).model.eval()
+    files = {}
+    for name, net in (("dense", model), ("separated", separated)):
+        fp32 = convtool.export_onnx(net, images[:1], folder / f"{name}.onnx").path
+        files[name] = (net, fp32, quantize_int8(fp32, images[:128], folder / f"{name}.int8.onnx"))
+    return files, test_x
+
+
+@pytest.mark.parametrize("name", ["dense", "separated"])
+def test_the_int8_file_verifies_against_its_fp32_model_on_held_out_data(digits_files, name):
+    files, test_x = digits_files
+    net, fp32, exported = files[name]
+    assert exported.form == DEFAULT_INT8_FORM and exported.calibration_samples == 128 and exported.preprocessed
+    assert exported.int8_convs == len(convs(fp32)) and exported.float_convs == ()
+    against_torch = verify_int8(exported.path, net, test_x)
+    against_onnx = verify_int8(exported.path, fp32, test_x.numpy())
+    assert against_torch.samples == len(test_x) and against_torch.provider == "CPUExecutionProvider"
+    assert against_torch.reference == "PyTorch model" and against_onnx.reference == str(fp32)
+    for check in (against_torch, against_onnx):
+        assert check.fidelity.sqnr_db > SQNR_FLOOR_DB, check
+        assert check.fidelity.top1_agreement >= 0.98 and check.fidelity.max_abs_error > 0
+    assert against_torch.fidelity.sqnr_db == pytest.approx(against_onnx.fidelity.sqnr_db, abs=0.5)
+
+
+def test_quantizing_logs_and_prints_nothing(digits_files, tmp_path, capfd, caplog):
+    files, _ = digits_files
+    _, fp32, _ = files["dense"]
+    images = np.random.default_rng(0).random((8, 1, 8, 8), dtype=np.float32)
+    quantize_int8(fp32, images, tmp_path / "quiet.onnx", form=Int8Form(preprocess=False))
+    quantize_int8(fp32, [images[:4], images[4:]], tmp_path / "batches.onnx")  # a list of batches, as a loader gives them
+    out, err = capfd.readouterr()
+    assert out == err == "" and not [r for r in caplog.records if r.levelname in ("WARNING", "ERROR")]
+
+
+@pytest.mark.parametrize("form, op", [(Int8Form(), "Conv"), (Int8Form(format="qoperator"), "QLinearConv")])
+def test_a_form_writes_what_it_says(digits_files, tmp_path, form, op):
+    files, test_x = digits_files
+    _, fp32, _ = files["separated"]
+    exported = quantize_int8(fp32, test_x[:8], tmp_path / "form.onnx", form=form)
+    ops = {n.op_type for n in onnx.load(exported.path).graph.node}
+    assert op in ops and exported.int8_convs == len(convs(fp32))
+    floats = quantize_int8(fp32, test_x[:8], tmp_path / "f.onnx", form=Int8Form(format="qoperator", float_depthwise=True))
+    depthwise = [n.name for n in convs(fp32) if any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    assert len(depthwise) >= 3 and set(floats.float_convs) == set(depthwise)
+    assert floats.int8_convs == len(convs(fp32)) - len(depthwise)
+
+
+def test_the_8_bit_edges_compute_what_the_float_edged_file_does(tmp_path):
+    torch.manual_seed(0)
+    pair = convtool.separate(nn.Conv2d(16, 24, 3, padding=1), torch.randn(1, 16, 10, 10), rank=1).model.eval()
+    x = torch.randn(1, 16, 10, 10)
+    fp32 = convtool.export_onnx(pair, x, tmp_path / "pair.onnx", dynamic_batch=False).path
+    quantized = quantize_int8(fp32, torch.randn(8, 16, 10, 10), tmp_path / "pair.int8.onnx")
+    inner, feeds = eight_bit_edges(quantized.path, {"input": x.numpy()}, tmp_path / "inner.onnx")
+    graph = onnx.load(str(inner)).graph
+    assert [i.type.tensor_type.elem_type for i in graph.input] == [onnx.TensorProto.UINT8] == \
+        [o.type.tensor_type.elem_type for o in graph.output]
+    assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in graph.node if n.input[0] in ("input",)}
+    whole = onnx.load(quantized.path).graph
+    last = next(n for n in whole.node if n.op_type == "DequantizeLinear" and n.output[0] == whole.output[0].name)
+    scale, zero = (onnx.numpy_helper.to_array(next(i for i in whole.initializer if i.name == n)) for n in last.input[1:3])
+    eight_bit = onnxrt.open_session(inner, "CPUExecutionProvider").run(None, feeds)[0]
+    floated = onnxrt.open_session(quantized.path, "CPUExecutionProvider").run(None, {"input": x.numpy()})[0]
+    np.testing.assert_allclose((eight_bit.astype(np.float32) - zero) * scale, floated, rtol=0, atol=1e-6)
+
+
+def test_a_quantized_layer_times_and_is_cached(monkeypatch):
+    conv = nn.Conv2d(16, 16, 3, padding=1).eval()
+    pair = convtool.separate(conv, torch.randn(1, 16, 12, 12), rank=1).model.eval()
+    dense_ms = int8_module_latency(conv, (1, 16, 12, 12), "cpu", runs=5)
+    pair_ms = int8_module_latency(pair, (1, 16, 12, 12), "cpu", runs=5)
+    assert 0 < dense_ms < 100 and 0 < pair_ms < 100
+    monkeypatch.setattr("convtool.deploy.int8_latency.quantize_int8", lambda *a, **k: pytest.fail("quantized again"))
+    assert int8_module_latency(conv, (1, 16, 12, 12), "cpu") == dense_ms  # a hit quantizes nothing
+
+
+def test_a_form_is_part_of_the_cache_key(monkeypatch):
+    conv = nn.Conv2d(8, 8, 3, padding=1).eval()
+    calls = []
+    real = int8_module.quantize_int8
+    monkeypatch.setattr("convtool.deploy.int8_latency.quantize_int8", lambda *a, **k: calls.append(k["form"]) or real(*a, **k))
+    int8_module_latency(conv, (1, 8, 9, 9), "cpu", runs=3)
+    int8_module_latency(conv, (1, 8, 9, 9), "cpu", runs=3, form=Int8Form(per_channel=False))
+    int8_module_latency(conv, (1, 8, 9, 9), "cpu", runs=3, form=Int8Form(per_channel=False))
+    assert calls == [DEFAULT_INT8_FORM, Int8Form(per_channel=False)]
+
+
+def test_the_pytorch_front_ends_layers_time_in_int8(monkeypatch):
+    """Every form the PyTorch front end times (dense convs, branched rank-2 pairs) quantizes and times in 8 bits."""
+    timed = []
+
+    def int8(module, shape, provider):
+        timed.append(type(module).__name__)
+        return int8_module_latency(module, shape, provider, runs=3)
+
+    monkeypatch.setattr(pytorch_dense, "module_latency", int8)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1)).eval()
+    try:  # whichever way the int8 timings decide, on a loaded machine
+        assert convtool.separate(model, torch.randn(1, 8, 16, 16), rank=2, latency_provider="cpu").verified
+    except NothingToSeparateError as error:
+        assert "is not faster than the dense conv on CPUExecutionProvider" in str(error)
+    assert len(timed) >= 4 and {"Conv2d", "BranchedSeparableConv"} <= set(timed)
+
+
+def test_the_onnx_front_ends_layers_time_in_int8(tmp_path, monkeypatch):
+    """The graphs the ONNX front end writes for a layer (the dense node, the pair as written) quantize and time in 8 bits."""
+    timed = []
+
+    def int8(path, feeds, provider, key, runs=15):
+        timed.append(key[4])
+        return int8_graph_latency(path, feeds, provider, key, runs=3)
+
+    monkeypatch.setattr(onnx_dense, "graph_latency", int8)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1)).eval()
+    x = torch.randn(1, 8, 16, 16)
+    path = convtool.export_onnx(model, x, tmp_path / "m.onnx").path
+    try:
+        assert convtool.separate_onnx(path, (x.numpy(),), rank=2, latency_provider="cpu").verified
+    except NothingToSeparateError as error:
+        assert "is not faster than the dense conv on CPUExecutionProvider" in str(error)
+    assert ("dense", 0) in timed and ("dw-pw", 2) in timed
+
+
+def test_a_provider_missing_from_this_build_is_refused(digits_files):
+    files, test_x = digits_files
+    _, fp32, exported = files["dense"]
+    with pytest.raises(ProviderUnavailableError) as error:
+        verify_int8(exported.path, fp32, test_x, provider="cuda")
+    assert "CUDAExecutionProvider is not in this onnxruntime build" in one_line(error)
+    with pytest.raises(ProviderUnavailableError):
+        int8_module_latency(nn.Conv2d(4, 4, 3), (1, 4, 8, 8), "cuda")
+
+
+@pytest.mark.skipif("AzureExecutionProvider" not in __import__("onnxruntime").get_available_providers(),
+                    reason="needs a provider in this build with no kernel for the int8 ops")
+def test_a_provider_without_the_quantized_ops_is_refused_not_run_on_the_cpu(digits_files):
+    files, test_x = digits_files
+    _, fp32, exported = files["dense"]
+    with pytest.raises(ProviderUnavailableError) as error:
+        verify_int8(exported.path, fp32, test_x, provider="AzureExecutionProvider")
+    assert "has no kernel for some nodes" in one_line(error) and "CPUExecutionProvider" in one_line(error)
+
+
+def test_quantized_ops_this_build_lacks_are_refused(tmp_path):
+    """onnxruntime's CPU provider has no QLinearConv for int8 activations with uint8 weights: such a file is refused, not run."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    constants = [numpy_helper.from_array(np.ones((3, 2, 1, 1), np.uint8), "w"), numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+                 numpy_helper.from_array(np.array(0, np.int8), "z"), numpy_helper.from_array(np.array(0, np.uint8), "zw")]
+    conv = helper.make_node("QLinearConv", ["x", "s", "z", "w", "s", "zw", "s", "z"], ["y"])
+    graph = helper.make_graph([conv], "g", [helper.make_tensor_value_info("x", TensorProto.INT8, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT8, None)], constants)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "s8u8.onnx"))
+    with pytest.raises(ProviderUnavailableError) as error:
+        verify_int8(tmp_path / "s8u8.onnx", tmp_path / "s8u8.onnx", np.zeros((1, 2, 4, 4), np.int8))
+    assert "cannot run s8u8.onnx on CPUExecutionProvider" in one_line(error)
+
+
+def test_a_provider_that_falls_back_to_the_cpu_is_refused(digits_files, monkeypatch):
+    files, test_x = digits_files
+    _, fp32, exported = files["dense"]
+
+    class FellBack:
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    monkeypatch.setattr("convtool.deploy.int8_verify.require_provider", lambda provider: "CUDAExecutionProvider")
+    monkeypatch.setattr("convtool.deploy.int8_verify.open_session", lambda *a, **k: FellBack())
+    with pytest.raises(ProviderUnavailableError) as error:
+        verify_int8(exported.path, fp32, test_x, provider="cuda")
+    assert "fell back to the CPU" in one_line(error)
+
+
+@pytest.mark.parametrize("data, says", [
+    (np.zeros((16, 1, 9, 9), np.float32), r"has shape \(8, 1, 9, 9\); the model takes \(\?, 1, 8, 8\)"),
+    ((np.random.default_rng(0).random((16, 1, 8, 8)) * 255).astype(np.uint8), "is uint8; the model takes float32: give it as the model sees it"),
+    (np.full((16, 1, 8, 8), np.nan, np.float32), "holds NaN or infinite values; .* check its normalisation"),
+    (np.zeros((3, 1, 8, 8), np.float32), "holds 3 samples; int8 scales need at least 8"),
+    (np.zeros((0, 1, 8, 8), np.float32), "holds 0 samples"),
+    ("images.npy", "must be an array or tensor of samples"),
+    ((np.zeros((16, 1, 8, 8), np.float32), np.zeros((16, 3), np.float32)), "holds 2 arrays per batch; the model takes 1 inputs"),
+    ({"pixels": np.zeros((16, 1, 8, 8), np.float32)}, "names input 'pixels'; the model's inputs are input"),
+    ([np.zeros((4, 1, 8, 8), np.float32), np.zeros((4, 8, 8), np.float32)], r"has shape \(4, 8, 8\)"),
+])
+def test_bad_calibration_data_is_refused_in_one_line_that_says_what_to_do(digits_files, tmp_path, data, says):
+    files, _ = digits_files
+    _, fp32, _ = files["dense"]
+    with pytest.raises(InvalidOptionError, match=says) as error:
+        quantize_int8(fp32, data, tmp_path / "bad.onnx")
+    one_line(error)
+    assert not (tmp_path / "bad.onnx").exists()
+
+
+def test_a_fixed_batch_takes_whole_batches(tmp_path):
+    conv = nn.Conv2d(3, 4, 3).eval()
+    fp32 = convtool.export_onnx(conv, torch.randn(4, 3, 8, 8), tmp_path / "fixed.onnx", dynamic_batch=False).path
+    exported = quantize_int8(fp32, torch.randn(10, 3, 8, 8), tmp_path / "fixed.int8.onnx")
+    assert exported.calibration_samples == 8  # two batches of 4; the 2 left over would not fit the graph
+    with pytest.raises(InvalidOptionError, match="takes batches of 4; the calibration data holds 3 samples: give at least 4"):
+        quantize_int8(fp32, torch.randn(3, 3, 8, 8), tmp_path / "few.onnx", min_samples=1)
+
+
+@pytest.mark.parametrize("options, says", [
+    ({"format": "qlinear"}, "int8 format must be one of qdq, qoperator"),
+    ({"activations": "int4"}, "int8 activations must be one of uint8, int8"),
+    ({"float_depthwise": True}, "float_depthwise needs format='qoperator'"),
+    ({"activations": "int8", "weights": "uint8"}, "int8 activations only with int8 weights"),
+])
+def test_a_form_that_cannot_be_is_refused(options, says):
+    with pytest.raises(InvalidOptionError, match=says):
+        Int8Form(**options)
+
+
+def test_held_out_data_that_does_not_fit_is_refused(digits_files):
+    files, _ = digits_files
+    _, fp32, exported = files["dense"]
+    with pytest.raises(InvalidOptionError, match="the held-out data for input 'input' has shape") as error:
+        verify_int8(exported.path, fp32, np.zeros((4, 8, 8), np.float32))
+    one_line(error)
+
+
+def test_the_quantizers_own_refusal_is_one_line(tmp_path, monkeypatch):
+    conv = nn.Conv2d(3, 4, 3).eval()
+    fp32 = convtool.export_onnx(conv, torch.randn(1, 3, 8, 8), tmp_path / "c.onnx").path
+
+    def refuses(*args, **kwargs):
+        raise RuntimeError("no quantizer for this\nsecond line")
+
+    monkeypatch.setattr(int8_module, "_quantize", refuses)
+    with pytest.raises(convtool.ConvtoolError, match="onnxruntime cannot quantize c.onnx in qdq form") as error:
+        quantize_int8(fp32, torch.randn(8, 3, 8, 8), tmp_path / "c.int8.onnx")
+    one_line(error)
+    assert not Path(tmp_path / "c.int8.onnx").exists() and not list(tmp_path.glob(".*.tmp"))
