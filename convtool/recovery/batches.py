@@ -87,3 +87,11 @@ class StreamedBatches:
 
     def __bool__(self) -> bool:
         return True
+
+    def __len__(self) -> int:
+        """The batches a pass reads (``TypeError`` for a loader of unknown length, as ``len`` of it raises).
+
+        The refit judges a layer at the last batch when it knows which one that is: a data set
+        streamed must give the same refit as the same samples given as a tensor.
+        """
+        return len(self.loader)

@@ -74,7 +74,7 @@ def refit(
     device = model_device(separated)
     fits = {id(layer.pairs[0].last.weight): _Fit(layer) for layer in layers}  # the pairs share their last weight
     wanted = {id(fit.layer.reference_weight): fit for fit in fits.values()}
-    count = len(batches) if hasattr(batches, "__len__") else None  # streamed: the last batch is not known
+    count = _length(batches)
     with eval_mode(separated), torch.no_grad():
         for i, batch in enumerate(batches):
             batch = on_device(batch, device)
@@ -208,6 +208,14 @@ class _Fit:
             return None
         with fit.including(held) as every:  # of the weights as stored, cast included
             return every.relative_error(_as_solution(last, self.biases))
+
+
+def _length(batches: Any) -> int | None:
+    """How many batches a pass reads; None where the source cannot say (the last batch is then not known)."""
+    try:
+        return len(batches)
+    except TypeError:
+        return None
 
 
 EXACT = 1e-6  # a pair's relative weight error up to which its refit is summed in float64
