@@ -73,6 +73,17 @@ class Int8Form:
 DEFAULT_INT8_FORM = Int8Form()
 
 
+def as_int8_form(int8: Any) -> Int8Form | None:
+    """The ``int8`` keyword as a form: ``False``/``None`` (fp32) -> None, ``True`` -> :data:`DEFAULT_INT8_FORM`, a form as it is."""
+    if int8 is None or int8 is False:
+        return None
+    if int8 is True:
+        return DEFAULT_INT8_FORM
+    if isinstance(int8, Int8Form):
+        return int8
+    raise InvalidOptionError(f"int8 is True, False or an Int8Form (how to quantize); got {int8!r}")
+
+
 @dataclass(frozen=True)
 class Int8Export:
     """An int8 file written by :func:`quantize_int8`.
