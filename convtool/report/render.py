@@ -116,14 +116,19 @@ def int8_lines(int8: Any) -> list[str]:
     lines = [
         f"int8 file {int8.path} ({form}; {int8.int8_convs} convs in int8{floats}; calibrated on {int8.calibration_samples} samples).",
         f"int8 on onnxruntime {int8.provider}: {int8.int8_ms:.3g} ms = {int8.vs_original:.3f} of the fp32 original's "
-        f"{int8.original_ms:.3g} ms ({1 / int8.vs_original:.2f}x faster) and {int8.vs_dense_int8:.3f} of the dense int8 "
-        f"model's {int8.dense_int8_ms:.3g} ms ({1 / int8.vs_dense_int8:.2f}x faster); separated fp32 {int8.fp32_ms:.3g} ms "
+        f"{int8.original_ms:.3g} ms ({_speed(int8.vs_original)}) and {int8.vs_dense_int8:.3f} of the dense int8 "
+        f"model's {int8.dense_int8_ms:.3g} ms ({_speed(int8.vs_dense_int8)}); separated fp32 {int8.fp32_ms:.3g} ms "
         f"(medians of {int8.runs} interleaved runs).",
     ]
     judged = "; ".join(f"{what}: {_brief_fidelity(fid)}" for what, fid in (
         ("separated int8", int8.int8), ("separated fp32", int8.fp32), ("dense int8", int8.dense_int8)))
     lines.append(f"Against the fp32 original on {int8.held_out} held-out samples: {judged}.")
     return lines
+
+
+def _speed(ratio: float) -> str:
+    """A latency ratio in words: '1.52x faster', or 'SLOWER, 1.10x'."""
+    return f"{1 / ratio:.2f}x faster" if ratio <= 1 else f"SLOWER, {ratio:.2f}x"
 
 
 def _brief_fidelity(f: Any) -> str:
