@@ -7,8 +7,6 @@ from pathlib import Path
 
 import click
 
-from ..deploy.int8 import int8_path
-from ..deploy.int8_data import first_samples, split_held_out
 from ..errors import InvalidOptionError
 from . import groups
 from .options import (
@@ -76,6 +74,9 @@ def separate(model, output, ranks, scope, calibration, synthetic_samples, image_
       convtool separate net.pt --allow-pickle --latency-target 0.6 --int8 \
           --calibration images.npy --onnx net.sep.onnx
     """
+    from ..deploy.int8 import int8_path  # imported here: `convtool --help` must not import torch
+    from ..deploy.int8_data import split_held_out
+
     ui = Ui(quiet, as_json)
     synthetic = calibration == "synthetic"  # the word, not a path: ./synthetic names a path so called
     needs_option("--synthetic-samples", synthetic_samples is not None, "--calibration synthetic", synthetic)
@@ -175,6 +176,7 @@ def _write_pytorch(separated, inputs, output, onnx_path, report_path, report, or
     """
     import convtool
 
+    from ..deploy.int8_data import first_samples
     from ..io import Staging, write_model
     from ..report.render import to_dict, to_markdown, to_rich
 
@@ -218,6 +220,8 @@ def _separate_onnx(model, output, ranks, scope, inputs, force, ui, calibration, 
 
     import convtool
 
+    from ..deploy.int8 import int8_path
+    from ..deploy.int8_data import split_held_out
     from ..io import Staging, check_output, load_calibration
     from ..measure.onnxrt import release_freed_memory
     from ..onnx.files import load_onnx, write_with_weights_beside
@@ -284,6 +288,7 @@ def _onnx_int8(report, original, separated, out, feeds, data, held, staging, ui)
     import dataclasses
 
     from ..deploy.int8 import quantize_int8
+    from ..deploy.int8_data import first_samples
 
     calibration = first_samples(data)
     with ui.status("quantizing the separated graph to int8"):
