@@ -338,7 +338,7 @@ def test_the_whole_model_timer_quantizes_both_models(monkeypatch):
     monkeypatch.setattr(verify, "timing_session", session)
     model, x = _fan_in_out(), torch.randn(1, 4, 16, 16)
     result = convtool.separate(model, x, rank=convtool.LatencyTarget(0.9, runs=3, rounds=1), int8=True)
-    assert result.search is not None and len(opened) >= 2
+    assert result.search.goal == "0.9 of the dense int8 model's latency on cpu" and len(opened) >= 2
     for name, ops in opened:
         assert name.endswith(".int8.onnx") and {"QuantizeLinear", "DequantizeLinear"} <= ops
 
