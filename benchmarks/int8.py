@@ -1,12 +1,13 @@
 """Separation and int8, composed: issue 37's table on the ResNet-18-like net at 224.
 
-Run: .venv/bin/python benchmarks/int8.py [--threads 2] [--runs 15] [--blocks 3] [--targets 0.5]
+Run: .venv/bin/python benchmarks/int8.py [--threads 2] [--runs 15] [--blocks 3] [--targets 0.5] [--int8-latency-targets 0.6]
 
 The ResNet-18-like net (benchmarks/architectures.py, random weights: latency does not depend
 on them) dense; separated at rank 1; at rank 1 with the RGB stem kept dense (its int8 depthwise
 conv is slow: benchmarks/int8_forms.py); at rank 1 with each layer kept dense unless its pair is
-faster in int8 (the latency filter on int8 layer timings, a preview of the int8 planner); and
-at each FLOP target. Each is exported with
+faster in int8 (``separate(..., int8=True)``); planned in int8 at each latency target (issue 37's
+done-when: 0.6 of the dense int8 model's latency, separated int8 at least 1.5x faster than dense
+int8); and at each FLOP target. Each is exported with
 convtool.export_onnx (fp32) and quantized with convtool's quantize_int8 in its default form
 (calibrated on 16 real-ish images, benchmarks/int8_timing.py). Every file is timed in one
 interleaved run against the dense fp32 original (batch 1, 2 onnxruntime threads by default, rounds
@@ -34,21 +35,14 @@ from convtool.measure.onnxrt import timing_session  # noqa: E402
 
 
 def int8_filtered(model, x):
-    """Rank 1 with the latency filter timing each layer in int8: a preview of issue 37's item 2.
+    """Rank 1 with never-slower judged in int8 (``separate(..., int8=True)``): a layer stays dense unless its pair,
+    quantized and timed with 8-bit edges, takes at most 0.9 of its dense conv's int8 time."""
+    return convtool.separate(model, x, rank=1, latency_provider="cpu", int8=True).model
 
-    Until the planner takes int8 itself, the PyTorch front end's layer timer is swapped for
-    convtool.deploy.int8_latency's here: a layer stays dense unless its pair, quantized and
-    timed with 8-bit edges, takes at most 0.9 of its dense conv's int8 time.
-    """
-    from convtool.deploy.int8_latency import int8_module_latency
-    from convtool.pytorch import dense as front
 
-    timer = front.module_latency
-    front.module_latency = lambda module, shape, provider: int8_module_latency(module, shape, provider)
-    try:
-        return convtool.separate(model, x, rank=1, latency_provider="cpu").model
-    finally:
-        front.module_latency = timer
+def int8_latency_target(model, x, fraction, threads):
+    """Planned in int8 at a latency target: ``fraction`` of the dense int8 model's latency, both timed quantized."""
+    return convtool.separate(model, x, rank=convtool.LatencyTarget(fraction, threads=threads), int8=True).model
 
 
 def main() -> None:
@@ -59,6 +53,8 @@ def main() -> None:
     parser.add_argument("--targets", default="0.5", help="FLOP targets, comma-separated")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--no-int8-filter", action="store_true", help="skip the rank-1 model planned on int8 layer timings")
+    parser.add_argument("--int8-latency-targets", default="0.6",
+                        help="latency targets planned in int8 (of the dense int8 model's latency), comma-separated; '' for none")
     args = parser.parse_args()
     torch.set_num_threads(2)
     print(f"machine: {machine()}; onnxruntime CPU, {args.threads} threads, batch 1, 1x3x{args.size}x{args.size}")
@@ -70,6 +66,8 @@ def main() -> None:
             "separated rank 1, stem dense": convtool.separate(dense, x, rank=1, exclude=["conv1"]).model}
     if not args.no_int8_filter:
         nets["separated rank 1, int8 latency filter"] = int8_filtered(dense, x)
+    for target in (float(t) for t in args.int8_latency_targets.split(",") if t):
+        nets[f"planned in int8 at LatencyTarget({target:g})"] = int8_latency_target(dense, x, target, args.threads)
     for target in (float(t) for t in args.targets.split(",") if t):
         nets[f"separated at FlopsTarget({target:g})"] = convtool.separate(dense, x, rank=convtool.FlopsTarget(target)).model
     flops = {name: convtool.analyze(model, x).flops for name, model in nets.items()}

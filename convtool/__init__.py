@@ -27,6 +27,8 @@ _WHERE = {
     "SeparableConv": ".core.modules",
     "SeparableConv2d": ".core.modules",
     "AgreementTarget": ".plan.agreement",
+    "Int8Form": ".deploy.int8",
+    "verify_int8": ".deploy.int8_verify",
     "Search": ".core.records",
     "Trial": ".core.records",
     "Energy": ".plan.budgets",
@@ -85,6 +87,8 @@ if TYPE_CHECKING:
     from .plan.budgets import Energy, FlopsTarget
     from .plan.latency import LatencyTarget
     from .deploy.export import export_onnx
+    from .deploy.int8 import Int8Form
+    from .deploy.int8_verify import verify_int8
     from .deploy.verify import ProviderCheck, benchmark, layer_latencies, verify_onnx
     from .measure.compare import Comparison, compare
     from .measure.counts import Analysis, ModuleCost, analyze
@@ -124,6 +128,7 @@ __all__ = [
     "Energy",
     "ExportError",
     "FlopsTarget",
+    "Int8Form",
     "InvalidOptionError",
     "LatencyTarget",
     "ModelLoadError",
@@ -144,5 +149,6 @@ __all__ = [
     "separate_onnx",
     "sweep",
     "synthesize",
+    "verify_int8",
     "verify_onnx",
 ]

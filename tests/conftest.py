@@ -73,6 +73,41 @@ def stand_in_graph_ms(path, feeds, provider, key, runs=15) -> float:
     return (weights * pixels + 200 * sum(1 for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose"))) / 1e5
 
 
+INT8_GAIN = 4  # the stand-in's int8 speed-up of an ungrouped conv; a depthwise conv gains nothing (benchmarks/int8_forms.py)
+
+
+def stand_in_int8_module_ms(module, shape, provider, *, form=None, runs=15) -> float:
+    """The stand-in for a layer quantized to int8: each conv's weights times its input's pixels, divided by
+    :data:`INT8_GAIN` unless it is grouped, plus the same fixed cost per conv.
+
+    Int8 speeds up dense and pointwise convs far more than depthwise ones, so a pair whose
+    depthwise half dominates is faster than its dense conv in fp32 and slower in int8, as on
+    onnxruntime; the suite plans on that deterministically.
+    """
+    import math
+
+    convs = [m for m in module.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    pixels = math.prod(shape[2:])
+    return sum(m.weight.numel() * pixels / (INT8_GAIN if m.groups == 1 else 1) + 200 for m in convs) / 1e5
+
+
+def stand_in_int8_graph_ms(path, feeds, provider, key, *, form=None, calibration=None, runs=15) -> float:
+    """The int8 stand-in for a small ONNX graph: as :func:`stand_in_int8_module_ms`, from its Conv nodes."""
+    import math
+
+    import onnx
+
+    model = onnx.load(str(path))
+    pixels = math.prod(next(iter(feeds.values())).shape[2:])
+    shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    total = 0.0
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "ConvTranspose"):
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            total += math.prod(shapes.get(node.input[1], (0,))) * pixels / (INT8_GAIN if group == 1 else 1) + 200
+    return total / 1e5
+
+
 @pytest.fixture(autouse=True)
 def deterministic_layer_timing(request, monkeypatch):
     if request.node.get_closest_marker("real_timing"):
@@ -82,3 +117,5 @@ def deterministic_layer_timing(request, monkeypatch):
 
     monkeypatch.setattr(pytorch_dense, "module_latency", stand_in_module_ms)
     monkeypatch.setattr(onnx_dense, "graph_latency", stand_in_graph_ms)
+    monkeypatch.setattr(pytorch_dense, "int8_module_latency", stand_in_int8_module_ms)
+    monkeypatch.setattr(onnx_dense, "int8_graph_latency", stand_in_int8_graph_ms)

@@ -101,7 +101,7 @@ def test_separate_with_safetensors_onnx_and_reports(project):
     assert result.exit_code == 0, result.output
     assert "CPUExecutionProvider: passed" in result.output
     report = json.loads((project / "report.json").read_text())
-    assert report["schema_version"] == 6 and report["totals"]["params_before"] > 0 and report["verified"] is True
+    assert report["schema_version"] == 7 and report["totals"]["params_before"] > 0 and report["verified"] is True
     assert [layer["name"] for layer in report["layers"]] == ["0", "3"]
 
 

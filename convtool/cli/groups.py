@@ -117,7 +117,8 @@ ranks = group("ranks", [
                               help="What --min-agreement / --min-sqnr save: measured latency on --latency, or FLOPs.")),
     ("latency_target", click.option("--latency-target", type=float, metavar="F",
                                     help="The separated model's latency on onnxruntime (--latency, cpu by default) as a fraction "
-                                         "of the original's, measured end to end (e.g. 0.5); with --min-agreement, a cap on it.")),
+                                         "of the original's, measured end to end (e.g. 0.5); with --int8, of the dense int8 "
+                                         "model's, both quantized; with --min-agreement, a cap on it.")),
     ("sensitivity", click.option("--sensitivity/--no-sensitivity", default=None,
                                  help="A budget's layers weighed by their measured effect on the model's output (the default "
                                       "with --calibration), or by their own output's error.")),

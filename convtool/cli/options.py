@@ -229,13 +229,14 @@ def provider_lines(checks) -> list[str]:
     return lines
 
 
-def finish_verification(checks, asked: bool, emit: Callable[[str], None]) -> None:
-    """One line per provider, then exit: 0 verified, 1 failed."""
+def finish_verification(checks, asked: bool, emit: Callable[[str], None], failed: bool = False) -> None:
+    """One line per provider, then exit: 0 verified, 1 failed (``failed``: a check of the caller's failed too)."""
     for text in provider_lines(checks):
         emit(text)
-    code = verify_exit(checks, asked)
+    onnx_code = verify_exit(checks, asked)
+    code = onnx_code or (EXIT_VERIFY_FAILED if failed else 0)
     if code:
-        click.echo("Error: ONNX verification failed", err=True)
+        click.echo("Error: ONNX verification failed" if onnx_code else "Error: int8 verification failed", err=True)
     sys.exit(code)
 
 

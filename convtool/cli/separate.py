@@ -10,8 +10,8 @@ import click
 from ..errors import InvalidOptionError
 from . import groups
 from .options import (
-    Ui, calibration_data, check_report_suffix, export_line, finish_verification, handles_errors, input_files, is_onnx,
-    load, make_inputs, model_options, needs_option, onnx_input_options, onnx_inputs, output_options, parse_data_options,
+    EXIT_VERIFY_FAILED, Ui, calibration_data, check_report_suffix, export_line, finish_verification, handles_errors, input_files,
+    is_onnx, load, make_inputs, model_options, needs_option, onnx_input_options, onnx_inputs, output_options, parse_data_options,
     parse_providers, report_text,
 )
 
@@ -41,12 +41,17 @@ from .options import (
 @onnx_input_options
 @click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), help="Also export the separated model to this ONNX file and verify it.")
 @click.option("--providers", help="onnxruntime providers to verify on, comma-separated [cpu,cuda].")
+@click.option("--int8", is_flag=True,
+              help="Ship in int8: plan with each layer timed quantized (a pair stays only where it beats its dense conv "
+                   "in int8; --latency-target is then of the dense int8 model), and write OUT.int8.onnx beside the fp32 "
+                   "ONNX file, calibrated on --calibration less a held-out quarter, verified on that quarter against the "
+                   "original and timed against it and the dense int8 model. Needs --calibration (and --onnx for PyTorch).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report to FILE.json or FILE.md.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 @output_options
 def separate(model, output, ranks, scope, calibration, synthetic_samples, image_size, mean, std, refit, recalibrate_bn,
-             distill_steps, input_shapes, arch, allow_pickle, device, input_values, onnx_path, providers, report_path, force, quiet,
-             as_json):
+             distill_steps, input_shapes, arch, allow_pickle, device, input_values, onnx_path, providers, int8, report_path, force,
+             quiet, as_json):
     """Rewrite every standard conv of MODEL (PyTorch, or an .onnx file) into a depthwise + pointwise pair.
 
     Prints the before/after report, writes the separated model and, with --onnx, exports and
@@ -66,7 +71,12 @@ def separate(model, output, ranks, scope, calibration, synthetic_samples, image_
       convtool separate net.pt --allow-pickle --flops-target 0.25 \\
           --calibration synthetic --input-shape 1,3,32,32 --distill-steps 300
       convtool separate vendor.onnx --min-agreement 0.99 --calibration images.npz
+      convtool separate net.pt --allow-pickle --latency-target 0.6 --int8 \
+          --calibration images.npy --onnx net.sep.onnx
     """
+    from ..deploy.int8 import int8_path  # imported here: `convtool --help` must not import torch
+    from ..deploy.int8_data import split_held_out
+
     ui = Ui(quiet, as_json)
     synthetic = calibration == "synthetic"  # the word, not a path: ./synthetic names a path so called
     needs_option("--synthetic-samples", synthetic_samples is not None, "--calibration synthetic", synthetic)
@@ -79,20 +89,24 @@ def separate(model, output, ranks, scope, calibration, synthetic_samples, image_
     check_report_suffix(report_path)
     data_options = parse_data_options(image_size, mean, std)
     _check_before_work(ranks, calibration, recalibrate_bn, refit)
+    if int8 and not calibration:
+        raise InvalidOptionError("--int8 calibrates the int8 file on your data and verifies it on a held-out part: give "
+                                 "--calibration FILE|DIR (unlabeled inputs, as the model takes them)")
     if is_onnx(model):
         _pytorch_only(distill_steps=distill_steps, recalibrate_bn=recalibrate_bn, refit=refit, synthetic=synthetic, onnx_path=onnx_path,
                       arch=arch, allow_pickle=allow_pickle)
         return _separate_onnx(model, output, ranks, scope, onnx_inputs(input_shapes, input_values), force, ui, calibration,
-                              data_options, parse_providers(providers)[0], report_path, as_json)
+                              data_options, parse_providers(providers)[0], report_path, as_json, int8)
+    needs_option("--int8", int8, "--onnx OUT.onnx (the fp32 file it quantizes; the int8 file is written beside it)", onnx_path)
     if input_values:
         raise InvalidOptionError("--input-value names an ONNX model's input; a PyTorch model takes --input-shape")
     needs_option("--providers", bool(providers), "--onnx OUT.onnx (the file to verify)", onnx_path)
     from ..io import check_output
 
     output = output or str(Path(model).with_name(Path(model).stem + ".separated.pt"))
-    outputs = [p for p in (output, onnx_path, report_path) if p]
+    outputs = [p for p in (output, onnx_path, int8 and str(int8_path(onnx_path)), report_path) if p]
     if len({Path(p).resolve() for p in outputs}) < len(outputs):
-        raise InvalidOptionError("-o, --onnx and --report must name different files")
+        raise InvalidOptionError("-o, --onnx" + (" (and its .int8.onnx)" if int8 else "") + " and --report must name different files")
     for path in outputs:
         check_output(path, force=force, inputs=input_files(model, arch, calibration))
     original = load(model, arch, allow_pickle, device, ui)
@@ -106,8 +120,12 @@ def separate(model, output, ranks, scope, calibration, synthetic_samples, image_
         inputs = make_inputs(original, input_shapes, device, ui, data, calibration)
     import convtool
 
-    with ui.status("tracing and separating" + (" and calibrating" if data is not None else "")):
-        result = convtool.separate(original, inputs, **ranks, **scope, calibration=data, recalibrate_bn=recalibrate_bn, refit=refit)
+    held = None
+    if int8:  # a quarter held out: none of the refit, the search or the int8 scales sees the samples it is verified on
+        data, held = split_held_out(data)
+    with ui.status("tracing and separating" + (" and calibrating" if data is not None else "") + (" (timed in int8)" if int8 else "")):
+        result = convtool.separate(original, inputs, **ranks, **scope, calibration=data, recalibrate_bn=recalibrate_bn, refit=refit,
+                                   int8=int8)
     _search_notes(result, ui)
     separated = result.model
     if distill_steps:
@@ -116,7 +134,8 @@ def separate(model, output, ranks, scope, calibration, synthetic_samples, image_
         separated = _distill(separated, original, data, distill_steps, ui, features=synthetic)
     with ui.status("counting parameters and FLOPs"):
         report = convtool.compare(original, separated, inputs, separation=result)
-    return _write_pytorch(separated, inputs, output, onnx_path, report_path, report, original, providers, ui, as_json)
+    int8_data = (data, held, ranks["rank"]) if int8 else None
+    return _write_pytorch(separated, inputs, output, onnx_path, report_path, report, original, providers, ui, as_json, int8_data)
 
 
 def _check_before_work(ranks: dict, calibration, recalibrate_bn: bool, refit: str) -> None:
@@ -148,11 +167,16 @@ def _search_notes(result, ui) -> None:
         ui.note(search_line(result.search))
 
 
-def _write_pytorch(separated, inputs, output, onnx_path, report_path, report, original, providers, ui, as_json) -> int:
+def _write_pytorch(separated, inputs, output, onnx_path, report_path, report, original, providers, ui, as_json, int8_data=None) -> int:
     """Every output staged and renamed into place only when all were made, so a model that cannot be pickled or
-    exported leaves nothing behind; then the report, and the verification's exit code."""
+    exported leaves nothing behind; then the report, and the verification's exit code.
+
+    ``int8_data``: with --int8, (the data fit on, the held-out part, the budget): the int8 file is
+    written beside the ONNX file, calibrated on the first, judged on the second.
+    """
     import convtool
 
+    from ..deploy.int8_data import first_samples
     from ..io import Staging, write_model
     from ..report.render import to_dict, to_markdown, to_rich
 
@@ -161,10 +185,14 @@ def _write_pytorch(separated, inputs, output, onnx_path, report_path, report, or
     with Staging() as staging:
         portable = staging.write(output, lambda tmp: write_model(separated, tmp, inputs))
         if onnx_path:
-            exported = _export(separated, inputs, onnx_path, ui)
+            calibration = first_samples(int8_data[0]) if int8_data else None
+            exported = _export(separated, inputs, onnx_path, ui, calibration)
             with ui.status("verifying on onnxruntime"):
                 checks = convtool.verify_onnx(exported, separated, inputs, providers=provider_names)
             report = _with_latency(report, original, separated, inputs, checks, ui)
+            if int8_data:
+                provider = next((c.provider for c in checks if c.passed), "CPUExecutionProvider")
+                report = _with_int8(report, original, exported.path, exported.int8, inputs, calibration, int8_data[1], provider, ui)
         if report_path:
             text = report_text(report_path, lambda: to_dict(report), lambda: to_markdown(report))
             staging.write(report_path, lambda tmp: tmp.write_text(text))
@@ -172,21 +200,28 @@ def _write_pytorch(separated, inputs, output, onnx_path, report_path, report, or
     if as_json and not ui.quiet:
         click.echo(json.dumps(to_dict(report), indent=2, allow_nan=False))
     ui.note(f"wrote {output}" + ("" if portable else " (loading it needs the model's own code importable)"))
+    missed = _int8_floor_missed(report.int8, int8_data[2]) if int8_data else None
+    if missed:
+        ui.note(missed)
     if checks is not None:
-        finish_verification(checks, asked, ui.note)
+        finish_verification(checks, asked, ui.note, failed=bool(missed))
     return 0
 
 
-def _separate_onnx(model, output, ranks, scope, inputs, force, ui, calibration, data_options, providers, report_path, as_json) -> int:
+def _separate_onnx(model, output, ranks, scope, inputs, force, ui, calibration, data_options, providers, report_path, as_json,
+                   int8=False) -> int:
     """``separate`` for a model given as ONNX: separated (and refit on the data), checked in onnxruntime, written atomically.
 
-    The report is the one a PyTorch model gets, counted on the graphs and timed on onnxruntime CPU.
+    The report is the one a PyTorch model gets, counted on the graphs and timed on onnxruntime CPU;
+    with ``int8``, the int8 file is staged beside the output and judged as for a PyTorch model.
     """
     import dataclasses
     import tempfile
 
     import convtool
 
+    from ..deploy.int8 import int8_path
+    from ..deploy.int8_data import split_held_out
     from ..io import Staging, check_output, load_calibration
     from ..measure.onnxrt import release_freed_memory
     from ..onnx.files import load_onnx, write_with_weights_beside
@@ -196,14 +231,17 @@ def _separate_onnx(model, output, ranks, scope, inputs, force, ui, calibration, 
     output = output or str(Path(model).with_name(Path(model).stem + ".separated.onnx"))
     if Path(output).suffix.lower() != ".onnx":
         raise InvalidOptionError(f"-o {output}: an ONNX model is written as .onnx")
-    for path in [p for p in (output, report_path) if p]:
+    for path in [p for p in (output, int8 and str(int8_path(output)), report_path) if p]:
         check_output(path, force=force, inputs=[model, *([calibration] if calibration else [])])
     data = load_calibration(calibration, image_size=data_options[0], mean=data_options[1], std=data_options[2],
                             by_name=True) if calibration else None
     if inputs is None and data is not None and not isinstance(data, dict):  # the first calibration sample, as for PyTorch models
         inputs = tuple(t[:1] for t in data) if isinstance(data, tuple) else (data[:1],)
+    held = None
+    if int8:  # as for a PyTorch model: the held-out quarter is seen by no fit, search or int8 scale
+        data, held = split_held_out(data)
     with ui.status("separating the ONNX graph" + (", calibrating" if data is not None else "") + " and checking it in onnxruntime"):
-        result = convtool.separate_onnx(model, inputs, **ranks, **scope, calibration=data, providers=providers)
+        result = convtool.separate_onnx(model, inputs, **ranks, **scope, calibration=data, providers=providers, int8=int8)
     _search_notes(result, ui)
     report = None
     with Staging() as staging, tempfile.TemporaryDirectory(prefix="convtool-time-") as timing:
@@ -217,6 +255,10 @@ def _separate_onnx(model, output, ranks, scope, inputs, force, ui, calibration, 
                 result = dataclasses.replace(result, model=None)
                 release_freed_memory()
                 report = dataclasses.replace(report, latency=time_onnx(lambda: load_onnx(model), separated, result.feeds))
+            if int8:
+                report = _onnx_int8(report, model, separated, int8_path(output), result.feeds, data, held, staging, ui)
+        elif int8:
+            raise InvalidOptionError(f"--int8 needs the separated graph run on the CPU: {result.verification}")
         if report_path:
             if report is None:
                 raise InvalidOptionError(f"--report needs a run on the CPU: {result.verification}")
@@ -232,8 +274,27 @@ def _separate_onnx(model, output, ranks, scope, inputs, force, ui, calibration, 
             ui.note(f"  left as it was: {skip.name}: {skip.reason}")
     for line in run_lines(result.runs):
         ui.note(line)
-    ui.note(f"wrote {output}")
+    ui.note(f"wrote {output}" + (f" and {int8_path(output)}" if int8 else ""))
+    missed = _int8_floor_missed(report.int8, ranks["rank"]) if int8 else None
+    if missed:
+        ui.note(missed)
+        click.echo("Error: int8 verification failed", err=True)
+        return EXIT_VERIFY_FAILED
     return 0
+
+
+def _onnx_int8(report, original, separated, out, feeds, data, held, staging, ui):
+    """The report with the separated graph's int8 file (staged for ``out``) judged and timed as :func:`_with_int8` does."""
+    import dataclasses
+
+    from ..deploy.int8 import quantize_int8
+    from ..deploy.int8_data import first_samples
+
+    calibration = first_samples(data)
+    with ui.status("quantizing the separated graph to int8"):
+        made = staging.write(out, lambda tmp: quantize_int8(separated, calibration, tmp))
+    report = _with_int8(report, original, separated, made, feeds, calibration, held, "CPUExecutionProvider", ui)
+    return dataclasses.replace(report, int8=dataclasses.replace(report.int8, path=str(out)))
 
 
 def _with_latency(report, original, separated, inputs, checks, ui):
@@ -290,10 +351,47 @@ def _distill(student, teacher, data, steps, ui, features=False):
     return result.model
 
 
-def _export(model, inputs, onnx_path, ui):
+def _export(model, inputs, onnx_path, ui, int8_calibration=None):
     import convtool
 
-    with ui.status("exporting ONNX"):
-        exported = convtool.export_onnx(model, inputs, onnx_path)
+    with ui.status("exporting ONNX" + (" and quantizing it to int8" if int8_calibration is not None else "")):
+        exported = convtool.export_onnx(model, inputs, onnx_path, int8=int8_calibration is not None, calibration=int8_calibration)
     ui.note(export_line(exported))
     return exported
+
+
+def _with_int8(report, original, fp32, int8, inputs, calibration, held, provider, ui):
+    """The report with the int8 file judged on the held-out data and timed against the fp32 original and the dense int8 model."""
+    import dataclasses
+
+    from ..deploy.int8_compare import compare_int8
+
+    with ui.status(f"quantizing the original the same way; judging and timing the int8 files on {provider}"):
+        return dataclasses.replace(report, int8=compare_int8(original, fp32, int8, inputs, calibration, held, provider=provider))
+
+
+def _int8_floor_missed(int8, budget) -> str | None:
+    """Why the int8 file misses the agreement floor asked for, on the held-out data (None: it keeps it, or none was asked).
+
+    The search judged its trials' int8 files on a part of the data it fit on; this is the check
+    on samples nothing saw. A task's own --agreement measure is the search's alone: not judged here.
+    """
+    from ..plan.agreement import AgreementTarget
+
+    if int8 is None or not isinstance(budget, AgreementTarget) or budget.agreement is not None:
+        return None
+    f = int8.int8
+    if budget.met(f.top1_agreement, f.sqnr_db):
+        return None
+    kept = "; ".join(part for part in (f.top1_agreement is not None and f"top-1 agreement {f.top1_agreement:.1%}",
+                                       f.sqnr_db is not None and f"SQNR {f.sqnr_db:.1f} dB") if part)
+    return (f"the int8 file keeps {kept} on {int8.held_out} held-out samples, short of {budget.floors()}: give more "
+            "calibration data, or a higher floor")
+    f = int8.int8
+    if budget.min_agreement is not None and f.top1_agreement is not None and f.top1_agreement < budget.min_agreement:
+        return (f"the int8 file keeps {f.top1_agreement:.1%} top-1 agreement on {int8.held_out} held-out samples, below "
+                f"--min-agreement {budget.min_agreement:g}: give more calibration data, or a higher floor")
+    if budget.min_sqnr is not None and f.sqnr_db is not None and f.sqnr_db < budget.min_sqnr:
+        return (f"the int8 file's SQNR is {f.sqnr_db:.1f} dB on {int8.held_out} held-out samples, below --min-sqnr "
+                f"{budget.min_sqnr:g}: give more calibration data, or a higher floor")
+    return None

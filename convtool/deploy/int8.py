@@ -73,6 +73,23 @@ class Int8Form:
 DEFAULT_INT8_FORM = Int8Form()
 
 
+def int8_path(path: str | os.PathLike) -> Path:
+    """Where the int8 file of the fp32 file at ``path`` is written: beside it, ``model.onnx`` -> ``model.int8.onnx``."""
+    path = Path(path)
+    return path.with_suffix(".int8.onnx") if path.suffix.lower() == ".onnx" else path.with_name(path.name + ".int8.onnx")
+
+
+def as_int8_form(int8: Any) -> Int8Form | None:
+    """The ``int8`` keyword as a form: ``False``/``None`` (fp32) -> None, ``True`` -> :data:`DEFAULT_INT8_FORM`, a form as it is."""
+    if int8 is None or int8 is False:
+        return None
+    if int8 is True:
+        return DEFAULT_INT8_FORM
+    if isinstance(int8, Int8Form):
+        return int8
+    raise InvalidOptionError(f"int8 is True, False or an Int8Form (how to quantize); got {int8!r}")
+
+
 @dataclass(frozen=True)
 class Int8Export:
     """An int8 file written by :func:`quantize_int8`.

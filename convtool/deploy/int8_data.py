@@ -18,6 +18,57 @@ from ..errors import InvalidOptionError
 
 MIN_CALIBRATION_SAMPLES = 8  # MinMax ranges from fewer clip the activations of the next inputs (docs/int8.md)
 DEFAULT_BATCH = 8  # samples per run where the graph's batch is dynamic
+HELD_OUT_SHARE = 0.25  # of the calibration data, kept from every fit to judge the int8 file on
+MAX_HELD_OUT = 512  # held-out samples at most: enough to read a top-1 agreement to 0.2%, in memory at once
+MAX_INT8_CALIBRATION = 512  # calibration samples at most for the int8 scales: MinMax ranges settle long before
+
+
+def split_held_out(data: Any, share: float = HELD_OUT_SHARE, most: int = MAX_HELD_OUT) -> tuple[Any, Any]:
+    """Calibration data cut in two: the samples to fit on (refit and int8 scales), and the last ``share`` of
+    them (at most ``most``) held out to judge the int8 file on, each in the form given.
+
+    ``data``: an array or tensor (N first), a tuple or dict of them cut alike, or a map-style
+    Dataset (a streamed folder: split by index, nothing read). Held-out samples are the last
+    ones, so a file of samples in a fixed order splits the same way every run.
+
+    Raises:
+        InvalidOptionError: too few samples for both parts, or data of another form.
+    """
+    count = _samples(data)
+    held = min(max(round(count * share), 1), most)
+    if count - held < MIN_CALIBRATION_SAMPLES:
+        raise InvalidOptionError(
+            f"the calibration data holds {count} samples; int8 holds {share:g} of them out to verify on and calibrates on "
+            f"the rest, at least {MIN_CALIBRATION_SAMPLES}: give at least {MIN_CALIBRATION_SAMPLES + held} samples")
+    return _taken(data, 0, count - held), _taken(data, count - held, count)
+
+
+def first_samples(data: Any, most: int = MAX_INT8_CALIBRATION) -> Any:
+    """The first ``most`` samples of ``data`` (as :func:`split_held_out` takes it), in the form given."""
+    return _taken(data, 0, min(_samples(data), most))
+
+
+def _samples(data: Any) -> int:
+    from torch.utils.data import Dataset
+
+    if isinstance(data, Dataset) and hasattr(data, "__len__"):
+        return len(data)
+    first = next(iter(data.values())) if isinstance(data, Mapping) else data[0] if isinstance(data, (tuple, list)) and data else data
+    if not isinstance(first, (np.ndarray, torch.Tensor)) or not first.ndim:
+        raise InvalidOptionError(f"int8 needs calibration data as samples (N first) or a folder; got {type(data).__name__}")
+    return first.shape[0]
+
+
+def _taken(data: Any, start: int, stop: int) -> Any:
+    from torch.utils.data import Dataset, Subset
+
+    if isinstance(data, Dataset) and hasattr(data, "__len__"):
+        return Subset(data, range(start, stop))
+    if isinstance(data, Mapping):
+        return {k: v[start:stop] if getattr(v, "ndim", 0) else v for k, v in data.items()}
+    if isinstance(data, (tuple, list)):
+        return type(data)(v[start:stop] for v in data)
+    return data[start:stop]
 
 
 def graph_inputs(model: Any) -> list[Any]:
@@ -80,6 +131,11 @@ def feeds_of(model: Any, data: Any, *, what: str = "calibration data", min_sampl
         batches: Iterable[Any] = [{k: a[i:i + batch] for k, a in stacked.items()} for i in range(0, max(last, 0), batch)]
         if count and fixed and count < fixed:
             raise InvalidOptionError(f"the model takes batches of {fixed}; the {what} holds {count} samples: give at least {fixed}")
+    elif _is_dataset(data):  # a streamed folder: its samples batched as the graph takes them
+        from torch.utils.data import DataLoader
+
+        fixed = next(iter(declared[names[0]][1][:1]), None)
+        batches = DataLoader(data, batch_size=fixed or DEFAULT_BATCH, drop_last=bool(fixed))
     elif isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
         raise InvalidOptionError(f"the {what} must be an array or tensor of samples (N first), a dict of them by input name, "
                                  f"or a list of batches; got {type(data).__name__}")
@@ -99,6 +155,12 @@ def feeds_of(model: Any, data: Any, *, what: str = "calibration data", min_sampl
             f"the {what} holds {samples} sample{'s' * (samples != 1)}; int8 scales need at least {min_samples} "
             f"({2 * min_samples} or more is better): give more samples of the data the model will run on")
     return feeds, samples
+
+
+def _is_dataset(data: Any) -> bool:
+    from torch.utils.data import Dataset
+
+    return isinstance(data, Dataset) and hasattr(data, "__len__") and hasattr(data, "__getitem__")
 
 
 def _checked(name: str, array: np.ndarray, dtype: np.dtype | None, dims: list[int | None], what: str) -> np.ndarray:

@@ -21,6 +21,7 @@ from ..core.inputs import eval_mode, model_device, tensors_of
 from ..errors import InvalidOptionError, ProviderUnavailableError
 from ..measure.fidelity import Fidelity, output_fidelity
 from ..measure.onnxrt import open_session, require_provider
+from .int8 import Int8Form, quantize_int8
 from .int8_data import feeds_of
 
 
@@ -86,6 +87,25 @@ def verify_int8(path: str | os.PathLike, reference: Any, held_out: Any, *, provi
         raise InvalidOptionError(f"the int8 file returns {len(actual)} outputs and its reference {len(wanted)}: "
                                  f"compare it with the fp32 model it was quantized from")
     return Int8Check(str(path), described, name, samples, output_fidelity(actual, wanted))
+
+
+def int8_outputs(fp32: str | os.PathLike, calibration: Any, batches: list[Any], out: str | os.PathLike, *,
+                 form: Int8Form | None = None) -> list[list[np.ndarray]]:
+    """The fp32 file quantized to ``out`` on ``calibration``, and its outputs on each of ``batches`` (onnxruntime CPU).
+
+    What a search judges with int8: the file a separation ships as, not its fp32 model, so an
+    agreement floor holds for the int8 file. ``batches``: each a batch as calibration takes one.
+    """
+    import onnx
+
+    quantized = quantize_int8(fp32, calibration, out, form=form, min_samples=1)
+    session = open_session(quantized.path, "CPUExecutionProvider", lean=True)
+    proto = onnx.load(quantized.path, load_external_data=False)
+    rows = []
+    for batch in batches:
+        (feed,), _ = feeds_of(proto, [batch], what="held-out data")
+        rows.append(session.run(None, feed))
+    return rows
 
 
 def _torch_outputs(model: nn.Module, feeds: list[dict], names: list[str]) -> list[list[np.ndarray]]:

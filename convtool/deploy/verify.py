@@ -38,6 +38,8 @@ from ..measure.onnxrt import (
     time_sessions,
     timing_session,
 )
+from .int8 import Int8Form
+from .int8_latency import quantized_for_timing
 from .runtime_form import for_runtime
 
 
@@ -236,6 +238,8 @@ class AgainstOriginal:
     models against one original: exporting it again each time would cost seconds a round.
     ``exporter``: as :func:`~convtool.export_onnx`'s; a search passes ``"torchscript"``, which
     writes the same operators for these models in a fraction of torch.export's time.
+    ``int8``: both models quantized in this form before they are timed (a search with int8: a
+    latency target is then a fraction of the dense int8 model's latency).
     A context manager: the ONNX files live in a temporary folder until it exits.
 
     Raises:
@@ -244,8 +248,8 @@ class AgainstOriginal:
     """
 
     def __init__(self, original: nn.Module, example_inputs: Any, *, provider: str = "cpu", threads: int | None = None,
-                 exporter: str = "auto") -> None:
-        self.provider, self.threads, self.exporter = require_provider(provider), threads, exporter
+                 exporter: str = "auto", int8: Int8Form | None = None) -> None:
+        self.provider, self.threads, self.exporter, self.int8 = require_provider(provider), threads, exporter, int8
         self.inputs = as_inputs(example_inputs)
         self._folder = tempfile.TemporaryDirectory(prefix="convtool-bench-")
         self._count = 0
@@ -267,7 +271,11 @@ class AgainstOriginal:
         self._count += 1
         exported = write_onnx(shipped, self.inputs, Path(self._folder.name) / f"m{self._count}.onnx", dynamic_batch=False,
                               exporter=self.exporter)
-        return timing_session(exported.path, self.provider, self.threads)
+        path = exported.path
+        if self.int8 is not None:
+            feeds = {name: numpy(x) for name, x in zip(exported.input_names, self.inputs)}
+            path = quantized_for_timing(path, feeds, path.with_suffix(".int8.onnx"), self.int8).path
+        return timing_session(path, self.provider, self.threads, strict=self.int8 is not None)
 
     def benchmark(self, separated: nn.Module, *, runs: int = 50, warmup: int = 5) -> Benchmark:
         """``separated`` exported as shipped and timed against the original, round-robin: medians in ms."""

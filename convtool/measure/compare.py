@@ -44,6 +44,9 @@ class Comparison:
         counted: from an ONNX separation, which branch of each ``If`` (and how many loop
             iterations) the FLOPs count.
         not_run: from an ONNX separation, the separated layers the check's inputs did not run.
+        int8: the separated model's int8 file judged and timed against the fp32 original and
+            the dense int8 model, when made (the CLI's ``--int8``; an
+            :class:`~convtool.deploy.int8_compare.Int8Comparison`).
     """
 
     before: Analysis
@@ -59,6 +62,7 @@ class Comparison:
     not_refit: tuple[SkippedLayer, ...] = ()
     counted: tuple[str, ...] = ()
     not_run: tuple[str, ...] = ()
+    int8: Any = None
 
     @property
     def params_ratio(self) -> float:

@@ -66,6 +66,7 @@ class OnnxExport:
     folded_batchnorms: tuple[str, ...] = ()  # BatchNorms folded into the conv before them
     branched_layers: tuple[str, ...] = ()  # pairs rewritten in a faster exact form (branches, 1 x k kernels)
     fixed_batch_reason: str | None = None  # why a dynamic batch was asked for and not written
+    int8: Any = None  # with export_onnx(int8=...): the int8 file quantized from this one (an Int8Export)
 
     def __fspath__(self) -> str:
         return str(self.path)

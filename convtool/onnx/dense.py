@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..deploy.int8 import Int8Form
+from ..deploy.int8_latency import int8_graph_latency
 from ..errors import InvalidOptionError
 from ..measure.onnxrt import graph_latency, open_session
 from ..measure.sensitivity import divergence
@@ -37,13 +39,16 @@ class DenseGraph:
 
     ``counts``: of a run on the example inputs (None, with ``why_not``, when there was none);
     ``batch``: the first calibration batch's feeds, or None; ``provider``: where layers are
-    timed (onnxruntime's name), or None; ``folder``: where the graphs it runs are written.
+    timed (onnxruntime's name), or None; ``folder``: where the graphs it runs are written;
+    ``int8``: the form layers are quantized in before they are timed (None: timed in fp32).
     """
 
     def __init__(self, original: Any, sites: dict[str, Site], where: dict[str, ConvNode], counts: OnnxCounts | None,
-                 why_not: str | None, batch: list[np.ndarray] | None, provider: str | None, folder: Path) -> None:
+                 why_not: str | None, batch: list[np.ndarray] | None, provider: str | None, folder: Path,
+                 int8: Int8Form | None = None) -> None:
         self.original, self.sites, self.where, self.counts, self.why_not = original, sites, where, counts, why_not
-        self.batch, self.provider, self.folder = batch, provider, folder
+        self.batch, self.provider, self.folder, self.int8 = batch, provider, folder, int8
+        self.precision = "fp32" if int8 is None else "int8"
         self._stats: dict[str, SiteStats] | None = None
 
     def stats(self) -> dict[str, SiteStats]:
@@ -86,7 +91,8 @@ class DenseGraph:
         return None if self.batch is None else SwappedWeights(self.original, self.sites, self.where, self.batch, self.folder)
 
     def latency(self, site: Site, key: Key, stats: SiteStats) -> float:
-        """The dense node as it is, or the pair as :func:`~convtool.onnx.graph.pair_nodes` writes it, alone at its input shape."""
+        """The dense node as it is, or the pair as :func:`~convtool.onnx.graph.pair_nodes` writes it, alone at its input shape;
+        with int8, quantized and timed with 8-bit edges, as it runs inside the int8 file."""
         node = self.where[site.name].node
         model = _layer_model(self.original, node, site, key, stats.input_shape)
         path = self.folder / "layer.onnx"
@@ -95,6 +101,8 @@ class DenseGraph:
         attributes = tuple(sorted((k, repr(v)) for k, v in node_attributes(node).items()))
         fingerprint = (node.op_type, attributes, tuple(site.weight.shape), site.uses[0].bias is not None, key,
                        tuple(stats.input_shape))
+        if self.int8 is not None:
+            return int8_graph_latency(path, feeds, self.provider, fingerprint, form=self.int8)
         return graph_latency(path, feeds, self.provider, fingerprint)
 
 

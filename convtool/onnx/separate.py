@@ -31,6 +31,7 @@ import torch
 
 from ..core.decompose import ORDERS
 from ..core.records import Benchmark, LayerChange, Search, SkippedLayer
+from ..deploy.int8 import Int8Form
 from ..errors import AnalysisError, InvalidOptionError, NothingToSeparateError, SeparationError
 from ..measure.compare import Comparison
 from ..measure.fidelity import Fidelity, output_fidelity
@@ -242,11 +243,13 @@ def calibration_batches(original: OnnxOriginal, calibration: Any) -> list[list[n
 
 def separate_onnx_at(original: OnnxOriginal, budget: Budget, *, order: str, include: Sequence[str], exclude: Sequence[str],
                      calibration: Any, providers: Sequence[str], layout: str, fold_bn: bool, provider: str | None,
-                     staging: Path, costing: Costing | None = None, shared: bool = False) -> tuple[OnnxSeparation, Costing]:
+                     staging: Path, costing: Costing | None = None, shared: bool = False,
+                     int8: Int8Form | None = None) -> tuple[OnnxSeparation, Costing]:
     """``original`` separated at one budget (its options checked by :func:`check_options`), and the costing planned from.
 
     ``provider``: onnxruntime's name of the provider layers are timed on (None: not timed);
-    ``costing``: one a search filled, reused; ``shared``: the costing will serve other budgets.
+    ``costing``: one a search filled, reused; ``shared``: the costing will serve other budgets;
+    ``int8``: the form layers are quantized in before they are timed (None: fp32).
     """
     work = original.load()
     scopes = model_scopes(work)
@@ -258,7 +261,8 @@ def separate_onnx_at(original: OnnxOriginal, budget: Budget, *, order: str, incl
         detail = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:5]) or "the graph has no Conv node"
         raise NothingToSeparateError(f"nothing to separate ({detail})")
     batches = calibration_batches(original, calibration) if calibration is not None else None
-    view = DenseGraph(work, sites, where, original.counts, original.why_not, batches[0] if batches else None, provider, staging)
+    view = DenseGraph(work, sites, where, original.counts, original.why_not, batches[0] if batches else None, provider, staging,
+                      int8)
     plan, costing = make_plan(list(sites.values()), budget, order, view, costing, shared)
     del view
     skipped += [SkippedLayer(name, reason) for name, reason in plan.dense_reasons.items()]

@@ -125,7 +125,7 @@ class AgreementTarget(Budget):
             raise NothingToSeparateError(self._both_missed(best, bisection.tried, trials.samples))
         cost = "the fastest model" if self.timed and self.minimize == "latency" else "the fewest FLOPs"
         goal = f"{cost} meeting {self.floors()} on {trials.samples} held-out calibration samples" + (
-            f" within {self.latency:g} of the original's latency" if self.latency is not None else "")
+            f" within {self.latency:g} of {getattr(trials, 'baseline', 'the original')}'s latency" if self.latency is not None else "")
         return best.result, Search(self, goal, True, "", best.flops_fraction, best.latency, best.top1_agreement, best.sqnr_db,
                                    trials.samples, None, tuple(bisection.tried))
 

@@ -80,6 +80,7 @@ class Trials(Protocol):
 
     costing: Costing  # empty until the first trial fills it, then reused by every later one
     samples: int  # held-out calibration samples each trial is judged on (0 when it is not judged)
+    baseline: str  # what a trial is timed against, in words: "the original", or "the dense int8 model" (int8)
 
     def run(self, budget: "Budget") -> Attempt:
         """Separate at ``budget`` and measure what the search needs. Raises NothingToSeparateError when

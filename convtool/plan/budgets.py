@@ -24,7 +24,7 @@ def fraction_reason(value: object, what: str) -> str | None:
 
 
 def slower_reason(costing: Costing, key: Key) -> str:
-    return f"kept dense: rank {key[1]} ({key[0]}) is not faster than the dense conv on {costing.provider}"
+    return f"kept dense: rank {key[1]} ({key[0]}) is not faster than the dense conv on {costing.timed_on}"
 
 
 def _per_layer_plan(costing: Costing, wanted: dict[str, Key], reasons: dict[str, str]) -> Plan:
@@ -97,7 +97,7 @@ def spend(costing: Costing, unit: str, fraction: float, words: str) -> Plan:
             continue
         layer = costing.layers[name]
         if len(layer.flops) == 1 and layer.slower:
-            reasons[name] = f"kept dense: no separated form is faster than the dense conv on {costing.provider}"
+            reasons[name] = f"kept dense: no separated form is faster than the dense conv on {costing.timed_on}"
         elif len(layer.flops) == 1:
             reasons[name] = "kept dense: no separated form costs less than the dense conv"
         else:

@@ -36,6 +36,7 @@ class DenseView(Protocol):
     """What a front end measures of its dense model, for the costing. Each is measured when first asked."""
 
     provider: str | None  # where ``latency`` times (onnxruntime's name); None: layers are not timed
+    precision: str  # the form ``latency`` times layers in: "fp32", or "int8" (each quantized, as the int8 file runs it)
 
     def stats(self) -> dict[str, SiteStats]:
         """Per site that ran on the costed inputs, its calls' pixels and first input shape."""
@@ -95,6 +96,7 @@ class Costing:
             but the costed layers.
         errors: what an option's error measures: ``"weight"``, ``"layer output"`` or ``"model output"``.
         provider: where the milliseconds were timed (None: not timed).
+        precision: the form they were timed in: ``"fp32"``, or ``"int8"`` (dense convs and pairs quantized).
     """
 
     layers: dict[str, LayerCost] = field(default_factory=dict)
@@ -103,7 +105,13 @@ class Costing:
     flops_fixed: float = 0.0
     errors: str = "weight"
     provider: str | None = None
+    precision: str = "fp32"
     filled: bool = False  # False: an empty costing, to be filled by the first plan made with it
+
+    @property
+    def timed_on(self) -> str:
+        """Where and how layers were timed, in words: the provider, and "in int8" where they were quantized."""
+        return f"{self.provider}" + (" in int8" if self.precision == "int8" else "")
 
     def total(self, unit: str) -> float:
         """What the whole model costs: its FLOPs, or the timed layers' dense milliseconds."""
@@ -161,7 +169,7 @@ def cost(sites: list[Site], request: Request, order: str, view: DenseView) -> Co
 
     timed = view.provider is not None
     stats = view.stats() if request.unit or timed else {}
-    costing = Costing(provider=view.provider, filled=True)
+    costing = Costing(provider=view.provider, precision=getattr(view, "precision", "fp32"), filled=True)
     by_name = {site.name: site for site in sites}
     for site in sites:
         if request.unit and site.name not in stats:

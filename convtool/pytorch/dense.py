@@ -13,6 +13,8 @@ from torch import nn
 from ..core.inputs import running
 from ..core.modules import runtime_forms
 from ..core.names import join
+from ..deploy.int8 import Int8Form
+from ..deploy.int8_latency import int8_module_latency
 from ..errors import AnalysisError, InvalidOptionError
 from ..measure.conv_calls import ConvCall, ConvRecorder, explicit_padding, record
 from ..measure.counts import analyze
@@ -118,12 +120,15 @@ class DenseModel:
 
     ``costed``: the inputs FLOPs and latency are measured on (``what`` says what they are, for
     errors); ``batch``: the first calibration batch, or None; ``provider``: where layers are
-    timed (onnxruntime's name), or None.
+    timed (onnxruntime's name), or None; ``int8``: the form layers are quantized in before they
+    are timed (None: timed in fp32).
     """
 
     def __init__(self, work: nn.Module, sites: list[Site], costed: tuple, what: str, batch: tuple | None,
-                 provider: str | None) -> None:
+                 provider: str | None, int8: Int8Form | None = None) -> None:
         self.work, self.sites, self.costed, self.what, self.provider = work, sites, costed, what, provider
+        self.int8 = int8
+        self.precision = "fp32" if int8 is None else "int8"
         self.first = FirstBatch(work, sites, batch) if batch is not None else None
         self._run: ConvRecorder | None = None
         self._stats: dict[str, SiteStats] | None = None
@@ -165,7 +170,10 @@ class DenseModel:
             raise InvalidOptionError("sensitivity needs a model with a float output to compare") from None
 
     def latency(self, site: Site, key: Key, stats: SiteStats) -> float:
-        """A dense conv as it is, a pair in the form ``export_onnx`` ships it in (its preferred runtime form)."""
+        """A dense conv as it is, a pair in the form ``export_onnx`` ships it in (its preferred runtime form);
+        with int8, each quantized and timed with 8-bit edges, as it runs inside the int8 file."""
         shape = stats.input_shape
         module = dense_for(site) if key == DENSE else runtime_forms(pair_for(site, *key), {shape[-1]})[-1]
+        if self.int8 is not None:
+            return int8_module_latency(module.eval(), shape, self.provider, form=self.int8)
         return module_latency(module.eval(), shape, self.provider)

@@ -23,6 +23,7 @@ from ..core.inputs import as_inputs, guess_inputs, model_device, on_device, run_
 from ..core.names import label
 from ..core.records import LayerChange, Search, SkippedLayer
 from ..core.working_copy import copy_model, working_copy
+from ..deploy.int8 import Int8Form
 from ..errors import InvalidOptionError, NothingToSeparateError
 from ..measure.conv_calls import ConvRecorder, record
 from ..measure.layers import describe
@@ -139,15 +140,16 @@ def synthetic_calibration(model: nn.Module, example_inputs: Any, calibration: An
 
 def separate_at(model: nn.Module, example_inputs: Any, budget: Budget, *, order: str, include: Sequence[str],
                 exclude: Sequence[str], calibration: Any, recalibrate_bn: bool, provider: str | None, refit: str,
-                costing: Costing | None = None, shared: bool = False) -> tuple[Separation, Costing]:
+                costing: Costing | None = None, shared: bool = False, int8: Int8Form | None = None) -> tuple[Separation, Costing]:
     """``model`` separated at one budget (its options checked by :func:`check_options`), and the costing planned from.
 
     ``provider``: onnxruntime's name of the provider layers are timed on (None: not timed);
-    ``costing``: one a search filled, reused; ``shared``: the costing will serve other budgets.
+    ``costing``: one a search filled, reused; ``shared``: the costing will serve other budgets;
+    ``int8``: the form layers are quantized in before they are timed (None: fp32).
     """
     prepared = _prepare(model, example_inputs, calibration)
     sites, skipped, tracing = _sites(prepared.work, include, exclude)
-    plan, costing, view = _plan(prepared, sites, budget, order, provider, costing, shared)
+    plan, costing, view = _plan(prepared, sites, budget, order, provider, costing, shared, int8)
     skipped += [SkippedLayer(name, reason) for name, reason in plan.dense_reasons.items()]
     reference = copy_model(prepared.work) if prepared.batches else None  # the dense model the refit matches
     placed = _install_and_prove(model, prepared, sites, plan, tracing, view.recorded, skipped)
@@ -202,14 +204,14 @@ def _sites(work: nn.Module, include: Sequence[str], exclude: Sequence[str]) -> t
 
 
 def _plan(prepared: _Prepared, sites: list[Site], budget: Budget, order: str, provider: str | None,
-          costing: Costing | None, shared: bool) -> tuple[Plan, Costing, DenseModel]:
+          costing: Costing | None, shared: bool, int8: Int8Form | None = None) -> tuple[Plan, Costing, DenseModel]:
     """The budget's plan over this model's dense view, the costing, and the view (its recordings reused below).
 
     The view's first calibration batch is recorded at most once: the refit takes its outputs
     as that batch's targets.
     """
     batch = on_device(prepared.batches[0], prepared.device) if prepared.batches else None
-    view = DenseModel(prepared.work, sites, prepared.costed, _what(prepared.inputs), batch, provider)
+    view = DenseModel(prepared.work, sites, prepared.costed, _what(prepared.inputs), batch, provider, int8)
     plan, costing = make_plan(sites, budget, order, view, costing, shared)
     if view.first is not None:
         view.first.drop_inputs()

@@ -22,8 +22,8 @@ from ..measure.compare import Comparison
 from ..measure.counts import FLOPS_UNIT, Analysis, ModuleCost
 
 # 3: layers carry "transposed"; 4: "budget_search"; 5: "latency_search"; 6: one "search" for every searched
-# budget (replacing both), and an ONNX separation's "not_refit", "counted" and "not_run".
-SCHEMA_VERSION = 6
+# budget (replacing both), and an ONNX separation's "not_refit", "counted" and "not_run"; 7: "int8" (--int8).
+SCHEMA_VERSION = 7
 
 
 def human(n: float | None) -> str:
@@ -91,7 +91,49 @@ def to_dict(comparison: Comparison) -> dict[str, Any]:
         "not_refit": [{"name": name, "reason": reason} for name, reason in c.not_refit],
         "counted": list(c.counted),
         "not_run": list(c.not_run),
+        "int8": None if c.int8 is None else int8_dict(c.int8),
     }
+
+
+def int8_dict(int8: Any) -> dict[str, Any]:
+    """The int8 file's comparison as JSON-ready data: every field (each fidelity without its per-output rows), and both ratios."""
+    fields = {k: getattr(int8, k) for k in (f.name for f in dataclasses.fields(int8))}
+    out: dict[str, Any] = {}
+    for key, value in fields.items():
+        if dataclasses.is_dataclass(value):
+            value = {k: _json_value(v) for k, v in dataclasses.asdict(value).items() if k != "outputs"}
+        out[key] = list(value) if isinstance(value, tuple) else _json_value(value)
+    return {**out, "vs_original": _json_value(int8.vs_original), "vs_dense_int8": _json_value(int8.vs_dense_int8)}
+
+
+def int8_lines(int8: Any) -> list[str]:
+    """The int8 file's two latency ratios (against the fp32 original and the dense int8 model), and what each file keeps."""
+    if int8 is None:
+        return []
+    f = int8.form
+    form = f"{f.format.upper()}, {'per-channel' if f.per_channel else 'per-tensor'} {f.weights} weights, {f.activations} activations"
+    floats = f"; in float: {', '.join(int8.float_convs)}" if int8.float_convs else ""
+    lines = [
+        f"int8 file {int8.path} ({form}; {int8.int8_convs} convs in int8{floats}; calibrated on {int8.calibration_samples} samples).",
+        f"int8 on onnxruntime {int8.provider}: {int8.int8_ms:.3g} ms = {int8.vs_original:.3f} of the fp32 original's "
+        f"{int8.original_ms:.3g} ms ({_speed(int8.vs_original)}) and {int8.vs_dense_int8:.3f} of the dense int8 "
+        f"model's {int8.dense_int8_ms:.3g} ms ({_speed(int8.vs_dense_int8)}); separated fp32 {int8.fp32_ms:.3g} ms "
+        f"(medians of {int8.runs} interleaved runs).",
+    ]
+    judged = "; ".join(f"{what}: {_brief_fidelity(fid)}" for what, fid in (
+        ("separated int8", int8.int8), ("separated fp32", int8.fp32), ("dense int8", int8.dense_int8)))
+    lines.append(f"Against the fp32 original on {int8.held_out} held-out samples: {judged}.")
+    return lines
+
+
+def _speed(ratio: float) -> str:
+    """A latency ratio in words: '1.52x faster', or 'SLOWER, 1.10x'."""
+    return f"{1 / ratio:.2f}x faster" if ratio <= 1 else f"SLOWER, {ratio:.2f}x"
+
+
+def _brief_fidelity(f: Any) -> str:
+    sqnr = "identical" if f.sqnr_db is None or not math.isfinite(f.sqnr_db) else f"SQNR {f.sqnr_db:.1f} dB"
+    return sqnr + ("" if f.top1_agreement is None else f", top-1 agreement {f.top1_agreement:.1%}")
 
 
 def search_dict(search: Search) -> dict[str, Any]:
@@ -277,7 +319,7 @@ def to_markdown(comparison: Comparison) -> str:
         lines += [_md(search_line(c.search)), "", *_trial_rows(c.search), ""]
     for text in notes(c):
         lines += [_md(text), ""]
-    for text in _latency_lines(c):
+    for text in _latency_lines(c) + int8_lines(c.int8):
         lines += [_md(text), ""]
     if c.layers:
         lines += [
@@ -313,6 +355,7 @@ def to_rich(comparison: Comparison, *, max_layers: int | None = 40) -> list[Any]
         out.append(search_line(c.search))
     out += notes(c)
     out += _latency_lines(c)
+    out += int8_lines(c.int8)
     if c.layers:
         rows = _layer_rows(c)
         layers = Table(title=f"Separated layers ({len(rows)})", title_justify="left")

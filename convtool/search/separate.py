@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 from torch import nn
 
+from ..deploy.int8 import as_int8_form
 from ..errors import InvalidOptionError
 from ..plan.budget import Budget, Needs
 from ..plan.budgets import as_budget
@@ -33,6 +34,7 @@ def separate(
     latency_provider: str | None = None,
     refit: str = "last",
     allow_slower: bool = False,
+    int8: Any = False,
 ) -> Separation:
     """Replace the standard convs of ``model`` by depthwise-separable pairs, and prove it.
 
@@ -91,6 +93,14 @@ def separate(
             pair is not faster than its dense conv kept dense) only where one is named.
         allow_slower: keep a budget's layers whose separated form is not measurably faster
             than their dense conv (they are then costed in FLOPs alone, as before 0.3).
+        int8: plan for the int8 file the model will ship as (``True``: the default
+            :class:`~convtool.deploy.int8.Int8Form`, or a form): wherever layers are timed, each
+            dense conv and pair is quantized and timed with 8-bit edges, so a pair stays only
+            where it beats its dense conv in int8; a latency target or agreement search times
+            both whole models quantized (a :class:`~convtool.LatencyTarget` fraction is then of
+            the dense int8 model's latency), and an agreement floor is judged on the separated
+            model's int8 file (calibrated on the data it was refit on) against the fp32
+            original. Quantize the result with :func:`~convtool.export_onnx` (``int8=``).
 
     Returns:
         A :class:`~convtool.pytorch.separate.Separation`: the new model, a record per separated layer, the reason for
@@ -111,7 +121,7 @@ def separate(
     """
     budget = as_budget(rank)
     front = PyTorchFront(model, example_inputs, calibration, order=order, include=include, exclude=exclude,
-                         recalibrate_bn=recalibrate_bn, latency_provider=latency_provider, refit=refit)
+                         recalibrate_bn=recalibrate_bn, latency_provider=latency_provider, refit=refit, int8=as_int8_form(int8))
     return searched(budget, front, allow_slower)
 
 
@@ -129,6 +139,7 @@ def separate_onnx(
     fold_bn: bool = True,
     latency_provider: str | None = None,
     allow_slower: bool = False,
+    int8: Any = False,
 ) -> OnnxSeparation:
     """Replace every standard ``Conv`` node of an ONNX model by a depthwise-separable pair, and check it.
 
@@ -160,8 +171,8 @@ def separate_onnx(
             pair's last conv (the runtime form; onnxruntime does it on loading too).
         providers: onnxruntime providers to run both models on (``"cpu"``, ``"cuda"``); one
             this build lacks, or that falls back to the CPU, is reported as not run.
-        latency_provider, allow_slower: as for :func:`~convtool.separate`; here each layer's
-            nodes are timed alone as this front end writes them.
+        latency_provider, allow_slower, int8: as for :func:`~convtool.separate`; here each
+            layer's nodes are timed alone as this front end writes them (quantized, with int8).
 
     Raises:
         OnnxFileError: the file is not a valid ONNX model.
@@ -173,7 +184,7 @@ def separate_onnx(
     """
     budget = as_budget(rank)
     front = OnnxFront(model, example_inputs, calibration, order=order, include=include, exclude=exclude, providers=providers,
-                      layout=layout, fold_bn=fold_bn, latency_provider=latency_provider)
+                      layout=layout, fold_bn=fold_bn, latency_provider=latency_provider, int8=as_int8_form(int8))
     return searched(budget, front, allow_slower)
 
 

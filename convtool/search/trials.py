@@ -132,6 +132,7 @@ class Trials:
             self.fit, held = split_held_out(front, calibration, needs.held_out)
             self.held = HeldOut(front, held, needs.top1, needs.agreement)
         self.samples = self.held.samples if self.held is not None else 0
+        self.baseline = "the original" if getattr(front, "int8", None) is None else "the dense int8 model"
         self._stack = contextlib.ExitStack()
         self._time: Callable[[Any], Benchmark] | None = None
 

@@ -277,3 +277,134 @@ def test_the_quantizers_own_refusal_is_one_line(tmp_path, monkeypatch):
         quantize_int8(fp32, torch.randn(8, 3, 8, 8), tmp_path / "c.int8.onnx")
     one_line(error)
     assert not Path(tmp_path / "c.int8.onnx").exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+# The planner in int8, export_onnx(int8=...) and compare_int8 (issue 37, items 1-3).
+
+def _fan_in_out():
+    """A conv whose pair wins in fp32 (4 -> 64) and one whose pair loses in int8 (64 -> 4: its depthwise half, which
+    int8 does not speed up, outweighs the dense conv quantized), under the suite's timing stand-in."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(4, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 4, 3, padding=1)).eval()
+
+
+def test_a_layer_whose_int8_pair_is_slower_stays_dense():
+    model, x = _fan_in_out(), torch.randn(1, 4, 16, 16)
+    fp32 = convtool.separate(model, x, rank=convtool.FlopsTarget(0.5))
+    int8 = convtool.separate(model, x, rank=convtool.FlopsTarget(0.5), int8=True)
+    assert [layer.name for layer in fp32.layers] == ["0", "2"]
+    assert [layer.name for layer in int8.layers] == ["0"]
+    assert dict(int8.skipped)["2"] == "kept dense: no separated form is faster than the dense conv on CPUExecutionProvider in int8"
+
+
+def test_the_onnx_front_end_plans_in_int8_alike(tmp_path):
+    model, x = _fan_in_out(), torch.randn(1, 4, 16, 16)
+    path = convtool.export_onnx(model, x, tmp_path / "m.onnx").path
+    fp32 = convtool.separate_onnx(path, (x.numpy(),), rank=convtool.FlopsTarget(0.5))
+    int8 = convtool.separate_onnx(path, (x.numpy(),), rank=convtool.FlopsTarget(0.5), int8=Int8Form(per_channel=False))
+    assert len(fp32.layers) == 2 and len(int8.layers) == 1
+    assert any("in int8" in reason for _, reason in int8.skipped)
+
+
+def test_int8_layer_timing_goes_through_the_front_ends_int8_timer(monkeypatch):
+    """The form asked reaches the layer timer, and every layer timed is timed in int8 (none in fp32)."""
+    forms = []
+    monkeypatch.setattr(pytorch_dense, "module_latency", lambda *a, **k: pytest.fail("timed in fp32"))
+    monkeypatch.setattr(pytorch_dense, "int8_module_latency", lambda module, shape, provider, form: forms.append(form) or 1.0)
+    form = Int8Form(reduce_range=True)
+    with pytest.raises(NothingToSeparateError):  # every option as slow as dense: kept dense
+        convtool.separate(_fan_in_out(), torch.randn(1, 4, 16, 16), rank=convtool.FlopsTarget(0.5), int8=form)
+    assert forms and set(forms) == {form}
+
+
+@pytest.mark.parametrize("value", ["yes", 8, "int8"])
+def test_an_int8_value_that_is_no_form_is_refused(value):
+    with pytest.raises(InvalidOptionError) as error:
+        convtool.separate(_fan_in_out(), torch.randn(1, 4, 8, 8), int8=value)
+    assert "int8 is True, False or an Int8Form" in one_line(error)
+
+
+def test_the_whole_model_timer_quantizes_both_models(monkeypatch):
+    """A latency target with int8 times the dense int8 model against the separated int8 one: its fraction's baseline."""
+    from convtool.deploy import verify
+
+    opened = []
+    real = verify.timing_session
+
+    def session(path, *args, **kwargs):
+        opened.append((Path(path).name, {n.op_type for n in onnx.load(str(path)).graph.node}))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(verify, "timing_session", session)
+    model, x = _fan_in_out(), torch.randn(1, 4, 16, 16)
+    result = convtool.separate(model, x, rank=convtool.LatencyTarget(0.9, runs=3, rounds=1), int8=True)
+    assert result.search.goal == "0.9 of the dense int8 model's latency on cpu" and len(opened) >= 2
+    for name, ops in opened:
+        assert name.endswith(".int8.onnx") and {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+def test_an_agreement_floor_with_int8_is_judged_on_the_int8_file(monkeypatch):
+    """Each trial's outputs are its int8 file's, calibrated on the data it was refit on (not the held-out part)."""
+    from convtool.search import fronts
+
+    calibrated = []
+    real = fronts.int8_outputs
+    monkeypatch.setattr(fronts, "int8_outputs", lambda fp32, calibration, batches, out, form: calibrated.append(
+        (sum(b[0].shape[0] for b in calibration), sum(b[0].shape[0] for b in batches))) or real(fp32, calibration, batches, out, form=form))
+    torch.manual_seed(0)
+    data = torch.randn(32, 4, 8, 8)
+    result = convtool.separate(_fan_in_out(), data[:1], rank=convtool.AgreementTarget(sqnr_db=5.0, minimize="flops"),
+                               calibration=data, int8=True)
+    assert calibrated and set(calibrated) == {(24, 8)}  # refit and calibrated on 24, judged on the 8 held out
+    assert result.search.sqnr_db is not None and result.search.sqnr_db >= 5.0
+
+
+def test_export_onnx_writes_the_int8_file_beside_the_fp32_one(digits, tmp_path):
+    model, images, test_x, _ = digits
+    exported = convtool.export_onnx(model, images[:1], tmp_path / "digits.onnx", int8=True, calibration=images[:64])
+    assert exported.path == tmp_path / "digits.onnx" and exported.int8.path == str(tmp_path / "digits.int8.onnx")
+    assert exported.int8.int8_convs == len(convs(exported.path)) and exported.int8.calibration_samples == 64
+    check = convtool.verify_int8(exported.int8.path, model, test_x[:128])
+    assert check.fidelity.sqnr_db > SQNR_FLOOR_DB and check.fidelity.top1_agreement > 0.95
+
+
+@pytest.mark.parametrize("options, says", [
+    (dict(int8=True), "int8 needs calibration"),
+    (dict(calibration=np.zeros((8, 4, 8, 8), np.float32)), "calibration is what the int8 file is calibrated on: pass int8=True"),
+])
+def test_export_onnx_refuses_int8_without_calibration_and_the_reverse(tmp_path, options, says):
+    with pytest.raises(InvalidOptionError) as error:
+        convtool.export_onnx(_fan_in_out(), torch.randn(1, 4, 8, 8), tmp_path / "m.onnx", **options)
+    assert says in one_line(error) and not (tmp_path / "m.onnx").exists()
+
+
+def test_the_held_out_split_keeps_the_last_quarter_apart():
+    from torch.utils.data import TensorDataset
+
+    from convtool.deploy.int8_data import first_samples, split_held_out
+
+    data = torch.arange(40.0).reshape(40, 1)
+    fit, held = split_held_out(data)
+    assert fit.shape[0] == 30 and held[:, 0].tolist() == list(range(30, 40))
+    fit, held = split_held_out({"x": data.numpy(), "rate": np.array(16000)})
+    assert fit["x"].shape[0] == 30 and held["rate"] == 16000
+    fit, held = split_held_out(TensorDataset(data))
+    assert len(fit) == 30 and len(held) == 10 and first_samples(fit, 4).indices == range(0, 4)
+    with pytest.raises(InvalidOptionError) as error:
+        split_held_out(data[:9])
+    assert "give at least 10 samples" in one_line(error)
+
+
+def test_compare_int8_times_four_files_interleaved_and_gives_both_ratios(tmp_path, monkeypatch):
+    from convtool.deploy import int8_compare
+
+    monkeypatch.setattr(int8_compare, "time_sessions", lambda sessions, feeds, runs, warmup: [4.0, 2.0, 3.0, 1.0][:len(sessions)])
+    model, x = _fan_in_out(), torch.randn(1, 4, 16, 16)
+    separated = convtool.separate(model, x, rank=2).model
+    data = torch.randn(24, 4, 16, 16)
+    exported = convtool.export_onnx(separated, x, tmp_path / "s.onnx", int8=True, calibration=data[:16])
+    compared = int8_compare.compare_int8(model, exported.path, exported.int8, x, data[:16], data[16:])
+    assert (compared.original_ms, compared.dense_int8_ms, compared.fp32_ms, compared.int8_ms) == (4.0, 2.0, 3.0, 1.0)
+    assert compared.vs_original == 0.25 and compared.vs_dense_int8 == 0.5 and compared.held_out == 8
+    assert compared.calibration_samples == 16 and compared.provider == "CPUExecutionProvider"
+    assert all(f.sqnr_db is not None and f.sqnr_db > 0 for f in (compared.int8, compared.fp32, compared.dense_int8))

@@ -92,7 +92,7 @@ def test_a_model_with_nothing_to_separate_says_why_not_which_floor():
 class _Timing:
     """Stands in for AgainstOriginal: a separated model 'runs' in 0.2 + 0.8 x its share of the original's conv weights."""
 
-    def __init__(self, original, example_inputs, *, provider="cpu", threads=None, exporter="auto"):
+    def __init__(self, original, example_inputs, *, provider="cpu", threads=None, exporter="auto", int8=None):
         self.original = original
 
     def __enter__(self):

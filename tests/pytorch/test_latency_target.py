@@ -40,7 +40,7 @@ class FakeTiming:
     made: list["FakeTiming"] = []
     miss, miss_rounds, ratios = 0.0, 0, None
 
-    def __init__(self, original, example_inputs, *, provider="cpu", threads=None, exporter="auto"):
+    def __init__(self, original, example_inputs, *, provider="cpu", threads=None, exporter="auto", int8=None):
         self.original, self.threads, self.returned = original, threads, []
         FakeTiming.made.append(self)
 
@@ -168,7 +168,7 @@ def test_the_report_carries_the_search(fake):
     model, x = net()
     result = convtool.separate(model, x, rank=LatencyTarget(0.5, threads=2, runs=7))
     data = to_dict(result.report(x))
-    assert data["schema_version"] == SCHEMA_VERSION == 6
+    assert data["schema_version"] == SCHEMA_VERSION == 7
     found = data["search"]
     assert list(found) == ["target", "goal", "met", "reason", "flops_fraction", "latency", "top1_agreement", "sqnr_db",
                            "held_out_samples", "floor", "tried"]
