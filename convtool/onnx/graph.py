@@ -215,6 +215,8 @@ def pair_nodes(node, site: Site, pick: tuple[str, int], used: set[str], layout: 
     else:
         nodes = [helper.make_node("Conv", [x, mixing_name], [middle], name=pw_name, group=groups, kernel_shape=ones),
                  helper.make_node(spatial_op, [middle, spatial_name, *bias], [y], name=dw_name, group=n, **spatial_attrs)]
+    if order == "dw-pw" and len(kernel) == 1 and not transposed:
+        nodes, inits = _depthwise_as_2d(nodes, inits, middle, used, name)
     if own_bias is not None:
         inits.append(own_bias)
     record = LayerChange(
@@ -225,6 +227,43 @@ def pair_nodes(node, site: Site, pick: tuple[str, int], used: set[str], layout: 
         flops_before=None, flops_after=None, calls=None, weight_error=factors.weight_error, transposed=transposed,
     )
     return nodes, inits, record
+
+
+def _depthwise_as_2d(nodes: list, inits: list, middle: str, used: set[str], name: str) -> tuple[list, list]:
+    """A 1-d pair's depthwise convs run as 1 x k 2-d convs between two Reshapes, as export_onnx ships a 1-d pair.
+
+    onnxruntime's CPU provider runs a 1-d depthwise conv several times slower than the same
+    filter as a 1 x k 2-d conv (benchmarks/RESULTS.md, issue 13; ``Conv1dAs2d``), slow enough
+    that no 1-d pair of a streaming detector was faster than its dense conv in the plain form.
+    Reshapes with 0 (copy the dim) and -1 serve every opset and any batch and length.
+    """
+    from onnx import helper, numpy_helper
+
+    depthwise = nodes[:-1] if nodes[-2].op_type != "Concat" else nodes[:-2]
+    weights = {w.name: w for w in inits}
+    up, down = fresh_name(f"{name}/as2d.shape", used), fresh_name(f"{name}/as1d.shape", used)
+    x4 = fresh_name(f"{name}/as2d", used)
+    shapes = [numpy_helper.from_array(np.array([0, 0, 1, -1], np.int64), up), numpy_helper.from_array(np.array([0, 0, -1], np.int64), down)]
+    rebuilt = [helper.make_node("Reshape", [depthwise[0].input[0], up], [x4], name=fresh_name(f"{name}/as2d", used))]
+    for node in depthwise:
+        w = weights[node.input[1]]
+        weights[node.input[1]] = numpy_helper.from_array(numpy_helper.to_array(w)[:, :, None, :], w.name)
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        two_d = {"kernel_shape": [1, *attrs["kernel_shape"]], "group": attrs["group"]}
+        for key in ("strides", "dilations"):
+            if key in attrs:
+                two_d[key] = [1, *attrs[key]]
+        if "pads" in attrs:
+            two_d["pads"] = [0, attrs["pads"][0], 0, attrs["pads"][1]]
+        if "auto_pad" in attrs:
+            two_d["auto_pad"] = attrs["auto_pad"]
+        rebuilt.append(helper.make_node("Conv", [x4, *node.input[1:]], [fresh_name(f"{node.output[0]}/2d", used)], name=node.name, **two_d))
+    joined = rebuilt[-1].output[0]
+    if len(depthwise) > 1:  # branches: concatenated in 2-d, then back to 1-d
+        joined = fresh_name(f"{name}/concat2d", used)
+        rebuilt.append(helper.make_node("Concat", [n.output[0] for n in rebuilt[1:]], [joined], name=nodes[-2].name, axis=1))
+    rebuilt.append(helper.make_node("Reshape", [joined, down], [middle], name=fresh_name(f"{name}/as1d", used)))
+    return [*rebuilt, nodes[-1]], [*weights.values(), *shapes]
 
 
 def drop_replaced_weights(graph, replaced: set[str]) -> None:

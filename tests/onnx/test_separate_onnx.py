@@ -335,3 +335,20 @@ def test_the_refit_pads_as_auto_pad_does(auto_pad, order):
     out, ref = _run(result.model, [data])[0], _run(model, [data])[0]
     actual = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
     assert result.layers[0].output_error == pytest.approx(actual, rel=1e-3)
+
+
+@pytest.mark.parametrize("attrs", [{}, {"pads": [2, 1], "strides": [2]}, {"dilations": [2]}, {"auto_pad": "SAME_UPPER"}])
+@pytest.mark.parametrize("rank", [1, 2, "full"])
+@pytest.mark.parametrize("layout", ["branches", "multiplier"])
+def test_a_1d_pair_runs_its_depthwise_conv_in_2d_and_stays_exact(attrs, rank, layout):
+    # onnxruntime runs a 1-d depthwise conv far slower than the same filter as a 1 x k 2-d conv:
+    # in the plain form no 1-d pair of the streaming VAD (benchmarks/vad.py) was faster than its dense conv.
+    model = _conv_graph(attrs, weight_shape=(6, 4, 3), x_shape=(2, 4, 11))
+    result = convtool.separate_onnx(model, rank=rank, layout=layout)
+    assert result.verified
+    kernels = [list(a.ints) for n in result.model.graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "kernel_shape"]
+    assert [1, 3] in kernels and [3] not in kernels and [1] in kernels  # the depthwise in 2-d, the pointwise as it was
+    if rank == "full":
+        assert result.max_abs_error < 1e-4
+    x = [np.random.default_rng(1).standard_normal((2, 4, 11)).astype(np.float32)]
+    assert _run(result.model, x)[0].shape == _run(model, x)[0].shape
