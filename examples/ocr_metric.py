@@ -11,9 +11,13 @@ never drew. A reading is greedy CTC (each column's top class, repeats merged, bl
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 
-ALPHABET = "0123456789ABCDEFGHJKLMNPRSTUVWXYZ"  # class i + 1 is ALPHABET[i]; class 0 is the CTC blank (benchmarks/ocr.py)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import ocr  # noqa: E402  the reader's alphabet and its greedy CTC decoding
 
 
 def exact_strings(model: torch.nn.Module, data: tuple[torch.Tensor, torch.Tensor]) -> float:
@@ -22,10 +26,6 @@ def exact_strings(model: torch.nn.Module, data: tuple[torch.Tensor, torch.Tensor
     ``data``: the lines (N, 1, 32, 128) and their strings as class numbers (N, 10), 0-padded.
     """
     images, labels = data
-    read = [_decode(row) for i in range(0, len(images), 100) for row in model(images[i : i + 100]).argmax(-1).tolist()]
-    truth = ["".join(ALPHABET[c - 1] for c in row if c > 0) for row in labels.tolist()]
-    return sum(a == b for a, b in zip(read, truth)) / len(truth)
-
-
-def _decode(best: list[int]) -> str:
-    return "".join(ALPHABET[b - 1] for i, b in enumerate(best) if b != 0 and (i == 0 or b != best[i - 1]))
+    read = [text for i in range(0, len(images), 100) for text in ocr.decode(model(images[i : i + 100]))]
+    truth = ["".join(ocr.ALPHABET[c - 1] for c in row if c > 0) for row in labels.tolist()]
+    return ocr.same(read, truth)
