@@ -257,7 +257,7 @@ def _rank_words(rank) -> str:
     import convtool
 
     if isinstance(rank, convtool.FlopsTarget):
-        return f"FlopsTarget({rank.fraction:g})"
+        return f"FlopsTarget({rank.fraction:g}" + (", sensitivity=False)" if rank.sensitivity is False else ")")
     return f"AgreementTarget({rank.floors()})"
 
 
@@ -279,6 +279,9 @@ def main() -> None:
     parser.add_argument("--targets", default="0.75,0.5,0.35", help="FLOP fractions")
     parser.add_argument("--min-agreement", type=float, default=None,
                         help="also AgreementTarget(top1=A) with the task's own agreement measure")
+    parser.add_argument("--sensitivity", choices=["model", "layer"], default="model",
+                        help="FLOP targets weigh a layer's options by the error at the model's output (the default) "
+                             "or at the layer's own output (sensitivity=False)")
     parser.add_argument("--front-ends", default="pytorch,onnx")
     parser.add_argument("--runs", type=int, default=300, help="timed runs of each model, interleaved")
     parser.add_argument("--threads", type=int, default=1,
@@ -292,7 +295,8 @@ def main() -> None:
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    ranks = [convtool.FlopsTarget(float(f)) for f in args.targets.split(",") if f]
+    ranks = [convtool.FlopsTarget(float(f), sensitivity=None if args.sensitivity == "model" else False)
+             for f in args.targets.split(",") if f]
     load_before = os.getloadavg()
     print(f"Command: `{' '.join(['.venv/bin/python', *sys.argv])}`  ")
     print(f"Machine: {platform.machine()}, nproc {os.cpu_count()}, torch {torch.__version__}, onnxruntime "
