@@ -17,11 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
-from ..measure.onnx_file import write_onnx
-from ..measure.onnxrt import cached_latency, module_fingerprint, require_provider, time_alone, timing_session
+from ..measure.onnxrt import cached_latency, module_fingerprint, module_session, require_provider, time_alone, timing_session
 from .int8 import Int8Form, quantize_int8
 
 CALIBRATION_DRAWS = 4  # timing needs scales, not good ones: a few seeded normal draws
@@ -76,19 +74,25 @@ def int8_module_latency(module: nn.Module, input_shape: tuple[int, ...], provide
     form = form or Int8Form()
 
     def measure() -> float:
-        x = torch.randn(input_shape, dtype=next(module.parameters()).dtype)
         with tempfile.TemporaryDirectory(prefix="convtool-int8-") as tmp:
-            fp32 = write_onnx(module.cpu(), (x,), Path(tmp) / "layer.onnx", dynamic_batch=False, exporter="torchscript")
-            return _timed(fp32.path, {"input": x.numpy()}, name, form, None, runs, Path(tmp))
+            path, feeds = module_session(module, input_shape, Path(tmp))
+            return _timed(path, feeds, name, form, None, runs, Path(tmp))
 
     return cached_latency(("int8-module", module_fingerprint(module), tuple(input_shape), form, name), measure)
 
 
 def _timed(path: Path, feeds: dict[str, np.ndarray], provider: str, form: Int8Form, calibration: Any, runs: int,
            folder: Path) -> float:
-    quantized = quantized_for_timing(path, feeds, folder / "int8.onnx", form, calibration)
-    inner, inner_feeds = eight_bit_edges(quantized.path, feeds, folder / "int8-inner.onnx")
-    return time_alone(timing_session(inner, provider, strict=True), inner_feeds, runs)
+    return time_alone(*int8_session(path, feeds, provider, form, folder, calibration), runs)
+
+
+def int8_session(path: Path, feeds: dict[str, np.ndarray], provider: str, form: Int8Form, folder: Path,
+                 calibration: Any = None) -> tuple[Any, dict[str, np.ndarray]]:
+    """The fp32 layer graph at ``path`` quantized in ``form`` with 8-bit edges: a strict session on ``provider``
+    (onnxruntime's name) and its feeds, to be timed as :func:`int8_graph_latency` times it."""
+    quantized = quantized_for_timing(path, feeds, folder / f"{path.stem}.int8.onnx", form, calibration)
+    inner, inner_feeds = eight_bit_edges(quantized.path, feeds, folder / f"{path.stem}.int8-inner.onnx")
+    return timing_session(inner, provider, strict=True), inner_feeds
 
 
 def quantized_for_timing(path: str | os.PathLike, feeds: dict[str, np.ndarray], out: str | os.PathLike, form: Int8Form,

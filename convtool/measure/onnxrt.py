@@ -230,10 +230,9 @@ def module_latency(module: nn.Module, input_shape: tuple[int, ...], provider: st
     key = (module_fingerprint(module), tuple(input_shape), name)
 
     def measure() -> float:
-        x = torch.randn(input_shape, dtype=next(module.parameters()).dtype)
         with tempfile.TemporaryDirectory(prefix="convtool-bench-") as tmp:
-            exported = write_onnx(module.cpu(), (x,), Path(tmp) / "m.onnx", dynamic_batch=False, exporter="torchscript")
-            return time_alone(timing_session(exported.path, name), {"input": numpy(x)}, runs)
+            path, feeds = module_session(module, input_shape, Path(tmp))
+            return time_alone(timing_session(path, name), feeds, runs)
 
     return cached_latency(key, measure)
 
@@ -245,6 +244,43 @@ def graph_latency(path: str | os.PathLike, feeds: dict[str, Any], provider: str,
     """
     name = require_provider(provider)
     return cached_latency(("graph", key, name), lambda: time_alone(timing_session(path, name), feeds, runs))
+
+
+PAIRED_MS = 100.0  # each form of a paired timing runs at least this long in all
+PAIRED_RUNS = (30, 3000)  # and this many times, at least and at most
+
+
+def paired_latencies(timed: Sequence[tuple[Any, dict[str, Any]]]) -> list[float]:
+    """Median ms of each (session, feeds), timed round-robin, enough runs that each adds to :data:`PAIRED_MS`.
+
+    What decides between a layer's forms: the ratio of two figures measured at different
+    moments moves with whatever else the machine did in between (a 15 µs conv measured 0.89 and
+    1.23 of its dense time in two runs, idle); run by run in turn, both see the same machine.
+    """
+    for session, feeds in timed:
+        for _ in range(10):
+            session.run(None, feeds)
+    probe = max(time_each(timed, 5))
+    runs = int(min(max(PAIRED_MS / max(probe, 1e-3), PAIRED_RUNS[0]), PAIRED_RUNS[1]))
+    return time_each(timed, runs)
+
+
+def time_each(timed: Sequence[tuple[Any, dict[str, Any]]], runs: int) -> list[float]:
+    """Median ms of each (session, feeds) over ``runs`` rounds, one run of each per round."""
+    times: list[list[float]] = [[] for _ in timed]
+    for _ in range(runs):
+        for i, (session, feeds) in enumerate(timed):
+            start = time.perf_counter()
+            session.run(None, feeds)
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) * 1000 for t in times]
+
+
+def module_session(module: nn.Module, input_shape: tuple[int, ...], folder: Path) -> tuple[Path, dict[str, Any]]:
+    """One small module exported as it is (as :func:`module_latency` times it) to ``folder``: its file and feeds."""
+    x = torch.randn(input_shape, dtype=next(module.parameters()).dtype)
+    exported = write_onnx(module.cpu(), (x,), folder / "m.onnx", dynamic_batch=False, exporter="torchscript")
+    return exported.path, {"input": numpy(x)}
 
 
 def cached_latency(key: tuple, measure: Callable[[], float]) -> float:

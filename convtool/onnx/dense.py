@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from ..deploy.int8 import Int8Form
-from ..deploy.int8_latency import int8_graph_latency
+from ..deploy.int8_latency import int8_graph_latency, int8_session
 from ..errors import InvalidOptionError
-from ..measure.onnxrt import graph_latency, open_session
+from ..measure.onnxrt import graph_latency, open_session, paired_latencies, timing_session
 from ..measure.sensitivity import divergence
 from ..plan.knapsack import DENSE
 from ..plan.measured import Sensitivity
@@ -38,16 +38,17 @@ class DenseGraph:
     """The original graph measured for the planner; each measure made once, when first asked.
 
     ``counts``: of a run on the example inputs (None, with ``why_not``, when there was none);
-    ``batch``: the first calibration batch's feeds, or None; ``provider``: where layers are
+    ``batches``: the calibration batches layers' and the model's errors are measured on (the
+    first ones, :func:`planning_batches`), or None; ``provider``: where layers are
     timed (onnxruntime's name), or None; ``folder``: where the graphs it runs are written;
     ``int8``: the form layers are quantized in before they are timed (None: timed in fp32).
     """
 
     def __init__(self, original: Any, sites: dict[str, Site], where: dict[str, ConvNode], counts: OnnxCounts | None,
-                 why_not: str | None, batch: list[np.ndarray] | None, provider: str | None, folder: Path,
+                 why_not: str | None, batches: list[list[np.ndarray]] | None, provider: str | None, folder: Path,
                  int8: Int8Form | None = None) -> None:
         self.original, self.sites, self.where, self.counts, self.why_not = original, sites, where, counts, why_not
-        self.batch, self.provider, self.folder, self.int8 = batch, provider, folder, int8
+        self.batches, self.provider, self.folder, self.int8 = batches or None, provider, folder, int8
         self.precision = "fp32" if int8 is None else "int8"
         self._stats: dict[str, SiteStats] | None = None
 
@@ -67,8 +68,8 @@ class DenseGraph:
         return float(self.counts.flops)
 
     def activations(self, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Each named conv's input (its padding applied) and output on the first calibration batch, read out of one run."""
-        if self.batch is None:
+        """Each named conv's input (its padding applied) and output on the planning batches, read out of one run each."""
+        if self.batches is None:
             return {}
         probes = {}
         for name in names:
@@ -76,19 +77,20 @@ class DenseGraph:
             rank = self.sites[name].weight.dim()
             probes[name] = (Probe(node.input[0], trail, rank=rank), Probe(node.output[0], trail, rank=rank))
         copy, carried, _ = exposed(self.original, [p for pair in probes.values() for p in pair])
-        values = _run(_session(copy, self.folder / "activations.onnx"), self.batch)
+        session = _session(copy, self.folder / "activations.onnx")
+        runs = [_run(session, batch) for batch in self.batches]
         found = {}
         for name, (x_probe, y_probe) in probes.items():
             if x_probe not in carried or y_probe not in carried:
                 continue
-            x, y = (samples(values[carried[p]], p.rank) for p in (x_probe, y_probe))
+            x, y = (_stacked([samples(values[carried[p]], p.rank) for values in runs]) for p in (x_probe, y_probe))
             padded = _padded(self.sites[name], self.where[name].node, x, y) if x is not None and y is not None else None
             if padded is not None:
                 found[name] = padded
         return found
 
     def model_error(self) -> Sensitivity | None:
-        return None if self.batch is None else SwappedWeights(self.original, self.sites, self.where, self.batch, self.folder)
+        return None if self.batches is None else SwappedWeights(self.original, self.sites, self.where, self.batches, self.folder)
 
     def latency(self, site: Site, key: Key, stats: SiteStats) -> float:
         """The dense node as it is, or the pair as :func:`~convtool.onnx.graph.pair_nodes` writes it, alone at its input shape;
@@ -104,6 +106,43 @@ class DenseGraph:
         if self.int8 is not None:
             return int8_graph_latency(path, feeds, self.provider, fingerprint, form=self.int8)
         return graph_latency(path, feeds, self.provider, fingerprint)
+
+    def paired(self, site: Site, keys: list[Key], stats: SiteStats) -> list[float]:
+        """:meth:`latency` of each of ``keys``, timed side by side, round-robin (not cached)."""
+        node = self.where[site.name].node
+        feeds = {"x": np.random.default_rng(0).standard_normal(stats.input_shape).astype(site.weight.numpy().dtype)}
+        timed = []
+        for i, key in enumerate(keys):
+            path = self.folder / f"paired{i}.onnx"
+            write_proto(_layer_model(self.original, node, site, key, stats.input_shape), path)
+            timed.append(int8_session(path, feeds, self.provider, self.int8, self.folder) if self.int8 is not None
+                         else (timing_session(path, self.provider), feeds))
+        return paired_latencies(timed)
+
+
+PLANNING_SAMPLES = 32  # what the PyTorch front end plans on: its first calibration batch (recovery.batches.BATCH)
+
+
+def planning_batches(batches: list[list[np.ndarray]]) -> list[list[np.ndarray]]:
+    """The first calibration batches holding at least :data:`PLANNING_SAMPLES` samples (all, where they hold fewer).
+
+    A graph whose batch is fixed at one would otherwise weigh every layer by one sample's
+    output: a streaming model's one chunk of silence decides its whole plan.
+    """
+    chosen, count = [], 0
+    for batch in batches:
+        if count >= PLANNING_SAMPLES:
+            break
+        chosen.append(batch)
+        count += batch[0].shape[0] if batch and np.ndim(batch[0]) else 1
+    return chosen
+
+
+def _stacked(parts: list[np.ndarray | None]) -> np.ndarray | None:
+    """Per-batch values as one batch; None where any batch never ran the node or their shapes differ."""
+    if any(p is None for p in parts) or len({p.shape[1:] for p in parts}) > 1:
+        return None
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _padded(site: Site, node: Any, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -146,14 +185,15 @@ def _run(session: Any, batch: list[np.ndarray], overrides: dict[str, np.ndarray]
 
 
 class SwappedWeights:
-    """The model's output divergence on one batch when one conv's weight (and bias) is swapped: one run per swap.
+    """The model's output divergence on the planning batches when one conv's weight (and bias) is swapped:
+    one run per swap and batch, the divergences averaged over the batches.
 
     Every site's conv reads its weight and bias from inputs of a copy of the graph, whose
     defaults are the dense values (an absent bias is a zero one), so a swap is a run with those
     two inputs fed.
     """
 
-    def __init__(self, original: Any, sites: dict[str, Site], where: dict[str, ConvNode], batch: list[np.ndarray],
+    def __init__(self, original: Any, sites: dict[str, Site], where: dict[str, ConvNode], batches: list[list[np.ndarray]],
                  folder: Path) -> None:
         import onnx
         from onnx import helper, numpy_helper
@@ -180,13 +220,13 @@ class SwappedWeights:
             self.inputs[id(site.weight)] = (*names, site)
         if copy.ir_version < 4:
             copy.ir_version = 4
-        self.batch = batch
+        self.batches = batches
         self.session = _session(copy, folder / "swapped.onnx")
-        self.reference = self._outputs({})
+        self.reference = [self._outputs(batch, {}) for batch in batches]
         self.runs = 0
 
-    def _outputs(self, overrides: dict[str, np.ndarray]) -> list[torch.Tensor]:
-        values = _run(self.session, self.batch, overrides)
+    def _outputs(self, batch: list[np.ndarray], overrides: dict[str, np.ndarray]) -> list[torch.Tensor]:
+        values = _run(self.session, batch, overrides)
         return [torch.from_numpy(np.asarray(v)) for v in values.values() if np.asarray(v).dtype.kind == "f"]
 
     def __call__(self, weight: torch.Tensor, replacement: torch.Tensor, bias: torch.Tensor | None = None) -> float:
@@ -196,7 +236,8 @@ class SwappedWeights:
         overrides = {weight_name: replacement.detach().numpy().astype(dtype)}
         if bias is not None:
             overrides[bias_name] = bias.detach().numpy().astype(dtype)
-        return divergence(self.reference, self._outputs(overrides))
+        return sum(divergence(reference, self._outputs(batch, overrides))
+                   for reference, batch in zip(self.reference, self.batches)) / len(self.batches)
 
 
 def _nodes(graph: Any, trail: tuple = ()):

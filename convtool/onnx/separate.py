@@ -39,7 +39,7 @@ from ..measure.onnxrt import missing_reason, open_session, provider_name, releas
 from ..plan.budget import Budget, make_plan
 from ..plan.costing import Costing
 from .counts import OnnxCounts, count_onnx, onnx_analysis
-from .dense import DenseGraph
+from .dense import DenseGraph, planning_batches
 from .feeds import calibration_feeds, example_feeds, given_values, graph_inputs
 from .files import load_onnx, passes_check, read_with_weights_beside, write_proto, write_with_weights_beside
 from .graph import fold_batchnorm, install_pairs, live_nodes
@@ -261,7 +261,7 @@ def separate_onnx_at(original: OnnxOriginal, budget: Budget, *, order: str, incl
         detail = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:5]) or "the graph has no Conv node"
         raise NothingToSeparateError(f"nothing to separate ({detail})")
     batches = calibration_batches(original, calibration) if calibration is not None else None
-    view = DenseGraph(work, sites, where, original.counts, original.why_not, batches[0] if batches else None, provider, staging,
+    view = DenseGraph(work, sites, where, original.counts, original.why_not, planning_batches(batches) if batches else None, provider, staging,
                       int8)
     plan, costing = make_plan(list(sites.values()), budget, order, view, costing, shared)
     del view

@@ -6,6 +6,8 @@ the PyTorch front end's :class:`~convtool.plan.costing.DenseView`."""
 from __future__ import annotations
 
 import math
+import tempfile
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -14,11 +16,11 @@ from ..core.inputs import running
 from ..core.modules import runtime_forms
 from ..core.names import join
 from ..deploy.int8 import Int8Form
-from ..deploy.int8_latency import int8_module_latency
+from ..deploy.int8_latency import int8_module_latency, int8_session
 from ..errors import AnalysisError, InvalidOptionError
 from ..measure.conv_calls import ConvCall, ConvRecorder, explicit_padding, record
 from ..measure.counts import analyze
-from ..measure.onnxrt import module_latency
+from ..measure.onnxrt import module_latency, module_session, paired_latencies, timing_session
 from ..measure.sensitivity import OutputError
 from ..plan.knapsack import DENSE
 from ..plan.measured import Sensitivity, dense_for, pair_for
@@ -173,7 +175,25 @@ class DenseModel:
         """A dense conv as it is, a pair in the form ``export_onnx`` ships it in (its preferred runtime form);
         with int8, each quantized and timed with 8-bit edges, as it runs inside the int8 file."""
         shape = stats.input_shape
-        module = dense_for(site) if key == DENSE else runtime_forms(pair_for(site, *key), {shape[-1]})[-1]
+        module = _shipped(site, key, shape)
         if self.int8 is not None:
-            return int8_module_latency(module.eval(), shape, self.provider, form=self.int8)
-        return module_latency(module.eval(), shape, self.provider)
+            return int8_module_latency(module, shape, self.provider, form=self.int8)
+        return module_latency(module, shape, self.provider)
+
+    def paired(self, site: Site, keys: list[Key], stats: SiteStats) -> list[float]:
+        """:meth:`latency` of each of ``keys``, timed side by side, round-robin (not cached)."""
+        with tempfile.TemporaryDirectory(prefix="convtool-paired-") as tmp:
+            timed = []
+            for i, key in enumerate(keys):
+                folder = Path(tmp) / str(i)
+                folder.mkdir()
+                path, feeds = module_session(_shipped(site, key, stats.input_shape), stats.input_shape, folder)
+                timed.append(int8_session(path, feeds, self.provider, self.int8, folder) if self.int8 is not None
+                             else (timing_session(path, self.provider), feeds))
+            return paired_latencies(timed)
+
+
+def _shipped(site: Site, key: Key, shape: tuple[int, ...]) -> nn.Module:
+    """The dense conv, or the pair in the form ``export_onnx`` ships it in at this input (its preferred runtime form)."""
+    module = dense_for(site) if key == DENSE else runtime_forms(pair_for(site, *key), {shape[-1]})[-1]
+    return module.eval()

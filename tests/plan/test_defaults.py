@@ -101,3 +101,63 @@ def test_sensitivity_asked_without_data_is_refused_but_the_default_is_not():
     with pytest.raises(InvalidOptionError, match="pass calibration"):
         convtool.separate(model, x, rank=FlopsTarget(0.5, sensitivity=True))
     assert convtool.separate(model, x, rank=FlopsTarget(0.5)).layers
+
+
+def first_layer_close(module, shape, provider, runs=15) -> float:
+    """Timings alone where the first conv's pairs fall just short of the margin (0.95 of dense), every other far inside it."""
+    if isinstance(module, nn.Conv2d):
+        return 1.0
+    return 0.95 if shape[1] == 16 else 0.1
+
+
+@pytest.mark.real_timing  # its own timings, and the real close-call band
+@pytest.mark.parametrize("paired_ratio, separated", [(0.5, True), (1.2, False)])
+def test_a_close_call_is_decided_on_timings_side_by_side(paired_ratio, separated, monkeypatch):
+    """Two figures timed apart that land near the margin are re-timed round-robin, and that ratio decides (issue 34:
+    the VAD's first encoder conv stayed dense or not with the machine's mood)."""
+    monkeypatch.setattr(pytorch_dense, "module_latency", first_layer_close)
+    calls = []
+
+    def paired(timed):
+        calls.append(len(timed))
+        return [1.0, paired_ratio]
+
+    monkeypatch.setattr(pytorch_dense, "paired_latencies", paired)
+    model, x = net()
+    result = convtool.separate(model, x, rank=FlopsTarget(0.3))
+    assert ("0" in {layer.name for layer in result.layers}) is separated
+    assert calls and set(calls) == {2}  # dense and one pair; the far-inside layers are not re-timed
+
+
+@pytest.mark.real_timing
+def test_the_side_by_side_timing_runs_both_forms_on_both_front_ends(tmp_path, monkeypatch):
+    model, x = net()
+    ratios = []
+    for module in (pytorch_dense, onnx_dense):
+        real = module.paired_latencies
+        monkeypatch.setattr(module, "paired_latencies", lambda timed, real=real: ratios.append(real(timed)) or ratios[-1])
+    monkeypatch.setattr(pytorch_dense, "module_latency", first_layer_close)
+    convtool.separate(model, x, rank=FlopsTarget(0.3))
+    path = tmp_path / "m.onnx"
+    convtool.export_onnx(model, x, path)
+    monkeypatch.setattr(onnx_dense, "graph_latency", lambda path_, feeds, provider, key, runs=15:
+                        1.0 if key[4] == ("dense", 0) else (0.95 if feeds["x"].shape[1] == 16 else 0.1))
+    convtool.separate_onnx(path, (x.numpy(),), rank=FlopsTarget(0.3))
+    assert len(ratios) >= 2 and all(len(r) == 2 and min(r) > 0 for r in ratios)
+
+
+def test_a_flop_budget_out_of_reach_runs_no_error_measurement(monkeypatch):
+    """Every layer at its cheapest option still misses it: the plan is those whatever the errors, so none are measured
+    (ResNet-50 at 0.25, its 1x1 convs never faster, spent 40 of its 83 s on them: issue 36)."""
+    from convtool.plan import costing
+
+    model, x = net()
+    data = torch.randn(32, 16, 12, 12)
+    measured = []
+    real = costing._measure_errors
+    monkeypatch.setattr(costing, "_measure_errors", lambda *a, **k: measured.append(1) or real(*a, **k))
+    far = convtool.separate(model, x, rank=FlopsTarget(0.01), calibration=data)
+    assert not measured and not far.budget_met
+    assert {(layer.name, layer.rank) for layer in far.layers} == {("0", 1), ("2", 1), ("4", 1)}
+    convtool.separate(model, x, rank=FlopsTarget(0.5), calibration=data)
+    assert measured  # within reach: measured as before
