@@ -161,3 +161,30 @@ def test_a_flop_budget_out_of_reach_runs_no_error_measurement(monkeypatch):
     assert {(layer.name, layer.rank) for layer in far.layers} == {("0", 1), ("2", 1), ("4", 1)}
     convtool.separate(model, x, rank=FlopsTarget(0.5), calibration=data)
     assert measured  # within reach: measured as before
+
+
+@pytest.mark.parametrize("sensitivity", [False, None])
+def test_the_onnx_front_end_plans_on_more_than_one_batch_of_one(sensitivity, tmp_path, monkeypatch):
+    """Calibration given as batches of one (a graph with its batch fixed at 1, a streaming model) is planned on the
+    first 32 samples, as the PyTorch front end plans on its first batch of 32, not on one sample (issue 34: one
+    chunk weighed every layer of the VAD's ONNX export)."""
+    from convtool.plan import costing
+
+    model, x = net()
+    path = tmp_path / "m.onnx"
+    convtool.export_onnx(model, x, path)
+    data = torch.randn(40, 16, 12, 12)
+    seen, runs = [], []
+    real_layer, real_model = costing.output_errors, onnx_dense.SwappedWeights
+    monkeypatch.setattr(costing, "output_errors", lambda site, x_, y, choice: seen.append(x_.shape[0]) or real_layer(site, x_, y, choice))
+
+    class Counted(real_model):
+        def __call__(self, *args, **kwargs):
+            runs.append(len(self.batches))
+            return super().__call__(*args, **kwargs)
+
+    monkeypatch.setattr(onnx_dense, "SwappedWeights", Counted)
+    convtool.separate_onnx(path, (x.numpy(),), rank=FlopsTarget(0.5, sensitivity=sensitivity),
+                           calibration=[(data[i : i + 1].numpy(),) for i in range(40)])
+    assert seen and set(seen) == {32}
+    assert (set(runs) == {32}) if sensitivity is None else not runs
