@@ -51,7 +51,7 @@ class DenseView(Protocol):
         """The whole model's multiply-adds on the costed inputs."""
 
     def activations(self, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Per site named, one call's input and output on the first calibration batch ({} without data)."""
+        """Per site named, one call's input and output on the first calibration samples ({} without data)."""
 
     def model_error(self) -> Sensitivity | None:
         """The model's output divergence with one weight swapped, on calibration data (None without data)."""
