@@ -71,6 +71,8 @@ class Search:
             samples that its refit never saw, when judged.
         floor: for a latency target below reach, the ratio the fastest plan measured.
         tried: every trial, in the order tried.
+        baseline: what ``latency`` timed the model against, in words: the original, or with
+            int8 the dense int8 model (its ``original_ms``).
     """
 
     target: Any
@@ -84,10 +86,11 @@ class Search:
     samples: int
     floor: float | None
     tried: tuple[Trial, ...]
+    baseline: str = "the original"
 
     @property
     def ratio(self) -> float | None:
-        """The returned model's latency over the original's, when timed."""
+        """The returned model's latency over the baseline's, when timed."""
         return None if self.latency is None else self.latency.ratio
 
 

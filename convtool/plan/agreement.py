@@ -127,7 +127,7 @@ class AgreementTarget(Budget):
         goal = f"{cost} meeting {self.floors()} on {trials.samples} held-out calibration samples" + (
             f" within {self.latency:g} of {getattr(trials, 'baseline', 'the original')}'s latency" if self.latency is not None else "")
         return best.result, Search(self, goal, True, "", best.flops_fraction, best.latency, best.top1_agreement, best.sqnr_db,
-                                   trials.samples, None, tuple(bisection.tried))
+                                   trials.samples, None, tuple(bisection.tried), getattr(trials, "baseline", "the original"))
 
     def _both_missed(self, fastest: Attempt, tried: list[Trial], samples: int) -> str:
         """Why the floor and the latency cap cannot both hold, in one line, naming what each measured."""

@@ -91,7 +91,8 @@ class LatencyTarget(Budget):
         reason = _why_not(self, trial, repair.floor, len(repair.tried))
         goal = f"{self.fraction:g} of {getattr(trials, 'baseline', 'the original')}'s latency on {self.provider}"
         search = Search(self, goal, trial.latency_ratio <= self.fraction * (1 + self.tolerance), reason,
-                        chosen.flops_fraction, chosen.latency, None, None, 0, repair.floor, tuple(repair.tried))
+                        chosen.flops_fraction, chosen.latency, None, None, 0, repair.floor, tuple(repair.tried),
+                        getattr(trials, "baseline", "the original"))
         return chosen.result, search
 
 

@@ -149,6 +149,7 @@ def search_dict(search: Search) -> dict[str, Any]:
                                                         "ratio": search.latency.ratio},
         "top1_agreement": search.top1_agreement, "sqnr_db": _json_value(search.sqnr_db), "held_out_samples": search.samples,
         "floor": search.floor, "tried": [{k: _json_value(v) for k, v in dataclasses.asdict(t).items()} for t in search.tried],
+        "baseline": search.baseline,
     }
 
 
@@ -158,7 +159,7 @@ def search_line(search: Search) -> str:
     t = search.latency
     if t is not None:
         threads = f"{t.threads} threads" if t.threads else "onnxruntime's default threads"
-        parts.append(f"{t.ratio:.3f} of the original's latency ({t.separated_ms:.3g} / {t.original_ms:.3g} ms, medians of "
+        parts.append(f"{t.ratio:.3f} of {search.baseline}'s latency ({t.separated_ms:.3g} / {t.original_ms:.3g} ms, medians of "
                      f"{t.runs} interleaved runs on {t.provider}, {threads})")
     if search.samples:
         parts.append(f"{measured_words(search.top1_agreement, search.sqnr_db)} on {search.samples} held-out calibration samples "

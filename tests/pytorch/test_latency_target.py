@@ -171,7 +171,8 @@ def test_the_report_carries_the_search(fake):
     assert data["schema_version"] == SCHEMA_VERSION == 7
     found = data["search"]
     assert list(found) == ["target", "goal", "met", "reason", "flops_fraction", "latency", "top1_agreement", "sqnr_db",
-                           "held_out_samples", "floor", "tried"]
+                           "held_out_samples", "floor", "tried", "baseline"]
+    assert found["baseline"] == "the original"
     assert found["target"]["type"] == "LatencyTarget" and found["target"]["fraction"] == 0.5
     assert (found["latency"]["provider"], found["latency"]["runs"], found["latency"]["threads"]) == ("CPUExecutionProvider", 7, 2)
     assert found["latency"]["ratio"] == result.search.ratio and len(found["tried"]) == len(result.search.tried)
