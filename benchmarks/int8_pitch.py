@@ -16,7 +16,7 @@ stays within 50 cents of the original's), and returns the fastest plan, measured
 0.99. The dense original is then exported and quantized here by ``quantize_int8`` in the same
 default form, on the same samples the CLI calibrated its int8 file on (``first_samples`` of the
 fit part). The four files (dense fp32, dense int8, separated fp32, separated int8) are timed in
-one interleaved run (round-robin, order rotated each round, medians in blocks; onnxruntime CPU,
+one interleaved run (round-robin, order shuffled each round, medians in blocks; onnxruntime CPU,
 ``--threads`` threads, batch 1: the exported graphs' fixed batch, one 64 ms frame) and judged on
 ``--held-out`` other frames (``pitch.tones(n, seed=123_456)``, which no fit, search or int8
 scale saw): pitches kept against the fp32 PyTorch original, raw pitch accuracy against the true
