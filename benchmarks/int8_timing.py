@@ -1,7 +1,8 @@
 """What benchmarks/int8_forms.py and benchmarks/int8.py share: inputs, interleaved timing in blocks, SQNR.
 
-Not a benchmark itself. Timing: every session of a table runs once per round, the order rotated
-from round to round (so no form always runs right after the same neighbour), in blocks of
+Not a benchmark itself. Timing: every session of a table runs once per round, in an order
+shuffled from round to round (seeded; rotating one order, as this did before, keeps each form
+right after the same neighbour, whatever that neighbour leaves in the caches), in blocks of
 ``runs`` rounds; a figure is the median of all its runs, and the spread of its block medians
 says how far the machine's load moved it.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import time
@@ -42,16 +44,16 @@ class Timed:
 
 
 def interleaved(sessions: Sequence[Any], feeds: Sequence[dict], runs: int, blocks: int = 3, warmup: int = 3) -> list[Timed]:
-    """Each session timed on its feeds, round-robin with the order rotated each round: medians in ms."""
+    """Each session timed on its feeds, round-robin in an order shuffled each round (seeded): medians in ms."""
     for session, feed in zip(sessions, feeds):
         for _ in range(warmup):
             session.run(None, feed)
     n = len(sessions)
     times: list[list[list[float]]] = [[[] for _ in range(blocks)] for _ in range(n)]
+    order = random.Random(0)
     for block in range(blocks):
         for r in range(runs):
-            for k in range(n):
-                i = (k + r + block) % n
+            for i in order.sample(range(n), n):
                 start = time.perf_counter()
                 sessions[i].run(None, feeds[i])
                 times[i][block].append((time.perf_counter() - start) * 1000)

@@ -115,6 +115,12 @@ def agreement(a: torch.Tensor, b: torch.Tensor, cents: float = 50.0) -> float:
     return float(((a - b).abs() <= cents).float().mean())
 
 
+def pitches_kept(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
+    """The task's agreement for convtool's ``--agreement benchmarks/pitch.py:pitches_kept``: frames whose decoded
+    pitch (from the bin logits) is within 50 cents of the original's."""
+    return agreement(decode(outputs[0].float()), decode(reference[0].float()))
+
+
 def train(width: float = 0.5, steps: int = 3000, batch: int = 32, seed: int = 0, lr: float = 3e-3, log=print) -> PitchNet:
     """A PitchNet trained on fresh synthetic tones every step (Adam, one-cycle schedule); deterministic for a seed."""
     torch.manual_seed(seed)

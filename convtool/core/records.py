@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 
-def measured_words(top1: float | None, sqnr_db: float | None) -> str:
-    """What a separation measured, in words: ``top-1 agreement 98.75%, SQNR 12.2 dB``."""
-    words = [f"top-1 agreement {top1:.2%}"] if top1 is not None else []
+def measured_words(top1: float | None, sqnr_db: float | None, measure: str = "top-1 agreement") -> str:
+    """What a separation measured, in words: ``top-1 agreement 98.75%, SQNR 12.2 dB`` (``measure`` names the share)."""
+    words = [f"{measure} {top1:.2%}"] if top1 is not None else []
     return ", ".join(words + ["SQNR inf (identical)" if sqnr_db is None else f"SQNR {sqnr_db:.1f} dB"])
 
 
@@ -71,8 +71,8 @@ class Search:
             samples that its refit never saw, when judged.
         floor: for a latency target below reach, the ratio the fastest plan measured.
         tried: every trial, in the order tried.
-        baseline: what ``latency`` timed the model against, in words: the original, or with
-            int8 the dense int8 model (its ``original_ms``).
+        baseline: what ``latency`` timed the model against, in words: "the original", or "the
+            dense int8 model" when planned in int8.
     """
 
     target: Any
@@ -90,7 +90,7 @@ class Search:
 
     @property
     def ratio(self) -> float | None:
-        """The returned model's latency over the baseline's, when timed."""
+        """The returned model's latency over the original's, when timed."""
         return None if self.latency is None else self.latency.ratio
 
 

@@ -70,7 +70,7 @@ def require_provider(provider: str) -> str:
 
 
 def open_session(path: str | os.PathLike, provider: str, threads: int | None = None, lean: bool = False,
-                 strict: bool = False):
+                 strict: bool = False, spin: bool = True):
     """An onnxruntime session on ``provider`` (CPU as fallback for nodes it cannot run).
 
     ``lean`` is for a session run once, to check outputs rather than to time: its CPU kernels do
@@ -78,6 +78,7 @@ def open_session(path: str | os.PathLike, provider: str, threads: int | None = N
     their GEMM wants) and it keeps no memory arena, so it holds about one copy of the model.
     ``strict`` runs every node on ``provider`` or refuses: a provider that lacks a kernel for one
     (an int8 model's quantized ops, say) would otherwise hand that node to the CPU unseen.
+    ``spin=False``: its intra-op threads sleep between runs instead of spinning (see :func:`timing_session`).
 
     Raises:
         ProviderUnavailableError: this build has no kernel for a node on ``provider`` (any
@@ -93,6 +94,8 @@ def open_session(path: str | os.PathLike, provider: str, threads: int | None = N
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if lean:
         options.enable_cpu_mem_arena = False
         options.add_session_config_entry("session.disable_prepacking", "1")
@@ -116,11 +119,16 @@ def timing_session(path: str | os.PathLike, provider: str, threads: int | None =
     """A session to time on ``provider`` (onnxruntime's name): refused if onnxruntime fell back to the CPU.
 
     A fallback would time the CPU under the provider's name. ``strict``: as :func:`open_session`'s.
+    Its intra-op threads do not spin between runs: every session owns its thread pool, and sessions
+    timed round-robin in one process would otherwise spin on the cores the next one runs on (2
+    cores, 2 threads: the pitch estimator's four files ran 3-7x slower round-robin than alone, and
+    a separated int8 file 1.8x faster than the dense int8 one alone timed 1.04x faster;
+    benchmarks/RESULTS.md, issue 37).
 
     Raises:
         ProviderUnavailableError: the session runs on the CPU instead.
     """
-    session = open_session(path, provider, threads, strict=strict)
+    session = open_session(path, provider, threads, strict=strict, spin=False)
     if session.get_providers()[0] != provider:
         raise ProviderUnavailableError(f"cannot time on {provider!r}: onnxruntime could not load it and fell back to the CPU")
     return session

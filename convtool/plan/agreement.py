@@ -78,10 +78,14 @@ class AgreementTarget(Budget):
             raise InvalidOptionError("an agreement measure is a function (reference outputs, outputs) -> share kept, with a "
                                      "floor for it (top1)")
 
+    @property
+    def measure(self) -> str:
+        """What the ``top1`` floor measures, in words: the task's measure by its name, or ``top-1 agreement``."""
+        return getattr(self.agreement, "__name__", "agreement") if self.agreement is not None else "top-1 agreement"
+
     def floors(self) -> str:
         """The floors in words: ``top-1 agreement >= 0.99 and SQNR >= 20 dB``."""
-        name = getattr(self.agreement, "__name__", "agreement") if self.agreement is not None else "top-1 agreement"
-        parts = ([f"{name} >= {self.top1:g}"] if self.top1 is not None else []) + (
+        parts = ([f"{self.measure} >= {self.top1:g}"] if self.top1 is not None else []) + (
             [f"SQNR >= {self.sqnr_db:g} dB"] if self.sqnr_db is not None else [])
         return " and ".join(parts)
 
@@ -115,7 +119,7 @@ class AgreementTarget(Budget):
         best = bisection.run()
         if best is None:
             closest = max(bisection.tried, key=_nearness, default=None)
-            near = (f"; the closest was {measured_words(closest.top1_agreement, closest.sqnr_db)} at "
+            near = (f"; the closest was {measured_words(closest.top1_agreement, closest.sqnr_db, self.measure)} at "
                     f"{closest.flops_fraction:.2f} of the FLOPs") if closest else ""
             raise NothingToSeparateError(
                 f"no budget meets {self.floors()} on {trials.samples} held-out calibration samples{near}: "
@@ -124,10 +128,11 @@ class AgreementTarget(Budget):
             bisection.at_cap(self.latency)  # what the latency asked for keeps, measured, for the message
             raise NothingToSeparateError(self._both_missed(best, bisection.tried, trials.samples))
         cost = "the fastest model" if self.timed and self.minimize == "latency" else "the fewest FLOPs"
+        baseline = getattr(trials, "baseline", "the original")
         goal = f"{cost} meeting {self.floors()} on {trials.samples} held-out calibration samples" + (
-            f" within {self.latency:g} of {getattr(trials, 'baseline', 'the original')}'s latency" if self.latency is not None else "")
+            f" within {self.latency:g} of {baseline}'s latency" if self.latency is not None else "")
         return best.result, Search(self, goal, True, "", best.flops_fraction, best.latency, best.top1_agreement, best.sqnr_db,
-                                   trials.samples, None, tuple(bisection.tried), getattr(trials, "baseline", "the original"))
+                                   trials.samples, None, tuple(bisection.tried), baseline)
 
     def _both_missed(self, fastest: Attempt, tried: list[Trial], samples: int) -> str:
         """Why the floor and the latency cap cannot both hold, in one line, naming what each measured."""
@@ -135,9 +140,9 @@ class AgreementTarget(Budget):
         within = [t for t in timed if t.latency_ratio <= self.latency * (1 + LATENCY_TOLERANCE)]
         best_within = max(within, key=_nearness, default=None)
         fastest_tried = min(timed, key=lambda t: t.latency_ratio)
-        at_cap = (f"; the plans within it kept at most {measured_words(best_within.top1_agreement, best_within.sqnr_db)}"
+        at_cap = (f"; the plans within it kept at most {measured_words(best_within.top1_agreement, best_within.sqnr_db, self.measure)}"
                   if best_within else f"; no plan tried ran within it (the fastest measured {fastest_tried.latency_ratio:.3f}, "
-                  f"keeping {measured_words(fastest_tried.top1_agreement, fastest_tried.sqnr_db)})")
+                  f"keeping {measured_words(fastest_tried.top1_agreement, fastest_tried.sqnr_db, self.measure)})")
         return (f"no plan meets both {self.floors()} and {self.latency:g} of the original's latency: the fastest meeting the "
                 f"floor on {samples} held-out samples measured {fastest.ratio:.3f} of the latency{at_cap}: lower the floor "
                 "or raise the latency cap")

@@ -89,10 +89,10 @@ class LatencyTarget(Budget):
         index = _chosen(repair.tried, self.fraction)
         chosen, trial = repair.attempts[index], repair.tried[index]
         reason = _why_not(self, trial, repair.floor, len(repair.tried))
-        goal = f"{self.fraction:g} of {getattr(trials, 'baseline', 'the original')}'s latency on {self.provider}"
+        baseline = getattr(trials, "baseline", "the original")
+        goal = f"{self.fraction:g} of {baseline}'s latency on {self.provider}"
         search = Search(self, goal, trial.latency_ratio <= self.fraction * (1 + self.tolerance), reason,
-                        chosen.flops_fraction, chosen.latency, None, None, 0, repair.floor, tuple(repair.tried),
-                        getattr(trials, "baseline", "the original"))
+                        chosen.flops_fraction, chosen.latency, None, None, 0, repair.floor, tuple(repair.tried), baseline)
         return chosen.result, search
 
 

@@ -162,7 +162,8 @@ def search_line(search: Search) -> str:
         parts.append(f"{t.ratio:.3f} of {search.baseline}'s latency ({t.separated_ms:.3g} / {t.original_ms:.3g} ms, medians of "
                      f"{t.runs} interleaved runs on {t.provider}, {threads})")
     if search.samples:
-        parts.append(f"{measured_words(search.top1_agreement, search.sqnr_db)} on {search.samples} held-out calibration samples "
+        measure = getattr(search.target, "measure", "top-1 agreement")
+        parts.append(f"{measured_words(search.top1_agreement, search.sqnr_db, measure)} on {search.samples} held-out calibration samples "
                      "(not used by the refit)")
     parts.append(f"{search.flops_fraction:.3f} of the FLOPs")
     count = len(search.tried)
@@ -172,7 +173,8 @@ def search_line(search: Search) -> str:
 
 def _trial_rows(search: Search) -> list[str]:
     """The plans a search tried, as a Markdown table."""
-    rows = ["| plan | budget | FLOPs | latency | top-1 agreement | SQNR dB | met |", "|---:|---:|---:|---:|---:|---:|---|"]
+    measure = getattr(search.target, "measure", "top-1 agreement")
+    rows = [f"| plan | budget | FLOPs | latency | {measure} | SQNR dB | met |", "|---:|---:|---:|---:|---:|---:|---|"]
     for i, t in enumerate(search.tried):
         rows.append(_md_row((str(i + 1), f"{t.budget:.3f} of the {'layer ms' if t.unit == 'ms' else 'FLOPs'}",
                              f"{t.flops_fraction:.3f}", "-" if t.latency_ratio is None else f"{t.latency_ratio:.3f}",

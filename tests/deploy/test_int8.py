@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 import convtool
-from convtool.report.render import search_line
 from convtool import InvalidOptionError, NothingToSeparateError, ProviderUnavailableError
 from convtool.deploy import int8 as int8_module
 from convtool.deploy.int8 import DEFAULT_INT8_FORM, Int8Form, quantize_int8
+from convtool.report.render import search_line
 from convtool.deploy.int8_latency import eight_bit_edges, int8_graph_latency, int8_module_latency
 from convtool.deploy.int8_verify import verify_int8
 from convtool.measure import onnxrt
@@ -340,9 +340,8 @@ def test_the_whole_model_timer_quantizes_both_models(monkeypatch):
     model, x = _fan_in_out(), torch.randn(1, 4, 16, 16)
     result = convtool.separate(model, x, rank=convtool.LatencyTarget(0.9, runs=3, rounds=1), int8=True)
     assert result.search.goal == "0.9 of the dense int8 model's latency on cpu" and len(opened) >= 2
-    # What the report says the returned model measured is of the same baseline, not "the original's".
-    line = search_line(result.search)
-    assert f"{result.search.ratio:.3f} of the dense int8 model's latency" in line and "original's latency" not in line
+    line = search_line(result.search)  # what was measured is said of the baseline it was measured against
+    assert f"measured {result.search.ratio:.3f} of the dense int8 model's latency (" in line and "original" not in line
     for name, ops in opened:
         assert name.endswith(".int8.onnx") and {"QuantizeLinear", "DequantizeLinear"} <= ops
 

@@ -8,6 +8,7 @@ from torch import nn
 
 import convtool
 from convtool import AgreementTarget, InvalidOptionError, NothingToSeparateError
+from convtool.report.render import search_line
 from convtool.search.fronts import PyTorchFront
 from convtool.search.trials import split_held_out
 
@@ -161,6 +162,8 @@ def test_a_task_s_own_agreement_is_what_the_floor_keeps(timed):
 
     result = convtool.separate(model, data[:1], rank=AgreementTarget(0.9, agreement=same_top_two), calibration=data)
     assert calls and result.search.top1_agreement >= 0.9 and "same_top_two >= 0.9" in result.search.goal
+    line = search_line(result.search)  # the share measured is named as the task's measure, not as top-1 agreement
+    assert f"same_top_two {result.search.top1_agreement:.2%}" in line and "top-1" not in line
     with pytest.raises(InvalidOptionError, match="returned"):
         convtool.separate(model, data[:1], rank=AgreementTarget(0.9, agreement=lambda a, b: 7), calibration=data)
     with pytest.raises(InvalidOptionError, match="an agreement measure is a function"):
