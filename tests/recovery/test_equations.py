@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import convtool
+import convtool.recovery.calibrate as calibrate
 import convtool.recovery.equations as equations
 from convtool.recovery.calibrate import Layer, _Fit
 from convtool.recovery.equations import SHRINKAGE, NormalEquations, _gram, _walk
@@ -89,9 +90,33 @@ def test_a_layer_called_once_is_judged_at_its_first_and_last_batch_only(monkeypa
     data = torch.randn(96, 8, 10, 10)  # three batches
     judged = []
     real = NormalEquations.solve_judged
-    monkeypatch.setattr(NormalEquations, "solve_judged", lambda self, *a, **k: judged.append(1) or real(self, *a, **k))
+    monkeypatch.setattr(NormalEquations, "solve_judged", lambda self, *a, **k: judged.append(self.xx.shape[1]) or real(self, *a, **k))
     result = convtool.separate(model, data[:1], rank=1, calibration=data)
-    assert len(result.layers) == 2 and len(judged) == 2 * 2  # the first batch and the last, per layer; none at the end
+    # The first layer at the first batch and the last (it feeds the second); the second, which
+    # feeds no refit layer, at the last batch only; none at the end.
+    assert len(result.layers) == 2 and sorted(judged) == sorted([8 + 1, 8 + 1, 16 + 1])
     with torch.no_grad():  # the error reported is that of the weights installed
         expected = float((result.model[0](data) - model[0](data)).norm() / model[0](data).norm())
     assert result.layers[0].output_error == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_last_refit_layer_installed_at_its_last_batch_only_gets_the_weights_it_got_installed_at_every_batch(monkeypatch):
+    """Its installs before the last batch fed no refit layer: skipping them changes no weights, only the solves spent."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 12, 3, padding=1)).eval()
+    data = torch.randn(96, 8, 10, 10)  # three batches
+    solves = []
+    real = equations.solve_normal_equations
+    monkeypatch.setattr(equations, "solve_normal_equations", lambda xx, *a: solves.append(xx.shape[1]) or real(xx, *a))
+
+    def separated():
+        solves.clear()
+        result = convtool.separate(model, data[:1], rank=1, calibration=data)
+        return result, solves.count(16 + 1)
+
+    skipped, spent = separated()
+    monkeypatch.setattr(calibrate, "_feeding", lambda targets, wanted: {k for k in targets if k in wanted})  # every layer installed at every batch
+    every, spent_before = separated()
+    assert spent < spent_before
+    for a, b in zip(skipped.model.state_dict().values(), every.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
