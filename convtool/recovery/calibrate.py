@@ -181,7 +181,7 @@ class _Fit:
                 self.settled = None
                 return
             with self.done.including(self.batch), self.done_held.including(self.batch_held):
-                error = self._install(self.done, self.done_held, judge=final or not self.judged, final=final)
+                error = self._install(self.done, self.done_held, judge=final or not self.judged)
             self.settled = (self.added, error) if final else None
 
     def end(self) -> None:
@@ -205,9 +205,9 @@ class _Fit:
             return None
         if self.settled is not None and self.settled[0] == self.added:  # judged on these very equations: installed
             return self.settled[1]
-        return self._install(self.done, self.done_held, judge=True, final=True)
+        return self._install(self.done, self.done_held, judge=True)
 
-    def _install(self, fit: NormalEquations, held: NormalEquations, judge: bool, final: bool = False) -> float | None:
+    def _install(self, fit: NormalEquations, held: NormalEquations, judge: bool) -> float | None:
         """Install the least-squares weights shrunk as judged (or the plain ones, or the initialisation); the error left on all the data.
 
         The shrinkage is judged at the first install and the last: judging solves a few
@@ -216,9 +216,7 @@ class _Fit:
         judgement (made on less data, so if anything shrinking more).
         """
         hint = self.strength if self.judged else None
-        # Weights before the final ones only feed the layers after this one: a judgement's own
-        # solve serves them, not solved again with the held-out samples.
-        chosen, self.strength = fitted(fit, held, self.initial, "judge" if judge else self.strength, hint, on_both=final)
+        chosen, self.strength = fitted(fit, held, self.initial, "judge" if judge else self.strength, hint)
         self.judged = self.judged or (judge and fit.xx is not None and held.xx is not None)
         last = self.last
         layout = conv_layout(last.weight.detach(), last.groups, last.transposed)

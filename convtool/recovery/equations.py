@@ -198,8 +198,7 @@ class NormalEquations:
         """
         return solve_normal_equations(self.xx, self.xy, strength, prior)
 
-    def solve_judged(self, prior: Tensor, held: "NormalEquations", hint: float | None = None,
-                     on_both: bool = True) -> tuple[Tensor, float | None]:
+    def solve_judged(self, prior: Tensor, held: "NormalEquations", hint: float | None = None) -> tuple[Tensor, float | None]:
         """Least squares shrunk towards ``prior`` as far as ``held`` (data it is not fit on) says helps.
 
         Few samples for many features (a wide layer at few output positions: 64 pitch frames
@@ -210,10 +209,6 @@ class NormalEquations:
         towards the lower error and stops where it rises (:func:`_walk`). The prior itself (an
         infinite strength) is judged too, and the best is then solved on both (see
         :meth:`solve_at`). Returns the weights and the strength (None: the prior).
-
-        ``on_both=False`` returns the judged solve of these equations instead of solving again
-        on both: for weights that only feed the layers after this one until a later judgement
-        (a calibration's first batch), one factorisation of thousands of features fewer.
 
         The walk starts at ``hint`` (the strength judged for this layer before, on less data),
         else at the weakest strength where there are many more rows than features, else at
@@ -230,13 +225,8 @@ class NormalEquations:
         xx, xy, held_xx, held_xy = sub(self.xx), sub(self.xy), sub(held.xx), sub(held.xy)
         start = sub(prior).to(xy)
 
-        solved: dict[int, Tensor] = {}  # the walk's solutions, kept where they are of every group
-
         def score(i: int) -> float:
-            solution = solve_normal_equations(xx, xy, SHRINKAGE[i], start)
-            if pick is None and not on_both:
-                solved[i] = solution
-            return _error_less_constant(held_xx, held_xy, solution)
+            return _error_less_constant(held_xx, held_xy, solve_normal_equations(xx, xy, SHRINKAGE[i], start))
 
         if hint in SHRINKAGE:
             first = SHRINKAGE.index(hint)
@@ -244,8 +234,6 @@ class NormalEquations:
             first = 0 if self.rows >= WELL_DETERMINED * self.xx.shape[1] else len(SHRINKAGE) // 2
         index, best = _walk(score, first)
         strength = SHRINKAGE[index] if best < _error_less_constant(held_xx, held_xy, start) else None  # ties: the prior
-        if strength is not None and index in solved:
-            return solved[index], strength
         return self.solve_at(strength, prior, held), strength
 
     def solve_at(self, strength: float | None, prior: Tensor, held: "NormalEquations") -> Tensor:
@@ -360,16 +348,16 @@ def add_held_out(fit: NormalEquations, held: NormalEquations, cols: Tensor, targ
 
 
 def fitted(fit: NormalEquations, held: NormalEquations, prior: Tensor, strength: float | None | str = "judge",
-           hint: float | None = None, on_both: bool = True) -> tuple[Tensor, float | None]:
+           hint: float | None = None) -> tuple[Tensor, float | None]:
     """The weights a refit installs, and the strength used (None: ``prior``, the SVD initialisation).
 
-    Judged (:meth:`NormalEquations.solve_judged`, from ``hint``; ``on_both`` is its own) when
-    both sets of equations hold data, or at a ``strength`` judged before; with one set only,
-    its plain least squares unless they fit it worse than ``prior`` (ill-conditioned data can).
+    Judged (:meth:`NormalEquations.solve_judged`, from ``hint``) when both sets of equations
+    hold data, or at a ``strength`` judged before; with one set only, its plain least squares
+    unless they fit it worse than ``prior`` (ill-conditioned data can).
     """
     if fit.xx is not None and held.xx is not None:
         if strength == "judge":
-            return fit.solve_judged(prior, held, hint, on_both)
+            return fit.solve_judged(prior, held, hint)
         return fit.solve_at(strength, prior, held), strength
     only = fit if fit.xx is not None else held
     if only.xx is None:

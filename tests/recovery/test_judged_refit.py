@@ -25,7 +25,7 @@ def test_few_samples_for_many_features_do_not_overfit_the_refit():
     assert relative_error(fitted, model, fresh) <= relative_error(svd, model, fresh) * 1.01
     plain = NormalEquations.solve_judged
     try:  # what the refit did before: the plain solve on every sample
-        NormalEquations.solve_judged = lambda self, prior, held, hint=None, on_both=True: (self.plus(held).solve(), 1e-6)
+        NormalEquations.solve_judged = lambda self, prior, held, hint=None: (self.plus(held).solve(), 1e-6)
         overfit = convtool.separate(model, calibration[:1], rank=2, calibration=calibration).model
     finally:
         NormalEquations.solve_judged = plain

@@ -53,18 +53,3 @@ def test_the_prior_wins_when_the_data_say_nothing():
     if chosen is None:
         torch.testing.assert_close(solution, prior)
     assert math.isfinite(held.relative_error(solution))
-
-
-@pytest.mark.parametrize("rows, noise", [(12, 1.0), (400, 0.01)])
-def test_a_judgement_not_solved_again_on_both_returns_the_walks_own_solve_one_solve_fewer(rows, noise, monkeypatch):
-    fit, held, prior = _equations(groups=8, features=24, rows=rows, noise=noise, seed=rows)
-    calls = []
-    solve = equations.solve_normal_equations
-    monkeypatch.setattr(equations, "solve_normal_equations", lambda *a, **k: calls.append(1) or solve(*a, **k))
-    on_both, chosen = fit.solve_judged(prior, held)
-    spent = len(calls)
-    calls.clear()
-    on_fit, chosen_on_fit = fit.solve_judged(prior, held, on_both=False)
-    assert chosen_on_fit == chosen is not None and len(calls) == spent - 1
-    torch.testing.assert_close(on_fit, fit.solve(chosen, prior), rtol=0, atol=0)
-    torch.testing.assert_close(on_both, fit.plus(held).solve(chosen, prior))
