@@ -61,8 +61,9 @@ def refit(
         separated: the model holding the pairs.
         layers: the layers to refit, in any order.
         batches: calibration input tuples.
-        first_targets: the reference's conv outputs on ``batches[0]`` by id of its weights,
-            when already recorded (the planner costs ranks on that batch): not run again.
+        first_targets: the reference's conv outputs on ``batches[0]`` by id of its weights, in
+            the order of their first calls, when already recorded (the planner costs ranks on
+            that batch): not run again.
         across_processes: under a process group, fit on every process's data (each process
             must then refit the same layers); False fits on this process's batches alone.
 
@@ -83,13 +84,28 @@ def refit(
             else:
                 calls = record(reference, batch, keep=wanted, keep_inputs=False).by_weight()
                 targets = {key: [c.output for c in group] for key, group in calls.items()}
+            fed = _feeding(targets, wanted)
             for key, fit in wanted.items():
-                fit.begin(targets.get(key, []), last=i + 1 == count)
+                fit.begin(targets.get(key, []), last=i + 1 == count, feeds=key in fed)
             with _Refitting(fits):
                 separated(*batch)
             for fit in fits.values():
                 fit.end()
     return {fit.layer.name: fit.finish(across_processes) for fit in fits.values()}
+
+
+def _feeding(targets: dict[int, list[Tensor]], wanted: dict[int, "_Fit"]) -> set[int]:
+    """The layers (by reference weight id) whose weights during this batch can reach another refit layer's equations.
+
+    ``targets`` holds the reference's calls by weight in the order of their first calls. A layer
+    called once, after every call of the other layers refit, feeds none of them: its installs
+    before its last batch would be solved for nothing (a pitch tracker's 8,704-feature last
+    refit layer spent 4 of its 9 solves on the first batch's). The rest are taken to feed.
+    """
+    ran = [key for key, outputs in targets.items() if key in wanted and outputs]
+    if ran and all(len(targets[key]) == 1 for key in ran):
+        return set(ran[:-1])
+    return set(ran)
 
 
 class _Refitting(TorchFunctionMode):
@@ -115,7 +131,8 @@ class _Fit:
     matched by order, so a batch that took another path through the model is dropped. A
     quarter of each batch's samples (of every fourth batch, for batches of one) is held out:
     the weights are shrunk towards the SVD initialisation as far as those samples say helps
-    (:meth:`NormalEquations.solve_judged`), then fit on all of them.
+    (:meth:`NormalEquations.solve_judged`), then fit on all of them. A layer whose weights feed
+    no other refit layer (called once, after all of them) is installed at its last batch only.
     """
 
     def __init__(self, layer: Layer) -> None:
@@ -133,14 +150,15 @@ class _Fit:
         self.strength: float | None = None  # the shrinkage last chosen (None: the initialisation)
         self.judged = False  # whether an install has judged the shrinkage yet
         self.last_batch = False  # whether the current batch is the last
+        self.feeds = True  # whether this layer's weights during the batch reach another refit layer
         self.added = 0  # calls added to the equations
         self.settled: tuple[int, float | None] | None = None  # (calls added, error) of an install judged on all of them
 
     def _equations(self) -> NormalEquations:
         return NormalEquations(len(self.biases), precise=self.precise)
 
-    def begin(self, targets: list[Tensor], last: bool = False) -> None:
-        self.targets, self.seen, self.last_batch = targets, 0, last
+    def begin(self, targets: list[Tensor], last: bool = False, feeds: bool = True) -> None:
+        self.targets, self.seen, self.last_batch, self.feeds = targets, 0, last, feeds
         self.batch, self.batch_held = self._equations(), self._equations()
         self.batches += 1
 
@@ -159,6 +177,9 @@ class _Fit:
             # A layer called once has, at the last batch's call, every equation it will have:
             # judged there, its weights are final and the last batch already runs on them.
             final = once and self.last_batch
+            if once and not final and not self.feeds:  # no refit layer reads its weights before the last batch's
+                self.settled = None
+                return
             with self.done.including(self.batch), self.done_held.including(self.batch_held):
                 error = self._install(self.done, self.done_held, judge=final or not self.judged)
             self.settled = (self.added, error) if final else None
