@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from ..core.threads import one_thread_for
 from ..errors import InvalidOptionError
 from ..measure.conv_calls import explicit_padding
 from .distributed import all_reduce_sum, world
+from .row_solves import ridge_scale, row_solver
 
 
 def columns(call: dict[str, Any]) -> Tensor:
@@ -450,37 +451,6 @@ def solve_normal_equations(xx: Tensor, xy: Tensor, ridge: float = 1e-6, prior: T
         part = slice(start, start + step)
         solution[part] = _solve_some(xx[part], xy[part], ridge, None if prior is None else prior[part])
     return solution
-
-
-def ridge_scale(xx: Tensor, ridge: float) -> Tensor:
-    """λ of :func:`solve_normal_equations` per system: ``ridge`` times the mean of X Xᵀ's diagonal."""
-    return ridge * xx.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)
-
-
-def row_solver(x: Tensor, y: Tensor) -> Callable[[Tensor, Tensor | None], Tensor]:
-    """The ridge least squares of rows ``x`` (groups, features, n) and targets ``y`` (groups, outputs, n) at any λ, for few rows.
-
-    The solution of (X Xᵀ + λI) W = X Yᵀ + λ W0 is W0 + X z with (Xᵀ X + λI) z = (Y - W0ᵀ X)ᵀ:
-    a system of n rows instead of one of the features, and its Gram matrix Xᵀ X is taken once
-    for every λ. The returned function takes λ per group (:func:`ridge_scale` of the
-    equations' X Xᵀ, so both forms solve the same system) and W0 (None: zero).
-    """
-    gram = x.transpose(1, 2) @ x
-    return lambda scale, prior: _solve_rows(gram, x, y, scale, prior)
-
-
-def _solve_rows(gram: Tensor, x: Tensor, y: Tensor, scale: Tensor, prior: Tensor | None) -> Tensor:
-    """:func:`row_solver`'s solve at one λ per group; a pseudo-inverse where Cholesky fails, as :func:`_solve_some`."""
-    a = gram.clone()
-    a.diagonal(dim1=1, dim2=2).add_(scale.to(a)[:, None])
-    residual = (y if prior is None else y - prior.to(x).transpose(1, 2) @ x).transpose(1, 2)
-    with one_thread_for(a):
-        factor, info = torch.linalg.cholesky_ex(a)
-        z = torch.cholesky_solve(residual, factor)
-        failed = info != 0
-        if bool(failed.any()):
-            z[failed] = torch.linalg.pinv(a[failed], hermitian=True) @ residual[failed]
-    return x @ z if prior is None else prior.to(x) + x @ z
 
 
 def _solve_some(xx: Tensor, xy: Tensor, ridge: float, prior: Tensor | None) -> Tensor:
