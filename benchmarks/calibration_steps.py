@@ -67,7 +67,7 @@ PATCHES = [
     ("convtool.recovery.equations", "_solve_some", "solves"),
     ("convtool.recovery.equations", "solve_family", "solves"),
     ("convtool.recovery.equations", "row_solver", "solves"),
-    ("convtool.recovery.equations", "_solve_rows", "solves"),
+    ("convtool.recovery.row_solves", "_solve_rows", "solves"),
     ("convtool.recovery.equations.NormalEquations", "solve_judged", "judging"),
     ("convtool.recovery.equations.NormalEquations", "relative_error", "judging"),
     ("convtool.recovery.calibrate._Fit", "_install", "refit installs"),
