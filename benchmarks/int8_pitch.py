@@ -1,6 +1,6 @@
 """Issue 37's pitch row: the trained pitch estimator, the fastest plan keeping 0.99 of its pitches in int8, against dense int8.
 
-Run: .venv/bin/python benchmarks/int8_pitch.py [--frames 256] [--order auto] [--threads 2] [--runs 50] [--blocks 3]
+Run: .venv/bin/python benchmarks/int8_pitch.py [--frames 1024] [--order auto] [--threads 2] [--runs 50] [--blocks 3]
 
 The half-width CREPE-style estimator of benchmarks/pitch.py (``pitch_net.safetensors``: 392M
 multiply-adds, 99.2% raw pitch accuracy) is separated as a user would, through the CLI:
@@ -57,7 +57,7 @@ def logits_of(session, frames: torch.Tensor) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=256, help="unlabeled calibration frames given to --calibration")
+    parser.add_argument("--frames", type=int, default=1024, help="unlabeled calibration frames given to --calibration")
     parser.add_argument("--held-out", type=int, default=1000, help="frames the table is judged on")
     parser.add_argument("--min-agreement", type=float, default=0.99)
     parser.add_argument("--order", choices=["dw-pw", "pw-dw", "auto"], default="auto")
