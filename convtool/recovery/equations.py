@@ -16,11 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.decompose import as_conv_weight
-from ..core.threads import one_thread_for
 from ..errors import InvalidOptionError
 from ..measure.conv_calls import explicit_padding
 from .distributed import all_reduce_sum, world
-from .row_solves import ridge_scale, row_solver
+from .row_solves import ridge_scale, row_solver, shifted_solve
 
 
 def columns(call: dict[str, Any]) -> Tensor:
@@ -456,17 +455,9 @@ def solve_normal_equations(xx: Tensor, xy: Tensor, ridge: float = 1e-6, prior: T
 def _solve_some(xx: Tensor, xy: Tensor, ridge: float, prior: Tensor | None) -> Tensor:
     """:func:`solve_normal_equations` on a few groups."""
     scale = ridge_scale(xx, ridge)
-    a = xx.clone()
-    a.diagonal(dim1=1, dim2=2).add_(scale[:, None])
     if prior is not None:
         xy = xy + scale[:, None, None] * prior.to(xy)
-    with one_thread_for(a):
-        factor, info = torch.linalg.cholesky_ex(a)
-        solution = torch.cholesky_solve(xy, factor)
-        failed = info != 0
-        if bool(failed.any()):
-            solution[failed] = torch.linalg.pinv(a[failed], hermitian=True) @ xy[failed]
-    return solution
+    return shifted_solve(xx, xy, scale)
 
 
 def as_solution(weight: Tensor, biases: Sequence[Tensor], groups: int) -> Tensor:

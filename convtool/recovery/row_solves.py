@@ -33,14 +33,24 @@ def row_solver(x: Tensor, y: Tensor) -> Callable[[Tensor, Tensor | None], Tensor
 
 
 def _solve_rows(gram: Tensor, x: Tensor, y: Tensor, scale: Tensor, prior: Tensor | None) -> Tensor:
-    """:func:`row_solver`'s solve at one λ per group; a pseudo-inverse where Cholesky fails, as the feature-space solve does."""
-    a = gram.clone()
-    a.diagonal(dim1=1, dim2=2).add_(scale.to(a)[:, None])
+    """:func:`row_solver`'s solve at one λ per group."""
     residual = (y if prior is None else y - prior.to(x).transpose(1, 2) @ x).transpose(1, 2)
+    z = shifted_solve(gram, residual, scale.to(gram))
+    return x @ z if prior is None else prior.to(x) + x @ z
+
+
+def shifted_solve(a: Tensor, rhs: Tensor, scale: Tensor) -> Tensor:
+    """Solve (a + λI) X = rhs for a batch of symmetric positive semi-definite ``a``, λ = ``scale`` per system.
+
+    Cholesky where it succeeds (``cholesky_ex`` reports instead of raising), a pseudo-inverse for
+    the rest; ``a`` is left as it was. The feature-space and the row-space solves share it.
+    """
+    a = a.clone()
+    a.diagonal(dim1=1, dim2=2).add_(scale[:, None])
     with one_thread_for(a):
         factor, info = torch.linalg.cholesky_ex(a)
-        z = torch.cholesky_solve(residual, factor)
+        solution = torch.cholesky_solve(rhs, factor)
         failed = info != 0
         if bool(failed.any()):
-            z[failed] = torch.linalg.pinv(a[failed], hermitian=True) @ residual[failed]
-    return x @ z if prior is None else prior.to(x) + x @ z
+            solution[failed] = torch.linalg.pinv(a[failed], hermitian=True) @ rhs[failed]
+    return solution
